@@ -1,0 +1,57 @@
+"""Kernel launch configuration for the normal (high-throughput) mode."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Config:
+    """How many SMs and threads the normal-mode kernels use.
+
+    Args:
+        num_sms: blocks of the dispatch/combine kernels (one per SM). ``num_sms - num_receivers``
+            of them send, one channel (a contiguous range of this rank's tokens) each, at most 64.
+        num_threads: threads per block (a multiple of 32, 128 to 1024). A sending block moves
+            ``num_threads // 32`` tokens (one per warp) between two progress signals, so this
+            is also the chunk size of the pipeline.
+        num_receivers: blocks that copy arrived rows out (dispatch) or sum them (combine);
+            default ``num_sms // 2``. Fewer receivers leave more SMs to the NVLink senders.
+
+    The configuration must be the same on every rank. Combine reuses the channels of the
+    dispatch whose handle it gets; only its ``num_threads`` and ``num_receivers`` apply.
+    """
+
+    num_sms: int = 24
+    num_threads: int = 768
+    num_receivers: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.num_sms, int) or not 2 <= self.num_sms <= 128:
+            raise ValueError(f"num_sms: expected an int in [2, 128], got {self.num_sms!r}")
+        if not isinstance(self.num_threads, int) or self.num_threads % 32 or not 128 <= self.num_threads <= 1024:
+            raise ValueError(f"num_threads: expected a multiple of 32 in [128, 1024], got {self.num_threads!r}")
+        if self.num_receivers is None:
+            object.__setattr__(self, "num_receivers", self.num_sms // 2)
+        if not isinstance(self.num_receivers, int) or not 1 <= self.num_receivers < self.num_sms:
+            raise ValueError(f"num_receivers: expected an int in [1, num_sms), got {self.num_receivers!r}")
+        if self.num_channels > 64:
+            raise ValueError(f"num_sms: at most 64 sending blocks, got {self.num_channels}")
+
+    @property
+    def num_channels(self) -> int:
+        """Sending blocks of a dispatch (channels)."""
+        return self.num_sms - self.num_receivers
+
+
+# Tuned on 4 x H100 SXM (NVLink mesh), DeepEP's workload; see docs/performance.md.
+_DEFAULTS = {
+    2: Config(num_sms=24, num_threads=768),
+    3: Config(num_sms=24, num_threads=768),
+    4: Config(num_sms=24, num_threads=768),
+}
+
+
+def default_config(num_ranks: int) -> Config:
+    """The tuned configuration for ``num_ranks`` ranks (24 SMs, like DeepEP's benchmark)."""
+    return _DEFAULTS.get(num_ranks, Config())

@@ -1,0 +1,155 @@
+"""Memory that ranks share: the NVLink buffer, host-mapped words, the NVSHMEM buffer.
+
+Everything here is allocated once per :class:`cupy_ep.Buffer` and freed by
+``Buffer.destroy()``. Kernels receive raw addresses (``int``) of these areas.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from .errors import KERNEL_NAMES, CommTimeoutError, CupyEpError
+
+ERROR_RECORD_BYTES = 32  # the host mirror of struct ErrorRecord (kernels_cu/common.cuh)
+EP_TIMEOUT, EP_OVERFLOW = 1, 2
+
+
+class HostMapped:
+    """Pinned host memory mapped into the GPU's address space (zero-copy).
+
+    With unified addressing the same address is valid on host and device, so
+    kernels write here and the host reads ``.host`` without a copy.
+    """
+
+    def __init__(self, nbytes: int):
+        from cupy.cuda import runtime
+
+        self.nbytes = nbytes
+        self.ptr = runtime.hostAlloc(nbytes, runtime.hostAllocMapped | runtime.hostAllocPortable)
+        raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
+        self.host = np.frombuffer(raw, dtype=np.uint8)
+        self.host[:] = 0
+
+    def view(self, dtype, count: int, offset: int = 0) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        return self.host[offset:offset + count * dtype.itemsize].view(dtype)
+
+    def free(self) -> None:
+        if self.ptr:
+            from cupy.cuda import runtime
+
+            self.host = None
+            runtime.freeHost(self.ptr)
+            self.ptr = 0
+
+
+class ErrorRecord:
+    """Where kernels report a wait that timed out (``struct ErrorRecord`` in common.cuh).
+
+    The record kernels receive (``.ptr``) is in device memory; the reporting thread
+    claims it with a device atomic and copies its report into a host-mapped mirror,
+    which the host reads without synchronising.
+    """
+
+    def __init__(self):
+        import cupy
+
+        self._mirror = HostMapped(ERROR_RECORD_BYTES)
+        self.fields = self._mirror.view(np.int32, 8)  # status, kernel, rank, peer, detail
+        self._device = cupy.zeros(2, dtype=cupy.uint64)  # claimed+pad, host mirror address
+        self._device[1] = self._mirror.ptr
+        cupy.cuda.get_current_stream().synchronize()
+
+    @property
+    def ptr(self) -> int:
+        return int(self._device.data.ptr)
+
+    def check(self) -> None:
+        """Raise the recorded device error, if any."""
+        status, kernel, rank, peer, detail = (int(v) for v in self.fields[:5])
+        if status == 0:
+            return
+        name = KERNEL_NAMES.get(kernel, f"kernel {kernel}")
+        if status == EP_TIMEOUT:
+            raise CommTimeoutError(name, rank, peer, "the Buffer must be destroyed and recreated")
+        if status == EP_OVERFLOW:
+            raise CupyEpError(f"{name} on rank {rank}: more rows arrived than the output can hold "
+                              f"({detail}); raise num_worst_tokens")
+        raise CupyEpError(f"{name} on rank {rank}: device error status {status}")
+
+    def free(self) -> None:
+        self._device = None
+        self._mirror.free()
+
+
+class NVLinkBuffer:
+    """A raw device allocation per rank, opened by every peer of the NVLink domain.
+
+    ``peer_ptrs[i]`` is the address, valid on this GPU, of rank i's allocation
+    (this rank's own for i == nvl_rank). ``peer_table`` is the same list as a
+    device array of uint64 for kernels.
+    """
+
+    def __init__(self, nvl_comm, num_bytes: int):
+        import cupy
+        from cupy.cuda import runtime
+
+        from .bootstrap import exchange_ipc_handles
+
+        self.num_bytes = num_bytes
+        self.rank = nvl_comm.Get_rank()
+        self.local_ptr = runtime.malloc(num_bytes)
+        runtime.memset(self.local_ptr, 0, num_bytes)
+        runtime.deviceSynchronize()
+        self.peer_ptrs = exchange_ipc_handles(nvl_comm, self.local_ptr)
+        self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
+
+    def free(self) -> None:
+        if self.local_ptr:
+            from cupy.cuda import runtime
+
+            from .bootstrap import close_ipc_handles
+
+            runtime.deviceSynchronize()
+            close_ipc_handles(self.peer_ptrs, self.rank)
+            runtime.free(self.local_ptr)
+            self.local_ptr = 0
+
+
+class SymmetricBuffer:
+    """The NVSHMEM symmetric buffer (same size and offsets on every rank).
+
+    ``peer_ptrs[pe]`` is pe's buffer mapped on this GPU (NVLink/P2P), or 0 when
+    pe is only reachable through NVSHMEM's network transport.
+    """
+
+    def __init__(self, comm, device_id: int, num_bytes: int):
+        import cupy
+
+        from .bootstrap import init_nvshmem, nvshmem_peer_ptrs
+
+        init_nvshmem(comm, device_id)
+        import nvshmem.core.interop.cupy as nvcupy
+
+        self.num_bytes = num_bytes
+        self.array = nvcupy.bytearray((num_bytes,))
+        self.array.fill(0)
+        cupy.cuda.runtime.deviceSynchronize()
+        self.ptr = int(self.array.data.ptr)
+        self.peer_ptrs = nvshmem_peer_ptrs(self.ptr, comm.Get_size())
+        self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
+        comm.Barrier()
+
+    def free(self, comm) -> None:
+        if self.array is not None:
+            import cupy
+            import nvshmem.core.interop.cupy as nvcupy
+
+            from .bootstrap import finalize_nvshmem
+
+            cupy.cuda.runtime.deviceSynchronize()
+            comm.Barrier()
+            nvcupy.free_array(self.array)
+            self.array = None
+            finalize_nvshmem()

@@ -1,0 +1,856 @@
+"""The cupy_ep contract (docs: SPEC.md) in NumPy over mpi4py: the CPU backend and the oracle.
+
+``cupy_ep.reference.Buffer`` has the same constructor, methods, arguments and returned
+tuples as the GPU ``cupy_ep.Buffer``, with NumPy arrays in and out:
+
+- bf16 arrays are ``ml_dtypes.bfloat16``; FP8 data is ``ml_dtypes.float8_e4m3fn`` (``uint8``
+  bit patterns are accepted too, and kept as given); FP8 scales are float32 ``[N, H/128]``.
+- Every call is collective over the Buffer's communicator (a ``Dup`` of the one given),
+  like the GPU calls: all ranks must make the same calls in the same order.
+- Data moves with ``Alltoallv`` of packed byte rows; metadata with small pickled
+  collectives. Results are deterministic: normal-mode rows come ordered by source rank,
+  then source token; low-latency rows per expert by source rank, then source token.
+- Streams and events do not exist here: ``previous_event``, ``async_finish``,
+  ``allocate_on_comm_stream`` and ``config`` are accepted and ignored; the returned events
+  are ``cupy_ep.EventOverlap`` objects that hold no event (their methods do nothing).
+
+Bad input (wrong dtype, shape, contiguity, values, sizes) raises ``TypeError`` /
+``ValueError`` naming the argument, before any communication, on every rank that sees it,
+and leaves the Buffer usable. When only some ranks get bad input, those raise while the
+others block in the call's first collective (the reference has no timeouts): give all
+ranks the same arguments, or abort the job on an exception. Arguments that must agree
+between ranks (hidden size, FP8 or not, number of experts, top-k width, M, ...) are
+compared in the call's first collective; a disagreement raises ``ValueError`` on every
+rank.
+
+This module needs NumPy, ml_dtypes and mpi4py; it never imports CuPy and runs without a
+GPU or a CUDA driver.
+"""
+
+import numpy as np
+
+from . import fp8 as _fp8
+from . import validation as V
+from .event import EventOverlap   # the public placeholder/event class; with event=None it does nothing
+
+__all__ = ["Buffer", "EventOverlap", "DispatchHandle", "BF16_DTYPE", "FP8_DTYPE"]
+
+BF16_DTYPE = V.BF16_DTYPE
+FP8_DTYPE = V.FP8_DTYPE
+_F32 = np.float32
+_NUM_BUFFER_ALIGNMENT_BYTES = 128
+
+
+class DispatchHandle:
+    """Normal-mode handle of the reference (opaque to users; pass it to combine / dispatch).
+
+    Attributes:
+        num_ranks: R.
+        num_tokens: N of this rank when the handle was made.
+        is_token_in_rank: bool ``[N, R]`` (a copy).
+        send_counts: int64 ``[R]``: rows this rank sent to each rank.
+        recv_counts: int64 ``[R]``: rows this rank received from each rank.
+        send_order: int64 ``[sum(send_counts)]``: the token index of each sent row, grouped
+            by destination rank, ascending within a destination.
+        recv_src_rank: int32 ``[num_recv_tokens]``: source rank of each received row.
+        recv_src_idx: int64 ``[num_recv_tokens]``: source token index of each received row.
+        num_recv_tokens: rows received (valid rows of ``recv_x``).
+        num_rows: rows of ``recv_x`` (``num_worst_tokens`` in worst-token mode).
+        hidden: H of the dispatch (combine and cached dispatch must use the same).
+    """
+
+    __slots__ = ("num_ranks", "num_tokens", "is_token_in_rank", "send_counts", "recv_counts",
+                 "send_order", "recv_src_rank", "recv_src_idx", "num_recv_tokens", "num_rows", "hidden")
+
+    def __init__(self, **kw):
+        for k in self.__slots__:
+            setattr(self, k, kw[k])
+
+    def __repr__(self):
+        return (f"DispatchHandle(num_ranks={self.num_ranks}, num_tokens={self.num_tokens}, "
+                f"num_recv_tokens={self.num_recv_tokens}, num_rows={self.num_rows})")
+
+
+# --------------------------------------------------------------------------- helpers
+def _row_bytes(arr, nrows):
+    """View an array with ``nrows`` leading rows as uint8 ``[nrows, bytes_per_row]``."""
+    per_row = int(np.prod(arr.shape[1:], dtype=np.int64)) if arr.ndim > 1 else 1
+    a = np.ascontiguousarray(arr).reshape(nrows, per_row)
+    return a.view(np.uint8).reshape(nrows, per_row * arr.dtype.itemsize)
+
+
+def _pack(fields, nrows):
+    """Pack arrays with ``nrows`` rows side by side into one uint8 ``[nrows, B]`` array."""
+    parts = [_row_bytes(f, nrows) for f in fields]
+    spec = [(np.dtype(f.dtype), tuple(int(s) for s in f.shape[1:]), p.shape[1]) for f, p in zip(fields, parts)]
+    packed = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return np.ascontiguousarray(packed), spec
+
+
+def _unpack(buf, spec):
+    out, col = [], 0
+    m = buf.shape[0]
+    for dtype, rowshape, nbytes in spec:
+        part = np.ascontiguousarray(buf[:, col:col + nbytes])
+        out.append(part.view(dtype).reshape((m,) + rowshape))
+        col += nbytes
+    return out
+
+
+def _alltoallv_rows(comm, fields, send_counts, recv_counts):
+    """Exchange rows: ``fields`` (arrays of equal row count, grouped by destination rank with
+    ``send_counts[r]`` rows for rank r) -> the same fields received, grouped by source rank."""
+    from mpi4py import MPI
+    nsend = int(np.sum(send_counts))
+    sendbuf, spec = _pack(fields, nsend)
+    rb = sendbuf.shape[1]
+    sc = np.asarray(send_counts, dtype=np.int64) * rb
+    rc = np.asarray(recv_counts, dtype=np.int64) * rb
+    sd = np.concatenate([[0], np.cumsum(sc)[:-1]]).astype(np.int64)
+    rd = np.concatenate([[0], np.cumsum(rc)[:-1]]).astype(np.int64)
+    nrecv = int(np.sum(recv_counts))
+    recvbuf = np.empty((nrecv, rb), dtype=np.uint8)
+    comm.Alltoallv([sendbuf.reshape(-1), (sc.tolist(), sd.tolist()), MPI.BYTE],
+                   [recvbuf.reshape(-1), (rc.tolist(), rd.tolist()), MPI.BYTE])
+    return _unpack(recvbuf, spec)
+
+
+def _meta_alltoall(comm, common, private, payloads):
+    """One collective for a call's metadata.
+
+    Args:
+        common: list of ``(arg, what, value)`` that must be equal on every rank.
+        private: a picklable object every rank gets from every rank.
+        payloads: list (one per destination rank) of picklable objects.
+    Returns:
+        ``(privates, received_payloads)``, both lists indexed by rank.
+    Raises:
+        ValueError on every rank when a ``common`` value differs between ranks.
+    """
+    mine = tuple(v for _, _, v in common)
+    items = comm.alltoall([(mine, private, p) for p in payloads])
+    commons = [it[0] for it in items]
+    for i, (arg, what, _) in enumerate(common):
+        vals = [c[i] for c in commons]
+        if any(v != vals[0] for v in vals):
+            raise ValueError(f"{arg}: {what} must be the same on every rank, got {vals} (by rank)")
+    return [it[1] for it in items], [it[2] for it in items]
+
+
+def _deep_ep_rdma_size_hint(m, h, num_experts):
+    """DeepEP's low-latency buffer size formula (fallback of the size hint)."""
+    num_scales = h // 128
+    dispatch_msg = 16 + max(h * 2, h + num_scales * 4)
+    combine_msg = num_scales * 4 + h * 2
+    send = max(m * dispatch_msg, num_experts * m * combine_msg)
+    recv = max(num_experts * m * dispatch_msg, num_experts * m * combine_msg)
+    signal = _ceil_div(num_experts * 4, 128) * 128
+    total = 2 * (send + recv + signal)
+    a = _NUM_BUFFER_ALIGNMENT_BYTES
+    return ((total + a) // a) * a
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _require_numpy(arr, name):
+    if arr is not None and not isinstance(arr, np.ndarray):
+        raise TypeError(f"{name}: the reference backend takes NumPy arrays, got {type(arr).__module__}.{type(arr).__name__}")
+
+
+def _require_numpy_x(x, name="x"):
+    if isinstance(x, (tuple, list)):
+        for i, a in enumerate(x):
+            _require_numpy(a, f"{name}[{i}]")
+    else:
+        _require_numpy(x, name)
+
+
+def _make_hook(finish, return_recv_hook):
+    """Run ``finish`` now (no hook) or return a hook that runs it once."""
+    if not return_recv_hook:
+        finish()
+        return None
+    state = {"done": False}
+
+    def hook():
+        """Complete the receive (fills the arrays returned by the call)."""
+        if not state["done"]:
+            state["done"] = True
+            finish()
+    return hook
+
+
+# --------------------------------------------------------------------------- Buffer
+class Buffer:
+    """Expert-parallel communication buffer, NumPy reference backend.
+
+    Same API as ``cupy_ep.Buffer`` (itself modelled on DeepEP's ``deep_ep.Buffer``). No
+    memory is reserved; the byte sizes only gate the modes as on the GPU: the normal mode
+    needs ``num_nvl_bytes > 0``, the low-latency mode ``low_latency_mode=True`` and
+    ``num_rdma_bytes > 0`` (their exact sizes are not checked here; size them with
+    :meth:`get_nvl_buffer_size_hint` / :meth:`get_low_latency_rdma_size_hint` for the GPU).
+
+    Args:
+        comm: mpi4py communicator (None: ``MPI.COMM_WORLD``). Collective over it.
+        num_nvl_bytes: NVLink buffer size of the GPU Buffer (>= 0).
+        num_rdma_bytes: NVSHMEM buffer size of the GPU Buffer (>= 0).
+        low_latency_mode: enable the low-latency calls.
+        num_nvl_peers: ranks per NVLink domain (None: the ranks sharing this host). Only
+            changes ``num_tokens_per_rdma_rank`` of :meth:`get_dispatch_layout`.
+        num_sms: SMs the GPU kernels may use (kept, unused).
+        **ignored: other GPU-only options (accepted, unused).
+    """
+
+    #: Default SM count of the GPU Buffer (kept for API compatibility).
+    num_sms = 20
+
+    def __init__(self, comm=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
+                 num_nvl_peers=None, num_sms=None, **ignored):
+        from mpi4py import MPI
+        if comm is None:
+            comm = MPI.COMM_WORLD
+        if not isinstance(comm, MPI.Comm):
+            raise TypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
+        self.num_nvl_bytes = V.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
+        self.num_rdma_bytes = V.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
+        self.low_latency_mode = bool(low_latency_mode)
+        if self.low_latency_mode and self.num_rdma_bytes == 0:
+            raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
+        if num_nvl_peers is not None:
+            num_nvl_peers = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
+        if num_sms is not None:
+            self.num_sms = V.check_int(num_sms, "num_sms", 1)
+        self.rank = comm.Get_rank()
+        self.group_size = comm.Get_size()
+        if num_nvl_peers is not None:
+            nvl = min(num_nvl_peers, self.group_size)
+            if self.group_size % nvl != 0:
+                raise ValueError(f"num_nvl_peers: the number of ranks ({self.group_size}) must be a "
+                                 f"multiple of it, got {num_nvl_peers}")
+        self.comm = comm.Dup()
+        self._ll_combine_buffers = {}
+        try:
+            if num_nvl_peers is None:
+                shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+                local = shared.Get_size()
+                shared.Free()
+                sizes = self.comm.allgather(local)
+                nvl = local if all(s == local for s in sizes) and self.group_size % local == 0 else self.group_size
+            settings = self.comm.allgather((nvl, self.low_latency_mode))
+            if any(s != settings[0] for s in settings):
+                raise ValueError(f"num_nvl_peers: NVLink domain size and low_latency_mode must be the same "
+                                 f"on every rank, got {settings} (by rank)")
+        except BaseException:
+            self.comm.Free()
+            self.comm = None
+            raise
+        self.num_nvl_ranks = nvl
+        self.num_rdma_ranks = self.group_size // nvl
+
+    # ----------------------------------------------------------------- lifetime
+    def destroy(self):
+        """Free the Buffer's communicator (collective). Later calls raise RuntimeError."""
+        if self.comm is not None:
+            self.comm.Free()
+            self.comm = None
+            self._ll_combine_buffers = {}
+
+    def is_available(self):
+        """True until :meth:`destroy`."""
+        return self.comm is not None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.destroy()
+        return False
+
+    def _check_alive(self):
+        if self.comm is None:
+            raise RuntimeError("Buffer: used after destroy()")
+
+    def _check_low_latency(self):
+        if not self.low_latency_mode:
+            raise ValueError("low_latency_mode: this Buffer was created without low_latency_mode=True and "
+                             "num_rdma_bytes > 0")
+
+    def _check_normal(self):
+        if self.num_nvl_bytes == 0:
+            raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer (created with num_nvl_bytes=0)")
+
+    @property
+    def num_ranks(self):
+        """R (same as ``group_size``)."""
+        return self.group_size
+
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        """Set the default SM count (kept for API compatibility; unused here)."""
+        Buffer.num_sms = V.check_int(new_num_sms, "new_num_sms", 1)
+
+    @staticmethod
+    def capture():
+        """An :class:`EventOverlap` for "the current stream" (a placeholder here)."""
+        return EventOverlap()
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=9):
+        """Bytes of ``num_nvl_bytes`` the GPU normal mode needs (the GPU Buffer's formula).
+
+        Args:
+            num_max_tokens_per_rank: most tokens a rank dispatches.
+            hidden: H.
+            num_ranks: ranks of the NVLink domain.
+            num_topk: most experts per token.
+        Returns:
+            an int (> 0; any positive size serves the reference).
+        """
+        n = V.check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
+        h = V.check_int(hidden, "hidden", 1)
+        r = V.check_int(num_ranks, "num_ranks", 1)
+        k = V.check_int(num_topk, "num_topk", 1)
+        try:
+            from .intranode import nvl_buffer_size_hint
+            return int(nvl_buffer_size_hint(n, h, r, k))
+        except (ImportError, AttributeError):
+            return 4096 + r * (n * (2 * h + (h // 128) * 4 + 12 * k) + 128)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes.
+
+        The same number as the GPU ``cupy_ep.Buffer`` gives (its pure-Python formula), so that
+        code sized for one backend runs on the other; DeepEP's formula when that is missing.
+
+        Args:
+            num_max_dispatch_tokens_per_rank: M.
+            hidden: H.
+            num_ranks: R.
+            num_experts: E.
+        Returns:
+            an int.
+        """
+        m = V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+        h = V.check_int(hidden, "hidden", 1)
+        V.check_num_experts(num_experts, num_ranks)
+        try:
+            from .low_latency import LowLatencyEngine
+            return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
+        except (ImportError, AttributeError):
+            return _deep_ep_rdma_size_hint(m, h, int(num_experts))
+
+    # ----------------------------------------------------------------- layout
+    def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
+                            allocate_on_comm_stream=False):
+        """Count, for the given routing, what goes where (local, no communication).
+
+        Args:
+            topk_idx: int64 (or int32) ``[N, K]`` expert ids, -1 for an empty slot.
+            num_experts: E, a multiple of R.
+            previous_event, async_finish, allocate_on_comm_stream: ignored (no streams).
+
+        Returns:
+            num_tokens_per_rank: int32 ``[R]``: tokens with an expert on each rank (a token
+                counts once per rank).
+            num_tokens_per_rdma_rank: int32 ``[R / num_nvl_ranks]`` (tokens with an expert in
+                each NVLink domain), or None when there is a single domain.
+            num_tokens_per_expert: int32 ``[E]``: (token, top-k slot) selections per expert.
+            is_token_in_rank: bool ``[N, R]``.
+            event: :class:`EventOverlap` placeholder.
+        """
+        self._check_alive()
+        _require_numpy(topk_idx, "topk_idx")
+        R = self.group_size
+        e_local = V.check_num_experts(num_experts, R)
+        n, _ = V.check_topk_idx(topk_idx)
+        V.check_topk_range(topk_idx, num_experts)
+        idx = topk_idx.astype(np.int64)
+        valid = idx >= 0
+        num_tokens_per_expert = np.bincount(idx[valid], minlength=num_experts).astype(np.int32)
+        is_token_in_rank = np.zeros((n, R), dtype=bool)
+        rows = np.nonzero(valid)[0]
+        is_token_in_rank[rows, idx[valid] // e_local] = True
+        num_tokens_per_rank = is_token_in_rank.sum(axis=0).astype(np.int32)
+        num_tokens_per_rdma_rank = None
+        if self.num_rdma_ranks > 1:
+            per_domain = is_token_in_rank.reshape(n, self.num_rdma_ranks, self.num_nvl_ranks).any(axis=2)
+            num_tokens_per_rdma_rank = per_domain.sum(axis=0).astype(np.int32)
+        return (num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert,
+                is_token_in_rank, EventOverlap())
+
+    # ----------------------------------------------------------------- normal mode
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None,
+                 is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                 expert_alignment=1, num_worst_tokens=0, config=None, previous_event=None,
+                 async_finish=False, allocate_on_comm_stream=False):
+        """Send each token to every rank that holds one of its experts (normal mode).
+
+        Args:
+            x: bf16 ``[N, H]`` (``H % 8 == 0``), or an FP8 pair ``(x_fp8 [N, H] float8_e4m3fn
+                or uint8, scales float32 [N, H/128])`` with ``H % 128 == 0``.
+            handle: a handle from an earlier dispatch with the same routing ("cached"
+                dispatch): then the layout arguments, ``topk_idx`` and ``topk_weights`` are
+                not used (``topk_idx`` / ``topk_weights`` must be None).
+            num_tokens_per_rank: int32 ``[R]`` (from :meth:`get_dispatch_layout`).
+            num_tokens_per_rdma_rank: None inside one NVLink domain, else None or int32
+                ``[R / num_nvl_ranks]`` (not needed here).
+            is_token_in_rank: bool ``[N, R]``.
+            num_tokens_per_expert: int32 ``[E]``.
+            topk_idx: None or int64/int32 ``[N, K]``; must match the layout arrays.
+            topk_weights: float32 ``[N, K]``, required with ``topk_idx`` (None without).
+            expert_alignment: round each entry of ``num_recv_tokens_per_expert_list`` up to a
+                multiple of this.
+            num_worst_tokens: > 0: outputs have exactly this many rows (padding rows: zeros,
+                ``recv_topk_idx = -1``, weight 0) and the list is empty. Raises ValueError on
+                every rank when some rank would receive more rows than its
+                ``num_worst_tokens``.
+            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+
+        Returns:
+            recv_x: bf16 ``[num_recv, H]`` or the FP8 pair (data ``[num_recv, H]`` of the input
+                data dtype, scales float32 ``[num_recv, H/128]``); rows ordered by source rank,
+                then source token index.
+            recv_topk_idx: int64 ``[num_recv, K]``: local expert ids (``topk_idx - rank *
+                E_local``) of the experts on this rank, else -1; None without ``topk_idx`` and
+                in cached mode.
+            recv_topk_weights: float32 ``[num_recv, K]``: the weights where the id is kept,
+                else 0; None without ``topk_idx`` and in cached mode.
+            num_recv_tokens_per_expert_list: list of E_local ints (rows per local expert,
+                counted per top-k slot, summed over sources, rounded up to
+                ``expert_alignment``); ``[]`` with ``num_worst_tokens``; None in cached mode.
+            handle: :class:`DispatchHandle` for :meth:`combine` and cached dispatch (None in
+                cached mode, as in DeepEP).
+            event: :class:`EventOverlap` placeholder.
+        """
+        self._check_alive()
+        self._check_normal()
+        R = self.group_size
+        _require_numpy_x(x)
+        is_fp8, n, h = V.check_x(x)
+        expert_alignment = V.check_expert_alignment(expert_alignment)
+        num_worst_tokens = V.check_num_worst_tokens(num_worst_tokens)
+        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
+
+        if handle is not None:
+            return self._cached_dispatch(data, scales, is_fp8, n, h, handle, topk_idx, topk_weights,
+                                         num_worst_tokens)
+
+        for a, nm in ((num_tokens_per_rank, "num_tokens_per_rank"), (is_token_in_rank, "is_token_in_rank"),
+                      (num_tokens_per_expert, "num_tokens_per_expert"),
+                      (num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
+                      (topk_idx, "topk_idx"), (topk_weights, "topk_weights")):
+            _require_numpy(a, nm)
+        if num_tokens_per_rdma_rank is not None and self.num_rdma_ranks == 1:
+            raise ValueError("num_tokens_per_rdma_rank: must be None inside one NVLink domain")
+        num_experts = V.check_layout_args(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, n, R,
+                                          num_tokens_per_rdma_rank, self.num_rdma_ranks)
+        e_local = num_experts // R
+        k = 0
+        if topk_idx is not None:
+            _, k = V.check_topk_idx(topk_idx, n)
+            V.check_topk_range(topk_idx, num_experts)
+            idx = topk_idx.astype(np.int64)
+            valid = idx >= 0
+            expect_per_expert = np.bincount(idx[valid], minlength=num_experts)
+            if not np.array_equal(expect_per_expert, num_tokens_per_expert):
+                raise ValueError("num_tokens_per_expert: does not match topk_idx (use get_dispatch_layout)")
+            expect_in_rank = np.zeros((n, R), dtype=bool)
+            expect_in_rank[np.nonzero(valid)[0], idx[valid] // e_local] = True
+            if not np.array_equal(expect_in_rank, is_token_in_rank):
+                raise ValueError("is_token_in_rank: does not match topk_idx (use get_dispatch_layout)")
+        if topk_idx is not None and topk_weights is None:
+            raise ValueError("topk_weights: required with topk_idx")
+        if topk_weights is not None:
+            if topk_idx is None:
+                raise ValueError("topk_weights: given without topk_idx")
+            V.check_topk_weights(topk_weights, topk_idx)
+
+        send_counts = num_tokens_per_rank.astype(np.int64)
+        common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h),
+                  ("num_tokens_per_expert", "length (num_experts)", num_experts),
+                  ("topk_idx", "presence", topk_idx is not None), ("topk_idx", "number of columns", k)]
+        payloads = [(int(send_counts[r]), num_tokens_per_expert[r * e_local:(r + 1) * e_local].astype(np.int64))
+                    for r in range(R)]
+        privates, got = _meta_alltoall(self.comm, common, (num_worst_tokens, send_counts.tolist()), payloads)
+        if any(w > 0 for w, _ in privates):
+            recv_totals = np.sum([c for _, c in privates], axis=0)
+            for r, (w, _) in enumerate(privates):
+                if w > 0 and recv_totals[r] > w:
+                    raise ValueError(f"num_worst_tokens: rank {r} would receive {int(recv_totals[r])} tokens, "
+                                     f"more than its num_worst_tokens ({w})")
+        recv_counts = np.array([c for c, _ in got], dtype=np.int64)
+        per_expert = np.sum([p for _, p in got], axis=0)
+
+        send_order = np.concatenate([np.flatnonzero(is_token_in_rank[:, r]) for r in range(R)]).astype(np.int64)
+        dest = np.repeat(np.arange(R, dtype=np.int64), send_counts)
+        fields = [data[send_order], send_order]
+        if is_fp8:
+            fields.append(scales[send_order])
+        if topk_idx is not None:
+            sel = topk_idx[send_order].astype(np.int64)
+            local = sel - dest[:, None] * e_local
+            keep = (sel >= 0) & (local >= 0) & (local < e_local)
+            fields.append(np.where(keep, local, -1).astype(np.int64))
+            fields.append(np.where(keep, topk_weights[send_order], np.float32(0)).astype(_F32))
+        recv = _alltoallv_rows(self.comm, fields, send_counts, recv_counts)
+
+        num_recv = int(recv_counts.sum())
+        rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
+        recv_data = np.zeros((rows, h), dtype=data.dtype)
+        recv_data[:num_recv] = recv[0]
+        recv_src_idx = recv[1].astype(np.int64)
+        pos = 2
+        if is_fp8:
+            recv_scales = np.zeros((rows, h // 128), dtype=_F32)
+            recv_scales[:num_recv] = recv[pos]
+            pos += 1
+            recv_x = (recv_data, recv_scales)
+        else:
+            recv_x = recv_data
+        recv_topk_idx = recv_topk_weights = None
+        if topk_idx is not None:
+            recv_topk_idx = np.full((rows, k), -1, dtype=np.int64)
+            recv_topk_idx[:num_recv] = recv[pos]
+            recv_topk_weights = np.zeros((rows, k), dtype=_F32)
+            recv_topk_weights[:num_recv] = recv[pos + 1]
+        if num_worst_tokens > 0:
+            counts_list = []
+        else:
+            counts_list = [int(_ceil_div(int(c), expert_alignment) * expert_alignment) for c in per_expert]
+        new_handle = DispatchHandle(
+            num_ranks=R, num_tokens=n, is_token_in_rank=is_token_in_rank.copy(), send_counts=send_counts,
+            recv_counts=recv_counts, send_order=send_order,
+            recv_src_rank=np.repeat(np.arange(R, dtype=np.int32), recv_counts), recv_src_idx=recv_src_idx,
+            num_recv_tokens=num_recv, num_rows=rows, hidden=h)
+        return recv_x, recv_topk_idx, recv_topk_weights, counts_list, new_handle, EventOverlap()
+
+    def _check_handle(self, handle):
+        if not isinstance(handle, DispatchHandle):
+            raise TypeError(f"handle: expected the handle returned by reference dispatch, got {type(handle).__name__}")
+        if handle.num_ranks != self.group_size:
+            raise ValueError(f"handle: made for {handle.num_ranks} ranks, this Buffer has {self.group_size}")
+
+    def _cached_dispatch(self, data, scales, is_fp8, n, h, handle, topk_idx, topk_weights, num_worst_tokens):
+        self._check_handle(handle)
+        if topk_idx is not None:
+            raise ValueError("topk_idx: must be None in a cached dispatch (handle given)")
+        if topk_weights is not None:
+            raise ValueError("topk_weights: must be None in a cached dispatch (handle given)")
+        if n != handle.num_tokens or h != handle.hidden:
+            raise ValueError(f"x: the cached handle was made for [{handle.num_tokens}, {handle.hidden}], "
+                             f"got [{n}, {h}]")
+        rows = num_worst_tokens if num_worst_tokens > 0 else handle.num_rows
+        if rows < handle.num_recv_tokens:
+            raise ValueError(f"num_worst_tokens: {num_worst_tokens} is less than the {handle.num_recv_tokens} "
+                             f"tokens this rank receives")
+        common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h)]
+        _meta_alltoall(self.comm, common, None, [None] * self.group_size)
+        fields = [data[handle.send_order]]
+        if is_fp8:
+            fields.append(scales[handle.send_order])
+        recv = _alltoallv_rows(self.comm, fields, handle.send_counts, handle.recv_counts)
+        nr = handle.num_recv_tokens
+        recv_data = np.zeros((rows, h), dtype=data.dtype)
+        recv_data[:nr] = recv[0]
+        if is_fp8:
+            recv_scales = np.zeros((rows, h // 128), dtype=_F32)
+            recv_scales[:nr] = recv[1]
+            recv_x = (recv_data, recv_scales)
+        else:
+            recv_x = recv_data
+        return recv_x, None, None, None, None, EventOverlap()
+
+    def combine(self, x, handle, topk_weights=None, bias=None, config=None, previous_event=None,
+                async_finish=False, allocate_on_comm_stream=False):
+        """Send each received row back to its source rank and sum there (normal mode).
+
+        Args:
+            x: bf16 ``[num_rows, H]`` in dispatch's receive order (``num_rows`` = the rows
+                dispatch returned; padding rows of worst-token mode are ignored; H = the
+                dispatch's).
+            handle: the handle dispatch returned.
+            topk_weights: None or float32 ``[num_rows, K]`` (e.g. ``recv_topk_weights``).
+            bias: None, one bf16 ``[N, H]`` array or a pair (entries may be None).
+            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+
+        Returns:
+            combined_x: bf16 ``[N, H]``: ``bias_0[t] + bias_1[t] + sum_r x_r[row of t on r]``,
+                accumulated in float32 (biases first, then ranks in ascending order).
+            combined_topk_weights: float32 ``[N, K]``, the same sum of ``topk_weights``
+                (None without ``topk_weights``).
+            event: :class:`EventOverlap` placeholder.
+        """
+        self._check_alive()
+        self._check_normal()
+        self._check_handle(handle)
+        _require_numpy(x if not isinstance(x, (tuple, list)) else None, "x")
+        _, rows, h = V.check_x(x, allow_fp8=False)
+        if rows != handle.num_rows:
+            raise ValueError(f"x: expected {handle.num_rows} rows (dispatch's receive layout), got {rows}")
+        if h != handle.hidden:
+            raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {h}")
+        k = 0
+        if topk_weights is not None:
+            _require_numpy(topk_weights, "topk_weights")
+            _, k = V.check_array(topk_weights, "topk_weights", dtypes=np.float32, ndim=2, shape=(rows, None))
+        if isinstance(bias, (tuple, list)):
+            for i, b in enumerate(bias):
+                _require_numpy(b, f"bias[{i}]")
+        else:
+            _require_numpy(bias, "bias")
+        biases = V.check_bias(bias, handle.num_tokens, h)
+        common = [("x", "hidden size", h), ("topk_weights", "presence", topk_weights is not None),
+                  ("topk_weights", "number of columns", k)]
+        _meta_alltoall(self.comm, common, None, [None] * self.group_size)
+        nr = handle.num_recv_tokens
+        fields = [x[:nr]]
+        if topk_weights is not None:
+            fields.append(topk_weights[:nr])
+        back = _alltoallv_rows(self.comm, fields, handle.recv_counts, handle.send_counts)
+        n = handle.num_tokens
+        acc = np.zeros((n, h), dtype=_F32)
+        for b in biases:
+            acc += b.astype(_F32)
+        wacc = np.zeros((n, k), dtype=_F32) if topk_weights is not None else None
+        off = 0
+        for r in range(self.group_size):
+            c = int(handle.send_counts[r])
+            idx = handle.send_order[off:off + c]
+            acc[idx] += back[0][off:off + c].astype(_F32)
+            if wacc is not None:
+                wacc[idx] += back[1][off:off + c]
+            off += c
+        return acc.astype(BF16_DTYPE), wacc, EventOverlap()
+
+    # ----------------------------------------------------------------- low latency
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False, cumulative_local_expert_recv_stats=None):
+        """Send each token to each of its experts, into a masked per-expert layout.
+
+        Args:
+            x: bf16 ``[N, H]``, ``H % 128 == 0``, ``N <= M``.
+            topk_idx: int64/int32 ``[N, K]``, values in ``[-1, E)``. A token that names an
+                expert in several slots is sent to it once.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank.
+            num_experts: E, a multiple of R.
+            use_fp8: cast to FP8 (per token, per 128 channels) before sending.
+            round_scale: power-of-two scales.
+            use_ue8m0: scales as UE8M0 bytes (implies ``round_scale``).
+            async_finish: ignored.
+            return_recv_hook: return at once with a ``hook``; the returned arrays (and the
+                handle's arrays, and ``cumulative_local_expert_recv_stats``) are filled only
+                when ``hook()`` is called.
+            cumulative_local_expert_recv_stats: None or int32 NumPy ``[E_local]``, increased
+                in place by ``recv_count``.
+
+        Returns:
+            recv_x: bf16 ``[E_local, R*M, H]``, or with ``use_fp8`` the pair (``float8_e4m3fn``
+                ``[E_local, R*M, H]``, scales float32 ``[E_local, R*M, H/128]`` or uint8 UE8M0
+                with ``use_ue8m0``). For local expert j the first ``recv_count[j]`` rows are
+                valid, ordered by source rank, then source token; the rest are zeros.
+            recv_count: int32 ``[E_local]``.
+            handle: ``(src_info int32 [E_local, R*M] (source token per row, -1 where invalid),
+                layout_range int64 [E_local, R] ((begin << 32) | count per source rank), M, H,
+                E)``.
+            event: :class:`EventOverlap` placeholder.
+            hook: a callable with ``return_recv_hook=True``, else None.
+        """
+        self._check_alive()
+        self._check_low_latency()
+        R = self.group_size
+        _require_numpy(x, "x")
+        _require_numpy(topk_idx, "topk_idx")
+        n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, R)
+        m = int(num_max_dispatch_tokens_per_rank)
+        stats = cumulative_local_expert_recv_stats
+        _require_numpy(stats, "cumulative_local_expert_recv_stats")
+        V.check_cumulative_stats(stats, e_local)
+        use_fp8 = bool(use_fp8)
+        use_ue8m0 = bool(use_ue8m0) and use_fp8
+        round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
+
+        idx = topk_idx.astype(np.int64)
+        chosen = np.zeros((n, num_experts), dtype=bool)
+        tok = np.nonzero(idx >= 0)[0]
+        chosen[tok, idx[idx >= 0]] = True
+        t_of, e_of = np.nonzero(chosen)                      # sorted by token, then expert
+        d_of = e_of // e_local
+        order = np.lexsort((e_of, t_of, d_of))               # by destination, token, expert
+        t_of, e_of, d_of = t_of[order], e_of[order], d_of[order]
+        send_counts = np.bincount(d_of, minlength=R).astype(np.int64)
+
+        common = [("num_max_dispatch_tokens_per_rank", "value", m), ("num_experts", "value", int(num_experts)),
+                  ("x", "hidden size", h), ("use_fp8", "value", use_fp8), ("round_scale", "value", round_scale),
+                  ("use_ue8m0", "value", use_ue8m0)]
+        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts])
+        recv_counts = np.array(got, dtype=np.int64)
+        meta = np.stack([(e_of - d_of * e_local), t_of], axis=1).astype(np.int32)
+        if use_fp8:
+            q, s = _fp8.per_token_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
+            fields = [meta, q[t_of], s[t_of]]
+        else:
+            fields = [meta, x[t_of]]
+        recv = _alltoallv_rows(self.comm, fields, send_counts, recv_counts)
+
+        rm = R * m
+        if use_fp8:
+            out_data = np.zeros((e_local, rm, h), dtype=FP8_DTYPE)
+            out_scales = np.zeros((e_local, rm, h // 128), dtype=np.uint8 if use_ue8m0 else _F32)
+            recv_x = (out_data, out_scales)
+        else:
+            out_data = np.zeros((e_local, rm, h), dtype=BF16_DTYPE)
+            recv_x = out_data
+        recv_count = np.zeros(e_local, dtype=np.int32)
+        src_info = np.full((e_local, rm), -1, dtype=np.int32)
+        layout_range = np.zeros((e_local, R), dtype=np.int64)
+
+        def finish():
+            rj, rt = recv[0][:, 0].astype(np.int64), recv[0][:, 1]
+            rs = np.repeat(np.arange(R, dtype=np.int64), recv_counts)
+            for j in range(e_local):
+                begin = 0
+                for s in range(R):
+                    rows = np.flatnonzero((rj == j) & (rs == s))    # already in token order
+                    c = rows.size
+                    out_data[j, begin:begin + c] = recv[1][rows]
+                    if use_fp8:
+                        out_scales[j, begin:begin + c] = recv[2][rows]
+                    src_info[j, begin:begin + c] = rt[rows]
+                    layout_range[j, s] = (begin << 32) | c
+                    begin += c
+                recv_count[j] = begin
+            if stats is not None:
+                np.add(stats, recv_count, out=stats)
+
+        hook = _make_hook(finish, return_recv_hook)
+        handle = (src_info, layout_range, m, h, int(num_experts))
+        return recv_x, recv_count, handle, EventOverlap(), hook
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """The array that ``low_latency_combine(..., zero_copy=True)`` reads the expert outputs from.
+
+        Args:
+            handle: the handle low_latency_dispatch returned.
+        Returns:
+            bf16 NumPy ``[E_local, R*M, H]`` (the same array on every call with the same shape).
+        """
+        self._check_alive()
+        self._check_low_latency()
+        _, _, m, h, e = V.check_ll_handle(handle, self.group_size)
+        shape = (e // self.group_size, self.group_size * m, h)
+        buf = self._ll_combine_buffers.get(shape)
+        if buf is None:
+            buf = self._ll_combine_buffers[shape] = np.zeros(shape, dtype=BF16_DTYPE)
+        return buf
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False,
+                            return_recv_hook=False, out=None):
+        """Bring the expert outputs back and reduce them with the top-k weights.
+
+        Args:
+            x: bf16 ``[E_local, R*M, H]``: expert outputs in dispatch's masked layout (ignored
+                with ``zero_copy``, which reads ``get_next_low_latency_combine_buffer(handle)``;
+                its shape is still checked).
+            topk_idx: int64/int32 ``[N, K]``, the routing given to the dispatch.
+            topk_weights: float32 ``[N, K]``.
+            handle: the handle low_latency_dispatch returned.
+            zero_copy: the expert outputs were written into the combine buffer.
+            async_finish: ignored.
+            return_recv_hook: return at once; the result is written when ``hook()`` is called.
+            out: None or bf16 NumPy ``[N, H]`` to write the result into.
+
+        Returns:
+            combined_x: bf16 ``[N, H]`` (``out`` when given): ``sum_k topk_weights[t, k] *
+                y_k(t)`` over the slots with ``topk_idx[t, k] >= 0`` (a duplicated expert counts
+                once per slot), float32 accumulation in slot order.
+            event: :class:`EventOverlap` placeholder.
+            hook: a callable with ``return_recv_hook=True``, else None.
+        """
+        self._check_alive()
+        self._check_low_latency()
+        R, rank = self.group_size, self.rank
+        for a, nm in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (out, "out")):
+            _require_numpy(a, nm)
+        n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out)
+        src_info, layout_range, m, _, num_experts = V.check_ll_handle(handle, R)
+        e_local = num_experts // R
+        if out is not None and not out.flags.writeable:
+            raise ValueError("out: must be writeable")
+        if zero_copy:
+            data = self._ll_combine_buffers.get(tuple(x.shape))
+            if data is None:
+                raise ValueError("zero_copy: no combine buffer yet; write x into "
+                                 "get_next_low_latency_combine_buffer(handle) first")
+        else:
+            data = x
+        begins = (layout_range >> 32).astype(np.int64)
+        counts = (layout_range & 0xFFFFFFFF).astype(np.int64)
+        if (begins < 0).any() or (begins + counts > R * m).any():
+            raise ValueError("handle: layout_range is out of bounds")
+        sel_j, sel_s, sel_row = [], [], []
+        for s in range(R):
+            for j in range(e_local):
+                b, c = int(begins[j, s]), int(counts[j, s])
+                sel_j.append(np.full(c, j, np.int64))
+                sel_s.append(np.full(c, s, np.int64))
+                sel_row.append(np.arange(b, b + c, dtype=np.int64))
+        sel_j = np.concatenate(sel_j) if sel_j else np.zeros(0, np.int64)
+        sel_row = np.concatenate(sel_row) if sel_row else np.zeros(0, np.int64)
+        sel_s = np.concatenate(sel_s) if sel_s else np.zeros(0, np.int64)
+        tokens = src_info[sel_j, sel_row]
+        if (tokens < 0).any():
+            raise ValueError("handle: src_info has -1 inside a layout_range")
+        send_counts = np.bincount(sel_s, minlength=R).astype(np.int64)
+        common = [("handle", "num_max_dispatch_tokens_per_rank", m), ("x", "hidden size", h),
+                  ("handle", "num_experts", num_experts)]
+        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts])
+        recv_counts = np.array(got, dtype=np.int64)
+        meta = np.stack([sel_j + rank * e_local, tokens.astype(np.int64)], axis=1)
+        recv = _alltoallv_rows(self.comm, [meta, data[sel_j, sel_row]], send_counts, recv_counts)
+        result = out if out is not None else np.zeros((n, h), dtype=BF16_DTYPE)
+
+        def finish():
+            r_e, r_t = recv[0][:, 0], recv[0][:, 1]
+            keys = r_t * num_experts + r_e
+            order = np.argsort(keys, kind="stable")
+            skeys = keys[order]
+            y = recv[1].astype(_F32)
+            idx = topk_idx.astype(np.int64)
+            acc = np.zeros((n, h), dtype=_F32)
+            for kk in range(k):
+                e = idx[:, kk]
+                valid = np.flatnonzero(e >= 0)
+                want = valid * num_experts + e[valid]
+                p = np.searchsorted(skeys, want)
+                found = (p < skeys.size) & (skeys[np.minimum(p, max(skeys.size - 1, 0))] == want) \
+                    if skeys.size else np.zeros(want.size, bool)
+                if not found.all():
+                    miss = int(np.flatnonzero(~found)[0])
+                    raise ValueError(f"topk_idx: token {int(valid[miss])} selects expert {int(e[valid[miss]])}, "
+                                     f"which did not receive it in the dispatch that made handle")
+                rows = order[p]
+                w = topk_weights[valid, kk].astype(_F32)[:, None]
+                acc[valid] += w * y[rows]
+            result[...] = acc.astype(BF16_DTYPE)
+
+        hook = _make_hook(finish, return_recv_hook)
+        return result, EventOverlap(), hook
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
+        """Reset the low-latency signalling state (collective; a barrier here).
+
+        Args:
+            num_max_dispatch_tokens_per_rank: M.
+            hidden: H.
+            num_experts: E.
+        """
+        self._check_alive()
+        self._check_low_latency()
+        V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+        V.check_int(hidden, "hidden", 1)
+        V.check_num_experts(num_experts, self.group_size)
+        self.comm.Barrier()

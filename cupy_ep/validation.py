@@ -1,0 +1,394 @@
+"""Argument checks shared by the GPU ``Buffer`` and the NumPy reference backend.
+
+Every check works on NumPy and CuPy arrays alike: shape, dtype and contiguity are read
+through ``.shape`` / ``.dtype`` / ``.ndim`` / ``.flags.c_contiguous``; value checks (for
+example that every expert id is in range) use the array's own reductions (``.min()``,
+``.max()``, ``.sum()``), so on CuPy arrays they synchronise the device. A caller that must
+not synchronise (CUDA-graph capture) can skip the value checks (``check_values=False``
+where offered, or by not calling :func:`check_topk_range`).
+
+Each check raises, before any communication starts:
+
+- ``TypeError`` for a wrong type or dtype,
+- ``ValueError`` for a wrong shape, contiguity, value or size,
+
+with a message that starts with the argument's name, e.g.
+``"topk_idx: expected int64 or int32, got float32"``. Checks return what they found
+(sizes, flags) so that callers need not read it again.
+
+This module imports NumPy and ml_dtypes only (never CuPy).
+"""
+
+import numbers
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "BF16_DTYPE", "FP8_DTYPE", "FP8_BLOCK",
+    "is_array", "is_bf16_dtype", "is_fp8_dtype",
+    "check_int", "check_array", "check_num_experts", "check_topk_idx", "check_topk_range",
+    "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
+    "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
+    "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
+    "check_ll_combine_args", "check_out",
+]
+
+#: bf16 dtype (``ml_dtypes.bfloat16``; CuPy 14 uses the same dtype object).
+BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
+#: FP8 e4m3fn dtype of the NumPy side (CuPy carries the same bit patterns as ``uint8``).
+FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
+#: Channels per FP8 scale.
+FP8_BLOCK = 128
+
+_INDEX_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
+_F32 = np.dtype(np.float32)
+_I32 = np.dtype(np.int32)
+_I64 = np.dtype(np.int64)
+
+
+# --------------------------------------------------------------------------- helpers
+def _dtype_name(dtype):
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def _same_dtype(dtype, ref):
+    try:
+        return np.dtype(dtype) == ref
+    except TypeError:
+        return False
+
+
+def is_array(obj):
+    """True for an array-like object with ``shape``, ``dtype`` and ``ndim`` (NumPy, CuPy)."""
+    return (not isinstance(obj, (tuple, list))) and all(
+        hasattr(obj, a) for a in ("shape", "dtype", "ndim"))
+
+
+def is_bf16_dtype(dtype):
+    """True when ``dtype`` is ``ml_dtypes.bfloat16``."""
+    return _same_dtype(dtype, BF16_DTYPE)
+
+
+def is_fp8_dtype(dtype):
+    """True when ``dtype`` can carry FP8 e4m3fn data: ``ml_dtypes.float8_e4m3fn`` or ``uint8``.
+
+    The GPU side carries e4m3fn bit patterns as ``uint8`` (CuPy has no float8 dtype).
+    """
+    return _same_dtype(dtype, FP8_DTYPE) or _same_dtype(dtype, np.dtype(np.uint8))
+
+
+def check_int(value, name, min_value=None, max_value=None):
+    """Check that ``value`` is an integer (not bool) within the given bounds; return it as int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    value = int(value)
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name}: must be >= {min_value}, got {value}")
+    if max_value is not None and value > max_value:
+        raise ValueError(f"{name}: must be <= {max_value}, got {value}")
+    return value
+
+
+def check_array(arr, name, dtypes=None, ndim=None, shape=None, contiguous=True):
+    """Generic array check.
+
+    Args:
+        arr: the array (NumPy or CuPy).
+        name: argument name used in messages.
+        dtypes: a dtype or a tuple of accepted dtypes (None: any).
+        ndim: required number of dimensions (None: any).
+        shape: required shape; ``None`` entries are free.
+        contiguous: require C-contiguity.
+    Returns:
+        ``arr.shape`` as a tuple of ints.
+    """
+    if not is_array(arr):
+        raise TypeError(f"{name}: expected an array, got {type(arr).__name__}")
+    if dtypes is not None:
+        if not isinstance(dtypes, tuple):
+            dtypes = (dtypes,)
+        if not any(_same_dtype(arr.dtype, np.dtype(d)) for d in dtypes):
+            want = " or ".join(_dtype_name(d) for d in dtypes)
+            raise TypeError(f"{name}: expected {want}, got {_dtype_name(arr.dtype)}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
+    got = tuple(int(s) for s in arr.shape)
+    if shape is not None:
+        ok = len(got) == len(shape) and all(w is None or int(w) == g for w, g in zip(shape, got))
+        if not ok:
+            want = "[" + ", ".join("*" if w is None else str(int(w)) for w in shape) + "]"
+            raise ValueError(f"{name}: expected shape {want}, got {list(got)}")
+    if contiguous:
+        flags = getattr(arr, "flags", None)
+        if flags is None or not flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous")
+    return got
+
+
+def _min_max(arr):
+    if int(np.prod(arr.shape)) == 0:
+        return None
+    return int(arr.min()), int(arr.max())
+
+
+# --------------------------------------------------------------------------- routing
+def check_num_experts(num_experts, num_ranks):
+    """Check ``num_experts`` (positive, a multiple of ``num_ranks``); return ``E_local``."""
+    num_ranks = check_int(num_ranks, "num_ranks", 1)
+    num_experts = check_int(num_experts, "num_experts", 1)
+    if num_experts % num_ranks != 0:
+        raise ValueError(
+            f"num_experts: must be a multiple of the number of ranks ({num_ranks}), got {num_experts}")
+    return num_experts // num_ranks
+
+
+def check_topk_idx(topk_idx, num_tokens=None, name="topk_idx"):
+    """Check ``topk_idx``: 2-D, int64 or int32, C-contiguous, ``num_tokens`` rows if given.
+
+    Returns:
+        ``(num_tokens, num_topk)``.
+    """
+    n, k = check_array(topk_idx, name, dtypes=_INDEX_DTYPES, ndim=2)
+    if num_tokens is not None and n != int(num_tokens):
+        raise ValueError(f"{name}: expected {int(num_tokens)} rows (one per token), got {n}")
+    if k < 1:
+        raise ValueError(f"{name}: needs at least one top-k column, got shape {[n, k]}")
+    return n, k
+
+
+def check_topk_range(topk_idx, num_experts, name="topk_idx"):
+    """Check that every value of ``topk_idx`` lies in ``[-1, num_experts)`` (synchronises CuPy)."""
+    mm = _min_max(topk_idx)
+    if mm is None:
+        return
+    lo, hi = mm
+    if lo < -1 or hi >= num_experts:
+        bad = lo if lo < -1 else hi
+        raise ValueError(
+            f"{name}: expert ids must be in [-1, {num_experts}) (-1 = no expert), found {bad}")
+
+
+def check_topk_weights(topk_weights, topk_idx, name="topk_weights"):
+    """Check ``topk_weights``: float32, the same shape as ``topk_idx``, C-contiguous."""
+    check_array(topk_weights, name, dtypes=_F32, shape=tuple(topk_idx.shape))
+
+
+# --------------------------------------------------------------------------- data
+def check_x(x, name="x", require_fp8_hidden=False, allow_fp8=True, num_tokens=None):
+    """Check a token array: bf16 ``[N, H]`` or an FP8 pair ``(x_fp8 [N, H], scales [N, H/128])``.
+
+    Args:
+        x: bf16 array (``ml_dtypes.bfloat16``) or a tuple ``(x_fp8, scales)`` with ``x_fp8``
+            ``float8_e4m3fn`` or ``uint8`` and ``scales`` float32.
+        name: argument name for messages.
+        require_fp8_hidden: also require ``H % 128 == 0`` for bf16 input.
+        allow_fp8: accept the FP8 pair (False: bf16 only).
+        num_tokens: required number of rows, if given.
+    Returns:
+        ``(is_fp8, num_tokens, hidden)``.
+
+    Hidden constraints: ``H > 0``; ``H % 8 == 0`` for bf16 (16-byte rows); ``H % 128 == 0``
+    for FP8.
+    """
+    if isinstance(x, (tuple, list)):
+        if not allow_fp8:
+            raise TypeError(f"{name}: expected a bf16 array, got a {type(x).__name__} (FP8 pairs are not accepted here)")
+        if len(x) != 2:
+            raise TypeError(f"{name}: an FP8 input is a pair (x_fp8, scales), got {len(x)} items")
+        data, scales = x
+        if not is_array(data):
+            raise TypeError(f"{name}[0]: expected an array, got {type(data).__name__}")
+        if not is_fp8_dtype(data.dtype):
+            raise TypeError(f"{name}[0]: expected float8_e4m3fn or uint8 (FP8 data), got {_dtype_name(data.dtype)}")
+        n, h = check_array(data, f"{name}[0]", ndim=2)
+        if h <= 0:
+            raise ValueError(f"{name}: hidden size must be positive, got {h}")
+        if h % FP8_BLOCK != 0:
+            raise ValueError(f"{name}: hidden size must be a multiple of {FP8_BLOCK} for FP8, got {h}")
+        check_array(scales, f"{name}[1]", dtypes=_F32, shape=(n, h // FP8_BLOCK))
+        is_fp8 = True
+    else:
+        if not is_array(x):
+            raise TypeError(f"{name}: expected a bf16 array or an FP8 pair, got {type(x).__name__}")
+        if not is_bf16_dtype(x.dtype):
+            what = "bf16 (ml_dtypes.bfloat16)" + (" or an FP8 pair (x_fp8, scales)" if allow_fp8 else "")
+            raise TypeError(f"{name}: expected {what}, got {_dtype_name(x.dtype)}")
+        n, h = check_array(x, name, ndim=2)
+        if h <= 0:
+            raise ValueError(f"{name}: hidden size must be positive, got {h}")
+        if h % 8 != 0:
+            raise ValueError(f"{name}: hidden size must be a multiple of 8 (16-byte bf16 rows), got {h}")
+        if require_fp8_hidden and h % FP8_BLOCK != 0:
+            raise ValueError(f"{name}: hidden size must be a multiple of {FP8_BLOCK}, got {h}")
+        is_fp8 = False
+    if num_tokens is not None and n != int(num_tokens):
+        raise ValueError(f"{name}: expected {int(num_tokens)} rows, got {n}")
+    return is_fp8, n, h
+
+
+def check_bias(bias, num_tokens, hidden, name="bias"):
+    """Check ``bias``: None, one bf16 ``[N, H]`` array, or a pair of them (entries may be None).
+
+    Returns:
+        a tuple of the arrays present (0, 1 or 2 items).
+    """
+    if bias is None:
+        return ()
+    if isinstance(bias, (tuple, list)):
+        if len(bias) > 2:
+            raise ValueError(f"{name}: at most two bias arrays, got {len(bias)}")
+        items = [(f"{name}[{i}]", b) for i, b in enumerate(bias) if b is not None]
+    else:
+        items = [(name, bias)]
+    out = []
+    for nm, b in items:
+        check_array(b, nm, dtypes=BF16_DTYPE, shape=(num_tokens, hidden))
+        out.append(b)
+    return tuple(out)
+
+
+def check_expert_alignment(expert_alignment):
+    """Check ``expert_alignment`` (an int >= 1); return it."""
+    return check_int(expert_alignment, "expert_alignment", 1)
+
+
+def check_num_worst_tokens(num_worst_tokens):
+    """Check ``num_worst_tokens`` (an int >= 0; 0 = off); return it."""
+    return check_int(num_worst_tokens, "num_worst_tokens", 0)
+
+
+def check_layout_args(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens,
+                      num_ranks, num_tokens_per_rdma_rank=None, num_rdma_ranks=None,
+                      check_values=True):
+    """Check the layout arrays given to ``dispatch`` (as returned by ``get_dispatch_layout``).
+
+    Args:
+        num_tokens_per_rank: int32 ``[R]``.
+        is_token_in_rank: bool ``[N, R]``.
+        num_tokens_per_expert: int32 ``[E]`` with ``E % R == 0``.
+        num_tokens: N of this rank.
+        num_ranks: R.
+        num_tokens_per_rdma_rank: None or int32 ``[num_rdma_ranks]``.
+        num_rdma_ranks: expected length of ``num_tokens_per_rdma_rank`` (None: not checked).
+        check_values: also check ``num_tokens_per_rank == is_token_in_rank.sum(0)``
+            (synchronises CuPy).
+    Returns:
+        ``num_experts``.
+    """
+    if num_tokens_per_rank is None:
+        raise ValueError("num_tokens_per_rank: required when no handle is given")
+    if is_token_in_rank is None:
+        raise ValueError("is_token_in_rank: required when no handle is given")
+    if num_tokens_per_expert is None:
+        raise ValueError("num_tokens_per_expert: required when no handle is given")
+    check_array(num_tokens_per_rank, "num_tokens_per_rank", dtypes=_I32, shape=(num_ranks,))
+    check_array(is_token_in_rank, "is_token_in_rank", dtypes=np.dtype(np.bool_), shape=(num_tokens, num_ranks))
+    (num_experts,) = check_array(num_tokens_per_expert, "num_tokens_per_expert", dtypes=_I32, ndim=1)
+    if num_experts == 0 or num_experts % num_ranks != 0:
+        raise ValueError(
+            f"num_tokens_per_expert: length (num_experts) must be a positive multiple of the number "
+            f"of ranks ({num_ranks}), got {num_experts}")
+    if num_tokens_per_rdma_rank is not None:
+        shape = (num_rdma_ranks,) if num_rdma_ranks is not None else None
+        check_array(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", dtypes=_I32, ndim=1, shape=shape)
+    if check_values:
+        mm = _min_max(num_tokens_per_expert)
+        if mm is not None and mm[0] < 0:
+            raise ValueError(f"num_tokens_per_expert: counts must be >= 0, found {mm[0]}")
+        counted = is_token_in_rank.sum(axis=0)
+        if bool((counted != num_tokens_per_rank).any()):
+            raise ValueError("num_tokens_per_rank: does not match is_token_in_rank.sum(0)")
+    return num_experts
+
+
+def check_cumulative_stats(stats, num_local_experts, name="cumulative_local_expert_recv_stats"):
+    """Check the low-latency receive statistics: None or int32 ``[E_local]``, C-contiguous."""
+    if stats is None:
+        return
+    check_array(stats, name, dtypes=_I32, shape=(num_local_experts,))
+
+
+def check_out(out, shape, name="out"):
+    """Check an output array: None or bf16 of ``shape``, C-contiguous."""
+    if out is None:
+        return
+    check_array(out, name, dtypes=BF16_DTYPE, shape=tuple(shape))
+
+
+# --------------------------------------------------------------------------- low latency
+def check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank):
+    """Check M (an int >= 1); return it."""
+    return check_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
+
+
+def check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, num_ranks,
+                           check_values=True):
+    """Check the arguments of ``low_latency_dispatch``.
+
+    ``x`` bf16 ``[N, H]`` with ``H % 128 == 0``; ``N <= M``; ``topk_idx`` int64/int32
+    ``[N, K]`` with values in ``[-1, E)`` (value check skipped when ``check_values=False``);
+    ``E % R == 0``.
+
+    Returns:
+        ``(num_tokens, hidden, num_topk, num_local_experts)``.
+    """
+    m = check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+    e_local = check_num_experts(num_experts, num_ranks)
+    _, n, h = check_x(x, "x", require_fp8_hidden=True, allow_fp8=False)
+    if n > m:
+        raise ValueError(
+            f"x: {n} tokens exceed num_max_dispatch_tokens_per_rank ({m})")
+    _, k = check_topk_idx(topk_idx, n)
+    if check_values:
+        check_topk_range(topk_idx, num_experts)
+    return n, h, k, e_local
+
+
+def check_ll_handle(handle, num_ranks, name="handle"):
+    """Check a low-latency handle ``(src_info, layout_range, M, hidden, num_experts, ...)``.
+
+    Returns:
+        ``(src_info, layout_range, M, hidden, num_experts)``.
+    """
+    if not isinstance(handle, (tuple, list)) or len(handle) < 5:
+        raise TypeError(f"{name}: expected the handle returned by low_latency_dispatch")
+    src_info, layout_range, m, h, e = handle[:5]
+    m = check_int(m, f"{name}[2] (num_max_dispatch_tokens_per_rank)", 1)
+    h = check_int(h, f"{name}[3] (hidden)", 1)
+    e_local = check_num_experts(e, num_ranks)
+    check_array(src_info, f"{name}[0] (src_info)", dtypes=_I32, shape=(e_local, num_ranks * m))
+    check_array(layout_range, f"{name}[1] (layout_range)", dtypes=_I64, shape=(e_local, num_ranks))
+    return src_info, layout_range, m, h, int(e)
+
+
+def check_ll_combine_args(x, topk_idx, topk_weights, handle, num_ranks, out=None, check_values=True):
+    """Check the arguments of ``low_latency_combine``.
+
+    ``x`` bf16 ``[E_local, R*M, H]`` with ``H`` the dispatch's hidden size; ``topk_idx``
+    ``[N, K]`` with ``N <= M`` and values in ``[-1, E)``; ``topk_weights`` float32 ``[N, K]``;
+    ``out`` None or bf16 ``[N, H]``.
+
+    Returns:
+        ``(num_tokens, hidden, num_topk)``.
+    """
+    _, _, m, h, e = check_ll_handle(handle, num_ranks)
+    e_local = e // num_ranks
+    if not is_array(x):
+        raise TypeError(f"x: expected a bf16 array, got {type(x).__name__}")
+    if not is_bf16_dtype(x.dtype):
+        raise TypeError(f"x: expected bf16 (ml_dtypes.bfloat16), got {_dtype_name(x.dtype)}")
+    check_array(x, "x", shape=(e_local, num_ranks * m, h))
+    n, k = check_topk_idx(topk_idx)
+    if n > m:
+        raise ValueError(f"topk_idx: {n} tokens exceed num_max_dispatch_tokens_per_rank ({m})")
+    if check_values:
+        check_topk_range(topk_idx, e)
+    if topk_weights is None:
+        raise ValueError("topk_weights: required by low_latency_combine")
+    check_topk_weights(topk_weights, topk_idx)
+    check_out(out, (n, h))
+    return n, h, k

@@ -1,0 +1,549 @@
+// Normal (high-throughput) dispatch and combine inside one NVLink domain.
+//
+// Every rank owns one NVLink buffer, opened by all peers through CUDA IPC. Its
+// layout (offsets come from cupy_ep/intranode.py as constants):
+//   OFF_ARRIVALS       int[MAX_RANKS]    barrier arrivals from each peer
+//   OFF_EPOCH          int               this rank's barrier count
+//   OFF_NOTIFY_FLAGS   int[MAX_RANKS]    notify data from peer p is ready (= epoch)
+//   OFF_DISPATCH_TAILS u64[MAX_CHANNELS][MAX_RANKS]  rows arrived per (channel, source)
+//   OFF_COMBINE_TAILS  u64[MAX_CHANNELS][MAX_RANKS]
+//   OFF_NOTIFY         per source: count, channel prefix, per-expert counts
+//   OFF_DATA           per source: a staging slot of CAP rows
+// A token's rows in a staging slot sit at its position in the (source -> this
+// rank) stream, which is also its order in recv_x, so each slot is a mirror of
+// the rows recv_x receives from that source. Tails are (epoch << 32 | rows),
+// so stale values from earlier calls never satisfy a wait and nothing needs
+// resetting (safe under CUDA graph replay).
+//
+// Blocks 0..NUM_CHANNELS-1 send, one channel each; the NUM_RECEIVERS blocks
+// after them receive, channels c = r, r + NUM_RECEIVERS, ... each. Channel c of
+// a rank with n tokens covers tokens [n*c/C, n*(c+1)/C). Receivers never hold
+// senders back (slots hold whole streams), so there may be fewer of them.
+//
+// Compile-time constants (KERNEL_* select which kernels the module holds):
+//   NUM_RANKS MAX_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  layout offsets (OFF_*)
+//   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W
+//   combine:  HIDDEN_INT4 TOPK NUM_BIAS SLOT_BYTES CSLOT_OFF_W
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 MAX_RANKS=8 NUM_CHANNELS=12 NUM_RECEIVERS=12 NUM_THREADS=512 E_LOCAL=64 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=896 NUM_SCALES=0 TOPK=8 SLOT_BYTES=60000000 SLOT_OFF_SCALES=58720256 SLOT_OFF_IDX=58720256 SLOT_OFF_W=58982400 HIDDEN_INT4=896 NUM_BIAS=2 CSLOT_OFF_W=58720256
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=3 MAX_RANKS=8 NUM_CHANNELS=4 NUM_RECEIVERS=3 NUM_THREADS=256 E_LOCAL=3 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=180 NUM_SCALES=23 TOPK=9 SLOT_BYTES=1000000 SLOT_OFF_SCALES=368640 SLOT_OFF_IDX=460800 SLOT_OFF_W=534528 HIDDEN_INT4=360 NUM_BIAS=0 CSLOT_OFF_W=737280
+// @constants KERNEL_NOTIFY=0 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=8 MAX_RANKS=8 NUM_CHANNELS=16 NUM_RECEIVERS=8 NUM_THREADS=768 E_LOCAL=32 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=448 NUM_SCALES=0 TOPK=0 SLOT_BYTES=1000000 SLOT_OFF_SCALES=0 SLOT_OFF_IDX=0 SLOT_OFF_W=0 HIDDEN_INT4=448 NUM_BIAS=1 CSLOT_OFF_W=0
+#include "common.cuh"
+
+#define NUM_WARPS (NUM_THREADS / 32)
+#define FULL_MASK 0xffffffffu
+#define KID_NOTIFY 1
+#define KID_DISPATCH 2
+#define KID_COMBINE 3
+#define COPY_UNROLL 4
+#define COMBINE_UNROLL 2
+
+__device__ __forceinline__ int channel_begin(int num_tokens, int c) {
+    return (int)(((i64)num_tokens * c) / NUM_CHANNELS);
+}
+
+__device__ __forceinline__ u64* tail_ptr(char* base, int offset, int channel, int src) {
+    return reinterpret_cast<u64*>(base + offset) + channel * MAX_RANKS + src;
+}
+
+__device__ __forceinline__ char* slot_ptr(char* base, int src) {
+    return base + OFF_DATA + (i64)src * SLOT_BYTES;
+}
+
+__device__ __forceinline__ int* notify_slot(char* base, int src) {
+    return reinterpret_cast<int*>(base + OFF_NOTIFY + src * NOTIFY_SLOT_BYTES);
+}
+
+__device__ __forceinline__ u64 tagged(int epoch, int count) { return ((u64)(u32)epoch << 32) | (u32)count; }
+
+// Loads the peer table into shared memory (all threads call it).
+__device__ __forceinline__ void load_peers(const u64* table, char** s_peer) {
+    if (threadIdx.x < NUM_RANKS) s_peer[threadIdx.x] = reinterpret_cast<char*>(table[threadIdx.x]);
+    __syncthreads();
+}
+
+// Warps of a block serve sources round-robin: warp w serves source w % R.
+struct SourceWarps {
+    int src, index, count;
+};
+
+__device__ __forceinline__ SourceWarps source_warps(int warp) {
+    SourceWarps s;
+    s.src = warp % NUM_RANKS;
+    s.index = warp / NUM_RANKS;
+    s.count = (NUM_WARPS - s.src + NUM_RANKS - 1) / NUM_RANKS;
+    return s;
+}
+
+// ---------------------------------------------------------------------------
+// Barrier kernel (one block): run before kernels that write into peers'
+// buffers without a notify step (cached dispatch, combine).
+// ---------------------------------------------------------------------------
+extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, ErrorRecord* err, u64 timeout_ns,
+                                                int kernel_id) {
+    __shared__ char* s_peer[NUM_RANKS];
+    __shared__ int* s_arrivals[NUM_RANKS];
+    load_peers(peers, s_peer);
+    if (threadIdx.x < NUM_RANKS) s_arrivals[threadIdx.x] = reinterpret_cast<int*>(s_peer[threadIdx.x] + OFF_ARRIVALS);
+    __syncthreads();
+    const WaitCtx w = make_wait_ctx(err, timeout_ns, kernel_id, rank);
+    char* me = s_peer[rank];
+    group_barrier(s_arrivals, reinterpret_cast<int*>(me + OFF_ARRIVALS), reinterpret_cast<int*>(me + OFF_EPOCH),
+                  rank, NUM_RANKS, w);
+}
+
+#if KERNEL_NOTIFY
+// ---------------------------------------------------------------------------
+// Notify (one block): barrier, then tell every peer how many rows it gets from
+// this rank (per channel and per local expert), then read what peers sent and
+// compute where each source's rows start in recv_x.
+// host_out (host-mapped): [0] = ready_value once the rest is written, [1] rows received, [2 + j] rows for
+// local expert j rounded up to expert_alignment.
+// rank_prefix: [R + 1], rank_prefix[R] = rows received.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
+notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restrict__ num_tokens_per_rank,
+                const int* __restrict__ num_tokens_per_expert, const u8* __restrict__ is_token_in_rank,
+                int expert_alignment, int num_worst_tokens, int* __restrict__ rank_prefix,
+                int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix, volatile int* host_out,
+                ErrorRecord* err, u64 timeout_ns, int ready_value) {
+    __shared__ char* s_peer[NUM_RANKS];
+    __shared__ int* s_arrivals[NUM_RANKS];
+    __shared__ int s_chan[NUM_RANKS][NUM_CHANNELS + 1];
+    __shared__ int s_ok;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    constexpr int CP = NUM_CHANNELS + 1;
+
+    load_peers(peers, s_peer);
+    if (tid < NUM_RANKS) s_arrivals[tid] = reinterpret_cast<int*>(s_peer[tid] + OFF_ARRIVALS);
+    __syncthreads();
+    char* me = s_peer[rank];
+    const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_NOTIFY, rank);
+    const int epoch = group_barrier(s_arrivals, reinterpret_cast<int*>(me + OFF_ARRIVALS),
+                                    reinterpret_cast<int*>(me + OFF_EPOCH), rank, NUM_RANKS, w);
+    if (epoch == 0) return;
+
+    // Rows this rank sends to each destination, per channel.
+    for (int c = warp; c < NUM_CHANNELS; c += NUM_WARPS) {
+        const int b = channel_begin(num_tokens, c), e = channel_begin(num_tokens, c + 1);
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            int count = 0;
+            for (int base = b; base < e; base += 32) {
+                const int t = base + lane;
+                count += __popc(__ballot_sync(FULL_MASK, t < e && is_token_in_rank[(i64)t * NUM_RANKS + r]));
+            }
+            if (lane == 0) s_chan[r][c + 1] = count;
+        }
+    }
+    if (tid < NUM_RANKS) s_chan[tid][0] = 0;
+    __syncthreads();
+    if (tid < NUM_RANKS)
+        for (int c = 0; c < NUM_CHANNELS; ++c) s_chan[tid][c + 1] += s_chan[tid][c];
+    __syncthreads();
+
+    for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS) {
+        const int r = i / CP, c = i % CP;
+        send_chan_prefix[i] = s_chan[r][c];
+        notify_slot(s_peer[r], rank)[NOTIFY_CHAN + c] = s_chan[r][c];
+    }
+    for (int i = tid; i < NUM_RANKS * E_LOCAL; i += NUM_THREADS)
+        notify_slot(s_peer[i / E_LOCAL], rank)[NOTIFY_EXPERT + i % E_LOCAL] = num_tokens_per_expert[i];
+    if (tid < NUM_RANKS) notify_slot(s_peer[tid], rank)[0] = num_tokens_per_rank[tid];
+    if (tid == 0) s_ok = 1;
+    __syncthreads();
+    if (tid < NUM_RANKS) {
+        fence_sys();
+        st_release_sys(reinterpret_cast<int*>(s_peer[tid] + OFF_NOTIFY_FLAGS) + rank, epoch);
+        if (!wait_geq_sys(reinterpret_cast<int*>(me + OFF_NOTIFY_FLAGS) + tid, epoch, w, tid)) s_ok = 0;
+    }
+    __syncthreads();
+    if (!s_ok) return;
+
+    if (tid == 0) {
+        int total = 0;
+        for (int s = 0; s < NUM_RANKS; ++s) {
+            rank_prefix[s] = total;
+            total += notify_slot(me, s)[0];
+        }
+        rank_prefix[NUM_RANKS] = total;
+        host_out[1] = total;
+        if (num_worst_tokens > 0 && total > num_worst_tokens)
+            record_error(err, EP_OVERFLOW, KID_NOTIFY, rank, -1, total);
+    }
+    for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS)
+        recv_chan_prefix[i] = notify_slot(me, i / CP)[NOTIFY_CHAN + i % CP];
+    for (int j = tid; j < E_LOCAL; j += NUM_THREADS) {
+        int sum = 0;
+        for (int s = 0; s < NUM_RANKS; ++s) sum += notify_slot(me, s)[NOTIFY_EXPERT + j];
+        host_out[2 + j] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+    }
+    __syncthreads();
+    if (tid == 0) {
+        __threadfence_system();
+        host_out[0] = ready_value;
+    }
+}
+#endif
+
+#if KERNEL_DISPATCH
+// Copies one token's row (and its scales / top-k) to every destination whose
+// position is >= 0. pos[r] is the row in destination r's slot for this rank.
+__device__ __forceinline__ void send_token(int t, int lane, const int (&pos)[NUM_RANKS], char* const* dst_slot,
+                                           const int4v* __restrict__ x, const float* __restrict__ x_scales,
+                                           const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights) {
+    const int4v* src = x + (i64)t * X_ROW_INT4;
+    for (int i = lane; i < X_ROW_INT4; i += 32 * COPY_UNROLL) {
+        int4v v[COPY_UNROLL];
+#pragma unroll
+        for (int u = 0; u < COPY_UNROLL; ++u)
+            if (i + u * 32 < X_ROW_INT4) v[u] = ld_nc_v4(src + i + u * 32);
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            if (pos[r] < 0) continue;
+            int4v* dst = reinterpret_cast<int4v*>(dst_slot[r]) + (i64)pos[r] * X_ROW_INT4;
+#pragma unroll
+            for (int u = 0; u < COPY_UNROLL; ++u)
+                if (i + u * 32 < X_ROW_INT4) st_v4(dst + i + u * 32, v[u]);
+        }
+    }
+#if NUM_SCALES > 0
+    for (int i = lane; i < NUM_SCALES; i += 32) {
+        const float v = x_scales[(i64)t * NUM_SCALES + i];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r)
+            if (pos[r] >= 0) reinterpret_cast<float*>(dst_slot[r] + SLOT_OFF_SCALES)[(i64)pos[r] * NUM_SCALES + i] = v;
+    }
+#endif
+#if TOPK > 0
+    if (lane < TOPK) {
+        const i64 e = topk_idx[(i64)t * TOPK + lane];
+        const float wgt = topk_weights[(i64)t * TOPK + lane];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            if (pos[r] < 0) continue;
+            const bool local = e >= (i64)r * E_LOCAL && e < (i64)(r + 1) * E_LOCAL;
+            reinterpret_cast<i64*>(dst_slot[r] + SLOT_OFF_IDX)[(i64)pos[r] * TOPK + lane] = local ? e - (i64)r * E_LOCAL : -1;
+            reinterpret_cast<float*>(dst_slot[r] + SLOT_OFF_W)[(i64)pos[r] * TOPK + lane] = local ? wgt : 0.0f;
+        }
+    }
+#endif
+}
+
+__device__ __forceinline__ void dispatch_sender(int c, int rank, int epoch, int num_tokens, char* const* s_peer,
+                                                const int4v* __restrict__ x, const float* __restrict__ x_scales,
+                                                const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+                                                const u8* __restrict__ is_token_in_rank,
+                                                const int* __restrict__ send_chan_prefix, int* __restrict__ send_pos) {
+    __shared__ u32 s_mask[NUM_WARPS];
+    __shared__ int s_sent[NUM_RANKS];
+    __shared__ char* s_dst_slot[NUM_RANKS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tb = channel_begin(num_tokens, c), te = channel_begin(num_tokens, c + 1);
+    if (tid < NUM_RANKS) {
+        s_sent[tid] = 0;
+        s_dst_slot[tid] = slot_ptr(s_peer[tid], rank);
+    }
+    __syncthreads();
+
+    for (int batch = tb; batch < te; batch += NUM_WARPS) {
+        const int t = batch + warp;
+        const bool valid = t < te;
+        const u32 mask = __ballot_sync(FULL_MASK, valid && lane < NUM_RANKS && is_token_in_rank[(i64)t * NUM_RANKS + lane]);
+        if (lane == 0) s_mask[warp] = mask;
+        __syncthreads();
+        if (valid) {
+            int my_pos = -1;
+            if (lane < NUM_RANKS && ((mask >> lane) & 1u)) {
+                int before = 0;
+                for (int w2 = 0; w2 < warp; ++w2) before += (s_mask[w2] >> lane) & 1u;
+                my_pos = send_chan_prefix[lane * (NUM_CHANNELS + 1) + c] + s_sent[lane] + before;
+            }
+            if (lane < NUM_RANKS) send_pos[(i64)t * NUM_RANKS + lane] = my_pos;
+            int pos[NUM_RANKS];
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) pos[r] = __shfl_sync(FULL_MASK, my_pos, r);
+            send_token(t, lane, pos, s_dst_slot, x, x_scales, topk_idx, topk_weights);
+        }
+        __syncthreads();
+        if (tid < NUM_RANKS) {
+            int added = 0;
+            for (int w2 = 0; w2 < NUM_WARPS; ++w2) added += (s_mask[w2] >> tid) & 1u;
+            if (added) {
+                s_sent[tid] += added;
+                fence_sys();
+                st_release_sys_u64(tail_ptr(s_peer[tid], OFF_DISPATCH_TAILS, c, rank), tagged(epoch, s_sent[tid]));
+            }
+        }
+        __syncthreads();
+    }
+}
+
+// Worst-token mode: rows past those received get no expert.
+__device__ __forceinline__ void fill_padding_rows(int receiver, const int* __restrict__ rank_prefix,
+                                                  i64* __restrict__ recv_topk_idx,
+                                                  float* __restrict__ recv_topk_weights, int num_out_rows) {
+#if TOPK > 0
+    for (int row = rank_prefix[NUM_RANKS] + receiver * NUM_THREADS + threadIdx.x; row < num_out_rows;
+         row += NUM_RECEIVERS * NUM_THREADS) {
+        for (int k = 0; k < TOPK; ++k) {
+            recv_topk_idx[(i64)row * TOPK + k] = -1;
+            recv_topk_weights[(i64)row * TOPK + k] = 0.0f;
+        }
+    }
+#endif
+}
+
+// Copies channel c's rows out of the staging slots into recv_x as they arrive.
+// Returns false when a wait timed out.
+__device__ __forceinline__ bool dispatch_receiver(int c, int rank, int epoch, const WaitCtx& w, char* const* s_peer,
+                                                  const int* __restrict__ recv_chan_prefix,
+                                                  const int* __restrict__ rank_prefix, int4v* __restrict__ recv_x,
+                                                  float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
+                                                  float* __restrict__ recv_topk_weights, int num_out_rows) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const SourceWarps sw = source_warps(warp);
+    const int s = sw.src;
+    const int cb = recv_chan_prefix[s * (NUM_CHANNELS + 1) + c];
+    const int n = recv_chan_prefix[s * (NUM_CHANNELS + 1) + c + 1] - cb;
+    const int out0 = rank_prefix[s] + cb;
+    char* slot = slot_ptr(s_peer[rank], s);
+    const u64* tail = tail_ptr(s_peer[rank], OFF_DISPATCH_TAILS, c, s);
+    int arrived = 0;
+    for (int i = sw.index; i < n; i += sw.count) {
+        if (arrived <= i) {
+            u64 seen = 0;
+            bool ok = true;
+            if (lane == 0) ok = wait_geq_sys_u64(tail, tagged(epoch, i + 1), &seen, w, s);
+            if (!__shfl_sync(FULL_MASK, ok, 0)) return false;
+            arrived = (int)(u32)__shfl_sync(FULL_MASK, (u32)seen, 0);
+        }
+        const int row = out0 + i;
+        if (row >= num_out_rows) continue;
+        const int4v* src = reinterpret_cast<const int4v*>(slot) + (i64)(cb + i) * X_ROW_INT4;
+        int4v* dst = recv_x + (i64)row * X_ROW_INT4;
+        for (int j = lane; j < X_ROW_INT4; j += 32 * COPY_UNROLL) {
+            int4v v[COPY_UNROLL];
+#pragma unroll
+            for (int u = 0; u < COPY_UNROLL; ++u)
+                if (j + u * 32 < X_ROW_INT4) v[u] = ld_v4(src + j + u * 32);
+#pragma unroll
+            for (int u = 0; u < COPY_UNROLL; ++u)
+                if (j + u * 32 < X_ROW_INT4) dst[j + u * 32] = v[u];
+        }
+#if NUM_SCALES > 0
+        for (int j = lane; j < NUM_SCALES; j += 32)
+            recv_scales[(i64)row * NUM_SCALES + j] =
+                reinterpret_cast<const volatile float*>(slot + SLOT_OFF_SCALES)[(i64)(cb + i) * NUM_SCALES + j];
+#endif
+#if TOPK > 0
+        if (lane < TOPK) {
+            recv_topk_idx[(i64)row * TOPK + lane] =
+                reinterpret_cast<const volatile i64*>(slot + SLOT_OFF_IDX)[(i64)(cb + i) * TOPK + lane];
+            recv_topk_weights[(i64)row * TOPK + lane] =
+                reinterpret_cast<const volatile float*>(slot + SLOT_OFF_W)[(i64)(cb + i) * TOPK + lane];
+        }
+#endif
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------
+// Dispatch. Needs the notify (or, for a cached dispatch, the barrier kernel)
+// to have run just before on this stream: the epoch it set tags the tails.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
+intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
+                   const float* __restrict__ x_scales, const i64* __restrict__ topk_idx,
+                   const float* __restrict__ topk_weights, const u8* __restrict__ is_token_in_rank,
+                   const int* __restrict__ send_chan_prefix, const int* __restrict__ recv_chan_prefix,
+                   const int* __restrict__ rank_prefix, int* __restrict__ send_pos, int4v* __restrict__ recv_x,
+                   float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
+                   float* __restrict__ recv_topk_weights, int num_out_rows, ErrorRecord* err, u64 timeout_ns) {
+    __shared__ char* s_peer[NUM_RANKS];
+    load_peers(peers, s_peer);
+    const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
+    if (blockIdx.x < NUM_CHANNELS) {
+        dispatch_sender(blockIdx.x, rank, epoch, num_tokens, s_peer, x, x_scales, topk_idx, topk_weights,
+                        is_token_in_rank, send_chan_prefix, send_pos);
+    } else {
+        const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_DISPATCH, rank);
+        const int receiver = blockIdx.x - NUM_CHANNELS;
+        fill_padding_rows(receiver, rank_prefix, recv_topk_idx, recv_topk_weights, num_out_rows);
+        for (int c = receiver; c < NUM_CHANNELS; c += NUM_RECEIVERS)
+            if (!dispatch_receiver(c, rank, epoch, w, s_peer, recv_chan_prefix, rank_prefix, recv_x, recv_scales,
+                                   recv_topk_idx, recv_topk_weights, num_out_rows))
+                return;
+    }
+}
+#endif
+
+#if KERNEL_COMBINE
+// Sends back the rows this rank received in channel c, source by source, into
+// each source's slot for this rank at the same positions dispatch used.
+__device__ __forceinline__ void combine_sender(int c, int rank, int epoch, char* const* s_peer,
+                                               const int4v* __restrict__ x, const float* __restrict__ topk_weights,
+                                               const int* __restrict__ rank_prefix,
+                                               const int* __restrict__ recv_chan_prefix) {
+    __shared__ int s_begin[NUM_RANKS], s_count[NUM_RANKS], s_rounds;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) {
+        int rounds = 0;
+        for (int s = 0; s < NUM_RANKS; ++s) {
+            const int b = recv_chan_prefix[s * (NUM_CHANNELS + 1) + c];
+            s_begin[s] = b;
+            s_count[s] = recv_chan_prefix[s * (NUM_CHANNELS + 1) + c + 1] - b;
+            const int g = source_warps(s).count;
+            rounds = max(rounds, (s_count[s] + g - 1) / g);
+        }
+        s_rounds = rounds;
+    }
+    __syncthreads();
+    const SourceWarps sw = source_warps(warp);
+    const int s = sw.src, cb = s_begin[s], n = s_count[s];
+    const int4v* src_rows = x + (i64)(rank_prefix[s] + cb) * HIDDEN_INT4;
+    char* dst_slot = slot_ptr(s_peer[s], rank);
+    for (int round = 0; round < s_rounds; ++round) {
+        const int i = round * sw.count + sw.index;
+        if (i < n) {
+            const int4v* src = src_rows + (i64)i * HIDDEN_INT4;
+            int4v* dst = reinterpret_cast<int4v*>(dst_slot) + (i64)(cb + i) * HIDDEN_INT4;
+            for (int j = lane; j < HIDDEN_INT4; j += 32 * COPY_UNROLL) {
+                int4v v[COPY_UNROLL];
+#pragma unroll
+                for (int u = 0; u < COPY_UNROLL; ++u)
+                    if (j + u * 32 < HIDDEN_INT4) v[u] = ld_nc_v4(src + j + u * 32);
+#pragma unroll
+                for (int u = 0; u < COPY_UNROLL; ++u)
+                    if (j + u * 32 < HIDDEN_INT4) st_v4(dst + j + u * 32, v[u]);
+            }
+#if TOPK > 0
+            if (lane < TOPK && topk_weights != nullptr)
+                reinterpret_cast<float*>(dst_slot + CSLOT_OFF_W)[(i64)(cb + i) * TOPK + lane] =
+                    topk_weights[(i64)(rank_prefix[s] + cb + i) * TOPK + lane];
+#endif
+        }
+        __syncthreads();
+        if (tid < NUM_RANKS) {
+            const int g = source_warps(tid).count;
+            const int done = min((round + 1) * g, s_count[tid]);
+            if (done > round * g) {
+                fence_sys();
+                st_release_sys_u64(tail_ptr(s_peer[tid], OFF_COMBINE_TAILS, c, rank), tagged(epoch, done));
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ void add_bf16x8(float* acc, const int4v& v) {
+    const u32 words[4] = {(u32)v.x, (u32)v.y, (u32)v.z, (u32)v.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        acc[2 * q] += __uint_as_float(words[q] << 16);
+        acc[2 * q + 1] += __uint_as_float(words[q] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ int4v pack_bf16x8(const float* acc) {
+    u32 words[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+        words[q] = (u32)float_to_bf16(acc[2 * q]) | ((u32)float_to_bf16(acc[2 * q + 1]) << 16);
+    int4v r;
+    r.x = (int)words[0], r.y = (int)words[1], r.z = (int)words[2], r.w = (int)words[3];
+    return r;
+}
+
+// Sums, for each token of channel c of this rank, the rows every destination
+// sent back (plus the biases), in float32.
+__device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int num_tokens, const WaitCtx& w,
+                                                 char* const* s_peer, const int* __restrict__ send_chan_prefix,
+                                                 const int* __restrict__ send_pos, const int4v* __restrict__ bias0,
+                                                 const int4v* __restrict__ bias1, int4v* __restrict__ combined_x,
+                                                 float* __restrict__ combined_w) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tb = channel_begin(num_tokens, c), te = channel_begin(num_tokens, c + 1);
+    char* me = s_peer[rank];
+    // Lane r < R tracks destination r: its channel start and rows seen so far.
+    const int chan_start = lane < NUM_RANKS ? send_chan_prefix[lane * (NUM_CHANNELS + 1) + c] : 0;
+    const u64* tail = tail_ptr(me, OFF_COMBINE_TAILS, c, lane < NUM_RANKS ? lane : 0);
+    int arrived = 0;
+    for (int t = tb + warp; t < te; t += NUM_WARPS) {
+        const int my_pos = lane < NUM_RANKS ? send_pos[(i64)t * NUM_RANKS + lane] : -1;
+        bool ok = true;
+        if (my_pos >= 0 && my_pos - chan_start >= arrived) {
+            u64 seen = 0;
+            ok = wait_geq_sys_u64(tail, tagged(epoch, my_pos - chan_start + 1), &seen, w, lane);
+            arrived = (int)(u32)seen;
+        }
+        if (__any_sync(FULL_MASK, !ok)) return false;
+        int pos[NUM_RANKS];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) pos[r] = __shfl_sync(FULL_MASK, my_pos, r);
+
+        // All ranks' chunks are loaded before any is summed, so that up to
+        // NUM_RANKS * COMBINE_UNROLL 16-byte loads per lane are in flight.
+        for (int j0 = lane; j0 < HIDDEN_INT4; j0 += 32 * COMBINE_UNROLL) {
+            float acc[COMBINE_UNROLL][8];
+            int4v v[NUM_RANKS][COMBINE_UNROLL];
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                const int4v* row = reinterpret_cast<const int4v*>(slot_ptr(me, r)) + (i64)pos[r] * HIDDEN_INT4;
+#pragma unroll
+                for (int u = 0; u < COMBINE_UNROLL; ++u)
+                    if (pos[r] >= 0 && j0 + u * 32 < HIDDEN_INT4) v[r][u] = ld_v4(row + j0 + u * 32);
+            }
+#pragma unroll
+            for (int u = 0; u < COMBINE_UNROLL; ++u) {
+                const int j = j0 + u * 32;
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[u][q] = 0.0f;
+                if (j >= HIDDEN_INT4) continue;
+#if NUM_BIAS > 0
+                add_bf16x8(acc[u], ld_nc_v4(bias0 + (i64)t * HIDDEN_INT4 + j));
+#endif
+#if NUM_BIAS > 1
+                add_bf16x8(acc[u], ld_nc_v4(bias1 + (i64)t * HIDDEN_INT4 + j));
+#endif
+#pragma unroll
+                for (int r = 0; r < NUM_RANKS; ++r)
+                    if (pos[r] >= 0) add_bf16x8(acc[u], v[r][u]);
+                combined_x[(i64)t * HIDDEN_INT4 + j] = pack_bf16x8(acc[u]);
+            }
+        }
+#if TOPK > 0
+        if (combined_w != nullptr && lane < TOPK) {
+            float sum = 0.0f;
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r)
+                if (pos[r] >= 0)
+                    sum += reinterpret_cast<const volatile float*>(slot_ptr(me, r) + CSLOT_OFF_W)[(i64)pos[r] * TOPK + lane];
+            combined_w[(i64)t * TOPK + lane] = sum;
+        }
+#endif
+    }
+    return true;
+}
+
+// ---------------------------------------------------------------------------
+// Combine. Needs the barrier kernel to have run just before on this stream.
+// ---------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
+intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
+                  const float* __restrict__ topk_weights, const int* __restrict__ rank_prefix,
+                  const int* __restrict__ recv_chan_prefix, const int* __restrict__ send_chan_prefix,
+                  const int* __restrict__ send_pos, const int4v* __restrict__ bias0, const int4v* __restrict__ bias1,
+                  int4v* __restrict__ combined_x, float* __restrict__ combined_w, ErrorRecord* err,
+                  u64 timeout_ns) {
+    __shared__ char* s_peer[NUM_RANKS];
+    load_peers(peers, s_peer);
+    const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
+    if (blockIdx.x < NUM_CHANNELS) {
+        combine_sender(blockIdx.x, rank, epoch, s_peer, x, topk_weights, rank_prefix, recv_chan_prefix);
+    } else {
+        const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_COMBINE, rank);
+        for (int c = blockIdx.x - NUM_CHANNELS; c < NUM_CHANNELS; c += NUM_RECEIVERS)
+            if (!combine_receiver(c, rank, epoch, num_tokens, w, s_peer, send_chan_prefix, send_pos, bias0, bias1,
+                                  combined_x, combined_w))
+                return;
+    }
+}
+#endif

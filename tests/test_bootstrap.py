@@ -1,0 +1,156 @@
+"""cupy_ep.bootstrap without a GPU: topology discovery under mpiexec (1..4 ranks, NVLink
+groups), layout validation, and the GPU probes reporting no GPU here. The CUDA IPC and NVSHMEM
+parts need GPUs: tests/gpu covers them."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cupy_ep import bootstrap
+from cupy_ep.bootstrap import _domain_size
+from cupy_ep.errors import GPUUnavailableError
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+HAS_GPU = bootstrap.gpu_available()
+
+
+def run_check(nranks, num_nvl_peers=None):
+    cmd = [MPIEXEC, "-n", str(nranks), sys.executable,
+           str(REPO / "tests" / "mpi" / "bootstrap_check.py"),
+           "none" if num_nvl_peers is None else str(num_nvl_peers)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [res["rank"] for res in results] == list(range(nranks))
+    return results
+
+
+CASES = [(1, None), (2, None), (3, None), (4, None), (4, 1), (4, 2), (4, 4), (3, 3), (2, 1)]
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec")
+@pytest.mark.parametrize("nranks, num_nvl_peers", CASES)
+def test_discover(nranks, num_nvl_peers):
+    group = nranks if num_nvl_peers is None else num_nvl_peers  # one host here
+    for res in run_check(nranks, num_nvl_peers):
+        r = res["rank"]
+        assert "error" not in res, res
+        assert res["topology"] == {
+            "rank": r, "num_ranks": nranks,
+            "nvl_rank": r % group, "num_nvl_ranks": group,
+            "rdma_rank": r // group, "num_rdma_ranks": nranks // group,
+            "local_rank": r, "num_local_ranks": nranks}
+        start = (r // group) * group
+        assert res["nvl_comm"] == [r % group, group, list(range(start, start + group))]
+        if not HAS_GPU:
+            assert res["gpu_available"] is False
+            assert res["select_device"][0] == "GPUUnavailableError"
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="needs mpiexec")
+@pytest.mark.parametrize("nranks, num_nvl_peers", [(4, 3), (3, 2), (2, 0), (2, -1)])
+def test_discover_rejects_bad_groups(nranks, num_nvl_peers):
+    for res in run_check(nranks, num_nvl_peers):
+        kind, msg = res["error"]  # every rank raises the same error
+        assert kind == "ValueError"
+        assert f"num_nvl_peers={num_nvl_peers}" in msg
+
+
+def test_domain_size_layouts():
+    # Host of each rank, named by its lowest rank.
+    two_hosts = [0, 0, 0, 0, 4, 4, 4, 4]
+    assert _domain_size(two_hosts, None) == 4
+    assert _domain_size(two_hosts, 2) == 2
+    assert _domain_size(two_hosts, 4) == 4
+    assert _domain_size(two_hosts, 1) == 1
+    with pytest.raises(ValueError, match="num_nvl_peers=8: ranks 0..7 do not share one host"):
+        _domain_size(two_hosts, 8)
+    with pytest.raises(ValueError, match="num_nvl_peers=3 must be >= 1 and divide"):
+        _domain_size(two_hosts, 3)
+    with pytest.raises(ValueError, match="consecutive"):
+        _domain_size([0, 1, 0, 1], None)  # round-robin placement
+    with pytest.raises(ValueError, match="same number"):
+        _domain_size([0, 0, 0, 3, 3], None)  # unequal hosts
+    with pytest.raises(ValueError, match="ranks 2..3 do not share"):
+        _domain_size([0, 0, 0, 3, 3, 3], 2)
+
+
+def test_discover_type_check():
+    class NoComm:
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 1
+
+    with pytest.raises(TypeError, match="num_nvl_peers"):
+        bootstrap.discover(NoComm(), num_nvl_peers=2.0)
+    with pytest.raises(TypeError, match="num_nvl_peers"):
+        bootstrap.discover(NoComm(), num_nvl_peers=True)
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the no-GPU behaviour")
+def test_no_gpu_here():
+    from mpi4py import MPI
+
+    assert bootstrap.gpu_available() is False
+    assert bootstrap.gpu_available(MPI.COMM_SELF) is False
+    topo = bootstrap.discover(MPI.COMM_SELF)
+    try:
+        with pytest.raises(GPUUnavailableError, match="no usable GPU"):
+            bootstrap.select_device(topo)
+    finally:
+        topo.free()
+
+
+def test_nvshmem_finalize_without_init_is_a_noop():
+    bootstrap.finalize_nvshmem()
+
+
+def test_nvshmem_init_reference_counting(monkeypatch):
+    from mpi4py import MPI
+
+    monkeypatch.setattr(bootstrap, "_nvshmem", {"refs": 1, "device": 0, "nranks": 1})
+    bootstrap.init_nvshmem(MPI.COMM_SELF, 0)  # already initialised here: only counts
+    assert bootstrap._nvshmem["refs"] == 2
+    with pytest.raises(ValueError, match="already initialised on device 0"):
+        bootstrap.init_nvshmem(MPI.COMM_SELF, 1)
+    bootstrap.finalize_nvshmem()
+    assert bootstrap._nvshmem == {"refs": 1, "device": 0, "nranks": 1}
+
+
+def test_import_needs_no_gpu_libraries():
+    code = ("import sys, cupy_ep.bootstrap, cupy_ep.jit; "
+            "bad = [m for m in ('nvshmem', 'nvshmem.core', 'cuda.core') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _gpu_count():
+    return bootstrap._device_count()[0]
+
+
+@pytest.mark.skipif(MPIEXEC is None or _gpu_count() < 2, reason="needs mpiexec and 2+ GPUs")
+def test_ipc_and_nvshmem_on_gpus():
+    """CUDA IPC exchange, NVSHMEM bootstrap/peer pointers/device code, one rank per GPU."""
+    try:
+        import nvshmem.core  # noqa: F401
+
+        checks = ["ipc", "nvshmem", "nvshmem-device"]
+    except ImportError:
+        checks = ["ipc"]
+    nranks = min(_gpu_count(), 4)
+    cmd = [MPIEXEC, "-n", str(nranks), sys.executable,
+           str(REPO / "tests" / "mpi" / "bootstrap_gpu_check.py"), *checks]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
+    results = json.loads(r.stdout.strip().splitlines()[-1])
+    for res in results:
+        for check in checks:
+            assert any(k.startswith(check) and v == "ok" for k, v in res.items()), res

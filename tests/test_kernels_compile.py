@@ -1,0 +1,125 @@
+"""Every kernel file compiles for sm_90 with NVRTC, without a GPU.
+
+Each ``kernels_cu/*.cu`` file (and the user-kernel example in ``scripts/kernels``) documents at its top the compile-time constants it needs, one
+configuration per line::
+
+    // @constants NUM_RANKS=4 HIDDEN=7168 USE_FP8=true
+    // @constants NUM_RANKS=8 HIDDEN=4096 USE_FP8=false
+
+and is compiled once per such line (once with no constants when it has none). A file with a
+``// @needs nvshmem`` line is compiled with the NVSHMEM headers (jit's NVRTC route for NVSHMEM
+device code). ``common.cuh`` itself is checked by a generated file that takes the address of
+every device function it declares, which makes NVRTC and ptxas generate code for all of them.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cupy_ep import jit
+
+KERNEL_DIR = jit.builtin_kernel_dir()
+EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "scripts" / "kernels"  # user-kernel example
+ARCH = "sm_90"
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_annotations(source: str):
+    """([constants dict per '// @constants' line], needs_nvshmem) of a kernel file."""
+    configs = []
+    for line in re.findall(r"^\s*//\s*@constants\b(.*)$", source, re.MULTILINE):
+        consts = {}
+        for token in line.split():
+            name, sep, value = token.partition("=")
+            if not sep or not name:
+                raise ValueError(f"bad @constants token {token!r} (want NAME=VALUE)")
+            consts[name] = parse_value(value)
+        configs.append(consts)
+    needs = set()
+    for line in re.findall(r"^\s*//\s*@needs\b(.*)$", source, re.MULTILINE):
+        needs.update(line.split())
+    return configs or [{}], "nvshmem" in needs
+
+
+def kernel_cases():
+    cases = []
+    for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(EXAMPLE_DIR.glob("*.cu")):
+        configs, nvshmem = parse_annotations(path.read_text())
+        for i, consts in enumerate(configs):
+            cases.append(pytest.param(path, consts, nvshmem, id=f"{path.name}[{i}]"))
+    return cases
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("CUPY_EP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
+
+
+@pytest.mark.parametrize("path, constants, nvshmem", kernel_cases())
+def test_kernel_compiles(path, constants, nvshmem):
+    if nvshmem:
+        try:
+            jit.nvshmem_include_dir()
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    cubin = jit.compile_check(path, constants, arch=ARCH, nvshmem=nvshmem)
+    assert cubin[:4] == b"\x7fELF"
+
+
+def test_parse_annotations():
+    src = ("// Kernel.\n// @constants A=4 B=0.5 C=true NAME=float\n"
+           "//   @constants A=8 B=1 C=false NAME=u16\n// @needs nvshmem\n")
+    configs, nvshmem = parse_annotations(src)
+    assert configs == [{"A": 4, "B": 0.5, "C": True, "NAME": "float"},
+                       {"A": 8, "B": 1, "C": False, "NAME": "u16"}]
+    assert nvshmem
+    assert parse_annotations("__global__ void k() {}\n") == ([{}], False)
+    with pytest.raises(ValueError, match="NAME=VALUE"):
+        parse_annotations("// @constants A 4\n")
+
+
+# ---------------------------------------------------------------------------
+# common.cuh
+# ---------------------------------------------------------------------------
+def _strip_comments(text: str) -> str:
+    text = re.sub(r"/\*.*?\*/", " ", text, flags=re.DOTALL)
+    return re.sub(r"//[^\n]*", " ", text)
+
+
+def common_device_functions():
+    """Names of the non-template __device__ functions common.cuh defines."""
+    text = _strip_comments((KERNEL_DIR / "common.cuh").read_text())
+    names = []
+    for m in re.finditer(r"(template\s*<[^>]*>\s*)?__device__\b[^;{}()=]*?\b([A-Za-z_]\w*)\s*\(",
+                         text):
+        if m.group(1) is None and m.group(2) not in names:
+            names.append(m.group(2))
+    return names
+
+
+def test_common_cuh_compiles(tmp_path):
+    names = common_device_functions()
+    assert len(names) >= 10, names  # the parser found the helpers
+    stores = "".join(f"    out[{i}] = (const void*)&{n};\n" for i, n in enumerate(names))
+    (tmp_path / "common_check.cu").write_text(
+        '#include "common.cuh"\n'
+        "// Taking each helper's address makes NVRTC and ptxas generate code for all of them.\n"
+        'extern "C" __global__ void common_check(const void** out) {\n'
+        f"{stores}}}\n")
+    cubin = jit.compile_check(tmp_path / "common_check.cu", arch=ARCH)
+    assert cubin[:4] == b"\x7fELF"
+    for n in names:
+        assert n.encode() in cubin, f"{n} was not compiled"

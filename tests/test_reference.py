@@ -1,0 +1,81 @@
+"""Tests of cupy_ep.reference: multi-rank runs under mpiexec (tests/mpi/check_reference.py,
+checked against a brute-force oracle), and import hygiene (no CuPy, no GPU needed)."""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "tests" / "mpi" / "check_reference.py"
+TIMEOUT_S = 240
+
+
+def _mpiexec():
+    """mpiexec next to this Python (the mpich wheel puts it there), else on PATH."""
+    local = Path(sys.executable).parent / "mpiexec"
+    if local.exists():
+        return str(local)
+    found = shutil.which("mpiexec")
+    if found is None:
+        pytest.fail("mpiexec not found (pip install mpich)")
+    return found
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    return env
+
+
+def _run_ranks(num_ranks, *args):
+    cmd = [_mpiexec(), "-n", str(num_ranks), sys.executable, str(SCRIPT), *args]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        pytest.fail(f"{num_ranks} ranks: timed out after {TIMEOUT_S} s\n{out[-6000:]}")
+    ok_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK reference")]
+    assert proc.returncode == 0 and ok_lines, (
+        f"{num_ranks} ranks: exit code {proc.returncode}\n{proc.stdout[-8000:]}")
+    assert f"ranks={num_ranks}" in ok_lines[0]
+    return ok_lines[0]
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4])
+def test_reference_multi_rank(num_ranks):
+    _run_ranks(num_ranks)
+
+
+def test_reference_eight_ranks():
+    _run_ranks(8)
+
+
+def test_reference_source_never_imports_cupy():
+    tree = ast.parse((REPO / "cupy_ep" / "reference.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+    assert not any(n == "cupy" or n.startswith("cupy.") for n in names), names
+
+
+def test_reference_imports_without_gpu():
+    code = ("import sys, cupy_ep.reference as r, cupy_ep.validation, cupy_ep.fp8; "
+            "assert hasattr(r, 'Buffer'); "
+            "assert 'cupy' not in sys.modules, 'importing cupy_ep.reference imported cupy'; "
+            "print('imported')")
+    env = _env()
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stdout

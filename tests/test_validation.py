@@ -1,0 +1,268 @@
+"""Unit tests of cupy_ep.validation: each check passes good input and rejects the bad input it guards."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from cupy_ep import validation as V
+
+BF16 = ml_dtypes.bfloat16
+E4M3 = ml_dtypes.float8_e4m3fn
+
+
+def bf16(shape):
+    return np.zeros(shape, dtype=BF16)
+
+
+def raises(exc, prefix):
+    """pytest.raises whose message must start with the argument name ``prefix``."""
+    return pytest.raises(exc, match="^" + prefix.replace("[", r"\[").replace("]", r"\]"))
+
+
+def test_dtype_predicates():
+    assert V.is_bf16_dtype(BF16) and V.is_bf16_dtype(np.dtype(BF16))
+    assert not V.is_bf16_dtype(np.float16) and not V.is_bf16_dtype(np.uint16)
+    assert V.is_fp8_dtype(E4M3) and V.is_fp8_dtype(np.uint8)
+    assert not V.is_fp8_dtype(np.int8) and not V.is_fp8_dtype(ml_dtypes.float8_e5m2)
+    assert not V.is_fp8_dtype("not a dtype")
+
+
+def test_check_int():
+    assert V.check_int(np.int64(3), "a", 1) == 3
+    with raises(TypeError, "a"):
+        V.check_int(True, "a")
+    with raises(TypeError, "a"):
+        V.check_int(2.0, "a")
+    with raises(ValueError, "a"):
+        V.check_int(0, "a", 1)
+    with raises(ValueError, "a"):
+        V.check_int(9, "a", max_value=8)
+
+
+def test_check_num_experts():
+    assert V.check_num_experts(8, 4) == 2
+    with raises(ValueError, "num_experts"):
+        V.check_num_experts(6, 4)
+    with raises(ValueError, "num_experts"):
+        V.check_num_experts(0, 1)
+    with raises(TypeError, "num_experts"):
+        V.check_num_experts(8.0, 4)
+    with raises(ValueError, "num_ranks"):
+        V.check_num_experts(8, 0)
+
+
+def test_check_topk_idx():
+    ti = np.zeros((5, 3), np.int64)
+    assert V.check_topk_idx(ti, 5) == (5, 3)
+    assert V.check_topk_idx(ti.astype(np.int32)) == (5, 3)
+    assert V.check_topk_idx(np.zeros((0, 2), np.int64), 0) == (0, 2)
+    with raises(TypeError, "topk_idx: expected int64 or int32, got float32"):
+        V.check_topk_idx(ti.astype(np.float32))
+    with raises(TypeError, "topk_idx"):
+        V.check_topk_idx(ti.tolist())
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_idx(ti[:, 0].copy())
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_idx(ti, 4)
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_idx(np.zeros((4, 0), np.int64))
+    with raises(ValueError, "topk_idx: must be C-contiguous"):
+        V.check_topk_idx(np.asfortranarray(ti))
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_idx(ti[:, ::2])
+
+
+def test_check_topk_range():
+    ti = np.array([[0, -1], [7, 3]], np.int64)
+    V.check_topk_range(ti, 8)
+    V.check_topk_range(np.zeros((0, 2), np.int64), 8)
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_range(ti, 7)
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_range(np.array([[-2]], np.int32), 8)
+
+
+def test_check_topk_weights():
+    ti = np.zeros((4, 2), np.int64)
+    V.check_topk_weights(np.zeros((4, 2), np.float32), ti)
+    with raises(TypeError, "topk_weights"):
+        V.check_topk_weights(np.zeros((4, 2), np.float64), ti)
+    with raises(ValueError, "topk_weights"):
+        V.check_topk_weights(np.zeros((4, 3), np.float32), ti)
+    with raises(ValueError, "topk_weights"):
+        V.check_topk_weights(np.asfortranarray(np.zeros((4, 2), np.float32)), ti)
+
+
+def test_check_x_bf16():
+    assert V.check_x(bf16((3, 64))) == (False, 3, 64)
+    assert V.check_x(bf16((0, 8))) == (False, 0, 8)
+    with raises(TypeError, "x: expected bf16"):
+        V.check_x(np.zeros((3, 64), np.float32))
+    with raises(ValueError, "x"):
+        V.check_x(bf16((3, 12)))
+    with raises(ValueError, "x"):
+        V.check_x(bf16((3, 0)))
+    with raises(ValueError, "x"):
+        V.check_x(bf16((3, 64)), require_fp8_hidden=True)
+    with raises(ValueError, "x"):
+        V.check_x(bf16((3, 4, 8)))
+    with raises(ValueError, "x"):
+        V.check_x(np.asfortranarray(bf16((3, 64))))
+    with raises(ValueError, "x"):
+        V.check_x(bf16((3, 64)), num_tokens=4)
+    with raises(TypeError, "y"):
+        V.check_x("nope", name="y")
+
+
+def test_check_x_fp8():
+    for dt in (E4M3, np.uint8):
+        pair = (np.zeros((3, 256), dt), np.zeros((3, 2), np.float32))
+        assert V.check_x(pair) == (True, 3, 256)
+    with raises(ValueError, "x"):
+        V.check_x((np.zeros((3, 64), np.uint8), np.zeros((3, 1), np.float32)))
+    with raises(TypeError, "x[0]"):
+        V.check_x((np.zeros((3, 128), np.int8), np.zeros((3, 1), np.float32)))
+    with raises(TypeError, "x[1]"):
+        V.check_x((np.zeros((3, 128), np.uint8), np.zeros((3, 1), np.float16)))
+    with raises(ValueError, "x[1]"):
+        V.check_x((np.zeros((3, 128), np.uint8), np.zeros((3, 2), np.float32)))
+    with raises(ValueError, "x[1]"):
+        V.check_x((np.zeros((3, 256), np.uint8), np.asfortranarray(np.zeros((3, 2), np.float32))))
+    with raises(TypeError, "x"):
+        V.check_x((np.zeros((3, 128), np.uint8),))
+    with raises(TypeError, "x"):
+        V.check_x((np.zeros((3, 128), np.uint8), np.zeros((3, 1), np.float32)), allow_fp8=False)
+
+
+def test_check_bias():
+    b = bf16((3, 16))
+    assert V.check_bias(None, 3, 16) == ()
+    assert len(V.check_bias(b, 3, 16)) == 1
+    assert len(V.check_bias((b, b), 3, 16)) == 2
+    assert len(V.check_bias((None, b), 3, 16)) == 1
+    with raises(ValueError, "bias"):
+        V.check_bias(bf16((3, 8)), 3, 16)
+    with raises(TypeError, "bias[1]"):
+        V.check_bias((b, np.zeros((3, 16), np.float32)), 3, 16)
+    with raises(ValueError, "bias"):
+        V.check_bias((b, b, b), 3, 16)
+
+
+def test_alignment_and_worst_tokens():
+    assert V.check_expert_alignment(4) == 4
+    assert V.check_num_worst_tokens(0) == 0
+    with raises(ValueError, "expert_alignment"):
+        V.check_expert_alignment(0)
+    with raises(TypeError, "expert_alignment"):
+        V.check_expert_alignment(None)
+    with raises(ValueError, "num_worst_tokens"):
+        V.check_num_worst_tokens(-1)
+
+
+def test_check_layout_args():
+    itr = np.array([[True, False], [True, True], [False, False]])
+    ntpr = itr.sum(0).astype(np.int32)
+    ntpe = np.zeros(4, np.int32)
+    assert V.check_layout_args(ntpr, itr, ntpe, 3, 2) == 4
+    with raises(ValueError, "num_tokens_per_rank"):
+        V.check_layout_args(None, itr, ntpe, 3, 2)
+    with raises(TypeError, "num_tokens_per_rank"):
+        V.check_layout_args(ntpr.astype(np.int64), itr, ntpe, 3, 2)
+    with raises(ValueError, "num_tokens_per_rank"):
+        V.check_layout_args(ntpr + 1, itr, ntpe, 3, 2)
+    with raises(TypeError, "is_token_in_rank"):
+        V.check_layout_args(ntpr, itr.astype(np.int32), ntpe, 3, 2)
+    with raises(ValueError, "is_token_in_rank"):
+        V.check_layout_args(ntpr, itr, ntpe, 4, 2)
+    with raises(ValueError, "num_tokens_per_expert"):
+        V.check_layout_args(ntpr, itr, np.zeros(3, np.int32), 3, 2)
+    with raises(ValueError, "num_tokens_per_expert"):
+        V.check_layout_args(ntpr, itr, ntpe - 1, 3, 2)
+    with raises(ValueError, "num_tokens_per_rdma_rank"):
+        V.check_layout_args(ntpr, itr, ntpe, 3, 2, np.zeros(3, np.int32), 2)
+
+
+def test_check_ll_dispatch_args():
+    x = bf16((4, 256))
+    ti = np.zeros((4, 2), np.int64)
+    assert V.check_ll_dispatch_args(x, ti, 4, 8, 2) == (4, 256, 2, 4)
+    with raises(ValueError, "x"):
+        V.check_ll_dispatch_args(x, ti, 3, 8, 2)
+    with raises(ValueError, "x"):
+        V.check_ll_dispatch_args(bf16((4, 64)), ti, 4, 8, 2)
+    with raises(TypeError, "x"):
+        V.check_ll_dispatch_args((x, x), ti, 4, 8, 2)
+    with raises(ValueError, "num_max_dispatch_tokens_per_rank"):
+        V.check_ll_dispatch_args(x, ti, 0, 8, 2)
+    with raises(ValueError, "num_experts"):
+        V.check_ll_dispatch_args(x, ti, 4, 7, 2)
+    with raises(ValueError, "topk_idx"):
+        V.check_ll_dispatch_args(x, ti + 8, 4, 8, 2)
+    with raises(ValueError, "topk_idx"):
+        V.check_ll_dispatch_args(x, ti[:3].copy(), 4, 8, 2)
+
+
+def _ll_handle(e_local=2, R=2, m=4, h=128):
+    return (np.full((e_local, R * m), -1, np.int32), np.zeros((e_local, R), np.int64), m, h, e_local * R)
+
+
+def test_check_ll_handle_and_combine_args():
+    handle = _ll_handle()
+    y = bf16((2, 8, 128))
+    ti = np.zeros((3, 2), np.int64)
+    tw = np.zeros((3, 2), np.float32)
+    assert V.check_ll_combine_args(y, ti, tw, handle, 2) == (3, 128, 2)
+    assert V.check_ll_combine_args(y, ti, tw, handle, 2, out=bf16((3, 128))) == (3, 128, 2)
+    with raises(TypeError, "handle"):
+        V.check_ll_combine_args(y, ti, tw, handle[:4], 2)
+    with raises(ValueError, "handle[0]"):
+        V.check_ll_combine_args(y, ti, tw, (handle[0][:, :4].copy(),) + handle[1:], 2)
+    with raises(TypeError, "handle[1]"):
+        V.check_ll_combine_args(y, ti, tw, (handle[0], handle[1].astype(np.int32)) + handle[2:], 2)
+    with raises(ValueError, "x"):
+        V.check_ll_combine_args(bf16((2, 8, 256)), ti, tw, handle, 2)
+    with raises(TypeError, "x"):
+        V.check_ll_combine_args(np.zeros((2, 8, 128), np.float32), ti, tw, handle, 2)
+    with raises(ValueError, "topk_idx"):
+        V.check_ll_combine_args(y, np.zeros((5, 2), np.int64), np.zeros((5, 2), np.float32), handle, 2)
+    with raises(ValueError, "topk_idx"):
+        V.check_ll_combine_args(y, ti + 4, tw, handle, 2)
+    with raises(ValueError, "topk_weights"):
+        V.check_ll_combine_args(y, ti, None, handle, 2)
+    with raises(ValueError, "topk_weights"):
+        V.check_ll_combine_args(y, ti, tw[:, :1].copy(), handle, 2)
+    with raises(TypeError, "out"):
+        V.check_ll_combine_args(y, ti, tw, handle, 2, out=np.zeros((3, 128), np.float32))
+    with raises(ValueError, "out"):
+        V.check_ll_combine_args(y, ti, tw, handle, 2, out=bf16((4, 128)))
+
+
+def test_check_cumulative_stats():
+    V.check_cumulative_stats(None, 3)
+    V.check_cumulative_stats(np.zeros(3, np.int32), 3)
+    with raises(TypeError, "cumulative_local_expert_recv_stats"):
+        V.check_cumulative_stats(np.zeros(3, np.int64), 3)
+    with raises(ValueError, "cumulative_local_expert_recv_stats"):
+        V.check_cumulative_stats(np.zeros(4, np.int32), 3)
+
+
+def test_duck_typed_arrays():
+    """Checks only use .shape/.dtype/.ndim/.flags and reductions (as CuPy arrays have)."""
+
+    class Fake:
+        def __init__(self, a):
+            self._a = a
+            self.shape, self.dtype, self.ndim, self.flags = a.shape, a.dtype, a.ndim, a.flags
+
+        def min(self):
+            return self._a.min()
+
+        def max(self):
+            return self._a.max()
+
+    ti = Fake(np.array([[0, 1], [2, -1]], np.int64))
+    assert V.check_topk_idx(ti, 2) == (2, 2)
+    V.check_topk_range(ti, 3)
+    with raises(ValueError, "topk_idx"):
+        V.check_topk_range(ti, 2)
+    assert V.check_x(Fake(bf16((2, 16)))) == (False, 2, 16)
