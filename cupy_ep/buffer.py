@@ -9,7 +9,7 @@ from . import bootstrap, validation
 from .config import Config, default_config
 from .errors import CupyEpError
 from .event import EventOverlap
-from .intranode import (HOST_OUT_INTS, MAX_EXPERTS_PER_RANK, IntranodeEngine, IntranodeHandle,
+from .intranode import (HOST_OUT_INTS, MAX_EXPERTS_PER_RANK, MAX_RANKS, IntranodeEngine, IntranodeHandle,
                         nvl_buffer_size_hint)
 from .memory import ErrorRecord, HostMapped, NVLinkBuffer
 
@@ -63,6 +63,9 @@ class Buffer:
         self._nvl = self._intranode = self._sym = self._low_latency = None
         timeout_ns = int(self.timeout_s * 1e9)
         if num_nvl_bytes > 0:
+            if self.topology.num_nvl_ranks > MAX_RANKS:
+                raise ValueError(f"num_nvl_peers: the normal mode serves NVLink domains of at most {MAX_RANKS} "
+                                 f"ranks, got {self.topology.num_nvl_ranks}")
             self._nvl = NVLinkBuffer(self.topology.nvl_comm, num_nvl_bytes)
             self._intranode = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._err, self._host_out, timeout_ns)
         if num_rdma_bytes > 0:
@@ -171,6 +174,13 @@ class Buffer:
                                       "use one NVLink domain or the low-latency mode")
         return self._intranode
 
+    def _check_config(self, config: Config) -> None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config: expected a cupy_ep.Config, got {type(config).__name__}")
+        if config.num_threads // 32 < self.topology.num_nvl_ranks:
+            raise ValueError(f"config: num_threads {config.num_threads} gives fewer warps than the "
+                             f"{self.topology.num_nvl_ranks} ranks (blocks serve each peer with at least one warp)")
+
     def _require_low_latency(self):
         if self._low_latency is None or not self.low_latency_mode:
             raise ValueError("low_latency_mode: this Buffer was created without low_latency_mode=True and "
@@ -274,6 +284,7 @@ class Buffer:
             elif topk_weights is not None:
                 raise ValueError("topk_weights: given without topk_idx")
             validation.check_expert_alignment(expert_alignment)
+        self._check_config(config)
         num_topk = handle.num_topk if cached else (0 if topk_idx is None else topk_idx.shape[1])
         capacity = engine.capacity(hidden, num_topk)
         if num_tokens > capacity:
@@ -331,6 +342,7 @@ class Buffer:
         config = config or self._config
         if not isinstance(handle, IntranodeHandle):
             raise TypeError("handle: expected the handle returned by Buffer.dispatch")
+        self._check_config(config)
         validation.check_x(x, "x", allow_fp8=False, num_tokens=handle.num_recv_tokens)
         if x.shape[1] != handle.hidden:
             raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {x.shape[1]}")

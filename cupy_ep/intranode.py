@@ -111,8 +111,6 @@ class IntranodeEngine:
         self.comm = comm
         self.rank = comm.Get_rank()
         self.num_ranks = comm.Get_size()
-        if self.num_ranks > MAX_RANKS:
-            raise ValueError(f"num_nvl_peers: at most {MAX_RANKS} ranks share an NVLink domain, got {self.num_ranks}")
         self.nvl = nvl
         self.err = err
         self.host_out = host_out.view(np.int32, HOST_OUT_INTS)
