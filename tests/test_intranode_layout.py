@@ -12,7 +12,7 @@ def test_size_hint_holds_the_tokens(num_ranks, hidden, num_topk, num_tokens):
     nbytes = nvl_buffer_size_hint(num_tokens, hidden, num_ranks, num_topk)
     layout = slot_layout(nbytes, num_ranks, hidden, num_topk)
     assert layout.capacity >= num_tokens
-    # One byte less than a slot's worth of rows per rank must not claim the same room.
+    # The hint is not over-provisioned: 16 bf16 rows less per slot no longer holds the tokens.
     assert slot_layout(nbytes - num_ranks * 16 * (hidden * 2), num_ranks, hidden, num_topk).capacity < num_tokens
 
 
