@@ -58,6 +58,10 @@ class Buffer:
         import cupy
 
         self.comm_stream = cupy.cuda.Stream(non_blocking=True)
+        # The stream that the last communication kernel was queued on, and an event after it
+        # (None: record one on that stream when another stream needs to wait for it).
+        self._last_stream = None
+        self._last_event = None
         self._err = ErrorRecord()
         self._host_out = HostMapped(HOST_OUT_INTS * 4)
         self._nvl = self._intranode = self._sym = self._low_latency = None
@@ -135,8 +139,8 @@ class Buffer:
 
         return EventOverlap(cupy.cuda.get_current_stream().record())
 
-    def _begin(self, previous_event: Optional[EventOverlap]):
-        """Checks the Buffer is usable and orders the comm stream after the caller's work."""
+    def _check_usable(self):
+        """Raises if the Buffer was destroyed or broken; returns the caller's current stream."""
         import cupy
 
         if self._destroyed:
@@ -144,19 +148,55 @@ class Buffer:
         if self._broken:
             raise CupyEpError("this Buffer is unusable after a communication timeout; destroy it and create another")
         self._check_device_error()
-        caller = cupy.cuda.get_current_stream()
+        return cupy.cuda.get_current_stream()
+
+    def _begin(self, previous_event: Optional[EventOverlap]):
+        """Checks the Buffer is usable and orders the comm stream after the caller's work."""
+        caller = self._check_usable()
         if previous_event is not None and previous_event.event is not None:
             self.comm_stream.wait_event(previous_event.event)
+            self._after_last(self.comm_stream)
         else:
             self.comm_stream.wait_event(caller.record())
+            if self._last_stream is not None and self._last_stream.ptr != caller.ptr:
+                self._after_last(self.comm_stream)
         return caller
 
     def _finish(self, caller, async_finish: bool, keep_alive) -> EventOverlap:
         event = self.comm_stream.record()
+        self._last_stream, self._last_event = self.comm_stream, event
         if async_finish:
             return EventOverlap(event, keep_alive)
         caller.wait_event(event)
         return EventOverlap(None)
+
+    def _after_last(self, stream) -> None:
+        """Orders ``stream`` after the last communication kernel if that was queued on another stream.
+
+        Inside a CUDA-graph capture, work outside the capture cannot be waited for; it must have
+        been ordered before the capture began (as any graph input must)."""
+        last = self._last_stream
+        if last is None or last.ptr == stream.ptr:
+            return
+        if stream.is_capturing() and not last.is_capturing():
+            return
+        stream.wait_event(self._last_event if self._last_event is not None else last.record())
+
+    def _begin_low_latency(self, on_comm_stream: bool):
+        """Returns ``(caller, stream to launch on)``. Synchronous low-latency calls run on the
+        caller's stream itself: the ordering is that of a comm-stream round trip, without its two
+        cross-stream waits (a few µs per call, measured in docs/performance.md)."""
+        if on_comm_stream:
+            return self._begin(None), self.comm_stream
+        caller = self._check_usable()
+        self._after_last(caller)
+        self._last_stream, self._last_event = caller, None
+        return caller, caller
+
+    def _finish_low_latency(self, caller, stream, async_finish: bool, keep_alive) -> EventOverlap:
+        if stream is caller:
+            return EventOverlap(None)
+        return self._finish(caller, async_finish, keep_alive)
 
     def _check_device_error(self) -> None:
         if self._err.fields[0] != 0:
@@ -371,8 +411,11 @@ class Buffer:
             num_experts: E, a multiple of the number of ranks.
             use_fp8: cast to FP8 e4m3 on the fly (per token, per 128 channels); else bf16.
             round_scale: scales are powers of two. use_ue8m0: scales as UE8M0 bytes (implies round_scale).
-            async_finish: return an event instead of making the current stream wait.
-            return_recv_hook: only issue the sends; call the returned hook to receive.
+            async_finish: run on the Buffer's stream and return an event instead of making the
+                current stream wait. Without it (and without a hook) the kernel runs on the current
+                stream itself, which orders it the same way at less cost.
+            return_recv_hook: only issue the sends (on the Buffer's stream); the returned hook
+                receives.
             cumulative_local_expert_recv_stats: int32 ``[E_local]``, increased by the received counts.
 
         Returns:
@@ -389,11 +432,11 @@ class Buffer:
         round_scale = round_scale or use_ue8m0
         validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
         topk_idx = topk_idx.astype(np.int64, copy=False)
-        caller = self._begin(None)
+        caller, stream = self._begin_low_latency(async_finish or return_recv_hook)
         recv_x, recv_count, handle, hook = engine.dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-            return_recv_hook, cumulative_local_expert_recv_stats, self.comm_stream)
-        event = self._finish(caller, async_finish, (x, topk_idx))
+            return_recv_hook, cumulative_local_expert_recv_stats, stream)
+        event = self._finish_low_latency(caller, stream, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
@@ -406,6 +449,7 @@ class Buffer:
             topk_idx: int64 ``[N, K]`` and topk_weights float32 ``[N, K]``: the routing of the dispatch.
             handle: from :meth:`low_latency_dispatch`.
             out: optional bf16 ``[N, H]`` written in place.
+            async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
 
         Returns:
             ``(combined_x bf16 [N, H], event, hook)``.
@@ -416,10 +460,10 @@ class Buffer:
         validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out,
                                          check_values=False)
         topk_idx = topk_idx.astype(np.int64, copy=False)
-        caller = self._begin(None)
+        caller, stream = self._begin_low_latency(async_finish or return_recv_hook)
         combined, hook = engine.combine(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out,
-                                        self.comm_stream)
-        event = self._finish(caller, async_finish, (x, topk_idx, topk_weights))
+                                        stream)
+        event = self._finish_low_latency(caller, stream, async_finish, (x, topk_idx, topk_weights))
         return combined, event, self._wrap_hook(hook)
 
     def _wrap_hook(self, hook):
@@ -432,8 +476,10 @@ class Buffer:
 
             caller = cupy.cuda.get_current_stream()
             self.comm_stream.wait_event(caller.record())
+            self._after_last(self.comm_stream)
             hook(self.comm_stream)
-            caller.wait_event(self.comm_stream.record())
+            self._last_stream, self._last_event = self.comm_stream, self.comm_stream.record()
+            caller.wait_event(self._last_event)
 
         return run_hook
 

@@ -16,14 +16,16 @@ class Config:
             ``num_threads // 32`` tokens (one per warp) between two progress signals, so this
             is also the chunk size of the pipeline.
         num_receivers: blocks that copy arrived rows out (dispatch) or sum them (combine);
-            default ``num_sms // 2``. Fewer receivers leave more SMs to the NVLink senders.
+            default ``num_sms // 2`` (one per channel). A receiver serves its channels one after
+            another, so fewer receivers than channels is slower (measured on 4 x H100: 24 SMs
+            with 8 receivers moves about 25% less than with 12; docs/performance.md).
 
     The configuration must be the same on every rank. Combine reuses the channels of the
     dispatch whose handle it gets; only its ``num_threads`` and ``num_receivers`` apply.
     """
 
     num_sms: int = 24
-    num_threads: int = 768
+    num_threads: int = 1024
     num_receivers: Optional[int] = None
 
     def __post_init__(self):
@@ -46,9 +48,9 @@ class Config:
 
 # Tuned on 4 x H100 SXM (NVLink mesh), DeepEP's workload; see docs/performance.md.
 _DEFAULTS = {
-    2: Config(num_sms=24, num_threads=768),
-    3: Config(num_sms=24, num_threads=768),
-    4: Config(num_sms=24, num_threads=768),
+    2: Config(num_sms=24, num_threads=1024),
+    3: Config(num_sms=24, num_threads=1024),
+    4: Config(num_sms=24, num_threads=1024),
 }
 
 

@@ -206,43 +206,45 @@ __device__ __forceinline__ unsigned warp_or(unsigned v) {
     return v;
 }
 
-// Per-block "last one out" detection. Every thread's prior writes (including those to peers)
-// are ordered before the counter increment by bar.sync + a system-scope fence of thread 0, and
-// the block that sees count == gridDim.x - 1 orders its later operations after all of them.
-// Returns the same value in every thread. All threads must call it.
+// Per-block "last one out" detection. Every thread's prior memory operations are ordered before
+// the counter increment by bar.sync + a fence of thread 0, and the block that sees
+// count == gridDim.x - 1 orders its later operations after all of them. SYS: system scope (the
+// blocks' stores to peers count); otherwise GPU scope (only this GPU's accesses need ordering,
+// e.g. every block's reads of a signal before the last block resets it). Returns the same value
+// in every thread; all threads must call it.
+template <bool SYS>
 __device__ __forceinline__ bool last_block_done(int* counter, int* s_flag) {
     __syncthreads();
     if (threadIdx.x == 0) {
-        fence_sys();
+        if (SYS) fence_sys(); else fence_gpu();
         const int old = atomicAdd(counter, 1);
         const bool last = old == (int)gridDim.x - 1;
-        if (last) fence_sys();
+        if (last) {
+            if (SYS) fence_sys(); else fence_gpu();
+        }
         *s_flag = last ? 1 : 0;
     }
     __syncthreads();
     return *(volatile int*)s_flag != 0;
 }
 
-// Profiling checkpoint (thread 0 of the block; prof == null: nothing).
+// Profiling checkpoint (thread 0 of the block; prof == null: nothing). Slot 0 is the block's
+// start, PROF_END its end: max(end) - min(start) over blocks is the kernel's duration.
+constexpr int PROF_END = 15;
 __device__ __forceinline__ void prof_mark(u64* prof, int slot) {
     if (prof != nullptr && threadIdx.x == 0) prof[blockIdx.x * 16 + slot] = global_timer_ns();
 }
 
-// Same, for counters that only this GPU's blocks touch (no ordering of peer writes needed).
-__device__ __forceinline__ bool last_block_done_gpu(int* counter, int* s_flag) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        fence_gpu();
-        const int old = atomicAdd(counter, 1);
-        const bool last = old == (int)gridDim.x - 1;
-        if (last) fence_gpu();
-        *s_flag = last ? 1 : 0;
-    }
-    __syncthreads();
-    return *(volatile int*)s_flag != 0;
-}
-
 __device__ __forceinline__ char* sym_at(u64 base, long long off) { return (char*)(base + (u64)off); }
+
+// Where this rank writes slot `sl` of its rows for destination d: straight into d's dispatch
+// quarter (peer != 0), or, RDMA build, into the local staging copy that a put then sends.
+__device__ __forceinline__ char* dispatch_slot(u64 peer, char* own_q, long long data_off, int d, int rank, int sl) {
+#if LL_RDMA
+    if (peer == 0) return own_q + D_STAGE_OFF + D_SLOT_OFF + ((long long)d * M + sl) * SLOT_BYTES;
+#endif
+    return sym_at(peer, data_off) + D_SLOT_OFF + ((long long)rank * M + sl) * SLOT_BYTES;
+}
 
 #if LL_RDMA
 // NVSHMEM helpers (only in the RDMA build): symmetric address on this PE of `off`.
@@ -386,15 +388,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
                 __syncwarp();
                 for (int d = 0; d < R; ++d) {
                     if (!((mask >> d) & 1u)) continue;
-                    const int sl = s_slot[d];
-                    char* slotp;
-#if LL_RDMA
-                    if (s_peer[d] == 0)
-                        slotp = own_q + D_STAGE_OFF + D_SLOT_OFF + ((long long)d * M + sl) * SLOT_BYTES;
-                    else
-#endif
-                        slotp = sym_at(s_peer[d], data_off) + D_SLOT_OFF + ((long long)rank * M + sl) * SLOT_BYTES;
-                    int* meta = (int*)(slotp + META_OFF);
+                    int* meta = (int*)(dispatch_slot(s_peer[d], own_q, data_off, d, rank, s_slot[d]) + META_OFF);
                     if (lane < K) st_i32(meta + 1 + lane, r == d ? meta_val : -1);
                     if (lane == 0) st_i32(meta, t);
                 }
@@ -404,14 +398,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             const unsigned mask = s_mask;
             for (int d = 0; d < R; ++d) {
                 if (!((mask >> d) & 1u)) continue;
-                const int sl = s_slot[d];
-                char* slotp;
-#if LL_RDMA
-                if (s_peer[d] == 0)
-                    slotp = own_q + D_STAGE_OFF + D_SLOT_OFF + ((long long)d * M + sl) * SLOT_BYTES;
-                else
-#endif
-                    slotp = sym_at(s_peer[d], data_off) + D_SLOT_OFF + ((long long)rank * M + sl) * SLOT_BYTES;
+                char* const slotp = dispatch_slot(s_peer[d], own_q, data_off, d, rank, s_slot[d]);
 #pragma unroll
                 for (int c = 0; c < SEND_CPW; ++c) {
                     const int chunk = warp + c * NW;
@@ -470,13 +457,13 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
         }
         prof_mark(prof, 2);
         // local counters back to zero for the next launch
-        if (last_block_done_gpu(scratch + SD_SEND_DONE, &s_flag)) {
+        if (last_block_done<false>(scratch + SD_SEND_DONE, &s_flag)) {
             for (int idx = tid; idx < R * EL; idx += NT) atomicExch(exp_cnt + idx, 0);
             if (tid < R) atomicExch(slot_cnt + tid, 0);
             if (tid == 0) atomicExch(scratch + SD_SEND_DONE, 0);
         }
 #else
-        if (last_block_done(scratch + SD_SEND_DONE, &s_flag)) {
+        if (last_block_done<true>(scratch + SD_SEND_DONE, &s_flag)) {
             // headers: counts per (destination, local expert); reset the counters
             for (int idx = tid; idx < R * EL; idx += NT) {
                 const int d = idx / EL, j = idx - d * EL;
@@ -540,15 +527,30 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
         }
         __syncthreads();
 #if LL_BLOCK_SIGNALS
-        // count(j, s) = 1 + the largest position any slot of s gives for expert j
-        for (int idx = tid; idx < s_pfx[R] * K; idx += NT) {
-            const int g = idx / K, k = idx - g * K;
-            int s = 0;
+        // count(j, s) = 1 + the largest position any slot of s gives for expert j. The loads of
+        // META_BATCH entries are issued before any of their atomics (one latency per batch).
+        constexpr int META_BATCH = 8;
+        const int num_entries = s_pfx[R] * K;
+        for (int base = 0; base < num_entries; base += NT * META_BATCH) {
+            int mv[META_BATCH], src[META_BATCH];
 #pragma unroll
-            for (int q = 1; q < R; ++q) s += (g >= s_pfx[q]) ? 1 : 0;
-            const int i = g - s_pfx[s];
-            const int mv = ld_cg_i32(own_q + D_SLOT_OFF + ((long long)s * M + i) * SLOT_BYTES + META_OFF + 4 * (1 + k));
-            if (mv >= 0) atomicMax(&s_base[(mv >> 16) * R + s], (mv & 0xffff) + 1);
+            for (int b = 0; b < META_BATCH; ++b) {
+                const int idx = base + b * NT + tid;
+                mv[b] = -1;
+                src[b] = 0;
+                if (idx < num_entries) {
+                    const int g = idx / K, k = idx - g * K;
+                    int s = 0;
+#pragma unroll
+                    for (int q = 1; q < R; ++q) s += (g >= s_pfx[q]) ? 1 : 0;
+                    src[b] = s;
+                    mv[b] = ld_cg_i32(own_q + D_SLOT_OFF + ((long long)s * M + (g - s_pfx[s])) * SLOT_BYTES + META_OFF +
+                                      4 * (1 + k));
+                }
+            }
+#pragma unroll
+            for (int b = 0; b < META_BATCH; ++b)
+                if (mv[b] >= 0) atomicMax(&s_base[(mv[b] >> 16) * R + src[b]], (mv[b] & 0xffff) + 1);
         }
         __syncthreads();
 #else
@@ -646,12 +648,13 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             }
         }
         prof_mark(prof, 5);
-        if (last_block_done(scratch + SD_RECV_DONE, &s_flag)) {
+        if (last_block_done<false>(scratch + SD_RECV_DONE, &s_flag)) {
             // every block has passed its signal wait: zero the signals for the next use of this half
             if (tid < R) st_u64_relaxed_sys((void*)(own + (u64)(sig_off + 8LL * tid)), 0ull);
             if (tid == 0) atomicExch(scratch + SD_RECV_DONE, 0);
         }
     }
+    prof_mark(prof, PROF_END);
 }
 
 // ==============================================================================================
@@ -826,7 +829,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
         __syncthreads();
         if (s_fail) return;
         prof_mark(prof, 2);
-        if (last_block_done(scratch + SC_B_DONE, &s_flag)) {
+        if (last_block_done<true>(scratch + SC_B_DONE, &s_flag)) {
             if (tid < R) {
                 const int s = tid;
                 // Every block is past its weight waits; a source none of them waited for (no token
@@ -905,9 +908,10 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
             }
         }
         prof_mark(prof, 5);
-        if (last_block_done(scratch + SC_C_DONE, &s_flag)) {
+        if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) {
             if (tid < R) st_u64_relaxed_sys((void*)(own + (u64)(psig_off + 8LL * tid)), 0ull);
             if (tid == 0) atomicExch(scratch + SC_C_DONE, 0);
         }
     }
+    prof_mark(prof, PROF_END);
 }

@@ -78,15 +78,21 @@ def main():
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--experts", type=int, default=256,
+                   help="rounded down to a multiple of the number of ranks")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--sweep", action="store_true", help="sweep SM counts and threads per block")
+    p.add_argument("--sweep", action="store_true",
+                   help="sweep SM counts, threads per block (chunk size) and receiving blocks")
+    p.add_argument("--configs", default=None,
+                   help="comma-separated SMS/THREADS/RECEIVERS triples to measure, e.g. 24/768/12,24/768/8")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
     comm = MPI.COMM_WORLD
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     n, h, k, e = args.tokens, args.hidden, args.topk, args.experts
+    if e % num_ranks:
+        e -= e % num_ranks   # experts must split evenly over the ranks (3 ranks: 255 of 256)
     buf = cupy_ep.Buffer(comm, num_nvl_bytes=cupy_ep.Buffer.get_nvl_buffer_size_hint(n, h, num_ranks, k))
     engine = buf._intranode
     rng = np.random.default_rng(1234 + rank)
@@ -130,7 +136,9 @@ def main():
 
     configs = [buf._config]
     if args.sweep:
-        configs = [cupy_ep.Config(s, t, s // d) for s in (24, 32) for t in (512, 768, 1024) for d in (2, 3, 4)]
+        configs = [cupy_ep.Config(s, t, s // d) for s in (24, 32) for t in (768, 1024) for d in (2, 3, 4)]
+    if args.configs:
+        configs = [cupy_ep.Config(*map(int, triple.split("/"))) for triple in args.configs.split(",")]
     results = [run_config(c) for c in configs]
 
     # NCCL baseline: same rows, same bytes.

@@ -40,7 +40,7 @@ def parse():
     p.add_argument("--experts", default="288,256")
     p.add_argument("--num-sms", type=int, default=None)
     p.add_argument("--profile", action="store_true",
-                   help="engine front: per-phase breakdown from in-kernel globaltimer checkpoints")
+                   help="per-phase breakdown and kernel durations from in-kernel globaltimer checkpoints")
     return p.parse_args()
 
 
@@ -149,6 +149,10 @@ class Front:
         out, _ev, hk = self.buf.low_latency_combine(y, idx, w, handle, return_recv_hook=hook)
         return out, hk
 
+    def engine(self):
+        """The LowLatencyEngine behind this front (for the in-kernel profile)."""
+        return self.eng if self.kind == "engine" else self.buf._low_latency
+
     def run_hook(self, hk):
         import cupy
 
@@ -177,17 +181,21 @@ class Front:
 
 def profile_phases(comm, front, x, idx, w, y, E, iters=20):
     """Medians (µs from the kernel's earliest block start) of the kernels' globaltimer checkpoints,
-    dispatch + combine issued back to back behind a spin kernel (steady state; engine front)."""
+    dispatch + combine issued back to back behind a spin kernel (steady state). The last one,
+    "kernel end", is the kernel's duration on the GPU: what DeepEP's tests report (profiler
+    kernel times), without the launch gaps that the event timings include."""
     import cupy
 
-    eng = front.eng
+    eng = front.engine()
     nb = eng.num_blocks
     pd = cupy.zeros((iters, nb * 16), cupy.uint64)
     pc = cupy.zeros((iters, nb * 16), cupy.uint64)
     d_names = {1: "send: tokens stored (all blocks)", 2: "send: signals sent",
-               3: "recv: signals seen (all blocks)", 4: "recv: bases (all blocks)", 5: "recv: rows copied (all blocks)"}
+               3: "recv: signals seen (all blocks)", 4: "recv: bases (all blocks)", 5: "recv: rows copied (all blocks)",
+               15: "kernel end (all blocks)"}
     c_names = {1: "A: weights sent (all blocks)", 2: "B: partials stored (all blocks)",
-               3: "B: signals (last block)", 4: "C: signals seen (all blocks)", 5: "C: reduced (all blocks)"}
+               3: "B: signals (last block)", 4: "C: signals seen (all blocks)", 5: "C: reduced (all blocks)",
+               15: "kernel end (all blocks)"}
     for _ in range(3):
         front.combine(y, idx, w, front.dispatch(x, idx, E)[2])
     cupy.cuda.get_current_stream().synchronize()
@@ -294,7 +302,7 @@ def bench_experts(comm, front, E, iters, nc, profile=False):
     del keep
     front.check()
 
-    if profile and front.kind == "engine":
+    if profile:
         res["profile"] = profile_phases(comm, front, x, idx, w, y, E)
 
     # NCCL baseline: the same per-rank bytes through a grouped send/recv all-to-all

@@ -39,7 +39,7 @@ def test_control_areas_do_not_overlap():
 
 def test_config_defaults_and_errors():
     c = Config()
-    assert (c.num_sms, c.num_threads, c.num_receivers, c.num_channels) == (24, 768, 12, 12)
+    assert (c.num_sms, c.num_threads, c.num_receivers, c.num_channels) == (24, 1024, 12, 12)
     assert Config(num_sms=24, num_receivers=8).num_channels == 16
     for bad in (dict(num_sms=1), dict(num_threads=100), dict(num_threads=2048), dict(num_receivers=24),
                 dict(num_sms=128, num_receivers=1)):
