@@ -58,9 +58,9 @@ Kernels: 512 threads per block, one block per SM (<= 128 registers per thread, n
 DeepEP workload), grid = every SM unless ``num_sms`` is given.
 
 Measured (4x H100 SXM NVLink mesh, 128 tokens/rank, H 7168, top-8 of 288, FP8 dispatch,
-engine front, medians, worst rank): dispatch 36 µs, combine 51 µs, dispatch + combine 84 µs
-(82 µs as a CUDA-graph replay); hook mode: dispatch send 23 + receive 18 µs, combine send 47 +
-receive 13 µs. DeepEP on the same host: 33-39 / 57 / 98 µs.
+through ``Buffer``, medians, worst rank): dispatch 27.5 µs kernel / 32.7 µs per call, combine
+42.1 / 46.8 µs, dispatch + combine 78 µs per call (76 µs as a CUDA-graph replay). DeepEP on
+the same host: 33-39 / 57 µs (kernel) and 98 µs. Details: docs/performance.md.
 """
 from __future__ import annotations
 
