@@ -91,8 +91,7 @@ def main():
     comm = MPI.COMM_WORLD
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     n, h, k, e = args.tokens, args.hidden, args.topk, args.experts
-    if e % num_ranks:
-        e -= e % num_ranks   # experts must split evenly over the ranks (3 ranks: 255 of 256)
+    e -= e % num_ranks   # experts must split evenly over the ranks (3 ranks: 255 of 256)
     buf = cupy_ep.Buffer(comm, num_nvl_bytes=cupy_ep.Buffer.get_nvl_buffer_size_hint(n, h, num_ranks, k))
     engine = buf._intranode
     rng = np.random.default_rng(1234 + rank)
