@@ -26,8 +26,7 @@ __all__ = [
     "finalize_nvshmem",
     "gpu_available",
     "init_nvshmem",
-    "nvshmem_module_finalize",
-    "nvshmem_module_init",
+    "nvshmem_bind_module",
     "nvshmem_peer_ptrs",
     "select_device",
 ]
@@ -246,16 +245,21 @@ def close_ipc_handles(ptrs, self_index: int) -> None:
 # NVSHMEM (nvshmem4py), bootstrapped with a unique id broadcast over MPI
 # ---------------------------------------------------------------------------
 _nvshmem = {"refs": 0, "device": None, "nranks": None}
+_bound_modules: dict = {}   # id(module) -> module bound to the current NVSHMEM initialisation
+
+_HEAP_SLACK = 256 << 20     # symmetric heap beyond the first Buffer's request (NVSHMEM's own use)
 
 
-def init_nvshmem(comm, device_id: int) -> None:
+def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
     """Initialises NVSHMEM over the ranks of ``comm`` on GPU ``device_id`` (collective).
 
     Rank 0 creates a unique id and broadcasts it over ``comm``; every rank then calls
     ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent; never
     "mpi"). NVLink multicast is disabled (``NVSHMEM_DISABLE_NVLS=1``) unless the environment
-    already says otherwise. Reference counted: further calls in the same process only count
-    (they must name the same device and number of ranks); :func:`finalize_nvshmem` undoes one.
+    already says otherwise, and the symmetric heap is sized for ``heap_bytes`` (plus slack)
+    unless ``NVSHMEM_SYMMETRIC_SIZE`` is set. Reference counted: further calls in the same process
+    only count (they must name the same device and number of ranks); :func:`finalize_nvshmem`
+    undoes one.
     """
     if _nvshmem["refs"] > 0:
         if (_nvshmem["device"], _nvshmem["nranks"]) != (device_id, comm.Get_size()):
@@ -268,6 +272,8 @@ def init_nvshmem(comm, device_id: int) -> None:
     uid, error = None, None
     try:
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        if heap_bytes + _HEAP_SLACK > (1 << 30):
+            os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes + _HEAP_SLACK))
         import cupy
         import nvshmem.core
         from cuda.core import Device
@@ -296,8 +302,13 @@ def finalize_nvshmem() -> None:
         return
     _nvshmem["refs"] -= 1
     if _nvshmem["refs"] == 0:
+        import nvshmem.bindings
         import nvshmem.core
 
+        # nvshmem.core.module_finalize is broken in nvshmem4py 0.4.1: the binding is called directly.
+        for module in _bound_modules.values():
+            nvshmem.bindings.cumodule_finalize(int(module.module.ptr))
+        _bound_modules.clear()
         nvshmem.core.finalize()
         _nvshmem.update(device=None, nranks=None)
 
@@ -310,21 +321,14 @@ def nvshmem_peer_ptrs(arr_ptr: int, num_pes: int) -> list[int]:
     return [int(nvshmem.bindings.ptr(int(arr_ptr), pe) or 0) for pe in range(num_pes)]
 
 
-def nvshmem_module_init(module) -> None:
+def nvshmem_bind_module(module) -> None:
     """Binds a loaded module with NVSHMEM device code (``jit.compile_module_nvshmem``) to the
-    initialised NVSHMEM runtime; call once per module and device, before its first launch."""
+    initialised NVSHMEM runtime, once per initialisation; needed before its first launch."""
+    if id(module) in _bound_modules:
+        return
     import nvshmem.bindings
 
     status = nvshmem.bindings.cumodule_init(int(module.module.ptr))
     if status not in (None, 0):
         raise CupyEpError(f"nvshmemx_cumodule_init failed with status {status}")
-
-
-def nvshmem_module_finalize(module) -> None:
-    """Undoes :func:`nvshmem_module_init` (``nvshmem.core.module_finalize`` is broken in
-    nvshmem4py 0.4.1, so the binding is called directly)."""
-    import nvshmem.bindings
-
-    status = nvshmem.bindings.cumodule_finalize(int(module.module.ptr))
-    if status not in (None, 0):
-        raise CupyEpError(f"nvshmemx_cumodule_finalize failed with status {status}")
+    _bound_modules[id(module)] = module

@@ -1,108 +1,137 @@
-"""The public GPU communication buffer (DeepEP-compatible ``Buffer``)."""
+"""The public GPU communication buffer (DeepEP-compatible ``Buffer``).
+
+``Buffer`` validates arguments (:mod:`cupy_ep.validation`, shared with the reference backend),
+picks the engine that owns the call's protocol (by topology, and by handle type for cached
+dispatch and combine) and orders the call's streams (:class:`cupy_ep.event.StreamOrder`):
+
+* :class:`cupy_ep.layout.LayoutEngine`: ``get_dispatch_layout``, any topology;
+* :class:`cupy_ep.intranode.IntranodeEngine`: normal mode inside one NVLink domain;
+* :class:`cupy_ep.internode.InternodeEngine`: normal mode across NVLink domains (NVSHMEM);
+* :class:`cupy_ep.low_latency.LowLatencyEngine`: the low-latency mode (NVSHMEM).
+"""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
 
-from . import bootstrap, validation
+from . import bootstrap, limits, validation
 from .config import Config, default_config
-from .errors import CupyEpError
-from .event import EventOverlap
-from .intranode import (HOST_OUT_INTS, MAX_EXPERTS_PER_RANK, MAX_RANKS, IntranodeEngine, IntranodeHandle,
-                        nvl_buffer_size_hint)
-from .memory import ErrorRecord, HostMapped, NVLinkBuffer
+from .errors import CommTimeoutError, CupyEpError
+from .event import EventOverlap, StreamOrder
+from .intranode import IntranodeEngine, nvl_buffer_size_hint
+from .layout import LayoutEngine
+from .memory import NVLinkBuffer, StatusRecord
 
 
 class Buffer:
     """Communication buffer for MoE expert parallelism on GPUs (one per process).
 
-    Collective over ``comm``: every rank must create it, call its communication
-    methods in the same order with compatible arguments, and destroy it.
+    Collective over ``comm``: every rank must create it, call its communication methods in the
+    same order with compatible arguments, and destroy it. The first call of a new kernel shape
+    compiles collectively too (every rank must make it).
 
     Args:
-        comm: an mpi4py communicator; one rank per GPU.
-        num_nvl_bytes: bytes of the NVLink buffer for the normal (high-throughput)
-            mode; see :meth:`get_nvl_buffer_size_hint`. 0: no normal mode.
-        num_rdma_bytes: bytes of the NVSHMEM symmetric buffer for the low-latency mode;
-            see :meth:`get_low_latency_rdma_size_hint`. 0: no low-latency mode.
-        low_latency_mode: enables the low-latency methods (needs ``num_rdma_bytes``).
-        num_nvl_peers: size of an NVLink domain (default: the ranks sharing a host).
+        comm: an mpi4py communicator; one rank per GPU (the GPU is picked from the rank's index
+            on its host).
+        num_nvl_bytes: bytes of the NVLink buffer of the normal (high-throughput) mode; see
+            :meth:`get_nvl_buffer_size_hint`. 0: no normal mode.
+        num_rdma_bytes: bytes of the NVSHMEM symmetric buffer: the low-latency mode's
+            (:meth:`get_low_latency_rdma_size_hint`) or, when the ranks span several NVLink
+            domains, the normal mode's (:meth:`get_rdma_buffer_size_hint`). 0: none.
+        low_latency_mode: enables the low-latency methods (needs ``num_rdma_bytes``). The
+            symmetric buffer then belongs to the low-latency mode: normal mode across domains
+            needs a Buffer of its own.
+        num_nvl_peers: size of an NVLink domain (default: the ranks sharing a host). Smaller
+            domains let one host stand in for several hosts (internode mode on one machine).
         num_sms: SMs of the normal-mode kernels (default: tuned per rank count) and of the
             low-latency kernels (default: every SM).
-        timeout_s: bound of every wait on another rank; past it the waiting ranks
-            raise :class:`cupy_ep.CommTimeoutError` (the Buffer must then be destroyed).
-        ll_transport: low-latency transport, ``"auto"`` (NVLink stores to peers mapped
-            over NVLink/P2P, NVSHMEM puts to the others), ``"nvlink"`` or ``"rdma"``.
+        timeout_s: bound of every wait on another rank; past it the waiting ranks raise
+            :class:`cupy_ep.CommTimeoutError` (the Buffer must then be destroyed).
+        ll_transport: low-latency transport, ``"auto"`` (NVLink stores to peers mapped over
+            NVLink/P2P, NVSHMEM puts to the others), ``"nvlink"`` or ``"rdma"``.
+        chaos: tests only: compile the kernels with random pauses before signals and between
+            chunks (default: the ``CUPY_EP_CHAOS`` environment variable, off).
     """
 
     def __init__(self, comm, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
-                 num_nvl_peers: Optional[int] = None, num_sms: Optional[int] = None, timeout_s: float = 30.0,
-                 ll_transport: str = "auto"):
-        validation.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
-        validation.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
-        if low_latency_mode and num_rdma_bytes == 0:
-            raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
+                 num_nvl_peers: Optional[int] = None, num_sms: Optional[int] = None,
+                 timeout_s: float = limits.DEFAULT_TIMEOUT_S, ll_transport: str = "auto",
+                 chaos: Optional[bool] = None):
+        validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
         if not timeout_s > 0:
             raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        self._destroyed = True   # until construction completes
         self.comm = comm
         self.topology = bootstrap.discover(comm, num_nvl_peers)
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
+        self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
+        validation.check_buffer_topology(num_nvl_bytes, num_rdma_bytes, low_latency_mode, self.num_ranks,
+                                         self.num_nvl_ranks)
         self.device_id = bootstrap.select_device(self.topology)
-        self.low_latency_mode = low_latency_mode
+        self.low_latency_mode = bool(low_latency_mode)
         self.timeout_s = float(timeout_s)
-        self._config = Config(num_sms=num_sms) if num_sms is not None else default_config(self.topology.num_nvl_ranks)
-        self._destroyed = False
-        self._broken = False
+        self.chaos = os.environ.get("CUPY_EP_CHAOS", "0") == "1" if chaos is None else bool(chaos)
+        self._config = Config(num_sms=num_sms) if num_sms is not None else default_config(self.num_nvl_ranks)
+        self._broken: Optional[CommTimeoutError] = None
 
         import cupy
 
-        self.comm_stream = cupy.cuda.Stream(non_blocking=True)
-        # The stream that the last communication kernel was queued on, and an event after it
-        # (None: record one on that stream when another stream needs to wait for it).
-        self._last_stream = None
-        self._last_event = None
-        self._err = ErrorRecord()
-        self._host_out = HostMapped(HOST_OUT_INTS * 4)
-        self._nvl = self._intranode = self._sym = self._low_latency = None
         timeout_ns = int(self.timeout_s * 1e9)
-        if num_nvl_bytes > 0:
-            if self.topology.num_nvl_ranks > MAX_RANKS:
-                raise ValueError(f"num_nvl_peers: the normal mode serves NVLink domains of at most {MAX_RANKS} "
-                                 f"ranks, got {self.topology.num_nvl_ranks}")
-            self._nvl = NVLinkBuffer(self.topology.nvl_comm, num_nvl_bytes)
-            self._intranode = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._err, self._host_out, timeout_ns)
+        self._status = StatusRecord()
+        self._streams = StreamOrder(cupy.cuda.Stream(non_blocking=True))
+        self._layout = LayoutEngine(comm, self.num_nvl_ranks, self._status, timeout_ns, self.chaos)
+        self._nvl = NVLinkBuffer(self.topology.nvl_comm, num_nvl_bytes) if num_nvl_bytes > 0 else None
+        self._sym = None
         if num_rdma_bytes > 0:
-            from .low_latency import LowLatencyEngine
             from .memory import SymmetricBuffer
 
             self._sym = SymmetricBuffer(comm, self.device_id, num_rdma_bytes)
+        self._normal = self._low_latency = None
+        if self._nvl is not None and self.num_rdma_ranks == 1:
+            self._normal = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._status, timeout_ns, self.chaos)
+        elif self._nvl is not None and not self.low_latency_mode:
+            from .internode import InternodeEngine
+
+            self._normal = InternodeEngine(comm, self.topology, self._nvl, self._sym, self._status, timeout_ns,
+                                           self.chaos)
+        if self.low_latency_mode:
+            from .low_latency import LowLatencyEngine
+
             # Low-latency kernels use every SM unless num_sms was given.
-            self._low_latency = LowLatencyEngine(comm, self.rank, self.num_ranks, self._sym, self._err, timeout_ns,
-                                                 num_sms, transport=ll_transport)
+            self._low_latency = LowLatencyEngine(comm, self._sym, self._status, timeout_ns, num_sms, ll_transport,
+                                                 self.chaos)
+        self._engines = [e for e in (self._layout, self._normal, self._low_latency) if e is not None]
+        self._destroyed = False
         comm.Barrier()
 
-    # -- life cycle ---------------------------------------------------------
+    @property
+    def comm_stream(self):
+        """The stream the communication kernels run on."""
+        return self._streams.comm_stream
+
+    # -- life cycle -----------------------------------------------------------------------
     def destroy(self) -> None:
         """Frees every buffer, stream and handle (collective). Idempotent."""
         if self._destroyed:
             return
         import cupy
 
-        self.comm_stream.synchronize()
+        self._destroyed = True
         cupy.cuda.runtime.deviceSynchronize()
         self.comm.Barrier()
+        for engine in self._engines:
+            if hasattr(engine, "destroy"):
+                engine.destroy()
         if self._nvl is not None:
             self._nvl.free()
-        if self._low_latency is not None:
-            self._low_latency.destroy()
         if self._sym is not None:
             self._sym.free(self.comm)
-        self._err.free()
-        self._host_out.free()
+        self._status.free()
         self.topology.free()
-        self._intranode = self._low_latency = self._nvl = self._sym = None
-        self._destroyed = True
+        self._engines, self._normal, self._low_latency, self._nvl, self._sym = [], None, None, None, None
 
     def __enter__(self):
         return self
@@ -111,17 +140,140 @@ class Buffer:
         self.destroy()
         return False
 
-    # -- configuration and size hints ----------------------------------------
+    def is_available(self) -> bool:
+        """True until :meth:`destroy` (and while no timeout made the Buffer unusable)."""
+        return not self._destroyed and self._broken is None
+
+    # -- errors, profiling ------------------------------------------------------------------
+    def check(self, synchronize: bool = True) -> None:
+        """Raises what a kernel reported since the last call, at once: a timeout
+        (:class:`CommTimeoutError`: a peer skipped a call), rows that did not fit
+        (:class:`cupy_ep.TokenOverflowError`, e.g. after a CUDA-graph replay with
+        ``num_worst_tokens``), or bad routing found on the device (``ValueError``).
+
+        Args:
+            synchronize: first wait for the Buffer's kernels queued so far (the device), so that
+                every report of the calls made so far is seen; False reads what is already known.
+        """
+        if self._destroyed:
+            raise CupyEpError("this Buffer was destroyed")
+        if synchronize:
+            import cupy
+
+            cupy.cuda.runtime.deviceSynchronize()
+        self._raise_reports(local_reports=True)
+
+    @contextmanager
+    def profile(self):
+        """``with buffer.profile() as prof:`` records kernel times, the kernels' in-kernel phase
+        marks and the phases of each call (:class:`cupy_ep.profiling.Profile`)."""
+        from .profiling import Profile
+
+        prof = Profile()
+        for engine in self._engines:
+            engine.profile = prof
+        try:
+            yield prof
+        finally:
+            for engine in self._engines:
+                engine.profile = None
+
+    def _raise_reports(self, local_reports: bool) -> None:
+        """Raises a pending device report. Reports of the layout kernel are local (only this rank
+        has one): raising them in a collective call would leave the peers waiting, so only local
+        calls (``local_reports``) raise them; a non-cached dispatch cancels itself on every rank
+        because of them instead."""
+        if self._broken is not None:
+            raise CommTimeoutError(self._broken.kernel, self._broken.rank, self._broken.peer,
+                                   "an earlier call timed out; destroy this Buffer and create another",
+                                   self._broken.channel)
+        status = self._status
+        if status.status == limits.ST_OK:
+            return
+        if not local_reports and int(status.fields[1]) == limits.KERNEL_IDS["get_dispatch_layout"]:
+            return
+        error = status.take()
+        if isinstance(error, CommTimeoutError):
+            self._broken = error
+        if error is not None:
+            raise error
+
+    def _begin(self, previous_event=None, on_comm_stream: bool = True, allocate_on_comm_stream: bool = False,
+               local_reports: bool = False):
+        if self._destroyed:
+            raise CupyEpError("this Buffer was destroyed")
+        self._raise_reports(local_reports)
+        return self._streams.begin(previous_event, on_comm_stream, allocate_on_comm_stream)
+
+    def _guarded(self, fn):
+        """Runs engine code that may wait for kernels; a timeout makes the Buffer unusable."""
+        try:
+            return fn()
+        except CommTimeoutError as e:
+            self._broken = e
+            raise
+
+    def _check_arrays(self, **arrays) -> None:
+        """TypeError unless every given array is a CuPy array on this rank's GPU (None: absent;
+        tuples: an FP8 pair or biases, checked item by item)."""
+        import cupy
+
+        for name, arr in arrays.items():
+            items = [(f"{name}[{i}]", a) for i, a in enumerate(arr)] if isinstance(arr, (tuple, list)) \
+                else [(name, arr)]
+            for item_name, a in items:
+                if a is None:
+                    continue
+                if not isinstance(a, cupy.ndarray):
+                    raise TypeError(f"{item_name}: expected a CuPy array on this rank's GPU (device "
+                                    f"{self.device_id}), got {type(a).__module__}.{type(a).__name__}")
+                if a.device.id != self.device_id:
+                    raise TypeError(f"{item_name}: expected a CuPy array on this rank's GPU (device "
+                                    f"{self.device_id}), got one on device {a.device.id}")
+
+    # -- configuration and size hints -----------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:
         """Sets the SMs (blocks) of the normal-mode kernels used when no ``config`` is given
         (receivers: half of them)."""
         self._config = Config(num_sms=num_sms, num_threads=self._config.num_threads)
 
     @staticmethod
-    def get_nvl_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 9) -> int:
-        """Bytes of ``num_nvl_bytes`` needed to dispatch up to ``num_max_tokens_per_rank`` tokens of ``hidden``
-        channels (bf16 or FP8) with up to ``num_topk`` experts each, among ``num_ranks`` NVLink ranks."""
-        return nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk)
+    def get_nvl_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 9,
+                                 num_nvl_peers: Optional[int] = None, num_max_recv_tokens: Optional[int] = None) -> int:
+        """Bytes of ``num_nvl_bytes`` the normal mode needs.
+
+        Args:
+            num_max_tokens_per_rank: most tokens a rank dispatches in one call.
+            hidden: H (bf16 or FP8 rows).
+            num_ranks: ranks of the Buffer.
+            num_topk: most top-k columns.
+            num_nvl_peers: ranks per NVLink domain (default: ``num_ranks``, one domain).
+            num_max_recv_tokens: across domains only: most rows a rank receives in one call
+                (default: the worst case, every token of every rank).
+        """
+        nvl = num_ranks if num_nvl_peers is None else num_nvl_peers
+        if nvl == num_ranks:
+            return nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk)
+        from .internode import nvl_buffer_size_hint as internode_nvl_hint
+
+        rows = num_ranks * num_max_tokens_per_rank if num_max_recv_tokens is None else num_max_recv_tokens
+        return internode_nvl_hint(rows, hidden, num_ranks, nvl, num_topk)
+
+    @staticmethod
+    def get_rdma_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_nvl_peers: int,
+                                  num_topk: int = 9) -> int:
+        """Bytes of ``num_rdma_bytes`` the normal mode needs across NVLink domains (0 for one domain).
+
+        Args:
+            num_max_tokens_per_rank: most tokens a rank dispatches in one call.
+            hidden: H. num_ranks: ranks of the Buffer. num_nvl_peers: ranks per NVLink domain.
+            num_topk: most top-k columns.
+        """
+        if num_nvl_peers >= num_ranks:
+            return 0
+        from .internode import rdma_buffer_size_hint
+
+        return rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
@@ -131,7 +283,7 @@ class Buffer:
 
         return LowLatencyEngine.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
-    # -- streams --------------------------------------------------------------
+    # -- streams ------------------------------------------------------------------------------
     @staticmethod
     def capture() -> EventOverlap:
         """An :class:`EventOverlap` recorded now on the current stream (for ``previous_event=``)."""
@@ -139,149 +291,66 @@ class Buffer:
 
         return EventOverlap(cupy.cuda.get_current_stream().record())
 
-    def _check_usable(self):
-        """Raises if the Buffer was destroyed or broken; returns the caller's current stream."""
-        import cupy
-
-        if self._destroyed:
-            raise CupyEpError("this Buffer was destroyed")
-        if self._broken:
-            raise CupyEpError("this Buffer is unusable after a communication timeout; destroy it and create another")
-        self._check_device_error()
-        return cupy.cuda.get_current_stream()
-
-    def _begin(self, previous_event: Optional[EventOverlap]):
-        """Checks the Buffer is usable and orders the comm stream after the caller's work."""
-        caller = self._check_usable()
-        if previous_event is not None and previous_event.event is not None:
-            self.comm_stream.wait_event(previous_event.event)
-            self._after_last(self.comm_stream)
-        else:
-            self.comm_stream.wait_event(caller.record())
-            if self._last_stream is not None and self._last_stream.ptr != caller.ptr:
-                self._after_last(self.comm_stream)
-        return caller
-
-    def _finish(self, caller, async_finish: bool, keep_alive) -> EventOverlap:
-        event = self.comm_stream.record()
-        self._last_stream, self._last_event = self.comm_stream, event
-        if async_finish:
-            return EventOverlap(event, keep_alive)
-        caller.wait_event(event)
-        return EventOverlap(None)
-
-    def _after_last(self, stream) -> None:
-        """Orders ``stream`` after the last communication kernel if that was queued on another stream.
-
-        Inside a CUDA-graph capture, work outside the capture cannot be waited for; it must have
-        been ordered before the capture began (as any graph input must)."""
-        last = self._last_stream
-        if last is None or last.ptr == stream.ptr:
-            return
-        if stream.is_capturing() and not last.is_capturing():
-            return
-        stream.wait_event(self._last_event if self._last_event is not None else last.record())
-
-    def _begin_low_latency(self, on_comm_stream: bool):
-        """Returns ``(caller, stream to launch on)``. Synchronous low-latency calls run on the
-        caller's stream itself: the ordering is that of a comm-stream round trip, without its two
-        cross-stream waits (a few µs per call, measured in docs/performance.md)."""
-        if on_comm_stream:
-            return self._begin(None), self.comm_stream
-        caller = self._check_usable()
-        self._after_last(caller)
-        self._last_stream, self._last_event = caller, None
-        return caller, caller
-
-    def _finish_low_latency(self, caller, stream, async_finish: bool, keep_alive) -> EventOverlap:
-        if stream is caller:
-            return EventOverlap(None)
-        return self._finish(caller, async_finish, keep_alive)
-
-    def _check_device_error(self) -> None:
-        if self._err.fields[0] != 0:
-            self._broken = True
-            self._err.check()
-
-    def _alloc_stream(self, caller, allocate_on_comm_stream: bool):
-        return self.comm_stream if allocate_on_comm_stream else caller
-
-    def _require_intranode(self) -> IntranodeEngine:
-        if self._intranode is None:
-            raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer (created with num_nvl_bytes=0)")
-        if self.topology.num_rdma_ranks > 1:
-            raise NotImplementedError("normal mode across several NVLink domains (internode) is not implemented; "
-                                      "use one NVLink domain or the low-latency mode")
-        return self._intranode
-
-    def _check_config(self, config: Config) -> None:
-        if not isinstance(config, Config):
-            raise TypeError(f"config: expected a cupy_ep.Config, got {type(config).__name__}")
-        if config.num_threads // 32 < self.topology.num_nvl_ranks:
-            raise ValueError(f"config: num_threads {config.num_threads} gives fewer warps than the "
-                             f"{self.topology.num_nvl_ranks} ranks (blocks serve each peer with at least one warp)")
-
-    def _require_low_latency(self):
-        if self._low_latency is None or not self.low_latency_mode:
-            raise ValueError("low_latency_mode: this Buffer was created without low_latency_mode=True and "
-                             "num_rdma_bytes > 0")
-        return self._low_latency
-
-    def _run_guarded(self, fn):
-        """Runs host code that waits for kernels; a timeout marks the Buffer broken."""
-        try:
-            return fn()
-        except CupyEpError:
-            self._broken = True
-            raise
-
-    # -- layout ---------------------------------------------------------------
+    # -- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx, num_experts: int, previous_event: Optional[EventOverlap] = None,
                             async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """Counts, from the routing, what each rank and expert receives.
+        """Counts, from the routing, what each rank, NVLink domain and expert receives (local: no
+        communication, no host synchronisation).
 
         Args:
             topk_idx: int64 (or int32) ``[N, K]`` expert of each top-k slot; -1: none.
             num_experts: E, a multiple of the number of ranks.
 
         Returns:
-            ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank None, num_tokens_per_expert int32 [E],
-            is_token_in_rank bool [N, R], event)``. ``num_tokens_per_rdma_rank`` is None inside one
-            NVLink domain. Experts out of range raise ValueError (this checks values on the host, a sync).
+            ``(num_tokens_per_rank int32 [R], num_tokens_per_rdma_rank int32 [R / num_nvl_ranks] or None,
+            num_tokens_per_expert int32 [E], is_token_in_rank bool [N, R], event)``.
+            ``num_tokens_per_rdma_rank`` is None inside one NVLink domain. Expert ids outside
+            ``[-1, E)`` select nothing and are reported without a host synchronisation: the next
+            dispatch raises ``ValueError`` on every rank (or :meth:`check` does).
         """
-        engine = self._require_intranode()
-        validation.check_num_experts(num_experts, self.num_ranks)
-        validation.check_topk_idx(topk_idx)
-        validation.check_topk_range(topk_idx, num_experts)
-        caller = self._begin(previous_event)
-        stream = self._alloc_stream(caller, allocate_on_comm_stream)
-        with stream:
-            per_rank, per_expert, in_rank = engine.get_dispatch_layout(topk_idx, num_experts, self.comm_stream)
-        event = self._finish(caller, async_finish, (topk_idx, per_rank, per_expert, in_rank))
-        return per_rank, None, per_expert, in_rank, event
+        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream, local_reports=True)
+        self._check_arrays(topk_idx=topk_idx)
+        validation.check_layout_call(topk_idx, num_experts, self.num_ranks)
+        with call.alloc:
+            per_rank, per_rdma, per_expert, in_rank = self._layout.run(topk_idx, num_experts, call.stream)
+        event = self._streams.finish(call, async_finish, (topk_idx, per_rank, per_expert, in_rank))
+        return per_rank, per_rdma, per_expert, in_rank, event
 
-    # -- normal dispatch/combine ---------------------------------------------
-    def dispatch(self, x, handle: Optional[IntranodeHandle] = None, num_tokens_per_rank=None,
-                 num_tokens_per_rdma_rank=None, is_token_in_rank=None, num_tokens_per_expert=None, topk_idx=None,
-                 topk_weights=None, expert_alignment: int = 1, num_worst_tokens: int = 0,
-                 config: Optional[Config] = None, previous_event: Optional[EventOverlap] = None,
-                 async_finish: bool = False, allocate_on_comm_stream: bool = False):
+    # -- normal dispatch/combine ----------------------------------------------------------------
+    def _require_normal(self):
+        if self._destroyed:
+            raise CupyEpError("this Buffer was destroyed")
+        if self._normal is None:
+            if self._nvl is None:
+                raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer (created with num_nvl_bytes=0)")
+            raise ValueError("low_latency_mode: across NVLink domains the symmetric buffer of a low-latency Buffer "
+                             "belongs to the low-latency mode; create a second Buffer (low_latency_mode=False, "
+                             "num_rdma_bytes=get_rdma_buffer_size_hint(...)) for the normal mode")
+        return self._normal
+
+    def dispatch(self, x, handle=None, num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                 num_tokens_per_expert=None, topk_idx=None, topk_weights=None, expert_alignment: int = 1,
+                 num_worst_tokens: int = 0, config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False):
         """Sends each token to every rank that holds one of its experts (normal mode).
 
         Args:
-            x: bf16 ``[N, H]`` (``ml_dtypes.bfloat16``), or an FP8 pair ``(x_fp8 uint8 [N, H], scales float32
-                [N, H / 128])`` (e4m3fn bit patterns; ``H % 128 == 0``). ``H % 8 == 0``.
+            x: bf16 ``[N, H]`` (``ml_dtypes.bfloat16``, ``H % 8 == 0``), or an FP8 pair ``(x_fp8 uint8
+                [N, H], scales float32 [N, H / 128])`` (e4m3fn bit patterns; ``H % 128 == 0``).
             handle: a previous dispatch's handle: repeat that dispatch for new ``x`` (cached mode; no routing
                 arguments, no layout or notify step, no host synchronisation).
-            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from :meth:`get_dispatch_layout`.
-            num_tokens_per_rdma_rank: must be None (one NVLink domain).
+            num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert: from
+                :meth:`get_dispatch_layout` (``num_tokens_per_rdma_rank`` may be None; inside one NVLink
+                domain it must be).
             topk_idx: int64 ``[N, K]`` (optional); received remapped to local expert ids, -1 elsewhere.
             topk_weights: float32 ``[N, K]`` (with ``topk_idx``).
             expert_alignment: rounds each ``num_recv_tokens_per_expert_list`` entry up to a multiple of it.
-            num_worst_tokens: > 0: outputs have exactly this many rows, nothing synchronises with the host
+            num_worst_tokens: > 0: outputs have exactly this many rows and nothing synchronises with the host
                 (CUDA-graph capturable); padding rows have ``recv_topk_idx == -1`` and weight 0, their
-                ``recv_x`` is unspecified; ``num_recv_tokens_per_expert_list`` is ``[]``. More rows than that
-                is reported as an error by the next call.
+                ``recv_x`` is unspecified; ``num_recv_tokens_per_expert_list`` is ``[]``. If some rank
+                receives more rows, the rows past the limit are dropped and the next call (or
+                :meth:`check`) raises :class:`cupy_ep.TokenOverflowError` on every rank.
             config: :class:`Config` (default: tuned for this rank count).
             previous_event, async_finish, allocate_on_comm_stream: see the README's "Streams and events".
 
@@ -291,77 +360,48 @@ class Buffer:
             ``recv_topk_idx`` int64 ``[num_recv, K]``, ``recv_topk_weights`` float32 ``[num_recv, K]`` (None
             without ``topk_idx``); the per-local-expert row counts (a list of int). A cached dispatch
             returns ``(recv_x, None, None, None, None, event)``.
+
+        Raises:
+            ValueError / TypeError for bad input, before anything is sent. Routing values (expert ids
+            out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
+            call is cancelled on every rank and raises there (with ``num_worst_tokens``: the next call).
         """
-        engine = self._require_intranode()
-        config = config or self._config
+        engine = self._require_normal()
+        self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,
+                           num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+                           num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
+        config = self._check_config(config)
         is_fp8, num_tokens, hidden = validation.check_x(x)
         data, scales = (x if is_fp8 else (x, None))
-        cached = handle is not None
-        if cached:
-            if not isinstance(handle, IntranodeHandle):
-                raise TypeError("handle: expected the handle returned by Buffer.dispatch")
-            if num_tokens != handle.num_tokens or hidden != handle.hidden:
-                raise ValueError(f"x: the cached handle was made for [{handle.num_tokens}, {handle.hidden}], "
-                                 f"got [{num_tokens}, {hidden}]")
-            topk_idx = topk_weights = None
-            num_out_rows = handle.num_recv_tokens
+        routing = None
+        if handle is not None:
+            if not isinstance(handle, engine.handle_type):
+                raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+            validation.check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
         else:
-            if num_tokens_per_rdma_rank is not None:
-                raise ValueError("num_tokens_per_rdma_rank: must be None inside one NVLink domain")
-            validation.check_num_worst_tokens(num_worst_tokens)
-            # The value check synchronises with the host: skipped where no synchronisation is allowed.
-            num_experts = validation.check_layout_args(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                                                       num_tokens, self.num_ranks,
-                                                       check_values=num_worst_tokens == 0)
-            if num_experts // self.num_ranks > MAX_EXPERTS_PER_RANK:
-                raise ValueError(f"num_tokens_per_expert: at most {MAX_EXPERTS_PER_RANK} experts per rank")
-            if topk_idx is not None:
-                validation.check_topk_idx(topk_idx, num_tokens)
-                topk_idx = topk_idx.astype(np.int64, copy=False)
-                if topk_weights is None:
-                    raise ValueError("topk_weights: required with topk_idx")
-                validation.check_topk_weights(topk_weights, topk_idx)
-            elif topk_weights is not None:
-                raise ValueError("topk_weights: given without topk_idx")
-            validation.check_expert_alignment(expert_alignment)
-        self._check_config(config)
-        num_topk = handle.num_topk if cached else (0 if topk_idx is None else topk_idx.shape[1])
-        capacity = engine.capacity(hidden, num_topk)
-        if num_tokens > capacity:
-            raise ValueError(f"x: {num_tokens} tokens do not fit the NVLink buffer (room for {capacity} per rank "
-                             f"at hidden {hidden}); raise num_nvl_bytes (get_nvl_buffer_size_hint)")
-
-        caller = self._begin(previous_event)
-        stream = self._alloc_stream(caller, allocate_on_comm_stream)
-        with stream:
-            if not cached:
-                import cupy
-
-                rank_prefix, recv_chan, send_chan = engine.notify(
-                    num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, num_experts, expert_alignment,
-                    num_worst_tokens, config, self.comm_stream)
-                if num_worst_tokens > 0:
-                    num_recv, per_expert = num_worst_tokens, []
-                else:
-                    num_recv, per_expert = self._run_guarded(
-                        lambda: engine.wait_notify(num_experts // self.num_ranks, self.timeout_s + 5.0))
-                send_pos = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.int32)
-                handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, config.num_channels,
-                                         num_recv if num_worst_tokens == 0 else -1, rank_prefix, recv_chan,
-                                         send_chan, send_pos, is_token_in_rank)
-                num_out_rows = num_recv
-            recv_x, recv_scales, recv_idx, recv_w = engine.dispatch(
-                data, scales, topk_idx, topk_weights, handle, num_out_rows, config, cached, self.comm_stream)
-        if handle.num_recv_tokens < 0:
-            handle.num_recv_tokens = num_out_rows
-        event = self._finish(caller, async_finish, (x, topk_idx, topk_weights, recv_x, recv_scales, recv_idx,
-                                                    recv_w))
-        out_x = (recv_x, recv_scales) if is_fp8 else recv_x
-        if cached:  # as DeepEP: a cached dispatch returns only the data
+            num_experts = validation.check_normal_dispatch(
+                num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                topk_idx, topk_weights, expert_alignment, num_worst_tokens, self.num_ranks, self.num_rdma_ranks)
+            routing = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts,
+                       num_tokens_per_rdma_rank)
+        num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else topk_idx.shape[1])
+        validation.check_normal_capacity(num_tokens, hidden, num_topk, self._nvl.num_bytes, self.num_ranks,
+                                         self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
+        if topk_idx is not None and topk_idx.dtype != np.int64:
+            topk_idx = topk_idx.astype(np.int64)
+        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream)
+        result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
+                                                       num_worst_tokens, expert_alignment, config, call))
+        event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights, result.recv_x,
+                                                          result.recv_scales, result.recv_topk_idx,
+                                                          result.recv_topk_weights))
+        out_x = (result.recv_x, result.recv_scales) if is_fp8 else result.recv_x
+        if handle is not None:   # as DeepEP: a cached dispatch returns only the data
             return out_x, None, None, None, None, event
-        return out_x, recv_idx, recv_w, per_expert, handle, event
+        return (out_x, result.recv_topk_idx, result.recv_topk_weights, result.num_recv_tokens_per_expert_list,
+                result.handle, event)
 
-    def combine(self, x, handle: IntranodeHandle, topk_weights=None, bias=None, config: Optional[Config] = None,
+    def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                 allocate_on_comm_stream: bool = False):
         """Sends rows back to the ranks they came from and sums them there (normal mode).
@@ -376,28 +416,32 @@ class Buffer:
         Returns:
             ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None, event)`` where
             ``combined_x[t] = bias_0[t] + bias_1[t] + sum over ranks r that received t of x_r[row of t]``,
-            accumulated in float32.
+            accumulated in float32 (across NVLink domains the sum inside a domain is rounded to bf16
+            once before it crosses).
         """
-        engine = self._require_intranode()
-        config = config or self._config
-        if not isinstance(handle, IntranodeHandle):
-            raise TypeError("handle: expected the handle returned by Buffer.dispatch")
-        self._check_config(config)
-        validation.check_x(x, "x", allow_fp8=False, num_tokens=handle.num_recv_tokens)
-        if x.shape[1] != handle.hidden:
-            raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {x.shape[1]}")
-        if topk_weights is not None:
-            validation.check_array(topk_weights, "topk_weights", dtypes=np.float32, ndim=2,
-                                   shape=(handle.num_recv_tokens, None))
-        biases = validation.check_bias(bias, handle.num_tokens, handle.hidden)
-        caller = self._begin(previous_event)
-        stream = self._alloc_stream(caller, allocate_on_comm_stream)
-        with stream:
-            combined_x, combined_w = engine.combine(x, handle, topk_weights, biases, config, self.comm_stream)
-        event = self._finish(caller, async_finish, (x, topk_weights, *biases, combined_x, combined_w))
+        engine = self._require_normal()
+        self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
+        if not isinstance(handle, engine.handle_type):
+            raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+        config = self._check_config(config)
+        biases = validation.check_normal_combine(x, handle, topk_weights, bias)
+        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream)
+        combined_x, combined_w = self._guarded(lambda: engine.combine(x, handle, topk_weights, biases, config, call))
+        event = self._streams.finish(call, async_finish, (x, topk_weights, *biases, combined_x, combined_w))
         return combined_x, combined_w, event
 
-    # -- low-latency mode --------------------------------------------------------
+    def _check_config(self, config: Optional[Config]) -> Config:
+        return validation.check_config(self._config if config is None else config, self.num_nvl_ranks)
+
+    # -- low-latency mode ---------------------------------------------------------------------
+    def _require_low_latency(self):
+        if self._destroyed:
+            raise CupyEpError("this Buffer was destroyed")
+        if self._low_latency is None:
+            raise ValueError("low_latency_mode: this Buffer was created without low_latency_mode=True and "
+                             "num_rdma_bytes > 0")
+        return self._low_latency
+
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False,
@@ -406,7 +450,8 @@ class Buffer:
 
         Args:
             x: bf16 ``[N, H]``, ``N <= num_max_dispatch_tokens_per_rank`` (M), ``H % 128 == 0``.
-            topk_idx: int64 ``[N, K]``, -1 allowed.
+            topk_idx: int64 ``[N, K]``, -1 allowed. Ids outside ``[-1, E)`` select no expert (no host
+                synchronisation checks them in this mode).
             num_max_dispatch_tokens_per_rank: M, the same on every rank.
             num_experts: E, a multiple of the number of ranks.
             use_fp8: cast to FP8 e4m3 on the fly (per token, per 128 channels); else bf16.
@@ -415,7 +460,7 @@ class Buffer:
                 current stream wait. Without it (and without a hook) the kernel runs on the current
                 stream itself, which orders it the same way at less cost.
             return_recv_hook: only issue the sends (on the Buffer's stream); the returned hook
-                receives.
+                receives. Call the hook of dispatch n before issuing dispatch n + 1.
             cumulative_local_expert_recv_stats: int32 ``[E_local]``, increased by the received counts.
 
         Returns:
@@ -423,20 +468,26 @@ class Buffer:
             pair ``(uint8 [E_local, R*M, H], scales float32 [E_local, R*M, H/128] or uint8 UE8M0)``; only
             the first ``recv_count[j]`` rows of expert j are valid; ``recv_count`` int32 ``[E_local]``;
             ``handle[:5] = (src_info int32 [E_local, R*M], layout_range int64 [E_local, R], M, H, E)``.
+
+        A rank that skips a call makes the others' kernels time out; the error is raised by the
+        next call or, at once, by :meth:`check`.
         """
         engine = self._require_low_latency()
-        # No host synchronisation in this mode, so expert ids are not range-checked on the host:
-        # ids outside [0, num_experts) select no expert.
-        validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                          self.num_ranks, check_values=False)
-        round_scale = round_scale or use_ue8m0
+        self._check_arrays(x=x, topk_idx=topk_idx, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
+        validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks,
+                                          check_values=False)
+        validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
+                                     num_max_dispatch_tokens_per_rank, x.shape[1])
         validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
-        topk_idx = topk_idx.astype(np.int64, copy=False)
-        caller, stream = self._begin_low_latency(async_finish or return_recv_hook)
-        recv_x, recv_count, handle, hook = engine.dispatch(
-            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-            return_recv_hook, cumulative_local_expert_recv_stats, stream)
-        event = self._finish_low_latency(caller, stream, async_finish, (x, topk_idx))
+        if topk_idx.dtype != np.int64:
+            topk_idx = topk_idx.astype(np.int64)
+        on_comm = async_finish or return_recv_hook
+        call = self._begin(None, on_comm_stream=on_comm)
+        with call.alloc:
+            recv_x, recv_count, handle, hook = engine.dispatch(
+                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
+                return_recv_hook, cumulative_local_expert_recv_stats, call.stream)
+        event = self._streams.finish(call, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
@@ -457,36 +508,38 @@ class Buffer:
         engine = self._require_low_latency()
         if zero_copy:
             x = engine.next_combine_buffer(handle)
-        validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out,
-                                         check_values=False)
-        topk_idx = topk_idx.astype(np.int64, copy=False)
-        caller, stream = self._begin_low_latency(async_finish or return_recv_hook)
-        combined, hook = engine.combine(x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out,
-                                        stream)
-        event = self._finish_low_latency(caller, stream, async_finish, (x, topk_idx, topk_weights))
+        self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
+        validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
+        if topk_idx.dtype != np.int64:
+            topk_idx = topk_idx.astype(np.int64)
+        call = self._begin(None, on_comm_stream=async_finish or return_recv_hook)
+        with call.alloc:
+            combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream)
+        event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights))
         return combined, event, self._wrap_hook(hook)
 
     def _wrap_hook(self, hook):
-        """Hooks run their receive kernel on the comm stream and order the caller after it."""
+        """A hook runs its receive kernel on the comm stream, ordered like any synchronous call."""
         if hook is None:
             return None
 
         def run_hook():
-            import cupy
-
-            caller = cupy.cuda.get_current_stream()
-            self.comm_stream.wait_event(caller.record())
-            self._after_last(self.comm_stream)
-            hook(self.comm_stream)
-            self._last_stream, self._last_event = self.comm_stream, self.comm_stream.record()
-            caller.wait_event(self._last_event)
+            call = self._begin(None)
+            hook(call.stream)
+            self._streams.finish(call)
 
         return run_hook
 
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[E_local, R*M, H]`` array to write expert outputs into for ``zero_copy=True``."""
-        return self._require_low_latency().next_combine_buffer(handle)
+        engine = self._require_low_latency()
+        validation.check_ll_handle(handle, self.num_ranks)
+        return engine.next_combine_buffer(handle)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Resets the low-latency signalling state (collective)."""
-        self._require_low_latency().clean(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        engine = self._require_low_latency()
+        validation.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+        validation.check_int(hidden, "hidden", 1)
+        validation.check_num_experts(num_experts, self.num_ranks)
+        engine.clean()

@@ -1,45 +1,57 @@
 """Normal-mode (high-throughput) dispatch and combine inside one NVLink domain.
 
-The public entry points are the methods of :class:`cupy_ep.Buffer`; this module
-holds the NVLink buffer layout, the kernel specialisation and the launches
-(kernels in ``kernels_cu/layout.cu`` and ``kernels_cu/intranode.cu``).
+:class:`IntranodeEngine` owns the whole protocol of a call (kernels in
+``kernels_cu/intranode.cu``); :class:`cupy_ep.Buffer` validates the arguments and orders the
+streams. A non-cached dispatch runs:
+
+1. ``notify_dispatch`` (one block): a barrier of the domain, this rank's rows per destination
+   and channel, the routing checks the reference backend makes on the host (expert ids in range,
+   layout arrays consistent with ``topk_idx``), and the exchange of counts. A call with bad
+   input on any rank is cancelled on every rank.
+2. ``intranode_dispatch``, queued right behind notify without waiting for the host: senders
+   copy rows into the peers' staging slots, receivers copy them out into the outputs.
+3. Meanwhile the host waits for notify's counts (host-mapped memory), allocates the outputs
+   at their exact size and publishes their addresses in a host-mapped descriptor, which the
+   receivers wait for. With ``num_worst_tokens`` the outputs are allocated up front and there
+   is no host wait at all (CUDA-graph capturable).
+
+A cached dispatch and a combine run a barrier kernel, then their kernel.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
-from . import jit
+from . import limits
 from .config import Config
-from .errors import KERNEL_IDS, CommTimeoutError
-
-MAX_RANKS = 8
-MAX_CHANNELS = 64
-NOTIFY_CHAN = 4          # int index of the channel prefix in a notify slot
-NOTIFY_EXPERT = 128      # int index of the per-expert counts in a notify slot
-NOTIFY_SLOT_BYTES = 32768
+from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
 
 # Offsets inside the NVLink buffer (see the header of kernels_cu/intranode.cu).
+NOTIFY_ROW = 8           # int index of the sender's rows for every rank in a notify slot
+NOTIFY_CHAN = 16         # int index of the channel prefix
+NOTIFY_EXPERT = 128      # int index of the per-expert counts
+NOTIFY_SLOT_BYTES = (4 * (NOTIFY_EXPERT + limits.MAX_EXPERTS) + 4095) // 4096 * 4096
 BUFFER_OFFSETS = dict(
     OFF_ARRIVALS=0,
     OFF_EPOCH=64,
     OFF_NOTIFY_FLAGS=128,
     OFF_DISPATCH_TAILS=4096,
-    OFF_COMBINE_TAILS=4096 + MAX_CHANNELS * MAX_RANKS * 8,
+    OFF_COMBINE_TAILS=4096 + limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8,
     OFF_NOTIFY=16384,
     OFF_DATA=1 << 20,
 )
-MAX_EXPERTS_PER_RANK = NOTIFY_SLOT_BYTES // 4 - NOTIFY_EXPERT
-HOST_OUT_INTS = 2 + MAX_EXPERTS_PER_RANK
-
-# Loaded kernel modules of this process (one GPU per process), by file and constants.
-_MODULES = {}
+assert BUFFER_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= BUFFER_OFFSETS["OFF_DATA"]
 
 
 def _align16(n: int) -> int:
     return (n + 15) // 16 * 16
+
+
+def _row_bytes(hidden: int, num_topk: int) -> int:
+    """Staging bytes per row: bf16 data (FP8 uses half), FP8 scales, top-k ids and weights."""
+    return hidden * 2 + (hidden // limits.FP8_BLOCK) * 4 + num_topk * 12
 
 
 @dataclass(frozen=True)
@@ -57,219 +69,169 @@ class SlotLayout:
 def slot_layout(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int) -> SlotLayout:
     """The staging layout for rows of ``hidden`` channels and ``num_topk`` experts.
 
-    One capacity serves dispatch (bf16 or FP8 rows with scales) and combine (bf16
-    rows and weights), so that a dispatch that fits always has a combine that fits.
+    One capacity serves dispatch (bf16 or FP8 rows with scales) and combine (bf16 rows and
+    weights), so that a dispatch that fits always has a combine that fits.
     """
     data_bytes = num_nvl_bytes - BUFFER_OFFSETS["OFF_DATA"]
     slot_bytes = max(0, data_bytes // num_ranks // 16 * 16)
-    row_bytes = hidden * 2 + (hidden // 128) * 4 + num_topk * 12
-    capacity = max(0, (slot_bytes - 64) // row_bytes)
+    capacity = max(0, (slot_bytes - 64) // _row_bytes(hidden, num_topk))
     off_scales = capacity * hidden * 2
-    off_idx = _align16(off_scales + capacity * (hidden // 128) * 4)
+    off_idx = _align16(off_scales + capacity * (hidden // limits.FP8_BLOCK) * 4)
     off_w = _align16(off_idx + capacity * num_topk * 8)
     return SlotLayout(capacity, slot_bytes, off_scales, off_idx, off_w, off_scales)
 
 
 def nvl_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 9) -> int:
     """Bytes of NVLink buffer needed to dispatch up to ``num_max_tokens_per_rank`` tokens."""
-    row_bytes = hidden * 2 + (hidden // 128) * 4 + num_topk * 12
-    slot = _align16(num_max_tokens_per_rank * row_bytes + 64 + 64)
+    slot = _align16(num_max_tokens_per_rank * _row_bytes(hidden, num_topk) + 64 + 64)
     return BUFFER_OFFSETS["OFF_DATA"] + num_ranks * slot
 
 
 @dataclass
-class IntranodeHandle:
-    """What combine and a cached dispatch need from a dispatch (opaque to users)."""
+class IntranodeHandle(NormalHandle):
+    """What combine and a cached dispatch need from an intranode dispatch."""
 
-    num_tokens: int
-    num_experts: int
-    hidden: int
-    num_topk: int
-    num_channels: int
-    num_recv_tokens: int
     rank_prefix: object        # int32 [R + 1]: first row of each source in recv_x; [R] = rows received
     recv_chan_prefix: object   # int32 [R, C + 1]: per source, first row of each channel (source's stream)
     send_chan_prefix: object   # int32 [R, C + 1]: per destination, first row of each channel
     send_pos: object           # int32 [N, R]: row of each token in each destination's stream, or -1
     is_token_in_rank: object   # bool [N, R]
+    call_status: object        # int32 [1]: 1 when notify cancelled the call
 
 
-class IntranodeEngine:
-    """Launches the normal-mode kernels for one rank of an NVLink domain.
-
-    Outputs are allocated on the current stream; kernels run on the ``stream`` given.
+class IntranodeEngine(NormalEngine):
+    """Normal-mode dispatch/combine for one rank of an NVLink domain.
 
     Args:
-        comm: the NVLink domain's communicator (kernel compiles agree over it).
+        nvl_comm: the NVLink domain's communicator.
         nvl: the :class:`cupy_ep.memory.NVLinkBuffer`.
-        err: the :class:`cupy_ep.memory.ErrorRecord`.
-        host_out: a :class:`cupy_ep.memory.HostMapped` of ``HOST_OUT_INTS`` int32.
-        timeout_ns: bound of every wait inside the kernels.
+        status, timeout_ns, chaos: see :class:`cupy_ep.engine.Engine`.
     """
 
-    def __init__(self, comm, nvl, err, host_out, timeout_ns: int):
-        self.comm = comm
-        self.rank = comm.Get_rank()
-        self.num_ranks = comm.Get_size()
+    handle_type = IntranodeHandle
+
+    def __init__(self, nvl_comm, nvl, status, timeout_ns: int, chaos: bool = False):
+        super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
-        self.err = err
-        self.host_out = host_out.view(np.int32, HOST_OUT_INTS)
-        self.timeout_ns = np.uint64(timeout_ns)
-        self._ready_seq = 0
-        # When a list, every main kernel launch appends (name, start_event, end_event): benchmarks read
-        # kernel-only times from it (DeepEP's accounting) without a profiler.
-        self.kernel_timings = None
 
-    # -- compilation --------------------------------------------------------
-    def _module(self, filename: str, constants: dict):
-        """The module for these constants. The first use of a specialisation in this process
-        compiles it collectively over the domain (every rank must make that call); later
-        Buffers of the process reuse it without communicating."""
-        key = (filename, tuple(sorted(constants.items())))
-        if key not in _MODULES:
-            _MODULES[key] = jit.compile_module(filename, constants, comm=self.comm)
-        return _MODULES[key]
+    # -- kernels ----------------------------------------------------------------------------
+    def _function(self, name: str, num_channels: int, num_threads: int, **constants):
+        key = (name, num_channels, num_threads, tuple(sorted(constants.items())))
+        fn = self._functions.get(key)
+        if fn is None:
+            consts = dict(BUFFER_OFFSETS, NUM_RANKS=self.num_ranks, NUM_CHANNELS=num_channels, NUM_THREADS=num_threads,
+                          NOTIFY_SLOT_BYTES=NOTIFY_SLOT_BYTES, NOTIFY_ROW=NOTIFY_ROW, NOTIFY_CHAN=NOTIFY_CHAN,
+                          NOTIFY_EXPERT=NOTIFY_EXPERT, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0,
+                          NUM_RECEIVERS=1, E_LOCAL=1, IDX_BYTES=0, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0,
+                          SLOT_OFF_SCALES=0, SLOT_OFF_IDX=0, SLOT_OFF_W=0, HIDDEN_INT4=0, NUM_BIAS=0, CSLOT_OFF_W=0,
+                          CHUNK=num_threads // 32)
+            consts.update(constants)
+            fn = self._functions[key] = self._module("intranode.cu", consts).get_function(name)
+        return fn
 
-    def _base_constants(self, num_channels: int, num_threads: int, num_receivers: int = 1) -> dict:
-        return dict(BUFFER_OFFSETS, NUM_RANKS=self.num_ranks, MAX_RANKS=MAX_RANKS, NUM_CHANNELS=num_channels,
-                    NUM_RECEIVERS=num_receivers, NUM_THREADS=num_threads, NOTIFY_SLOT_BYTES=NOTIFY_SLOT_BYTES, NOTIFY_CHAN=NOTIFY_CHAN,
-                    NOTIFY_EXPERT=NOTIFY_EXPERT, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0,
-                    E_LOCAL=1, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0, SLOT_OFF_SCALES=0,
-                    SLOT_OFF_IDX=0, SLOT_OFF_W=0, HIDDEN_INT4=0, NUM_BIAS=0, CSLOT_OFF_W=0)
+    def _barrier(self, kernel_name: str, stream) -> None:
+        fn = self._function("group_barrier_kernel", 1, 32)
+        self._launch(fn, 1, 32, (self.nvl.peer_table, np.int32(self.rank), np.uint64(self.status.ptr),
+                                 self.timeout_ns, np.int32(limits.KERNEL_IDS[kernel_name])), stream)
 
-    def _kernel(self, name: str, **constants):
-        return self._module("intranode.cu", constants).get_function(name)
-
-    def _launch(self, kernel, grid: int, block: int, args, stream, timed: str = "") -> None:
+    # -- dispatch ---------------------------------------------------------------------------
+    def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],
+                 num_worst_tokens: int, expert_alignment: int, config: Config, call) -> DispatchResult:
+        """One dispatch (arguments validated by the Buffer, capacity included). ``routing`` =
+        (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts) for a new
+        dispatch, None with a cached ``handle``. ``call``: the :class:`cupy_ep.event.Call`
+        (launch and allocation streams)."""
         import cupy
 
-        with stream:
-            if timed and self.kernel_timings is not None:
-                start = cupy.cuda.Event()
-                start.record(stream)
-                kernel((grid,), (block,), args)
-                end = cupy.cuda.Event()
-                end.record(stream)
-                self.kernel_timings.append((timed, start, end))
-            else:
-                kernel((grid,), (block,), args)
+        num_tokens, hidden = (int(v) for v in data.shape)
+        num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else int(topk_idx.shape[1]))
+        marks = self.profile.begin_call("dispatch", call.stream) if self.profile is not None else None
+        if handle is not None:
+            return self._cached_dispatch(data, scales, handle, config, call, marks)
 
-    def capacity(self, hidden: int, num_topk: int) -> int:
-        return slot_layout(self.nvl.num_bytes, self.num_ranks, hidden, num_topk).capacity
-
-    # -- layout -------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx, num_experts: int, stream):
-        import cupy
-
-        num_tokens, num_topk = topk_idx.shape
-        with stream:
-            counts = cupy.zeros(self.num_ranks + num_experts, dtype=cupy.int32)
-        is_token_in_rank = cupy.empty((num_tokens, self.num_ranks), dtype=cupy.bool_)
-        threads = 256
-        module = self._module("layout.cu", dict(NUM_RANKS=self.num_ranks, NUM_EXPERTS=num_experts, TOPK=num_topk,
-                                                NUM_THREADS=threads, IDX_BYTES=topk_idx.dtype.itemsize))
-        if num_tokens > 0:
-            self._launch(module.get_function("dispatch_layout"), (num_tokens + threads - 1) // threads, threads,
-                         (topk_idx, np.int32(num_tokens), counts, is_token_in_rank), stream, timed="layout")
-        return counts[:self.num_ranks], counts[self.num_ranks:], is_token_in_rank
-
-    # -- barrier ------------------------------------------------------------
-    def _barrier(self, kernel_name: str, num_channels: int, stream) -> None:
-        kernel = self._kernel("group_barrier_kernel", **self._base_constants(num_channels, 32))
-        self._launch(kernel, 1, 32, (self.nvl.peer_table, np.int32(self.rank), np.uint64(self.err.ptr),
-                                     self.timeout_ns, np.int32(KERNEL_IDS[kernel_name])), stream)
-
-    # -- dispatch -----------------------------------------------------------
-    def notify(self, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank, num_experts: int,
-               expert_alignment: int, num_worst_tokens: int, config: Config, stream):
-        """Exchanges counts; returns the partly filled handle (device arrays)."""
-        import cupy
-
-        num_tokens = is_token_in_rank.shape[0]
+        per_rank, in_rank, per_expert, num_experts, _ = routing
         c = config.num_channels
-        rank_prefix = cupy.empty(self.num_ranks + 1, dtype=cupy.int32)
-        recv_chan_prefix = cupy.empty((self.num_ranks, c + 1), dtype=cupy.int32)
-        send_chan_prefix = cupy.empty((self.num_ranks, c + 1), dtype=cupy.int32)
-        constants = self._base_constants(c, config.num_threads)
-        constants.update(KERNEL_NOTIFY=1, E_LOCAL=num_experts // self.num_ranks)
-        self._ready_seq += 1
-        self.host_out[0] = 0
-        self._launch(self._kernel("notify_dispatch", **constants), 1, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), num_tokens_per_rank,
-                      num_tokens_per_expert, is_token_in_rank, np.int32(expert_alignment),
-                      np.int32(num_worst_tokens), rank_prefix, recv_chan_prefix, send_chan_prefix,
-                      np.uint64(self.host_out.ctypes.data), np.uint64(self.err.ptr), self.timeout_ns,
-                      np.int32(self._ready_seq)), stream, timed="notify")
-        return rank_prefix, recv_chan_prefix, send_chan_prefix
+        r = self.num_ranks
+        with call.alloc:
+            rank_prefix = cupy.empty(r + 1, dtype=cupy.int32)
+            recv_chan = cupy.empty((r, c + 1), dtype=cupy.int32)
+            send_chan = cupy.empty((r, c + 1), dtype=cupy.int32)
+            send_pos = cupy.empty((num_tokens, r), dtype=cupy.int32)
+            call_status = cupy.empty(1, dtype=cupy.int32)
+        seq = self._next_seq()
+        e_local = num_experts // r
+        notify = self._function("notify_dispatch", c, config.num_threads, KERNEL_NOTIFY=1, E_LOCAL=e_local,
+                                TOPK=num_topk, IDX_BYTES=0 if topk_idx is None else topk_idx.dtype.itemsize)
+        self._launch(notify, 1, config.num_threads,
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
+                      _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,
+                      send_chan, call_status, self._host_out_arg(), np.uint64(self.status.ptr), self.timeout_ns,
+                      np.int32(seq)), call.stream, "notify")
+        _mark(self.profile, marks, "notify launched", call.stream)
+        handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
+                                 recv_chan, send_chan, send_pos, in_rank, call_status)
+        outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
+        kernel, grid = self._dispatch_kernel(data, scales, handle, config)
+        self._launch(kernel, grid, config.num_threads,
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, _ptr(scales),
+                      _ptr(topk_idx), _ptr(topk_weights), in_rank, send_chan, recv_chan, rank_prefix, send_pos,
+                      call_status, *out_args, np.uint64(self.status.ptr), self.timeout_ns), call.stream, "dispatch")
+        _mark(self.profile, marks, "dispatch launched", call.stream)
+        if outputs is not None:   # num_worst_tokens: nothing waits for the host
+            return DispatchResult(*outputs, [], handle)
+        return self._finish_dispatch(seq, data, scales, num_topk, e_local, handle, call, marks)
 
-    def wait_notify(self, num_local_experts: int, timeout_s: float):
-        """Waits on the host for the notify results: (rows received, per-expert list)."""
-        deadline = time.monotonic() + timeout_s
-        while self.host_out[0] != self._ready_seq:
-            if self.err.fields[0] != 0:
-                self.err.check()
-            if time.monotonic() > deadline:
-                raise CommTimeoutError("notify_dispatch", self.rank, -1, "host wait for the receive counts")
-        return int(self.host_out[1]), [int(v) for v in self.host_out[2:2 + num_local_experts]]
-
-    def dispatch(self, x, x_scales, topk_idx, topk_weights, handle: IntranodeHandle, num_out_rows: int,
-                 config: Config, cached: bool, stream):
-        """Launches the dispatch kernel (after notify, or after a barrier when cached)."""
-        import cupy
-
-        hidden = handle.hidden
-        num_topk = 0 if topk_idx is None else topk_idx.shape[1]
-        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, hidden, handle.num_topk)
-        row_bytes = x.shape[1] * x.dtype.itemsize
-        num_scales = 0 if x_scales is None else x_scales.shape[1]
-        c = handle.num_channels
-        if cached:
-            self._barrier("intranode_dispatch", c, stream)
-        recv_x = cupy.empty((num_out_rows, x.shape[1]), dtype=x.dtype)
-        recv_scales = None if x_scales is None else cupy.empty((num_out_rows, num_scales), dtype=cupy.float32)
-        recv_topk_idx = None if num_topk == 0 else cupy.empty((num_out_rows, num_topk), dtype=cupy.int64)
-        recv_topk_weights = None if num_topk == 0 else cupy.empty((num_out_rows, num_topk), dtype=cupy.float32)
-        num_receivers = min(config.num_receivers, c)
-        constants = self._base_constants(c, config.num_threads, num_receivers)
-        constants.update(KERNEL_DISPATCH=1, E_LOCAL=handle.num_experts // self.num_ranks,
-                         X_ROW_INT4=row_bytes // 16, NUM_SCALES=num_scales, TOPK=num_topk,
-                         SLOT_BYTES=layout.slot_bytes, SLOT_OFF_SCALES=layout.off_scales,
-                         SLOT_OFF_IDX=layout.off_idx, SLOT_OFF_W=layout.off_w)
+    def _cached_dispatch(self, data, scales, handle: IntranodeHandle, config: Config, call, marks) -> DispatchResult:
+        self._barrier("intranode_dispatch", call.stream)
+        outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
+        kernel, grid = self._dispatch_kernel(data, scales, handle, config, cached=True)
         null = np.uint64(0)
-        self._launch(self._kernel("intranode_dispatch", **constants), c + num_receivers, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x,
-                      null if x_scales is None else x_scales, null if topk_idx is None else topk_idx,
-                      null if topk_weights is None else topk_weights, handle.is_token_in_rank,
-                      handle.send_chan_prefix, handle.recv_chan_prefix, handle.rank_prefix, handle.send_pos,
-                      recv_x, null if recv_scales is None else recv_scales,
-                      null if recv_topk_idx is None else recv_topk_idx,
-                      null if recv_topk_weights is None else recv_topk_weights, np.int32(num_out_rows),
-                      np.uint64(self.err.ptr), self.timeout_ns), stream, timed="dispatch")
-        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights
+        self._launch(kernel, grid, config.num_threads,
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, _ptr(scales), null,
+                      null, handle.is_token_in_rank, handle.send_chan_prefix, handle.recv_chan_prefix,
+                      handle.rank_prefix, handle.send_pos, handle.call_status,
+                      *self._given_outputs(outputs, handle.num_rows, False), np.uint64(self.status.ptr),
+                      self.timeout_ns), call.stream, "dispatch")
+        _mark(self.profile, marks, "dispatch launched", call.stream)
+        return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
-    # -- combine ------------------------------------------------------------
-    def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, stream):
+    def _dispatch_kernel(self, data, scales, handle: IntranodeHandle, config: Config, cached: bool = False):
+        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
+        c = handle.num_channels
+        receivers = min(config.num_receivers, c)
+        fn = self._function("intranode_dispatch", c, config.num_threads, KERNEL_DISPATCH=1, NUM_RECEIVERS=receivers,
+                            E_LOCAL=handle.num_experts // self.num_ranks,
+                            X_ROW_INT4=data.shape[1] * data.dtype.itemsize // 16,
+                            NUM_SCALES=0 if scales is None else scales.shape[1],
+                            TOPK=0 if cached else handle.num_topk, SLOT_BYTES=layout.slot_bytes,
+                            SLOT_OFF_SCALES=layout.off_scales, SLOT_OFF_IDX=layout.off_idx, SLOT_OFF_W=layout.off_w,
+                            CHUNK=config.chunk_tokens)
+        return fn, c + receivers
+
+    # -- combine ----------------------------------------------------------------------------
+    def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
+        """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
         import cupy
 
-        hidden = handle.hidden
+        marks = self.profile.begin_call("combine", call.stream) if self.profile is not None else None
+        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
-        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, hidden, handle.num_topk)
         c = handle.num_channels
-        self._barrier("intranode_combine", c, stream)
-        combined_x = cupy.empty((handle.num_tokens, hidden), dtype=x.dtype)
-        combined_w = None if num_topk == 0 else cupy.empty((handle.num_tokens, num_topk), dtype=cupy.float32)
-        num_receivers = min(config.num_receivers, c)
-        constants = self._base_constants(c, config.num_threads, num_receivers)
-        constants.update(KERNEL_COMBINE=1, HIDDEN_INT4=hidden * 2 // 16, TOPK=num_topk, NUM_BIAS=len(biases),
-                         SLOT_BYTES=layout.slot_bytes, CSLOT_OFF_W=layout.coff_w)
-        null = np.uint64(0)
-        bias0 = biases[0] if len(biases) > 0 else null
-        bias1 = biases[1] if len(biases) > 1 else null
-        self._launch(self._kernel("intranode_combine", **constants), c + num_receivers, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x,
-                      null if topk_weights is None else topk_weights, handle.rank_prefix, handle.recv_chan_prefix,
-                      handle.send_chan_prefix, handle.send_pos, bias0, bias1, combined_x,
-                      null if combined_w is None else combined_w, np.uint64(self.err.ptr), self.timeout_ns),
-                     stream, timed="combine")
+        self._barrier("intranode_combine", call.stream)
+        with call.alloc:
+            combined_x = cupy.empty((handle.num_tokens, handle.hidden), dtype=x.dtype)
+            combined_w = None if num_topk == 0 else cupy.empty((handle.num_tokens, num_topk), dtype=cupy.float32)
+        receivers = min(config.num_receivers, c)
+        fn = self._function("intranode_combine", c, config.num_threads, KERNEL_COMBINE=1, NUM_RECEIVERS=receivers,
+                            HIDDEN_INT4=handle.hidden * 2 // 16, TOPK=num_topk, NUM_BIAS=len(biases),
+                            SLOT_BYTES=layout.slot_bytes, CSLOT_OFF_W=layout.coff_w)
+        bias0 = biases[0] if len(biases) > 0 else np.uint64(0)
+        bias1 = biases[1] if len(biases) > 1 else np.uint64(0)
+        self._launch(fn, c + receivers, config.num_threads,
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
+                      _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
+                      handle.send_pos, bias0, bias1, combined_x, _ptr(combined_w), np.uint64(self.status.ptr),
+                      self.timeout_ns), call.stream, "combine")
+        _mark(self.profile, marks, "combine launched", call.stream)
         return combined_x, combined_w
 

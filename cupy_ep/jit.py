@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cupy_ep.errors import CompileError
+from cupy_ep.limits import device_constants
 
 __all__ = [
     "add_kernel_dir",
@@ -158,6 +159,17 @@ def format_constants(constants) -> str:
             raise ValueError(f"constant name {name!r} is not a C identifier")
         lines.append(f"#define {name} {_constant_text(name, value)}\n")
     return "".join(lines)
+
+
+def _with_library_constants(constants) -> dict:
+    """The user's constants plus cupy_ep's own (:func:`cupy_ep.limits.device_constants`), which
+    ``common.cuh`` needs; a user constant may not redefine one of them."""
+    format_constants(constants)  # argument errors first, identically on every rank
+    library = device_constants()
+    clash = sorted(set(constants or {}) & set(library))
+    if clash:
+        raise ValueError(f"constants {clash} are cupy_ep's own (cupy_ep.limits); pick other names")
+    return {**library, **(constants or {})}
 
 
 def _check_options(options) -> tuple:
@@ -365,7 +377,7 @@ def compile_module(filename, constants=None, *, options=(), comm=None, arch=None
     Kernels meant to be fetched with ``module.get_function(name)`` should be ``extern "C"``.
     """
     options = _check_options(options)
-    format_constants(constants)  # argument errors are raised here, identically on every rank
+    constants = _with_library_constants(constants)
 
     def build():
         main = resolve_kernel(filename)
@@ -384,7 +396,7 @@ def compile_check(filename, constants=None, arch="sm_90", options=(), include_di
     ``comm`` makes it collective like :func:`compile_module`.
     """
     options = _check_options(options)
-    format_constants(constants)
+    constants = _with_library_constants(constants)
     _check_backend(backend)
 
     def build():
@@ -561,10 +573,10 @@ def compile_module_nvshmem(filename, constants=None, *, options=(), comm=None, a
 
     The module is returned loaded but NOT yet bound to NVSHMEM: after
     :func:`cupy_ep.bootstrap.init_nvshmem`, call
-    :func:`cupy_ep.bootstrap.nvshmem_module_init` on it before the first launch.
+    :func:`cupy_ep.bootstrap.nvshmem_bind_module` on it before the first launch.
     """
     options = _check_options(options)
-    format_constants(constants)
+    constants = _with_library_constants(constants)
     _check_backend(backend)
 
     def build():

@@ -50,36 +50,29 @@ each specialisation (collective compilation, ``jit.compile_module(comm=...)``) t
 a rank that skips such a first call leaves the others in an MPI collective (the kernels' bounded
 waits cannot help there). ``clean`` is collective too.
 
-Limits: ``H % 128 == 0`` (any multiple); ``1 <= K <= 32``; ``1 <= M <= 65535``; ``E % R == 0``,
-``E <= 8192`` (static shared memory of the receive phase: 4*E + 4*E/R bytes); ``R <= 32``;
-``E_local * R * M < 2**31``; symmetric buffer per :meth:`LowLatencyEngine.size_hint`: about
-``8 * R * M * (2H + 144)`` bytes (RDMA staging included), 57 MiB for M=128, H=7168, 4 ranks.
-Kernels: 512 threads per block, one block per SM (<= 128 registers per thread, no spills for the
-DeepEP workload), grid = every SM unless ``num_sms`` is given.
-
-Measured (4x H100 SXM NVLink mesh, 128 tokens/rank, H 7168, top-8 of 288, FP8 dispatch,
-through ``Buffer``, medians, worst rank): dispatch 27.5 µs kernel / 32.7 µs per call, combine
-42.1 / 46.8 µs, dispatch + combine 78 µs per call (76 µs as a CUDA-graph replay). DeepEP on
-the same host: 33-39 / 57 µs (kernel) and 98 µs. Details: docs/performance.md.
+Limits (cupy_ep.limits): ``H % 128 == 0``; ``1 <= K <= LL_MAX_TOPK``; ``1 <= M <= LL_MAX_TOKENS``;
+``E % R == 0``, ``E <= LL_MAX_EXPERTS``; ``R <= LL_MAX_RANKS``; ``E_local * R * M < 2**31``; symmetric
+buffer per :meth:`LowLatencyEngine.size_hint`. Kernels: ``LL_THREADS`` threads per block, one block per
+SM, grid = every SM unless ``num_sms`` is given. Measured numbers: docs/performance.md.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from . import jit
+from . import limits
+from .engine import Engine
 
-__all__ = ["LowLatencyEngine", "LLHandlePrivate", "MAX_TOPK", "MAX_EXPERTS", "MAX_TOKENS"]
+__all__ = ["LowLatencyEngine", "LLHandlePrivate"]
 
 KERNEL_FILE = "low_latency.cu"
 RDMA_KERNEL_FILE = "low_latency_rdma.cu"
-
-MAX_TOPK = 32
-MAX_EXPERTS = 8192
-MAX_TOKENS = 65535
-MAX_RANKS = 32
-NUM_THREADS = 512          # threads per block of both kernels (LL_THREADS)
+NUM_THREADS = limits.LL_THREADS
+DISPATCH_PHASES = {1: "send: tokens stored", 2: "send: signals sent", 3: "recv: signals seen",
+                   4: "recv: bases", 5: "recv: rows copied", limits.PROF_END: "end"}
+COMBINE_PHASES = {1: "A: weights sent", 2: "B: partials stored", 3: "B: signals (last block)",
+                  4: "C: signals seen", 5: "C: reduced", limits.PROF_END: "end"}
 
 _SIG_KINDS = 3             # dispatch, combine weights, combine partials
 _SIG_STRIDE = 16           # u64 signals per (half, kind): room for 16 ranks per 128 bytes...
@@ -139,99 +132,72 @@ class LLHandlePrivate:
     hidden: int
     num_experts: int
     m: int
-    extra: dict = field(default_factory=dict)
 
 
-class _Kernels:
-    def __init__(self, module, rdma: bool):
-        self.module = module
-        self.rdma = rdma
-        self.dispatch = module.get_function("ll_dispatch")
-        self.combine = module.get_function("ll_combine")
-
-
-class LowLatencyEngine:
+class LowLatencyEngine(Engine):
     """Low-latency dispatch/combine over a symmetric buffer (see the module docstring).
 
     Args:
-        comm: mpi4py communicator of the ranks (used for collective compilation and ``clean``).
-        rank, num_ranks: this rank and the number of ranks (one GPU each).
+        comm: mpi4py communicator of the ranks (collective compilation, grid agreement, ``clean``).
         sym: the symmetric buffer: ``.ptr`` (this rank's base), ``.num_bytes`` (same on every
-            rank), ``.peer_ptrs`` (list: each rank's buffer mapped here, 0 when not mapped).
-            :class:`cupy_ep.memory.SymmetricBuffer`; an :class:`NVLinkBuffer`-like object with
-            the same attributes works for the NVLink transport.
-        err: :class:`cupy_ep.memory.ErrorRecord` (``.ptr`` host-mapped, device-visible).
-        timeout_ns: bound of every wait on another rank.
+            rank), ``.peer_ptrs`` (list: each rank's buffer mapped here, 0 when not mapped):
+            :class:`cupy_ep.memory.SymmetricBuffer`.
+        status, timeout_ns, chaos: see :class:`cupy_ep.engine.Engine`.
         num_sms: blocks per kernel: None (recommended) = every SM of the GPU, else
             ``min(num_sms, SMs)``; the minimum over ranks is used (collective). Fewer blocks
             leave SMs to overlapping work but slow the kernels down roughly in proportion.
         transport: ``"auto"`` | ``"nvlink"`` | ``"rdma"``.
     """
 
-    def __init__(self, comm, rank, num_ranks, sym, err, timeout_ns, num_sms=None, transport="auto"):
+    def __init__(self, comm, sym, status, timeout_ns, num_sms=None, transport="auto", chaos=False):
         import cupy
 
+        super().__init__(comm, status, timeout_ns, chaos)
         if transport not in ("auto", "nvlink", "rdma"):
-            raise ValueError(f"transport: expected 'auto', 'nvlink' or 'rdma', got {transport!r}")
-        if not 1 <= num_ranks <= MAX_RANKS:
-            raise ValueError(f"num_ranks: the low-latency kernels serve 1..{MAX_RANKS} ranks, got {num_ranks}")
-        self.comm = comm
-        self.rank = int(rank)
-        self.num_ranks = int(num_ranks)
-        self.sym = sym
-        self.err = err
-        self.timeout_ns = int(timeout_ns)
+            raise ValueError(f"ll_transport: expected 'auto', 'nvlink' or 'rdma', got {transport!r}")
+        if not 1 <= self.num_ranks <= limits.LL_MAX_RANKS:
+            raise ValueError(f"comm: the low-latency kernels serve 1..{limits.LL_MAX_RANKS} ranks, "
+                             f"got {self.num_ranks}")
         self.transport = transport
         self.num_bytes = int(sym.num_bytes)
         self.base = int(sym.ptr)
 
         peers = [int(p or 0) for p in sym.peer_ptrs]
-        if len(peers) != self.num_ranks:
-            raise ValueError(f"sym.peer_ptrs: expected {self.num_ranks} entries, got {len(peers)}")
         peers[self.rank] = self.base
         if transport == "rdma":
             peers = [p if r == self.rank else 0 for r, p in enumerate(peers)]
         elif transport == "nvlink":
             missing = [r for r, p in enumerate(peers) if p == 0]
             if missing:
-                raise ValueError(f"transport='nvlink': ranks {missing} are not mapped over NVLink/P2P "
-                                 "(use transport='auto' or 'rdma')")
+                raise ValueError(f"ll_transport='nvlink': ranks {missing} are not mapped over NVLink/P2P "
+                                 "(use 'auto' or 'rdma')")
         self.rdma = any(p == 0 for p in peers)
-        self.peer_ptrs = peers
         self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
 
         sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
         blocks = sm_count if num_sms is None else max(1, min(int(num_sms), sm_count))
         # Every rank must launch the same grid: a receiver counts its senders' blocks (collective).
-        self.num_blocks = min(comm.allgather(blocks)) if comm is not None else blocks
-        # LL_BLOCK_SIGNALS of the kernels: 1 = each sending block signals each destination itself
-        # (the receiver counts rows from the slot metas); 0 = the last sending block writes count
-        # headers then one signal per destination (one more NVLink round trip).
-        self.block_signals = True
+        self.num_blocks = min(comm.allgather(blocks))
 
         self.ctrl_bytes = _ctrl_bytes(self.num_ranks)
         self.quarter = (max(self.num_bytes - self.ctrl_bytes, 0) // 4) // 256 * 256
-        self._kernels: dict = {}
+        self._functions: dict = {}
         # dispatch counters: [R] slots per destination, [E] per (destination, local expert), 2 done
         # counters; sized for the largest E so that it never has to grow under a running kernel.
-        self._scratch_d = cupy.zeros(self.num_ranks + MAX_EXPERTS + 2, dtype=np.int32)
+        self._scratch_d = cupy.zeros(self.num_ranks + limits.LL_MAX_EXPERTS + 2, dtype=np.int32)
         self._scratch_c = cupy.zeros(64, dtype=np.int32)
         self._combine_buffers: dict = {}
         self._d_half = 0
         self._c_half = 0
-        # Profiling (benchmarks): cupy uint64 arrays of >= num_blocks*16 entries; the kernels write
-        # globaltimer checkpoints per block (see kernels_cu/low_latency.cu prof_mark).
-        self.prof_dispatch = None
-        self.prof_combine = None
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
     def size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts) -> int:
         """Bytes of symmetric buffer the low-latency mode needs for these sizes (any top-k up
-        to 32, bf16 or FP8, NVLink or RDMA transport)."""
+        to LL_MAX_TOPK, bf16 or FP8, NVLink or RDMA transport)."""
         m, h, r, e = (int(v) for v in (num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts))
-        d = dispatch_quarter_bytes(r, e, m, h, MAX_TOPK, False, True)
-        c = combine_quarter_bytes(r, m, h, MAX_TOPK, True)
+        d = dispatch_quarter_bytes(r, e, m, h, limits.LL_MAX_TOPK, False, True)
+        c = combine_quarter_bytes(r, m, h, limits.LL_MAX_TOPK, True)
         return _align(_ctrl_bytes(r) + 4 * _align(max(d, c), 256), 1 << 20)
 
     def _sig_off(self, half: int, kind: int) -> int:
@@ -249,29 +215,24 @@ class LowLatencyEngine:
                 "num_experts)")
 
     # ------------------------------------------------------------------ kernels
-    def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0) -> _Kernels:
+    def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0):
+        """(ll_dispatch, ll_combine) of this specialisation."""
         key = (num_experts, hidden, topk, m, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
-        k = self._kernels.get(key)
-        if k is not None:
-            return k
-        r = self.num_ranks
-        consts = {
-            "NUM_RANKS": r, "NUM_EXPERTS": num_experts, "HIDDEN": hidden, "TOPK": topk, "MAX_TOKENS": m,
-            "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)), "USE_UE8M0": int(bool(use_ue8m0)),
-            "LL_THREADS": NUM_THREADS, "LL_BLOCK_SIGNALS": int(self.block_signals),
-            "LAYOUT_SLOT_BYTES": slot_bytes(hidden, topk, use_fp8),
-            "LAYOUT_D_RECV_BYTES": dispatch_recv_bytes(r, num_experts, m, hidden, topk, use_fp8),
-            "LAYOUT_C_RECV_BYTES": combine_recv_bytes(r, m, hidden, topk),
-        }
-        if self.rdma:
-            from .bootstrap import nvshmem_module_init
-
-            module = jit.compile_module_nvshmem(RDMA_KERNEL_FILE, consts, comm=self.comm)
-            nvshmem_module_init(module)
-        else:
-            module = jit.compile_module(KERNEL_FILE, consts, comm=self.comm)
-        k = self._kernels[key] = _Kernels(module, self.rdma)
-        return k
+        fns = self._functions.get(key)
+        if fns is None:
+            r = self.num_ranks
+            consts = {
+                "NUM_RANKS": r, "NUM_EXPERTS": num_experts, "HIDDEN": hidden, "TOPK": topk, "MAX_TOKENS": m,
+                "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)),
+                "USE_UE8M0": int(bool(use_ue8m0)), "LL_THREADS": NUM_THREADS,
+                "LAYOUT_SLOT_BYTES": slot_bytes(hidden, topk, use_fp8),
+                "LAYOUT_D_RECV_BYTES": dispatch_recv_bytes(r, num_experts, m, hidden, topk, use_fp8),
+                "LL_BLOCK_SIGNALS": 1,
+                "LAYOUT_C_RECV_BYTES": combine_recv_bytes(r, m, hidden, topk),
+            }
+            module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
+            fns = self._functions[key] = (module.get_function("ll_dispatch"), module.get_function("ll_combine"))
+        return fns
 
     @staticmethod
     def _ptr(a) -> np.uint64:
@@ -286,64 +247,53 @@ class LowLatencyEngine:
         ``[E_local, R*M, H]`` or ``(uint8 e4m3 [E_local, R*M, H], scales)`` with scales float32
         ``[E_local, R*M, H/128]`` (uint8 UE8M0 exponents with ``use_ue8m0``). ``handle`` =
         ``(src_info int32 [E_local, R*M], layout_range int64 [E_local, R], M, H, E, LLHandlePrivate)``.
-        With ``return_recv_hook`` only the send kernel is launched; ``hook(stream=None)`` launches
-        the receive kernel (on ``stream``, default the dispatch's stream).
+        Outputs are allocated on the current stream, kernels run on ``stream``. With
+        ``return_recv_hook`` only the send kernel is launched; ``hook(stream)`` launches the
+        receive kernel.
         """
         import cupy
         import ml_dtypes
 
-        R, rank = self.num_ranks, self.rank
+        R = self.num_ranks
         M, E = int(M), int(num_experts)
-        if x.ndim != 2 or topk_idx.ndim != 2:
-            raise ValueError("x / topk_idx: expected 2-D arrays")
         N, H = (int(v) for v in x.shape)
         K = int(topk_idx.shape[1])
         use_fp8 = bool(use_fp8)
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
         self._check_dispatch_args(N, H, K, M, E)
-        if x.dtype != np.dtype(ml_dtypes.bfloat16):
-            raise TypeError(f"x: expected bf16, got {x.dtype}")
         self._check_fits(dispatch_quarter_bytes(R, E, M, H, K, use_fp8, self.rdma), "dispatch")
         EL = E // R
-        if stats is not None and (stats.dtype != np.int32 or tuple(stats.shape) != (EL,)
-                                  or not stats.flags.c_contiguous):
-            raise ValueError(f"cumulative_local_expert_recv_stats: expected contiguous int32 [{EL}]")
-        kern = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)
-        scratch = self._scratch_d
+        kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
         half = self._d_half
         self._d_half ^= 1
         sig_off = self._sig_off(half, 0)
         data_off = self._quarter_off(half)
 
-        with stream:
-            x = cupy.ascontiguousarray(x)
-            topk_idx = cupy.ascontiguousarray(topk_idx, dtype=np.int64)
-            if use_fp8:
-                data = cupy.empty((EL, R * M, H), dtype=np.uint8)
-                scales = cupy.empty((EL, R * M, H // 128), dtype=np.uint8 if use_ue8m0 else np.float32)
-                recv_x = (data, scales)
-            else:
-                data = cupy.empty((EL, R * M, H), dtype=ml_dtypes.bfloat16)
-                scales = None
-                recv_x = data
-            src_info = cupy.empty((EL, R * M), dtype=np.int32)
-            layout_range = cupy.empty((EL, R), dtype=np.int64)
-            recv_count = cupy.empty((EL,), dtype=np.int32)
-            slot_count = cupy.empty((R,), dtype=np.int32)
-            slot_map = cupy.empty((R, M, 1 + K), dtype=np.int32)
-            dest_mask = cupy.empty((M,), dtype=np.int32)
-
-        def args(phases):
-            return (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
-                    np.int64(data_off), scratch, data, self._ptr(scales), src_info, layout_range, recv_count,
-                    self._ptr(stats), slot_count, slot_map, dest_mask, self._ptr(self.prof_dispatch),
-                    np.uint64(self.err.ptr),
-                    np.uint64(self.timeout_ns), np.int32(rank))
+        if use_fp8:
+            data = cupy.empty((EL, R * M, H), dtype=np.uint8)
+            scales = cupy.empty((EL, R * M, H // limits.FP8_BLOCK), dtype=np.uint8 if use_ue8m0 else np.float32)
+            recv_x = (data, scales)
+        else:
+            data = cupy.empty((EL, R * M, H), dtype=ml_dtypes.bfloat16)
+            scales = None
+            recv_x = data
+        src_info = cupy.empty((EL, R * M), dtype=np.int32)
+        layout_range = cupy.empty((EL, R), dtype=np.int64)
+        recv_count = cupy.empty((EL,), dtype=np.int32)
+        slot_count = cupy.empty((R,), dtype=np.int32)
+        slot_map = cupy.empty((R, M, 1 + K), dtype=np.int32)
+        dest_mask = cupy.empty((M,), dtype=np.int32)
 
         def launch(phases, on_stream):
-            with on_stream:
-                kern.dispatch((self.num_blocks,), (NUM_THREADS,), args(phases))
+            prof = self._phase_buffer("low_latency_dispatch", self.num_blocks, DISPATCH_PHASES)
+            self._launch(kernel, self.num_blocks, NUM_THREADS,
+                         (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
+                          np.int64(data_off), self._scratch_d, data, self._ptr(scales), src_info, layout_range,
+                          recv_count, self._ptr(stats), slot_count, slot_map, dest_mask, prof,
+                          np.uint64(self.status.ptr), self.timeout_ns, np.int32(self.rank)),
+                         on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
+                                     "low_latency_dispatch_recv")[phases % 3])
 
         priv = LLHandlePrivate(slot_count=slot_count, slot_map=slot_map, dest_mask=dest_mask, num_tokens=N,
                                topk=K, hidden=H, num_experts=E, m=M)
@@ -352,9 +302,9 @@ class LowLatencyEngine:
             launch(1, stream)
             keep = (x, topk_idx, stats)
 
-            def hook(on_stream=None):
+            def hook(on_stream):
                 _ = keep
-                launch(2, stream if on_stream is None else on_stream)
+                launch(2, on_stream)
 
             return recv_x, recv_count, handle, hook
         launch(3, stream)
@@ -362,18 +312,20 @@ class LowLatencyEngine:
 
     def _check_dispatch_args(self, N, H, K, M, E):
         R = self.num_ranks
-        if H <= 0 or H % 128:
-            raise ValueError(f"x: hidden size must be a positive multiple of 128, got {H}")
-        if not 1 <= K <= MAX_TOPK:
-            raise ValueError(f"topk_idx: the low-latency kernels serve 1..{MAX_TOPK} experts per token, got {K}")
-        if not 1 <= M <= MAX_TOKENS:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank: must be in 1..{MAX_TOKENS}, got {M}")
+        if H <= 0 or H % limits.FP8_BLOCK:
+            raise ValueError(f"x: hidden size must be a positive multiple of {limits.FP8_BLOCK}, got {H}")
+        if not 1 <= K <= limits.LL_MAX_TOPK:
+            raise ValueError(f"topk_idx: the low-latency kernels serve 1..{limits.LL_MAX_TOPK} experts per token, "
+                             f"got {K}")
+        if not 1 <= M <= limits.LL_MAX_TOKENS:
+            raise ValueError(f"num_max_dispatch_tokens_per_rank: must be in 1..{limits.LL_MAX_TOKENS}, got {M}")
         if N > M:
             raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank ({M})")
         if E <= 0 or E % R:
             raise ValueError(f"num_experts: must be a positive multiple of the number of ranks ({R}), got {E}")
-        if E > MAX_EXPERTS:
-            raise ValueError(f"num_experts: the low-latency kernels serve at most {MAX_EXPERTS} experts, got {E}")
+        if E > limits.LL_MAX_EXPERTS:
+            raise ValueError(f"num_experts: the low-latency kernels serve at most {limits.LL_MAX_EXPERTS} experts, "
+                             f"got {E}")
         if (E // R) * R * M >= 2 ** 31:
             raise ValueError("num_experts * num_max_dispatch_tokens_per_rank: the masked layout exceeds 2**31 rows")
 
@@ -392,68 +344,51 @@ class LowLatencyEngine:
             buf = self._combine_buffers[shape] = cupy.zeros(shape, dtype=ml_dtypes.bfloat16)
         return buf
 
-    def combine(self, x, topk_idx, topk_weights, handle, zero_copy, return_recv_hook, out, stream):
+    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream):
         """Low-latency combine. Returns ``(combined_x bf16 [N, H], hook_or_None)``; with
-        ``return_recv_hook`` the result is complete only after ``hook(stream=None)`` ran.
+        ``return_recv_hook`` the result is complete only after ``hook(stream)`` ran. Outputs are
+        allocated on the current stream, kernels run on ``stream``.
 
         Partial sums cross the link as bf16 (one extra rounding per expert rank); every
         accumulation is float32."""
         import cupy
         import ml_dtypes
 
-        if not isinstance(handle, (tuple, list)) or len(handle) < 6 or not isinstance(handle[5], LLHandlePrivate):
-            raise TypeError("handle: expected the handle returned by this Buffer's low_latency_dispatch")
         priv: LLHandlePrivate = handle[5]
-        R, rank = self.num_ranks, self.rank
+        R = self.num_ranks
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
-        EL = E // R
-        if zero_copy:
-            x = self.next_combine_buffer(handle)
-        if tuple(x.shape) != (EL, R * M, H) or x.dtype != np.dtype(ml_dtypes.bfloat16):
-            raise ValueError(f"x: expected bf16 [{EL}, {R * M}, {H}], got {x.dtype} {list(x.shape)}")
-        if tuple(topk_idx.shape) != (N, K):
-            raise ValueError(f"topk_idx: expected [{N}, {K}] like the dispatch, got {list(topk_idx.shape)}")
-        if topk_weights is None or tuple(topk_weights.shape) != (N, K):
-            raise ValueError(f"topk_weights: expected float32 [{N}, {K}]")
-        if out is not None and (tuple(out.shape) != (N, H) or out.dtype != np.dtype(ml_dtypes.bfloat16)
-                                or not out.flags.c_contiguous):
-            raise ValueError(f"out: expected contiguous bf16 [{N}, {H}]")
         self._check_fits(combine_quarter_bytes(R, M, H, K, self.rdma), "combine")
-        kern = self._get_kernels(E, H, K, M, False, False, False)
+        kernel = self._get_kernels(E, H, K, M, False, False, False)[1]
         half = self._c_half
         self._c_half ^= 1
         wsig_off, psig_off = self._sig_off(half, 1), self._sig_off(half, 2)
         data_off = self._quarter_off(2 + half)
-        with stream:
-            x = cupy.ascontiguousarray(x)
-            topk_idx = cupy.ascontiguousarray(topk_idx, dtype=np.int64)
-            topk_weights = cupy.ascontiguousarray(topk_weights, dtype=np.float32)
-            result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
-
-        def args(phases):
-            return (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table, np.int64(wsig_off),
-                    np.int64(psig_off), np.int64(data_off), self._scratch_c, priv.slot_count, priv.slot_map,
-                    priv.dest_mask, result, self._ptr(self.prof_combine), np.uint64(self.err.ptr),
-                    np.uint64(self.timeout_ns), np.int32(rank))
+        result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
 
         def launch(phases, on_stream):
-            with on_stream:
-                kern.combine((self.num_blocks,), (NUM_THREADS,), args(phases))
+            prof = self._phase_buffer("low_latency_combine", self.num_blocks, COMBINE_PHASES)
+            self._launch(kernel, self.num_blocks, NUM_THREADS,
+                         (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table,
+                          np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
+                          priv.slot_count, priv.slot_map, priv.dest_mask, result, prof, np.uint64(self.status.ptr),
+                          self.timeout_ns, np.int32(self.rank)),
+                         on_stream, ("low_latency_combine", "low_latency_combine_send",
+                                     "low_latency_combine_recv")[phases % 3])
 
         if return_recv_hook:
             launch(1, stream)
             keep = (x, topk_idx, topk_weights, priv)
 
-            def hook(on_stream=None):
+            def hook(on_stream):
                 _ = keep
-                launch(2, stream if on_stream is None else on_stream)
+                launch(2, on_stream)
 
             return result, hook
         launch(3, stream)
         return result, None
 
     # ------------------------------------------------------------------ reset
-    def clean(self, M=None, hidden=None, num_experts=None) -> None:
+    def clean(self) -> None:
         """Zeroes every signal of both halves and the engine's counters, and resets the half
         toggles (collective: every rank must call it; synchronises the device and ``comm``)."""
         import cupy
@@ -468,14 +403,5 @@ class LowLatencyEngine:
         self.comm.Barrier()
 
     def destroy(self) -> None:
-        """Drops the compiled modules (the RDMA ones are unbound from NVSHMEM)."""
-        if self.rdma:
-            from .bootstrap import nvshmem_module_finalize
-
-            for k in self._kernels.values():
-                try:
-                    nvshmem_module_finalize(k.module)
-                except Exception:  # noqa: BLE001 -- best effort at teardown
-                    pass
-        self._kernels.clear()
+        self._functions.clear()
         self._combine_buffers.clear()

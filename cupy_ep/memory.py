@@ -9,11 +9,8 @@ import ctypes
 
 import numpy as np
 
-from .errors import KERNEL_NAMES, CommTimeoutError, CupyEpError
-
-ERROR_RECORD_BYTES = 32  # the host mirror of struct ErrorRecord (kernels_cu/common.cuh)
-EP_TIMEOUT, EP_OVERFLOW = 1, 2
-
+from . import limits
+from .errors import status_error
 
 class HostMapped:
     """Pinned host memory mapped into the GPU's address space (zero-copy).
@@ -44,20 +41,21 @@ class HostMapped:
             self.ptr = 0
 
 
-class ErrorRecord:
-    """Where kernels report a wait that timed out (``struct ErrorRecord`` in common.cuh).
+class StatusRecord:
+    """Where kernels report what went wrong (``struct ErrorRecord`` in kernels_cu/status.cuh).
 
-    The record kernels receive (``.ptr``) is in device memory; the reporting thread
-    claims it with a device atomic and copies its report into a host-mapped mirror,
-    which the host reads without synchronising.
+    The record kernels receive (``.ptr``) is in device memory; the reporting thread claims it
+    with a device atomic and copies its report into a host-mapped mirror, which the host reads
+    without synchronising (:attr:`status`). :meth:`take` turns a report into the exception to
+    raise; every report but a timeout is then cleared, so that the Buffer stays usable.
     """
 
     def __init__(self):
         import cupy
 
-        self._mirror = HostMapped(ERROR_RECORD_BYTES)
-        self.fields = self._mirror.view(np.int32, 8)  # status, kernel, rank, peer, detail
-        self._device = cupy.zeros(2, dtype=cupy.uint64)  # claimed+pad, host mirror address
+        self._mirror = HostMapped(limits.STATUS_RECORD_INTS * 4)
+        self.fields = self._mirror.view(np.int32, limits.STATUS_RECORD_INTS)
+        self._device = cupy.zeros(2, dtype=cupy.uint64)  # claimed + pad, host mirror address
         self._device[1] = self._mirror.ptr
         cupy.cuda.get_current_stream().synchronize()
 
@@ -65,18 +63,27 @@ class ErrorRecord:
     def ptr(self) -> int:
         return int(self._device.data.ptr)
 
-    def check(self) -> None:
-        """Raise the recorded device error, if any."""
-        status, kernel, rank, peer, detail = (int(v) for v in self.fields[:5])
-        if status == 0:
-            return
-        name = KERNEL_NAMES.get(kernel, f"kernel {kernel}")
-        if status == EP_TIMEOUT:
-            raise CommTimeoutError(name, rank, peer, "the Buffer must be destroyed and recreated")
-        if status == EP_OVERFLOW:
-            raise CupyEpError(f"{name} on rank {rank}: more rows arrived than the output can hold "
-                              f"({detail}); raise num_worst_tokens")
-        raise CupyEpError(f"{name} on rank {rank}: device error status {status}")
+    @property
+    def status(self) -> int:
+        """The reported status (0: none), read from the host mirror without synchronising."""
+        return int(self.fields[0])
+
+    def take(self):
+        """The exception for the reported status (None when nothing was reported). Waits for the
+        device first, so that the report is complete; clears every report but a timeout."""
+        import cupy
+
+        if self.status == limits.ST_OK:
+            return None
+        cupy.cuda.runtime.deviceSynchronize()
+        status, kernel, rank, peer, detail, detail2, channel = (int(v) for v in self.fields[:7])
+        error = status_error(status, limits.KERNEL_NAMES.get(kernel, f"kernel {kernel}"), rank, peer, detail,
+                             detail2, channel)
+        if status != limits.ST_TIMEOUT:
+            self.fields[:] = 0
+            cupy.cuda.runtime.memset(self.ptr, 0, 8)
+            cupy.cuda.runtime.deviceSynchronize()
+        return error
 
     def free(self) -> None:
         self._device = None
@@ -129,7 +136,7 @@ class SymmetricBuffer:
 
         from .bootstrap import init_nvshmem, nvshmem_peer_ptrs
 
-        init_nvshmem(comm, device_id)
+        init_nvshmem(comm, device_id, num_bytes)
         import nvshmem.core.interop.cupy as nvcupy
 
         self.num_bytes = num_bytes

@@ -16,13 +16,19 @@ with a message that starts with the argument's name, e.g.
 ``"topk_idx: expected int64 or int32, got float32"``. Checks return what they found
 (sizes, flags) so that callers need not read it again.
 
-This module imports NumPy and ml_dtypes only (never CuPy).
+Checks that depend on a buffer layout (``check_normal_capacity``, ``check_ll_capacity``) read
+the layout formulas of the GPU engines (pure Python), so that the reference backend refuses
+exactly what the GPU would.
+
+This module imports NumPy, ml_dtypes and cupy_ep's pure-Python modules only (never CuPy).
 """
 
 import numbers
 
 import ml_dtypes
 import numpy as np
+
+from . import limits
 
 __all__ = [
     "BF16_DTYPE", "FP8_DTYPE", "FP8_BLOCK",
@@ -31,7 +37,9 @@ __all__ = [
     "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
     "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
-    "check_ll_combine_args", "check_out",
+    "check_ll_combine_args", "check_out", "check_buffer_args", "check_internode_args", "check_layout_call",
+    "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
+    "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
 ]
 
 #: bf16 dtype (``ml_dtypes.bfloat16``; CuPy 14 uses the same dtype object).
@@ -39,7 +47,7 @@ BF16_DTYPE = np.dtype(ml_dtypes.bfloat16)
 #: FP8 e4m3fn dtype of the NumPy side (CuPy carries the same bit patterns as ``uint8``).
 FP8_DTYPE = np.dtype(ml_dtypes.float8_e4m3fn)
 #: Channels per FP8 scale.
-FP8_BLOCK = 128
+FP8_BLOCK = limits.FP8_BLOCK
 
 _INDEX_DTYPES = (np.dtype(np.int64), np.dtype(np.int32))
 _F32 = np.dtype(np.float32)
@@ -161,15 +169,24 @@ def check_topk_idx(topk_idx, num_tokens=None, name="topk_idx"):
 
 
 def check_topk_range(topk_idx, num_experts, name="topk_idx"):
-    """Check that every value of ``topk_idx`` lies in ``[-1, num_experts)`` (synchronises CuPy)."""
+    """Check that every value of ``topk_idx`` lies in ``[-1, num_experts)`` (synchronises CuPy).
+
+    The message names the first bad id and its token, as the GPU's device report does."""
     mm = _min_max(topk_idx)
     if mm is None:
         return
     lo, hi = mm
     if lo < -1 or hi >= num_experts:
-        bad = lo if lo < -1 else hi
+        value = lo if lo < -1 else hi
+        where = ""
+        try:   # the first bad slot, with the array's own operations (NumPy or CuPy)
+            flat = int(((topk_idx < -1) | (topk_idx >= num_experts)).reshape(-1).argmax())
+            value = int(topk_idx.reshape(-1)[flat])
+            where = f" of token {flat // (int(topk_idx.shape[1]) if topk_idx.ndim == 2 else 1)}"
+        except (AttributeError, TypeError):
+            pass
         raise ValueError(
-            f"{name}: expert ids must be in [-1, {num_experts}) (-1 = no expert), found {bad}")
+            f"{name}: expert id {value}{where} is outside [-1, {num_experts}) (-1 = no expert)")
 
 
 def check_topk_weights(topk_weights, topk_idx, name="topk_weights"):
@@ -331,21 +348,47 @@ def check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_ex
 
     ``x`` bf16 ``[N, H]`` with ``H % 128 == 0``; ``N <= M``; ``topk_idx`` int64/int32
     ``[N, K]`` with values in ``[-1, E)`` (value check skipped when ``check_values=False``);
-    ``E % R == 0``.
+    ``E % R == 0``; the low-latency kernels' limits (``cupy_ep.limits``): ``K <= LL_MAX_TOPK``,
+    ``M <= LL_MAX_TOKENS``, ``E <= LL_MAX_EXPERTS``, ``E_local * R * M < 2**31``.
 
     Returns:
         ``(num_tokens, hidden, num_topk, num_local_experts)``.
     """
-    m = check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+    m = check_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank", 1)
+    if m > limits.LL_MAX_TOKENS:
+        raise ValueError(f"num_max_dispatch_tokens_per_rank: must be in 1..{limits.LL_MAX_TOKENS}, got {m}")
     e_local = check_num_experts(num_experts, num_ranks)
+    if num_experts > limits.LL_MAX_EXPERTS:
+        raise ValueError(f"num_experts: the low-latency kernels serve at most {limits.LL_MAX_EXPERTS} experts, "
+                         f"got {num_experts}")
+    if e_local * int(num_ranks) * m >= 2 ** 31:
+        raise ValueError("num_experts * num_max_dispatch_tokens_per_rank: the masked layout exceeds 2**31 rows")
     _, n, h = check_x(x, "x", require_fp8_hidden=True, allow_fp8=False)
     if n > m:
         raise ValueError(
             f"x: {n} tokens exceed num_max_dispatch_tokens_per_rank ({m})")
     _, k = check_topk_idx(topk_idx, n)
+    if k > limits.LL_MAX_TOPK:
+        raise ValueError(f"topk_idx: the low-latency kernels serve 1..{limits.LL_MAX_TOPK} experts per token, "
+                         f"got {k}")
+    _check_ll_kernel_fit(int(num_ranks), int(num_experts), m, h, k)
     if check_values:
         check_topk_range(topk_idx, num_experts)
     return n, h, k, e_local
+
+
+def _check_ll_kernel_fit(num_ranks, num_experts, m, hidden, num_topk):
+    """What the low-latency kernels' static shared memory and int32 offsets can hold (the
+    static_asserts of kernels_cu/low_latency.cu, so that the host refuses instead of the compiler):
+    the receive phase keeps ``R + 1 + E + E/R`` ints, the send phase 12 bytes per rank; work
+    units ``R * M * max(K, ceil(H / 512))`` are numbered in int32."""
+    smem = max(4 * (num_ranks + 1 + num_experts + num_experts // num_ranks), 12 * num_ranks + 16 * 32 + 16)
+    if smem > 48 * 1024 - 64:
+        raise ValueError(f"num_experts: {num_experts} experts over {num_ranks} ranks do not fit the low-latency "
+                         f"kernels' shared memory ({smem} bytes of {48 * 1024 - 64})")
+    if num_ranks * m * max(num_topk, -(-hidden // 512)) >= 2 ** 31:
+        raise ValueError("num_max_dispatch_tokens_per_rank: num_ranks * M * max(top-k, hidden / 512) must stay "
+                         "below 2**31 for the low-latency kernels")
 
 
 def check_ll_handle(handle, num_ranks, name="handle"):
@@ -368,14 +411,19 @@ def check_ll_handle(handle, num_ranks, name="handle"):
 def check_ll_combine_args(x, topk_idx, topk_weights, handle, num_ranks, out=None, check_values=True):
     """Check the arguments of ``low_latency_combine``.
 
-    ``x`` bf16 ``[E_local, R*M, H]`` with ``H`` the dispatch's hidden size; ``topk_idx``
-    ``[N, K]`` with ``N <= M`` and values in ``[-1, E)``; ``topk_weights`` float32 ``[N, K]``;
-    ``out`` None or bf16 ``[N, H]``.
+    ``x`` bf16 ``[E_local, R*M, H]`` with ``H`` the dispatch's hidden size; ``topk_idx`` and
+    ``topk_weights`` (float32) ``[N, K]`` with the dispatch's N and K (``handle[5].num_tokens``,
+    ``handle[5].topk``) and values in ``[-1, E)``; ``out`` None or bf16 ``[N, H]``.
 
     Returns:
         ``(num_tokens, hidden, num_topk)``.
     """
     _, _, m, h, e = check_ll_handle(handle, num_ranks)
+    private = handle[5] if len(handle) > 5 else None
+    if not (hasattr(private, "num_tokens") and hasattr(private, "topk")):
+        raise TypeError("handle: expected the handle returned by low_latency_dispatch (its 6 items; "
+                        "handle[5] carries the dispatch's number of tokens and top-k width)")
+    want_n, want_k = int(private.num_tokens), int(private.topk)
     e_local = e // num_ranks
     if not is_array(x):
         raise TypeError(f"x: expected a bf16 array, got {type(x).__name__}")
@@ -383,8 +431,9 @@ def check_ll_combine_args(x, topk_idx, topk_weights, handle, num_ranks, out=None
         raise TypeError(f"x: expected bf16 (ml_dtypes.bfloat16), got {_dtype_name(x.dtype)}")
     check_array(x, "x", shape=(e_local, num_ranks * m, h))
     n, k = check_topk_idx(topk_idx)
-    if n > m:
-        raise ValueError(f"topk_idx: {n} tokens exceed num_max_dispatch_tokens_per_rank ({m})")
+    if (n, k) != (want_n, want_k):
+        raise ValueError(f"topk_idx: expected shape [{want_n}, {want_k}] (the num_tokens and top-k of the dispatch "
+                         f"that made handle), got {[n, k]}")
     if check_values:
         check_topk_range(topk_idx, e)
     if topk_weights is None:
@@ -392,3 +441,164 @@ def check_ll_combine_args(x, topk_idx, topk_weights, handle, num_ranks, out=None
     check_topk_weights(topk_weights, topk_idx)
     check_out(out, (n, h))
     return n, h, k
+
+
+# --------------------------------------------------------------------------- Buffer and normal mode
+def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode):
+    """Check the Buffer's sizes: ints >= 0; ``low_latency_mode`` needs ``num_rdma_bytes > 0``."""
+    check_int(num_nvl_bytes, "num_nvl_bytes", 0)
+    check_int(num_rdma_bytes, "num_rdma_bytes", 0)
+    if low_latency_mode and num_rdma_bytes == 0:
+        raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
+
+
+def check_internode_args(num_rdma_ranks, num_rdma_bytes):
+    """Normal mode across ``num_rdma_ranks`` NVLink domains: a symmetric buffer is needed, and at
+    most ``MAX_RDMA_RANKS`` domains are served."""
+    if num_rdma_ranks > limits.MAX_RDMA_RANKS:
+        raise ValueError(f"num_nvl_peers: the normal mode serves at most {limits.MAX_RDMA_RANKS} NVLink domains, "
+                         f"got {num_rdma_ranks}")
+    if num_rdma_bytes == 0:
+        raise ValueError(f"num_rdma_bytes: the ranks span {num_rdma_ranks} NVLink domains; the normal mode needs an "
+                         "NVSHMEM buffer between them (Buffer.get_rdma_buffer_size_hint)")
+
+
+def check_layout_call(topk_idx, num_experts, num_ranks):
+    """Check the arguments of ``get_dispatch_layout``; returns ``(num_tokens, num_topk)``."""
+    check_num_experts(num_experts, num_ranks)
+    if num_experts > limits.MAX_EXPERTS:
+        raise ValueError(f"num_experts: the normal mode serves at most {limits.MAX_EXPERTS} experts, got {num_experts}")
+    n, k = check_topk_idx(topk_idx)
+    if k > limits.MAX_NORMAL_TOPK:
+        raise ValueError(f"topk_idx: the normal mode serves at most {limits.MAX_NORMAL_TOPK} top-k columns, got {k}")
+    return n, k
+
+
+def check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                          num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+                          num_ranks, num_rdma_ranks):
+    """Shapes and types of a non-cached ``dispatch`` (values are checked by the backends: the GPU
+    on the device, the reference on the host). Returns ``num_experts``."""
+    if num_tokens_per_rdma_rank is not None and num_rdma_ranks == 1:
+        raise ValueError("num_tokens_per_rdma_rank: must be None inside one NVLink domain")
+    num_experts = check_layout_args(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_tokens,
+                                    num_ranks, num_tokens_per_rdma_rank, num_rdma_ranks, check_values=False)
+    if num_experts > limits.MAX_EXPERTS:
+        raise ValueError(f"num_tokens_per_expert: the normal mode serves at most {limits.MAX_EXPERTS} experts, "
+                         f"got {num_experts}")
+    if topk_idx is not None:
+        _, k = check_topk_idx(topk_idx, num_tokens)
+        if k > limits.MAX_NORMAL_TOPK:
+            raise ValueError(f"topk_idx: the normal mode serves at most {limits.MAX_NORMAL_TOPK} top-k columns, "
+                             f"got {k}")
+        if topk_weights is None:
+            raise ValueError("topk_weights: required with topk_idx")
+        check_topk_weights(topk_weights, topk_idx)
+    elif topk_weights is not None:
+        raise ValueError("topk_weights: given without topk_idx")
+    check_expert_alignment(expert_alignment)
+    check_num_worst_tokens(num_worst_tokens)
+    return num_experts
+
+
+def check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens=0):
+    """A cached ``dispatch`` (``handle`` given): the same ``[N, H]`` as the handle's dispatch, no
+    new routing, and the handle's number of rows."""
+    if topk_idx is not None:
+        raise ValueError("topk_idx: must be None in a cached dispatch (handle given)")
+    if topk_weights is not None:
+        raise ValueError("topk_weights: must be None in a cached dispatch (handle given)")
+    if num_tokens != handle.num_tokens or hidden != handle.hidden:
+        raise ValueError(f"x: the cached handle was made for [{handle.num_tokens}, {handle.hidden}], "
+                         f"got [{num_tokens}, {hidden}]")
+    check_num_worst_tokens(num_worst_tokens)
+    if num_worst_tokens not in (0, handle.num_rows):
+        raise ValueError(f"num_worst_tokens: a cached dispatch has the rows of its handle ({handle.num_rows}), "
+                         f"got {num_worst_tokens}")
+
+
+def check_normal_combine(x, handle, topk_weights, bias):
+    """``combine``: ``x`` bf16 ``[handle rows, H]``; optional float32 weights ``[handle rows, K]``
+    with the dispatch's K (a dispatch without ``topk_idx`` takes none); biases bf16 ``[N, H]``.
+    Returns the bias arrays present (a tuple)."""
+    check_x(x, "x", allow_fp8=False, num_tokens=handle.num_rows)
+    if x.shape[1] != handle.hidden:
+        raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {x.shape[1]}")
+    if topk_weights is not None:
+        if handle.num_topk == 0:
+            raise ValueError("topk_weights: the dispatch that made handle had no topk_idx")
+        check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
+    return check_bias(bias, handle.num_tokens, handle.hidden)
+
+
+def check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes):
+    """The buffers hold ``num_tokens`` tokens of ``hidden`` channels per rank (the GPU's layouts)."""
+    from .intranode import slot_layout
+
+    if num_nvl_ranks == num_ranks:
+        capacity = slot_layout(num_nvl_bytes, num_ranks, hidden, num_topk).capacity
+        if num_tokens > capacity:
+            raise ValueError(f"x: {num_tokens} tokens do not fit the NVLink buffer (room for {capacity} per rank at "
+                             f"hidden {hidden}); raise num_nvl_bytes (get_nvl_buffer_size_hint)")
+        return
+    from .internode import rdma_capacity
+
+    capacity = rdma_capacity(num_rdma_bytes, hidden, num_ranks, num_nvl_ranks, num_topk)
+    if num_tokens > capacity:
+        raise ValueError(f"x: {num_tokens} tokens do not fit the NVSHMEM buffer (room for {capacity} per rank at "
+                         f"hidden {hidden}); raise num_rdma_bytes (get_rdma_buffer_size_hint)")
+
+
+def check_ll_capacity(num_rdma_bytes, num_ranks, num_experts, m, hidden):
+    """The low-latency buffer holds ``m`` tokens per rank of ``hidden`` channels for ``num_experts``
+    experts (the GPU's layout, whatever the transport)."""
+    from .low_latency import LowLatencyEngine
+
+    need = LowLatencyEngine.size_hint(m, hidden, num_ranks, num_experts)
+    if num_rdma_bytes < need:
+        raise ValueError(f"num_rdma_bytes: {num_rdma_bytes} bytes are too small for {m} tokens per rank of hidden "
+                         f"{hidden} and {num_experts} experts ({need} needed: get_low_latency_rdma_size_hint)")
+
+
+def check_buffer_topology(num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_ranks, num_nvl_ranks):
+    """What a Buffer's modes need from its topology (after :func:`check_buffer_args`): the normal
+    mode serves NVLink domains of at most ``MAX_NVL_PEERS`` ranks and, across several domains
+    without ``low_latency_mode``, needs a symmetric buffer (:func:`check_internode_args`); the
+    low-latency mode serves at most ``LL_MAX_RANKS`` ranks."""
+    num_rdma_ranks = num_ranks // num_nvl_ranks
+    if num_nvl_bytes > 0 and num_nvl_ranks > limits.MAX_NVL_PEERS:
+        raise ValueError(f"num_nvl_peers: the normal mode serves NVLink domains of at most "
+                         f"{limits.MAX_NVL_PEERS} ranks, got {num_nvl_ranks}")
+    if num_nvl_bytes > 0 and num_rdma_ranks > 1 and not low_latency_mode:
+        check_internode_args(num_rdma_ranks, num_rdma_bytes)
+    if low_latency_mode and not 1 <= num_ranks <= limits.LL_MAX_RANKS:
+        raise ValueError(f"comm: the low-latency kernels serve 1..{limits.LL_MAX_RANKS} ranks, got {num_ranks}")
+
+
+def check_config(config, num_nvl_ranks):
+    """A normal-mode ``config``: None (the default) or a :class:`cupy_ep.Config` with at least one
+    warp per rank of the NVLink domain. Returns it."""
+    if config is None:
+        return None
+    from .config import Config
+
+    if not isinstance(config, Config):
+        raise TypeError(f"config: expected a cupy_ep.Config, got {type(config).__name__}")
+    if config.num_threads // 32 < num_nvl_ranks:
+        raise ValueError(f"config: num_threads {config.num_threads} gives fewer warps than the "
+                         f"{num_nvl_ranks} ranks of a domain (blocks serve each peer with at least one warp)")
+    return config
+
+
+def normal_recv_capacity(num_nvl_bytes, num_ranks, num_nvl_ranks, hidden, num_topk):
+    """Rows a rank can receive in one normal-mode dispatch, None when unbounded by the layout.
+
+    Inside one NVLink domain the staging slots bound what each rank sends
+    (:func:`check_normal_capacity`), not what it receives: None. Across domains every row a rank
+    receives lands in its NVLink buffer (``cupy_ep.internode.nvl_layout``); more rows make the
+    GPU drop the excess and report :class:`cupy_ep.errors.TokenOverflowError`."""
+    if num_nvl_ranks == num_ranks:
+        return None
+    from .internode import nvl_layout
+
+    return int(nvl_layout(num_nvl_bytes, num_ranks, num_nvl_ranks, hidden, num_topk)["NVL_ROWS"])

@@ -1,60 +1,62 @@
 // Normal (high-throughput) dispatch and combine inside one NVLink domain.
 //
-// Every rank owns one NVLink buffer, opened by all peers through CUDA IPC. Its
-// layout (offsets come from cupy_ep/intranode.py as constants):
-//   OFF_ARRIVALS       int[MAX_RANKS]    barrier arrivals from each peer
-//   OFF_EPOCH          int               this rank's barrier count
-//   OFF_NOTIFY_FLAGS   int[MAX_RANKS]    notify data from peer p is ready (= epoch)
-//   OFF_DISPATCH_TAILS u64[MAX_CHANNELS][MAX_RANKS]  rows arrived per (channel, source)
-//   OFF_COMBINE_TAILS  u64[MAX_CHANNELS][MAX_RANKS]
-//   OFF_NOTIFY         per source: count, channel prefix, per-expert counts
+// Every rank owns one NVLink buffer, opened by all peers through CUDA IPC. Its layout (offsets
+// come from cupy_ep/intranode.py as constants):
+//   OFF_ARRIVALS       int[MAX_NVL_PEERS]  barrier arrivals from each peer
+//   OFF_EPOCH          int                 this rank's barrier count
+//   OFF_NOTIFY_FLAGS   int[MAX_NVL_PEERS]  notify data from peer p is ready (= epoch)
+//   OFF_DISPATCH_TAILS u64[MAX_CHANNELS][MAX_NVL_PEERS]  rows arrived per (channel, source)
+//   OFF_COMBINE_TAILS  u64[MAX_CHANNELS][MAX_NVL_PEERS]
+//   OFF_NOTIFY         per source: a notify slot (see "Notify slot" below)
 //   OFF_DATA           per source: a staging slot of CAP rows
-// A token's rows in a staging slot sit at its position in the (source -> this
-// rank) stream, which is also its order in recv_x, so each slot is a mirror of
-// the rows recv_x receives from that source. Tails are (epoch << 32 | rows),
-// so stale values from earlier calls never satisfy a wait and nothing needs
-// resetting (safe under CUDA graph replay).
+// A token's rows in a staging slot sit at its position in the (source -> this rank) stream,
+// which is also its order in recv_x, so each slot is a mirror of the rows recv_x receives from
+// that source and senders never wait for receivers. Tails are tagged (epoch << 32 | rows), so
+// stale values from earlier calls never satisfy a wait and nothing needs resetting (safe under
+// CUDA-graph replay).
 //
-// Blocks 0..NUM_CHANNELS-1 send, one channel each; the NUM_RECEIVERS blocks
-// after them receive, channels c = r, r + NUM_RECEIVERS, ... each. Channel c of
-// a rank with n tokens covers tokens [n*c/C, n*(c+1)/C). Receivers never hold
-// senders back (slots hold whole streams), so there may be fewer of them.
+// Blocks 0..NUM_CHANNELS-1 send, one channel each; the NUM_RECEIVERS blocks after them
+// receive, channels c = r, r + NUM_RECEIVERS, ... each. Channel c of a rank with n tokens covers
+// tokens [n*c/C, n*(c+1)/C).
 //
 // Compile-time constants (KERNEL_* select which kernels the module holds):
-//   NUM_RANKS MAX_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  layout offsets (OFF_*)
-//   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W
+//   NUM_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  layout offsets (OFF_*, NOTIFY_*)
+//   notify:   IDX_BYTES (topk_idx element size; 0: no topk_idx)  TOPK
+//   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W CHUNK
 //   combine:  HIDDEN_INT4 TOPK NUM_BIAS SLOT_BYTES CSLOT_OFF_W
-// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 MAX_RANKS=8 NUM_CHANNELS=12 NUM_RECEIVERS=12 NUM_THREADS=512 E_LOCAL=64 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=896 NUM_SCALES=0 TOPK=8 SLOT_BYTES=60000000 SLOT_OFF_SCALES=58720256 SLOT_OFF_IDX=58720256 SLOT_OFF_W=58982400 HIDDEN_INT4=896 NUM_BIAS=2 CSLOT_OFF_W=58720256
-// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=3 MAX_RANKS=8 NUM_CHANNELS=4 NUM_RECEIVERS=3 NUM_THREADS=256 E_LOCAL=3 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=180 NUM_SCALES=23 TOPK=9 SLOT_BYTES=1000000 SLOT_OFF_SCALES=368640 SLOT_OFF_IDX=460800 SLOT_OFF_W=534528 HIDDEN_INT4=360 NUM_BIAS=0 CSLOT_OFF_W=737280
-// @constants KERNEL_NOTIFY=0 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=8 MAX_RANKS=8 NUM_CHANNELS=16 NUM_RECEIVERS=8 NUM_THREADS=768 E_LOCAL=32 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=32768 NOTIFY_CHAN=4 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=448 NUM_SCALES=0 TOPK=0 SLOT_BYTES=1000000 SLOT_OFF_SCALES=0 SLOT_OFF_IDX=0 SLOT_OFF_W=0 HIDDEN_INT4=448 NUM_BIAS=1 CSLOT_OFF_W=0
-#include "common.cuh"
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_CHANNELS=12 NUM_RECEIVERS=12 NUM_THREADS=1024 E_LOCAL=64 IDX_BYTES=8 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=36864 NOTIFY_ROW=8 NOTIFY_CHAN=16 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=896 NUM_SCALES=0 TOPK=8 SLOT_BYTES=60000000 SLOT_OFF_SCALES=58720256 SLOT_OFF_IDX=58720256 SLOT_OFF_W=58982400 HIDDEN_INT4=896 NUM_BIAS=2 CSLOT_OFF_W=58720256 CHUNK=32
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=3 NUM_CHANNELS=4 NUM_RECEIVERS=3 NUM_THREADS=256 E_LOCAL=3 IDX_BYTES=4 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=36864 NOTIFY_ROW=8 NOTIFY_CHAN=16 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=180 NUM_SCALES=23 TOPK=9 SLOT_BYTES=1000000 SLOT_OFF_SCALES=368640 SLOT_OFF_IDX=460800 SLOT_OFF_W=534528 HIDDEN_INT4=360 NUM_BIAS=0 CSLOT_OFF_W=737280 CHUNK=1
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=8 NUM_CHANNELS=16 NUM_RECEIVERS=8 NUM_THREADS=768 E_LOCAL=32 IDX_BYTES=0 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=36864 NOTIFY_ROW=8 NOTIFY_CHAN=16 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=448 NUM_SCALES=0 TOPK=0 SLOT_BYTES=1000000 SLOT_OFF_SCALES=0 SLOT_OFF_IDX=0 SLOT_OFF_W=0 HIDDEN_INT4=448 NUM_BIAS=1 CSLOT_OFF_W=0 CHUNK=24
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_CHANNELS=12 NUM_RECEIVERS=12 NUM_THREADS=1024 E_LOCAL=64 IDX_BYTES=8 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_NOTIFY_FLAGS=128 OFF_DISPATCH_TAILS=4096 OFF_COMBINE_TAILS=8192 OFF_NOTIFY=16384 NOTIFY_SLOT_BYTES=36864 NOTIFY_ROW=8 NOTIFY_CHAN=16 NOTIFY_EXPERT=128 OFF_DATA=1048576 X_ROW_INT4=896 NUM_SCALES=0 TOPK=8 SLOT_BYTES=60000000 SLOT_OFF_SCALES=58720256 SLOT_OFF_IDX=58720256 SLOT_OFF_W=58982400 HIDDEN_INT4=896 NUM_BIAS=2 CSLOT_OFF_W=58720256 CHUNK=32 CHAOS=1
+#include "normal.cuh"
 
 #define NUM_WARPS (NUM_THREADS / 32)
 #define FULL_MASK 0xffffffffu
-#define KID_NOTIFY 1
-#define KID_DISPATCH 2
-#define KID_COMBINE 3
 #define COPY_UNROLL 4
 #define COMBINE_UNROLL 2
 #define COMBINE_ROWS_PER_WARP 2
 
-__device__ __forceinline__ int channel_begin(int num_tokens, int c) {
-    return (int)(((i64)num_tokens * c) / NUM_CHANNELS);
-}
+static_assert(NUM_RANKS <= MAX_NVL_PEERS && NUM_RANKS <= 32, "one NVLink domain: at most MAX_NVL_PEERS ranks");
+static_assert(NUM_CHANNELS <= MAX_CHANNELS, "at most MAX_CHANNELS channels");
+
+// Notify slot (int32), written by source s into each destination's buffer:
+//   [0] rows for you   [1] my input was bad   [2] my num_worst_tokens (0: none)
+//   [NOTIFY_ROW + r]      my rows for every rank r (everyone learns every rank's total)
+//   [NOTIFY_CHAN + c]     prefix over my channels of the rows for you (C + 1 entries)
+//   [NOTIFY_EXPERT + j]   (token, slot) selections of your local expert j
+#define NS_COUNT 0
+#define NS_BAD 1
+#define NS_WORST 2
 
 __device__ __forceinline__ u64* tail_ptr(char* base, int offset, int channel, int src) {
-    return reinterpret_cast<u64*>(base + offset) + channel * MAX_RANKS + src;
+    return reinterpret_cast<u64*>(base + offset) + channel * MAX_NVL_PEERS + src;
 }
 
-__device__ __forceinline__ char* slot_ptr(char* base, int src) {
-    return base + OFF_DATA + (i64)src * SLOT_BYTES;
-}
+__device__ __forceinline__ char* slot_ptr(char* base, int src) { return base + OFF_DATA + (i64)src * SLOT_BYTES; }
 
 __device__ __forceinline__ int* notify_slot(char* base, int src) {
     return reinterpret_cast<int*>(base + OFF_NOTIFY + src * NOTIFY_SLOT_BYTES);
 }
-
-__device__ __forceinline__ u64 tagged(int epoch, int count) { return ((u64)(u32)epoch << 32) | (u32)count; }
 
 // Loads the peer table into shared memory (all threads call it).
 __device__ __forceinline__ void load_peers(const u64* table, char** s_peer) {
@@ -75,52 +77,120 @@ __device__ __forceinline__ SourceWarps source_warps(int warp) {
     return s;
 }
 
-// ---------------------------------------------------------------------------
-// Barrier kernel (one block): run before kernels that write into peers'
-// buffers without a notify step (cached dispatch, combine).
-// ---------------------------------------------------------------------------
+// Runs the domain barrier of a kernel's block 0 and returns the new epoch (0 on timeout).
+__device__ __forceinline__ int domain_barrier(char* const* s_peer, int rank, const WaitCtx& w) {
+    __shared__ int* s_arrivals[NUM_RANKS];
+    if (threadIdx.x < NUM_RANKS) s_arrivals[threadIdx.x] = reinterpret_cast<int*>(s_peer[threadIdx.x] + OFF_ARRIVALS);
+    __syncthreads();
+    char* me = s_peer[rank];
+    return group_barrier(s_arrivals, reinterpret_cast<int*>(me + OFF_ARRIVALS), reinterpret_cast<int*>(me + OFF_EPOCH),
+                         rank, NUM_RANKS, w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Barrier kernel (one block): run before kernels that write into peers' buffers without a
+// notify step (cached dispatch, combine).
+// ---------------------------------------------------------------------------------------------
 extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, ErrorRecord* err, u64 timeout_ns,
                                                 int kernel_id) {
     __shared__ char* s_peer[NUM_RANKS];
-    __shared__ int* s_arrivals[NUM_RANKS];
     load_peers(peers, s_peer);
-    if (threadIdx.x < NUM_RANKS) s_arrivals[threadIdx.x] = reinterpret_cast<int*>(s_peer[threadIdx.x] + OFF_ARRIVALS);
-    __syncthreads();
-    const WaitCtx w = make_wait_ctx(err, timeout_ns, kernel_id, rank);
-    char* me = s_peer[rank];
-    group_barrier(s_arrivals, reinterpret_cast<int*>(me + OFF_ARRIVALS), reinterpret_cast<int*>(me + OFF_EPOCH),
-                  rank, NUM_RANKS, w);
+    domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank));
 }
 
 #if KERNEL_NOTIFY
-// ---------------------------------------------------------------------------
-// Notify (one block): barrier, then tell every peer how many rows it gets from
-// this rank (per channel and per local expert), then read what peers sent and
-// compute where each source's rows start in recv_x.
-// host_out (host-mapped): [0] = ready_value once the rest is written, [1] rows received, [2 + j] rows for
-// local expert j rounded up to expert_alignment.
+#if IDX_BYTES == 8
+typedef i64 idx_t;
+#else
+typedef int idx_t;
+#endif
+
+// Checks this rank's routing arrays against each other and against topk_idx (when given), as
+// the reference backend does on the host. Reports the first problem found; returns true if any.
+__device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const idx_t* __restrict__ topk_idx,
+                                               const u8* __restrict__ is_token_in_rank,
+                                               const int* __restrict__ num_tokens_per_rank,
+                                               const int* __restrict__ num_tokens_per_expert,
+                                               const int (*s_chan)[NUM_CHANNELS + 1], ErrorRecord* err) {
+    constexpr int E = E_LOCAL * NUM_RANKS;
+    __shared__ int s_bad;
+    if (threadIdx.x == 0) s_bad = 0;
+    __syncthreads();
+    if (threadIdx.x < NUM_RANKS && s_chan[threadIdx.x][NUM_CHANNELS] != num_tokens_per_rank[threadIdx.x]) {
+        record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 0, threadIdx.x);
+        s_bad = 1;
+    }
+#if IDX_BYTES > 0
+    __shared__ int s_expert[E];
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS) s_expert[e] = 0;
+    __syncthreads();
+    for (int t = threadIdx.x; t < num_tokens; t += NUM_THREADS) {
+        u32 ranks = 0;
+        for (int k = 0; k < TOPK; ++k) {
+            const i64 e = (i64)topk_idx[(i64)t * TOPK + k];
+            if (e == -1) continue;
+            if (e < -1 || e >= E) {
+                record_error(err, ST_BAD_EXPERT, KID_NOTIFY_DISPATCH, rank, -1, (int)e, t);
+                s_bad = 1;
+                continue;
+            }
+            atomicAdd(&s_expert[e], 1);
+            ranks |= 1u << ((int)e / E_LOCAL);
+        }
+        for (int r = 0; r < NUM_RANKS; ++r) {
+            if (((ranks >> r) & 1u) != (u32)(is_token_in_rank[(i64)t * NUM_RANKS + r] != 0)) {
+                record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 1, t);
+                s_bad = 1;
+            }
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS) {
+        if (s_expert[e] != num_tokens_per_expert[e]) {
+            record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 2, e);
+            s_bad = 1;
+        }
+    }
+#else
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS) {
+        if (num_tokens_per_expert[e] < 0) {
+            record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 2, e);
+            s_bad = 1;
+        }
+    }
+#endif
+    __syncthreads();
+    return s_bad != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Notify (one block): barrier; count this rank's rows per (destination, channel); check the
+// routing; tell every peer its counts, this rank's counts for everyone and whether the input
+// was bad; then read what peers sent and compute where each source's rows start in recv_x.
+// A call any rank had bad input for is cancelled on every rank (call_status = 1, nothing is
+// sent); with num_worst_tokens, a rank that would receive more rows than allowed is known to
+// every rank, which all report it (ST_OVERFLOW).
 // rank_prefix: [R + 1], rank_prefix[R] = rows received.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restrict__ num_tokens_per_rank,
                 const int* __restrict__ num_tokens_per_expert, const u8* __restrict__ is_token_in_rank,
-                int expert_alignment, int num_worst_tokens, int* __restrict__ rank_prefix,
-                int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix, volatile int* host_out,
-                ErrorRecord* err, u64 timeout_ns, int ready_value) {
+                const idx_t* __restrict__ topk_idx, int expert_alignment, int num_worst_tokens,
+                int* __restrict__ rank_prefix, int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix,
+                int* __restrict__ call_status, volatile int* host_out, ErrorRecord* err, u64 timeout_ns,
+                int ready_value) {
     __shared__ char* s_peer[NUM_RANKS];
-    __shared__ int* s_arrivals[NUM_RANKS];
     __shared__ int s_chan[NUM_RANKS][NUM_CHANNELS + 1];
     __shared__ int s_ok;
+    __shared__ int s_bad_rank, s_over_rank;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int CP = NUM_CHANNELS + 1;
 
+    if (tid == 0) *call_status = 1;   // until this notify completes: a dispatch after a failed notify sends nothing
     load_peers(peers, s_peer);
-    if (tid < NUM_RANKS) s_arrivals[tid] = reinterpret_cast<int*>(s_peer[tid] + OFF_ARRIVALS);
-    __syncthreads();
     char* me = s_peer[rank];
-    const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_NOTIFY, rank);
-    const int epoch = group_barrier(s_arrivals, reinterpret_cast<int*>(me + OFF_ARRIVALS),
-                                    reinterpret_cast<int*>(me + OFF_EPOCH), rank, NUM_RANKS, w);
+    const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_NOTIFY_DISPATCH, rank);
+    const int epoch = domain_barrier(s_peer, rank, w);
     if (epoch == 0) return;
 
     // Rows this rank sends to each destination, per channel.
@@ -140,6 +210,8 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     if (tid < NUM_RANKS)
         for (int c = 0; c < NUM_CHANNELS; ++c) s_chan[tid][c + 1] += s_chan[tid][c];
     __syncthreads();
+    const bool bad = routing_is_bad(rank, num_tokens, topk_idx, is_token_in_rank, num_tokens_per_rank,
+                                    num_tokens_per_expert, s_chan, err) || bad_input_pending(err);
 
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS) {
         const int r = i / CP, c = i % CP;
@@ -148,46 +220,79 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     }
     for (int i = tid; i < NUM_RANKS * E_LOCAL; i += NUM_THREADS)
         notify_slot(s_peer[i / E_LOCAL], rank)[NOTIFY_EXPERT + i % E_LOCAL] = num_tokens_per_expert[i];
-    if (tid < NUM_RANKS) notify_slot(s_peer[tid], rank)[0] = num_tokens_per_rank[tid];
-    if (tid == 0) s_ok = 1;
+    for (int i = tid; i < NUM_RANKS * NUM_RANKS; i += NUM_THREADS)
+        notify_slot(s_peer[i / NUM_RANKS], rank)[NOTIFY_ROW + i % NUM_RANKS] = s_chan[i % NUM_RANKS][NUM_CHANNELS];
+    if (tid < NUM_RANKS) {
+        int* slot = notify_slot(s_peer[tid], rank);
+        slot[NS_COUNT] = s_chan[tid][NUM_CHANNELS];
+        slot[NS_BAD] = bad ? 1 : 0;
+        slot[NS_WORST] = num_worst_tokens;
+    }
+    if (tid == 0) {
+        s_ok = 1;
+        s_bad_rank = NUM_RANKS;
+        s_over_rank = NUM_RANKS;
+    }
     __syncthreads();
     if (tid < NUM_RANKS) {
         fence_sys();
+        chaos_pause();
         st_release_sys(reinterpret_cast<int*>(s_peer[tid] + OFF_NOTIFY_FLAGS) + rank, epoch);
         if (!wait_geq_sys(reinterpret_cast<int*>(me + OFF_NOTIFY_FLAGS) + tid, epoch, w, tid)) s_ok = 0;
     }
     __syncthreads();
     if (!s_ok) return;
 
+    // Every rank's totals: rank d receives the sum over sources s of s's row entry d.
+    if (tid < NUM_RANKS) {
+        const int* slot = notify_slot(me, tid);
+        if (slot[NS_BAD]) atomicMin(&s_bad_rank, tid);
+        int total = 0;
+        for (int s = 0; s < NUM_RANKS; ++s) total += notify_slot(me, s)[NOTIFY_ROW + tid];
+        const int allowed = notify_slot(me, tid)[NS_WORST];
+        if (allowed > 0 && total > allowed) atomicMin(&s_over_rank, tid);
+    }
+    __syncthreads();
+    const bool cancelled = s_bad_rank < NUM_RANKS;
     if (tid == 0) {
         int total = 0;
         for (int s = 0; s < NUM_RANKS; ++s) {
             rank_prefix[s] = total;
-            total += notify_slot(me, s)[0];
+            total += notify_slot(me, s)[NS_COUNT];
         }
         rank_prefix[NUM_RANKS] = total;
-        host_out[1] = total;
-        if (num_worst_tokens > 0 && total > num_worst_tokens)
-            record_error(err, EP_OVERFLOW, KID_NOTIFY, rank, -1, total);
+        *call_status = cancelled ? 1 : 0;
+        host_out[HO_ROWS] = total;
+        host_out[HO_CANCELLED] = cancelled ? 1 : 0;
+        host_out[HO_BAD_RANK] = cancelled ? s_bad_rank : -1;
+        // Without a host wait (num_worst_tokens), the report is how the host learns.
+        if (num_worst_tokens > 0 && cancelled && s_bad_rank != rank)
+            record_error(err, ST_PEER_BAD_INPUT, KID_NOTIFY_DISPATCH, rank, s_bad_rank, 0);
+        if (!cancelled && s_over_rank < NUM_RANKS) {
+            int over_total = 0;
+            for (int s = 0; s < NUM_RANKS; ++s) over_total += notify_slot(me, s)[NOTIFY_ROW + s_over_rank];
+            record_error(err, ST_OVERFLOW, KID_NOTIFY_DISPATCH, s_over_rank, -1, over_total,
+                         notify_slot(me, s_over_rank)[NS_WORST]);
+        }
     }
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS)
         recv_chan_prefix[i] = notify_slot(me, i / CP)[NOTIFY_CHAN + i % CP];
     for (int j = tid; j < E_LOCAL; j += NUM_THREADS) {
         int sum = 0;
         for (int s = 0; s < NUM_RANKS; ++s) sum += notify_slot(me, s)[NOTIFY_EXPERT + j];
-        host_out[2 + j] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
+        host_out[HOST_EXPERT + j] = (sum + expert_alignment - 1) / expert_alignment * expert_alignment;
     }
     __syncthreads();
     if (tid == 0) {
         __threadfence_system();
-        host_out[0] = ready_value;
+        host_out[HO_READY] = ready_value;
     }
 }
 #endif
 
 #if KERNEL_DISPATCH
-// Copies one token's row (and its scales / top-k) to every destination whose
-// position is >= 0. pos[r] is the row in destination r's slot for this rank.
+// Copies one token's row (and its scales / top-k) to every destination whose position is
+// >= 0. pos[r] is the row in destination r's slot for this rank.
 __device__ __forceinline__ void send_token(int t, int lane, const int (&pos)[NUM_RANKS], char* const* dst_slot,
                                            const int4v* __restrict__ x, const float* __restrict__ x_scales,
                                            const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights) {
@@ -229,6 +334,7 @@ __device__ __forceinline__ void send_token(int t, int lane, const int (&pos)[NUM
 #endif
 }
 
+// Sends channel c: CHUNK tokens at a time (one per warp), then each destination's tail.
 __device__ __forceinline__ void dispatch_sender(int c, int rank, int epoch, int num_tokens, char* const* s_peer,
                                                 const int4v* __restrict__ x, const float* __restrict__ x_scales,
                                                 const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights,
@@ -245,9 +351,9 @@ __device__ __forceinline__ void dispatch_sender(int c, int rank, int epoch, int 
     }
     __syncthreads();
 
-    for (int batch = tb; batch < te; batch += NUM_WARPS) {
+    for (int batch = tb; batch < te; batch += CHUNK) {
         const int t = batch + warp;
-        const bool valid = t < te;
+        const bool valid = warp < CHUNK && t < te;
         const u32 mask = __ballot_sync(FULL_MASK, valid && lane < NUM_RANKS && is_token_in_rank[(i64)t * NUM_RANKS + lane]);
         if (lane == 0) s_mask[warp] = mask;
         __syncthreads();
@@ -267,10 +373,11 @@ __device__ __forceinline__ void dispatch_sender(int c, int rank, int epoch, int 
         __syncthreads();
         if (tid < NUM_RANKS) {
             int added = 0;
-            for (int w2 = 0; w2 < NUM_WARPS; ++w2) added += (s_mask[w2] >> tid) & 1u;
+            for (int w2 = 0; w2 < NUM_WARPS && w2 < CHUNK; ++w2) added += (s_mask[w2] >> tid) & 1u;
             if (added) {
                 s_sent[tid] += added;
                 fence_sys();
+                chaos_pause();
                 st_release_sys_u64(tail_ptr(s_peer[tid], OFF_DISPATCH_TAILS, c, rank), tagged(epoch, s_sent[tid]));
             }
         }
@@ -280,26 +387,23 @@ __device__ __forceinline__ void dispatch_sender(int c, int rank, int epoch, int 
 
 // Worst-token mode: rows past those received get no expert.
 __device__ __forceinline__ void fill_padding_rows(int receiver, const int* __restrict__ rank_prefix,
-                                                  i64* __restrict__ recv_topk_idx,
-                                                  float* __restrict__ recv_topk_weights, int num_out_rows) {
+                                                  const RecvOut& out) {
 #if TOPK > 0
-    for (int row = rank_prefix[NUM_RANKS] + receiver * NUM_THREADS + threadIdx.x; row < num_out_rows;
+    for (int row = rank_prefix[NUM_RANKS] + receiver * NUM_THREADS + threadIdx.x; row < out.rows;
          row += NUM_RECEIVERS * NUM_THREADS) {
         for (int k = 0; k < TOPK; ++k) {
-            recv_topk_idx[(i64)row * TOPK + k] = -1;
-            recv_topk_weights[(i64)row * TOPK + k] = 0.0f;
+            out.topk_idx[(i64)row * TOPK + k] = -1;
+            out.topk_weights[(i64)row * TOPK + k] = 0.0f;
         }
     }
 #endif
 }
 
-// Copies channel c's rows out of the staging slots into recv_x as they arrive.
-// Returns false when a wait timed out.
+// Copies channel c's rows out of the staging slots into the outputs as they arrive (rows past
+// out.rows are dropped: worst-token overflow, reported by notify). False when a wait timed out.
 __device__ __forceinline__ bool dispatch_receiver(int c, int rank, int epoch, const WaitCtx& w, char* const* s_peer,
                                                   const int* __restrict__ recv_chan_prefix,
-                                                  const int* __restrict__ rank_prefix, int4v* __restrict__ recv_x,
-                                                  float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
-                                                  float* __restrict__ recv_topk_weights, int num_out_rows) {
+                                                  const int* __restrict__ rank_prefix, const RecvOut& out) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const SourceWarps sw = source_warps(warp);
     const int s = sw.src;
@@ -318,70 +422,76 @@ __device__ __forceinline__ bool dispatch_receiver(int c, int rank, int epoch, co
             arrived = (int)(u32)__shfl_sync(FULL_MASK, (u32)seen, 0);
         }
         const int row = out0 + i;
-        if (row >= num_out_rows) continue;
+        if (row >= out.rows) continue;
         const int4v* src = reinterpret_cast<const int4v*>(slot) + (i64)(cb + i) * X_ROW_INT4;
-        int4v* dst = recv_x + (i64)row * X_ROW_INT4;
+        int4v* dst = out.x + (i64)row * X_ROW_INT4;
         for (int j = lane; j < X_ROW_INT4; j += 32 * COPY_UNROLL) {
             int4v v[COPY_UNROLL];
 #pragma unroll
             for (int u = 0; u < COPY_UNROLL; ++u)
-                if (j + u * 32 < X_ROW_INT4) v[u] = ld_v4(src + j + u * 32);
+                if (j + u * 32 < X_ROW_INT4) v[u] = ld_cg_v4(src + j + u * 32);
 #pragma unroll
             for (int u = 0; u < COPY_UNROLL; ++u)
                 if (j + u * 32 < X_ROW_INT4) dst[j + u * 32] = v[u];
         }
 #if NUM_SCALES > 0
         for (int j = lane; j < NUM_SCALES; j += 32)
-            recv_scales[(i64)row * NUM_SCALES + j] =
-                reinterpret_cast<const volatile float*>(slot + SLOT_OFF_SCALES)[(i64)(cb + i) * NUM_SCALES + j];
+            out.scales[(i64)row * NUM_SCALES + j] =
+                __int_as_float(ld_cg_i32(slot + SLOT_OFF_SCALES + 4 * ((i64)(cb + i) * NUM_SCALES + j)));
 #endif
 #if TOPK > 0
         if (lane < TOPK) {
-            recv_topk_idx[(i64)row * TOPK + lane] =
-                reinterpret_cast<const volatile i64*>(slot + SLOT_OFF_IDX)[(i64)(cb + i) * TOPK + lane];
-            recv_topk_weights[(i64)row * TOPK + lane] =
-                reinterpret_cast<const volatile float*>(slot + SLOT_OFF_W)[(i64)(cb + i) * TOPK + lane];
+            out.topk_idx[(i64)row * TOPK + lane] = ld_cg_i64(slot + SLOT_OFF_IDX + 8 * ((i64)(cb + i) * TOPK + lane));
+            out.topk_weights[(i64)row * TOPK + lane] =
+                __int_as_float(ld_cg_i32(slot + SLOT_OFF_W + 4 * ((i64)(cb + i) * TOPK + lane)));
         }
 #endif
     }
     return true;
 }
 
-// ---------------------------------------------------------------------------
-// Dispatch. Needs the notify (or, for a cached dispatch, the barrier kernel)
-// to have run just before on this stream: the epoch it set tags the tails.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
+// Dispatch. Needs the notify (or, for a cached dispatch, the barrier kernel) to have run just
+// before on this stream: the epoch it set tags the tails. A call notify cancelled (bad input on
+// some rank) does nothing.
+// ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
                    const float* __restrict__ x_scales, const i64* __restrict__ topk_idx,
                    const float* __restrict__ topk_weights, const u8* __restrict__ is_token_in_rank,
                    const int* __restrict__ send_chan_prefix, const int* __restrict__ recv_chan_prefix,
-                   const int* __restrict__ rank_prefix, int* __restrict__ send_pos, int4v* __restrict__ recv_x,
-                   float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
-                   float* __restrict__ recv_topk_weights, int num_out_rows, ErrorRecord* err, u64 timeout_ns) {
+                   const int* __restrict__ rank_prefix, int* __restrict__ send_pos, const int* __restrict__ call_status,
+                   int4v* __restrict__ recv_x, float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
+                   float* __restrict__ recv_topk_weights, int num_out_rows, int fill_padding,
+                   const volatile u64* out_desc, u64 desc_seq, ErrorRecord* err, u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
+    if (*call_status != 0) return;
     load_peers(peers, s_peer);
     const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
     if (blockIdx.x < NUM_CHANNELS) {
         dispatch_sender(blockIdx.x, rank, epoch, num_tokens, s_peer, x, x_scales, topk_idx, topk_weights,
                         is_token_in_rank, send_chan_prefix, send_pos);
     } else {
-        const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_DISPATCH, rank);
         const int receiver = blockIdx.x - NUM_CHANNELS;
-        fill_padding_rows(receiver, rank_prefix, recv_topk_idx, recv_topk_weights, num_out_rows);
+        const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTRANODE_DISPATCH, rank, receiver);
+        RecvOut out = {recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_out_rows};
+        if (!receive_outputs(out, out_desc, desc_seq, w)) return;
+        if (fill_padding) fill_padding_rows(receiver, rank_prefix, out);
         for (int c = receiver; c < NUM_CHANNELS; c += NUM_RECEIVERS)
-            if (!dispatch_receiver(c, rank, epoch, w, s_peer, recv_chan_prefix, rank_prefix, recv_x, recv_scales,
-                                   recv_topk_idx, recv_topk_weights, num_out_rows))
+            if (!dispatch_receiver(c, rank, epoch, WaitCtx{w.err, w.deadline, w.kernel, w.rank, c}, s_peer,
+                                   recv_chan_prefix, rank_prefix, out))
                 return;
     }
 }
 #endif
 
 #if KERNEL_COMBINE
-// Sends back the rows this rank received in channel c, source by source, into
-// each source's slot for this rank at the same positions dispatch used.
+// Sends back the rows this rank received in channel c, source by source, into each source's
+// slot for this rank at the same positions dispatch used. Rows at or past num_x_rows (dropped
+// by a worst-token overflow) are not read.
 __device__ __forceinline__ void combine_sender(int c, int rank, int epoch, char* const* s_peer,
-                                               const int4v* __restrict__ x, const float* __restrict__ topk_weights,
+                                               const int4v* __restrict__ x, int num_x_rows,
+                                               const float* __restrict__ topk_weights,
                                                const int* __restrict__ rank_prefix,
                                                const int* __restrict__ recv_chan_prefix) {
     __shared__ int s_begin[NUM_RANKS], s_count[NUM_RANKS], s_rounds;
@@ -400,72 +510,57 @@ __device__ __forceinline__ void combine_sender(int c, int rank, int epoch, char*
     __syncthreads();
     const SourceWarps sw = source_warps(warp);
     const int s = sw.src, cb = s_begin[s], n = s_count[s];
-    const int4v* src_rows = x + (i64)(rank_prefix[s] + cb) * HIDDEN_INT4;
+    const int row0 = rank_prefix[s] + cb;
+    const int4v* src_rows = x + (i64)row0 * HIDDEN_INT4;
     char* dst_slot = slot_ptr(s_peer[s], rank);
     // A round moves COMBINE_ROWS_PER_WARP rows per warp (their loads in flight together), then
     // publishes the tails: fewer rounds, fewer stalls on the system fence before each tail.
     for (int round = 0; round < s_rounds; ++round) {
         const int i0 = round * COMBINE_ROWS_PER_WARP * sw.count + sw.index;
-        for (int j = lane; j < HIDDEN_INT4; j += 32 * COPY_UNROLL) {
-            int4v v[COMBINE_ROWS_PER_WARP][COPY_UNROLL];
+        if (i0 < n) {
+            for (int j = lane; j < HIDDEN_INT4; j += 32 * COPY_UNROLL) {
+                int4v v[COMBINE_ROWS_PER_WARP][COPY_UNROLL];
 #pragma unroll
-            for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
-                const int i = i0 + q * sw.count;
-                const int4v* src = src_rows + (i64)i * HIDDEN_INT4;
+                for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
+                    const int i = i0 + q * sw.count;
+                    const int4v* src = src_rows + (i64)i * HIDDEN_INT4;
 #pragma unroll
-                for (int u = 0; u < COPY_UNROLL; ++u)
-                    if (i < n && j + u * 32 < HIDDEN_INT4) v[q][u] = ld_nc_v4(src + j + u * 32);
+                    for (int u = 0; u < COPY_UNROLL; ++u)
+                        if (i < n && row0 + i < num_x_rows && j + u * 32 < HIDDEN_INT4) v[q][u] = ld_nc_v4(src + j + u * 32);
+                }
+#pragma unroll
+                for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
+                    const int i = i0 + q * sw.count;
+                    int4v* dst = reinterpret_cast<int4v*>(dst_slot) + (i64)(cb + i) * HIDDEN_INT4;
+#pragma unroll
+                    for (int u = 0; u < COPY_UNROLL; ++u)
+                        if (i < n && row0 + i < num_x_rows && j + u * 32 < HIDDEN_INT4) st_v4(dst + j + u * 32, v[q][u]);
+                }
             }
-#pragma unroll
-            for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
-                const int i = i0 + q * sw.count;
-                int4v* dst = reinterpret_cast<int4v*>(dst_slot) + (i64)(cb + i) * HIDDEN_INT4;
-#pragma unroll
-                for (int u = 0; u < COPY_UNROLL; ++u)
-                    if (i < n && j + u * 32 < HIDDEN_INT4) st_v4(dst + j + u * 32, v[q][u]);
-            }
-        }
 #if TOPK > 0
-        for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
-            const int i = i0 + q * sw.count;
-            if (i < n && lane < TOPK && topk_weights != nullptr)
-                reinterpret_cast<float*>(dst_slot + CSLOT_OFF_W)[(i64)(cb + i) * TOPK + lane] =
-                    topk_weights[(i64)(rank_prefix[s] + cb + i) * TOPK + lane];
-        }
+            for (int q = 0; q < COMBINE_ROWS_PER_WARP; ++q) {
+                const int i = i0 + q * sw.count;
+                if (i < n && row0 + i < num_x_rows && lane < TOPK && topk_weights != nullptr)
+                    reinterpret_cast<float*>(dst_slot + CSLOT_OFF_W)[(i64)(cb + i) * TOPK + lane] =
+                        topk_weights[(i64)(row0 + i) * TOPK + lane];
+            }
 #endif
+        }
         __syncthreads();
         if (tid < NUM_RANKS) {
             const int rows_per_round = COMBINE_ROWS_PER_WARP * source_warps(tid).count;
             const int done = min((round + 1) * rows_per_round, s_count[tid]);
             if (done > round * rows_per_round) {
                 fence_sys();
+                chaos_pause();
                 st_release_sys_u64(tail_ptr(s_peer[tid], OFF_COMBINE_TAILS, c, rank), tagged(epoch, done));
             }
         }
     }
 }
 
-__device__ __forceinline__ void add_bf16x8(float* acc, const int4v& v) {
-    const u32 words[4] = {(u32)v.x, (u32)v.y, (u32)v.z, (u32)v.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        acc[2 * q] += __uint_as_float(words[q] << 16);
-        acc[2 * q + 1] += __uint_as_float(words[q] & 0xffff0000u);
-    }
-}
-
-__device__ __forceinline__ int4v pack_bf16x8(const float* acc) {
-    u32 words[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-        words[q] = (u32)float_to_bf16(acc[2 * q]) | ((u32)float_to_bf16(acc[2 * q + 1]) << 16);
-    int4v r;
-    r.x = (int)words[0], r.y = (int)words[1], r.z = (int)words[2], r.w = (int)words[3];
-    return r;
-}
-
-// Sums, for each token of channel c of this rank, the rows every destination
-// sent back (plus the biases), in float32.
+// Sums, for each token of channel c of this rank, the rows every destination sent back (plus
+// the biases), in float32.
 __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int num_tokens, const WaitCtx& w,
                                                  char* const* s_peer, const int* __restrict__ send_chan_prefix,
                                                  const int* __restrict__ send_pos, const int4v* __restrict__ bias0,
@@ -491,8 +586,8 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
 #pragma unroll
         for (int r = 0; r < NUM_RANKS; ++r) pos[r] = __shfl_sync(FULL_MASK, my_pos, r);
 
-        // All ranks' chunks are loaded before any is summed, so that up to
-        // NUM_RANKS * COMBINE_UNROLL 16-byte loads per lane are in flight.
+        // All ranks' chunks are loaded before any is summed, so that up to NUM_RANKS *
+        // COMBINE_UNROLL 16-byte loads per lane are in flight.
         for (int j0 = lane; j0 < HIDDEN_INT4; j0 += 32 * COMBINE_UNROLL) {
             float acc[COMBINE_UNROLL][8];
             int4v v[NUM_RANKS][COMBINE_UNROLL];
@@ -501,7 +596,7 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
                 const int4v* row = reinterpret_cast<const int4v*>(slot_ptr(me, r)) + (i64)pos[r] * HIDDEN_INT4;
 #pragma unroll
                 for (int u = 0; u < COMBINE_UNROLL; ++u)
-                    if (pos[r] >= 0 && j0 + u * 32 < HIDDEN_INT4) v[r][u] = ld_v4(row + j0 + u * 32);
+                    if (pos[r] >= 0 && j0 + u * 32 < HIDDEN_INT4) v[r][u] = ld_cg_v4(row + j0 + u * 32);
             }
 #pragma unroll
             for (int u = 0; u < COMBINE_UNROLL; ++u) {
@@ -518,7 +613,7 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
 #pragma unroll
                 for (int r = 0; r < NUM_RANKS; ++r)
                     if (pos[r] >= 0) add_bf16x8(acc[u], v[r][u]);
-                combined_x[(i64)t * HIDDEN_INT4 + j] = pack_bf16x8(acc[u]);
+                combined_x[(i64)t * HIDDEN_INT4 + j] = f32x8_to_bf16x8(acc[u]);
             }
         }
 #if TOPK > 0
@@ -527,7 +622,7 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
 #pragma unroll
             for (int r = 0; r < NUM_RANKS; ++r)
                 if (pos[r] >= 0)
-                    sum += reinterpret_cast<const volatile float*>(slot_ptr(me, r) + CSLOT_OFF_W)[(i64)pos[r] * TOPK + lane];
+                    sum += __int_as_float(ld_cg_i32(slot_ptr(me, r) + CSLOT_OFF_W + 4 * ((i64)pos[r] * TOPK + lane)));
             combined_w[(i64)t * TOPK + lane] = sum;
         }
 #endif
@@ -535,11 +630,11 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
     return true;
 }
 
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 // Combine. Needs the barrier kernel to have run just before on this stream.
-// ---------------------------------------------------------------------------
+// ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
-intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
+intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x, int num_x_rows,
                   const float* __restrict__ topk_weights, const int* __restrict__ rank_prefix,
                   const int* __restrict__ recv_chan_prefix, const int* __restrict__ send_chan_prefix,
                   const int* __restrict__ send_pos, const int4v* __restrict__ bias0, const int4v* __restrict__ bias1,
@@ -549,12 +644,13 @@ intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __res
     load_peers(peers, s_peer);
     const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
     if (blockIdx.x < NUM_CHANNELS) {
-        combine_sender(blockIdx.x, rank, epoch, s_peer, x, topk_weights, rank_prefix, recv_chan_prefix);
+        combine_sender(blockIdx.x, rank, epoch, s_peer, x, num_x_rows, topk_weights, rank_prefix, recv_chan_prefix);
     } else {
-        const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_COMBINE, rank);
-        for (int c = blockIdx.x - NUM_CHANNELS; c < NUM_CHANNELS; c += NUM_RECEIVERS)
-            if (!combine_receiver(c, rank, epoch, num_tokens, w, s_peer, send_chan_prefix, send_pos, bias0, bias1,
-                                  combined_x, combined_w))
+        const int receiver = blockIdx.x - NUM_CHANNELS;
+        for (int c = receiver; c < NUM_CHANNELS; c += NUM_RECEIVERS)
+            if (!combine_receiver(c, rank, epoch, num_tokens,
+                                  make_wait_ctx(err, timeout_ns, KID_INTRANODE_COMBINE, rank, c), s_peer,
+                                  send_chan_prefix, send_pos, bias0, bias1, combined_x, combined_w))
                 return;
     }
 }

@@ -152,89 +152,6 @@ constexpr int SC_C_DONE = 1;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr u32 SKIP_BITS = 0xffc0deadu;   // a NaN pattern: "weight slot masked out by topk_idx == -1"
 
-// ------------------------------------------------------------------------------------------
-// Small helpers
-// ------------------------------------------------------------------------------------------
-// Data another GPU wrote into our buffer: visibility comes from an acquire before the load;
-// .cg also keeps the load out of L1, where an old copy of a reused buffer half could sit.
-__device__ __forceinline__ int4v ld_cg_v4(const void* p) {
-    int4v v;
-    asm volatile("ld.global.cg.v4.s32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ int ld_cg_i32(const void* p) {
-    int v;
-    asm volatile("ld.global.cg.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-__device__ __forceinline__ void st_i32(void* p, int v) {
-    asm volatile("st.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_u64_relaxed_sys(void* p, u64 v) {
-    asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ void bf16x8_to_f32(const int4v& v, float* f) {
-    const u32 w[4] = {(u32)v.x, (u32)v.y, (u32)v.z, (u32)v.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
-// Two floats -> packed bf16x2 (lo in the low half), round to nearest even.
-__device__ __forceinline__ u32 f32x2_to_bf16x2(float lo, float hi) {
-    u32 r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ int4v f32x8_to_bf16x8(const float* f) {
-    int4v v;
-    v.x = (int)f32x2_to_bf16x2(f[0], f[1]);
-    v.y = (int)f32x2_to_bf16x2(f[2], f[3]);
-    v.z = (int)f32x2_to_bf16x2(f[4], f[5]);
-    v.w = (int)f32x2_to_bf16x2(f[6], f[7]);
-    return v;
-}
-
-__device__ __forceinline__ unsigned warp_or(unsigned v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(FULL, v, o);
-    return v;
-}
-
-// Per-block "last one out" detection. Every thread's prior memory operations are ordered before
-// the counter increment by bar.sync + a fence of thread 0, and the block that sees
-// count == gridDim.x - 1 orders its later operations after all of them. SYS: system scope (the
-// blocks' stores to peers count); otherwise GPU scope (only this GPU's accesses need ordering,
-// e.g. every block's reads of a signal before the last block resets it). Returns the same value
-// in every thread; all threads must call it.
-template <bool SYS>
-__device__ __forceinline__ bool last_block_done(int* counter, int* s_flag) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        if (SYS) fence_sys(); else fence_gpu();
-        const int old = atomicAdd(counter, 1);
-        const bool last = old == (int)gridDim.x - 1;
-        if (last) {
-            if (SYS) fence_sys(); else fence_gpu();
-        }
-        *s_flag = last ? 1 : 0;
-    }
-    __syncthreads();
-    return *(volatile int*)s_flag != 0;
-}
-
-// Profiling checkpoint (thread 0 of the block; prof == null: nothing). Slot 0 is the block's
-// start, PROF_END its end: max(end) - min(start) over blocks is the kernel's duration.
-constexpr int PROF_END = 15;
-__device__ __forceinline__ void prof_mark(u64* prof, int slot) {
-    if (prof != nullptr && threadIdx.x == 0) prof[blockIdx.x * 16 + slot] = global_timer_ns();
-}
-
 __device__ __forceinline__ char* sym_at(u64 base, long long off) { return (char*)(base + (u64)off); }
 
 // Where this rank writes slot `sl` of its rows for destination d: straight into d's dispatch
@@ -291,7 +208,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
     __shared__ int s_tot[EL];
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const WaitCtx wctx = make_wait_ctx(err, timeout_ns, 5, rank);
+    const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_DISPATCH, rank);
     if (tid < R) {
         s_peer[tid] = peers[tid];
         s_nsl[tid] = 0;
@@ -460,7 +377,6 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
         if (last_block_done<false>(scratch + SD_SEND_DONE, &s_flag)) {
             for (int idx = tid; idx < R * EL; idx += NT) atomicExch(exp_cnt + idx, 0);
             if (tid < R) atomicExch(slot_cnt + tid, 0);
-            if (tid == 0) atomicExch(scratch + SD_SEND_DONE, 0);
         }
 #else
         if (last_block_done<true>(scratch + SD_SEND_DONE, &s_flag)) {
@@ -493,7 +409,6 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
 #endif
                     st_release_sys((int*)sym_at(s_peer[d], sig_off + 8LL * rank), n + 1);
             }
-            if (tid == 0) atomicExch(scratch + SD_SEND_DONE, 0);
             prof_mark(prof, 2);
         }
 #endif
@@ -650,8 +565,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
         prof_mark(prof, 5);
         if (last_block_done<false>(scratch + SD_RECV_DONE, &s_flag)) {
             // every block has passed its signal wait: zero the signals for the next use of this half
-            if (tid < R) st_u64_relaxed_sys((void*)(own + (u64)(sig_off + 8LL * tid)), 0ull);
-            if (tid == 0) atomicExch(scratch + SD_RECV_DONE, 0);
+            if (tid < R) st_relaxed_sys_u64((u64*)(own + (u64)(sig_off + 8LL * tid)), 0ull);
         }
     }
     prof_mark(prof, PROF_END);
@@ -687,7 +601,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
     __shared__ int s_pfx[R + 1];
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const WaitCtx wctx = make_wait_ctx(err, timeout_ns, 6, rank);
+    const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_COMBINE, rank);
     if (tid < R) s_peer[tid] = peers[tid];
     if (tid == 0) {
         s_fail = 0;
@@ -838,7 +752,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
                 if (!wait_nonzero_sys((const int*)(own + (u64)(wsig_off + 8LL * s)), &v, wctx, s)) {
                     s_fail = 1;
                 } else {
-                    st_u64_relaxed_sys((void*)(own + (u64)(wsig_off + 8LL * s)), 0ull);
+                    st_relaxed_sys_u64((u64*)(own + (u64)(wsig_off + 8LL * s)), 0ull);
                     fence_sys();
 #if LL_RDMA
                     if (s_peer[s] == 0) {
@@ -850,7 +764,6 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
                         st_release_sys((int*)sym_at(s_peer[s], psig_off + 8LL * rank), 1);
                 }
             }
-            if (tid == 0) atomicExch(scratch + SC_B_DONE, 0);
             __syncthreads();
             if (s_fail) return;
             prof_mark(prof, 3);
@@ -909,8 +822,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
         }
         prof_mark(prof, 5);
         if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) {
-            if (tid < R) st_u64_relaxed_sys((void*)(own + (u64)(psig_off + 8LL * tid)), 0ull);
-            if (tid == 0) atomicExch(scratch + SC_C_DONE, 0);
+            if (tid < R) st_relaxed_sys_u64((u64*)(own + (u64)(psig_off + 8LL * tid)), 0ull);
         }
     }
     prof_mark(prof, PROF_END);

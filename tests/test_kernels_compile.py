@@ -8,8 +8,9 @@ configuration per line::
 
 and is compiled once per such line (once with no constants when it has none). A file with a
 ``// @needs nvshmem`` line is compiled with the NVSHMEM headers (jit's NVRTC route for NVSHMEM
-device code). ``common.cuh`` itself is checked by a generated file that takes the address of
-every device function it declares, which makes NVRTC and ptxas generate code for all of them.
+device code). ``common.cuh`` and the headers it includes are checked by a generated file that
+takes the address of every non-template device function they declare, which makes NVRTC and
+ptxas generate code for all of them.
 """
 
 import re
@@ -99,9 +100,15 @@ def _strip_comments(text: str) -> str:
     return re.sub(r"//[^\n]*", " ", text)
 
 
+def common_headers():
+    """common.cuh and the headers it includes."""
+    text = (KERNEL_DIR / "common.cuh").read_text()
+    return ["common.cuh", *re.findall(r'^#include "([^"]+)"', text, re.MULTILINE)]
+
+
 def common_device_functions():
-    """Names of the non-template __device__ functions common.cuh defines."""
-    text = _strip_comments((KERNEL_DIR / "common.cuh").read_text())
+    """Names of the non-template __device__ functions of common.cuh and its headers."""
+    text = "".join(_strip_comments((KERNEL_DIR / h).read_text()) for h in common_headers())
     names = []
     for m in re.finditer(r"(template\s*<[^>]*>\s*)?__device__\b[^;{}()=]*?\b([A-Za-z_]\w*)\s*\(",
                          text):
@@ -111,8 +118,9 @@ def common_device_functions():
 
 
 def test_common_cuh_compiles(tmp_path):
+    assert len(common_headers()) >= 4   # ptx, numeric, status, barrier
     names = common_device_functions()
-    assert len(names) >= 10, names  # the parser found the helpers
+    assert len(names) >= 25, names  # the parser found the helpers
     stores = "".join(f"    out[{i}] = (const void*)&{n};\n" for i, n in enumerate(names))
     (tmp_path / "common_check.cu").write_text(
         '#include "common.cuh"\n'

@@ -1,9 +1,16 @@
-"""GPU suite: run with `mpiexec -n R python -m pytest tests/gpu` (R GPUs of one host, R >= 1).
+"""GPU suite: ``mpiexec -n R python -m pytest tests/gpu`` (R GPUs of one host, R >= 1).
 
-Every test is collective. Checks go through `agree(...)` so that a failure on one
-rank fails the test on every rank instead of leaving the others in a collective.
-Without GPUs for every rank (e.g. CI), the whole directory is skipped.
+Every test is collective and checks the GPU ``Buffer`` against the reference backend
+(``cupy_ep.reference``) on the same inputs (``cupy_ep.testing``); checks go through ``agree`` so
+that a failure on one rank fails the test on every rank instead of leaving the others in a
+collective. Without a GPU for every rank (e.g. CI), the whole directory is skipped.
+
+``CUPY_EP_TEST_NVL_PEERS=P`` runs the normal-mode tests with NVLink domains of P ranks
+(``num_nvl_peers``): with P < R one host stands in for R / P hosts (internode mode).
+``CUPY_EP_CHAOS=1`` compiles every kernel with the chaos pauses.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -45,13 +52,9 @@ def comm():
 @pytest.fixture(scope="session")
 def agree(comm):
     """agree(ok, message): fails on every rank when ``ok`` is false on any rank."""
+    from cupy_ep.testing import agree as agree_all
 
-    def check(ok, message=""):
-        bad = comm.allgather(None if ok else str(message))
-        failures = [f"rank {r}: {m}" for r, m in enumerate(bad) if m is not None]
-        assert not failures, "; ".join(failures)
-
-    return check
+    return lambda ok, message="": agree_all(comm, ok, message)
 
 
 @pytest.fixture
@@ -59,3 +62,26 @@ def rng(comm):
     """A generator seeded freshly each run; each rank draws its own stream."""
     seed = comm.bcast(int(np.random.SeedSequence().entropy % (2**31)) if comm.Get_rank() == 0 else None)
     return np.random.default_rng([seed, comm.Get_rank()])
+
+
+@pytest.fixture(scope="session")
+def nvl_peers(comm):
+    """The NVLink domain size the normal-mode tests use (None: the host)."""
+    value = os.environ.get("CUPY_EP_TEST_NVL_PEERS")
+    if value is None:
+        return None
+    peers = int(value)
+    if comm.Get_size() % peers:
+        pytest.skip(f"CUPY_EP_TEST_NVL_PEERS={peers} does not divide {comm.Get_size()} ranks")
+    return peers
+
+
+@pytest.fixture(scope="module")
+def normal_buffers(comm, nvl_peers):
+    """(GPU Buffer, reference Buffer) of the normal mode, sized for the tests' largest calls."""
+    from gpu_buffers import make_buffers
+
+    gpu, ref = make_buffers(comm, nvl_peers)
+    yield gpu, ref
+    gpu.destroy()
+    ref.destroy()

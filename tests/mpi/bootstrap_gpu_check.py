@@ -120,7 +120,7 @@ def check_nvshmem_device(comm, topo, device, backend):
     try:
         mod = jit.compile_module_nvshmem(Path(TMP, "ring_put.cu"), {"COUNT": count}, comm=comm,
                                          backend=backend)
-        bootstrap.nvshmem_module_init(mod)
+        bootstrap.nvshmem_bind_module(mod)
         dst = nvshmem.core.interop.cupy.array((count,), dtype="int32")
         src = nvshmem.core.interop.cupy.array((count,), dtype="int32")
         sig = nvshmem.core.interop.cupy.array((1,), dtype="uint64")
@@ -137,7 +137,6 @@ def check_nvshmem_device(comm, topo, device, backend):
         comm.Barrier()
         for a in (dst, src, sig):
             nvshmem.core.free_array(a)
-        bootstrap.nvshmem_module_finalize(mod)
     finally:
         bootstrap.finalize_nvshmem()
 

@@ -1,0 +1,267 @@
+"""Normal-mode (high-throughput) dispatch and combine across NVLink domains.
+
+:class:`InternodeEngine` owns the protocol (kernels in ``kernels_cu/internode.cu``, transport in
+``kernels_cu/transport.cuh``): a token crosses between domains at most once per destination
+domain, to the rank with the same local index there (its forwarder), which copies it over
+NVLink to every rank of its domain that needs it; combine runs the same path backwards (sum
+inside the domain first, then across domains).
+
+A non-cached dispatch runs ``internode_notify`` (one block: barriers of the domain and of the
+"column" of ranks with the same local index; counts per rank, domain and channel; the routing
+checks; a vector of counts to every domain's forwarder over NVSHMEM, relayed over NVLink to the
+ranks of the domain) and ``internode_dispatch`` (per channel a sending, a forwarding and a
+receiving block), queued without waiting for the host; the host waits for notify's counts,
+allocates the outputs at their exact size and publishes them to the receivers through a
+host-mapped descriptor. With ``num_worst_tokens`` nothing waits for the host. A cached dispatch
+and a combine run ``internode_barrier`` and then their kernel.
+
+Every buffer holds whole streams (no rings): the symmetric buffer holds ``2 * N * T`` records
+(received and staged, T tokens per rank), the NVLink buffer the rows a rank receives (and, at a
+forwarder, the rows its domain sends back). Sizes: :func:`rdma_buffer_size_hint`,
+:func:`nvl_buffer_size_hint`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import limits
+from .config import Config
+from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
+
+
+def _align(v: int, a: int) -> int:
+    return (int(v) + a - 1) // a * a
+
+
+# ---- the symmetric buffer ----------------------------------------------------------------------
+def _vec_stride(num_ranks: int, num_nvl_ranks: int) -> int:
+    n = num_ranks // num_nvl_ranks
+    c1 = limits.MAX_CHANNELS + 1
+    return _align(2 + num_nvl_ranks + num_nvl_ranks * c1 + c1 + limits.MAX_EXPERTS // n + num_ranks, 64)
+
+
+def rdma_control(num_ranks: int, num_nvl_ranks: int) -> dict:
+    """Offsets of the control areas of the symmetric buffer (kernels_cu/internode.cu)."""
+    n = num_ranks // num_nvl_ranks
+    vec = _vec_stride(num_ranks, num_nvl_ranks)
+    tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
+    off = dict(R_OFF_BARRIER=0, R_OFF_VEC_SIG=8 * limits.MAX_RDMA_RANKS, R_OFF_DTAIL=16 * limits.MAX_RDMA_RANKS)
+    off["R_OFF_CTAIL"] = off["R_OFF_DTAIL"] + tails
+    off["R_OFF_VEC_RECV"] = off["R_OFF_CTAIL"] + tails
+    off["R_OFF_VEC_SEND"] = off["R_OFF_VEC_RECV"] + n * vec * 4
+    off["R_OFF_DATA"] = _align(off["R_OFF_VEC_SEND"] + n * vec * 4, 4096)
+    off["VEC_STRIDE"] = vec
+    return off
+
+
+def rdma_record_bytes(hidden: int, num_topk: int, num_nvl_ranks: int) -> int:
+    """Bytes per record: the largest of a dispatch record (bf16 or FP8 row, scales, top-k,
+    positions) and a combine record (bf16 partial sum, weight sums)."""
+    return _align(2 * hidden + 4 * (hidden // limits.FP8_BLOCK) + 8 * num_topk + 4 * num_nvl_ranks, 16)
+
+
+def rdma_capacity(num_rdma_bytes: int, hidden: int, num_ranks: int, num_nvl_ranks: int, num_topk: int) -> int:
+    """Tokens per rank the symmetric buffer holds for rows of this shape."""
+    n = num_ranks // num_nvl_ranks
+    data = num_rdma_bytes - rdma_control(num_ranks, num_nvl_ranks)["R_OFF_DATA"]
+    return max(0, data // (2 * n * rdma_record_bytes(hidden, num_topk, num_nvl_ranks)))
+
+
+def rdma_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_nvl_ranks: int,
+                          num_topk: int = 9) -> int:
+    """Bytes of symmetric buffer for up to ``num_max_tokens_per_rank`` tokens per rank."""
+    n = num_ranks // num_nvl_ranks
+    need = rdma_control(num_ranks, num_nvl_ranks)["R_OFF_DATA"] + \
+        2 * n * num_max_tokens_per_rank * rdma_record_bytes(hidden, num_topk, num_nvl_ranks)
+    return _align(need, 1 << 20)
+
+
+# ---- the NVLink buffer ---------------------------------------------------------------------------
+def _nvl_row_bytes(hidden: int, num_topk: int) -> int:
+    return 2 * hidden + 4 * (hidden // limits.FP8_BLOCK) + 12 * num_topk
+
+
+def nvl_control(num_ranks: int, num_nvl_ranks: int) -> dict:
+    n = num_ranks // num_nvl_ranks
+    slot = _align(1 + n + n * (limits.MAX_CHANNELS + 1) + limits.MAX_EXPERTS // num_ranks + num_ranks + 2 * n, 64)
+    tails = limits.MAX_CHANNELS * num_ranks * 8
+    off = dict(OFF_ARRIVALS=0, OFF_EPOCH=64, OFF_SLOT_FLAGS=128, OFF_FWD_FLAGS=192, OFF_DTAIL=256)
+    off["OFF_CTAIL"] = off["OFF_DTAIL"] + tails
+    off["OFF_SLOT"] = off["OFF_CTAIL"] + tails
+    off["OFF_FWD"] = off["OFF_SLOT"] + num_nvl_ranks * slot * 4
+    off["OFF_NX"] = _align(off["OFF_FWD"] + num_nvl_ranks * n * 4, 1 << 20)
+    off["SLOT_STRIDE"] = slot
+    return off
+
+
+def nvl_layout(num_nvl_bytes: int, num_ranks: int, num_nvl_ranks: int, hidden: int, num_topk: int) -> dict:
+    """The NVLink buffer's constants for rows of this shape (NVL_ROWS rows and their regions)."""
+    off = nvl_control(num_ranks, num_nvl_ranks)
+    rows = max(0, (num_nvl_bytes - off["OFF_NX"] - 64) // _nvl_row_bytes(hidden, num_topk))
+    off["OFF_NS"] = off["OFF_NX"] + _align(rows * 2 * hidden, 16)
+    off["OFF_NI"] = off["OFF_NS"] + _align(rows * 4 * (hidden // limits.FP8_BLOCK), 16)
+    off["OFF_NW"] = off["OFF_NI"] + _align(rows * 8 * num_topk, 16)
+    off["NVL_ROWS"] = rows
+    return off
+
+
+def nvl_buffer_size_hint(num_max_recv_tokens: int, hidden: int, num_ranks: int, num_nvl_ranks: int,
+                         num_topk: int = 9) -> int:
+    """Bytes of NVLink buffer for up to ``num_max_recv_tokens`` rows received by a rank (and sent
+    back through it as forwarder)."""
+    need = nvl_control(num_ranks, num_nvl_ranks)["OFF_NX"] + 64 + num_max_recv_tokens * _nvl_row_bytes(hidden, num_topk)
+    return _align(need + 48, 1 << 20)
+
+
+@dataclass
+class InternodeHandle(NormalHandle):
+    """What combine and a cached dispatch need from an internode dispatch."""
+
+    is_token_in_rank: object   # bool [T, R]
+    send_chan: object          # int32 [R, C + 1]: per destination rank, prefix of this rank's rows over channels
+    rdma_chan: object          # int32 [N, C + 1]: per destination domain, prefix of this rank's records
+    send_rdma_pos: object      # int32 [T, N]: record position of each token in each domain's stream, or -1
+    rank_prefix: object        # int32 [R + 1]: first row of each source rank in recv_x
+    recv_chan: object          # int32 [R, C + 1]: per source rank, prefix of its rows for this rank over channels
+    comb_base: object          # int32 [R]: combine row at the forwarder = comb_base[q] + recv row
+    fwd_rchan: object          # int32 [N, C + 1]: as forwarder, per source domain, prefix of records over channels
+    fwd_chan: object           # int32 [N, P, C + 1]: per (source domain, local rank), prefix of rows over channels
+    fwd_comb: object           # int32 [N, P]: where the combine rows of (source domain, local rank) start here
+    fwd_base: object           # int32 [N, P]: where rows of (source domain, this column) start at local rank m
+    fwd_pos: object            # int32 [N, CAP, P]: per received record, its row in each target's stream, or -1
+    call_status: object        # int32 [1]: 1 when notify cancelled the call
+
+
+class InternodeEngine(NormalEngine):
+    """Normal-mode dispatch/combine across NVLink domains.
+
+    Args:
+        comm: all ranks of the Buffer (one NVSHMEM world, PE = rank).
+        topology: the Buffer's :class:`cupy_ep.bootstrap.Topology`.
+        nvl: the domain's :class:`cupy_ep.memory.NVLinkBuffer`.
+        sym: the :class:`cupy_ep.memory.SymmetricBuffer`.
+        status, timeout_ns, chaos: see :class:`cupy_ep.engine.Engine`.
+    """
+
+    handle_type = InternodeHandle
+
+    def __init__(self, comm, topology, nvl, sym, status, timeout_ns: int, chaos: bool = False):
+        super().__init__(comm, status, timeout_ns, chaos)
+        self.nvl, self.sym = nvl, sym
+        self.num_nvl_ranks, self.num_rdma_ranks = topology.num_nvl_ranks, topology.num_rdma_ranks
+
+    # -- kernels ----------------------------------------------------------------------------
+    def _kernels(self, hidden: int, num_topk: int, x_bytes: int, num_scales: int, num_experts: int,
+                 channels: int, num_threads: int, chunk_tokens: int):
+        """(notify, dispatch, combine, barrier) of this specialisation (one module)."""
+        c = channels
+        key = (hidden, num_topk, x_bytes, num_scales, num_experts, c, num_threads, chunk_tokens)
+        fns = self._functions.get(key)
+        if fns is None:
+            r, p = self.num_ranks, self.num_nvl_ranks
+            consts = dict(rdma_control(r, p), **nvl_layout(self.nvl.num_bytes, r, p, hidden, num_topk),
+                          KERNEL_NOTIFY=1, KERNEL_DISPATCH=1, KERNEL_COMBINE=1, NUM_RANKS=r, NUM_NVL_RANKS=p,
+                          NUM_CHANNELS=c, NUM_THREADS=num_threads, E_LOCAL=num_experts // r, TOPK=num_topk,
+                          HIDDEN=hidden, X_BYTES=x_bytes, NUM_SCALES=num_scales, CHUNK=chunk_tokens,
+                          CAP=rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk),
+                          REC_BYTES=rdma_record_bytes(hidden, num_topk, p))
+            module = self._module("internode.cu", consts, nvshmem=True)
+            fns = self._functions[key] = tuple(module.get_function(name) for name in (
+                "internode_notify", "internode_dispatch", "internode_combine", "internode_barrier"))
+        return fns
+
+    def _common_args(self):
+        return self.nvl.peer_table, np.uint64(self.sym.ptr), np.int32(self.rank)
+
+    def _barrier(self, fn, kernel_name: str, stream) -> None:
+        self._launch(fn, 1, 32, (*self._common_args(), np.uint64(self.status.ptr), self.timeout_ns,
+                                 np.int32(limits.KERNEL_IDS[kernel_name])), stream)
+
+    # -- dispatch ---------------------------------------------------------------------------
+    def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle, num_worst_tokens: int,
+                 expert_alignment: int, config: Config, call) -> DispatchResult:
+        """As :meth:`cupy_ep.intranode.IntranodeEngine.dispatch`."""
+        num_tokens, hidden = (int(v) for v in data.shape)
+        x_bytes = hidden * data.dtype.itemsize
+        num_scales = 0 if scales is None else int(scales.shape[1])
+        marks = self.profile.begin_call("dispatch", call.stream) if self.profile is not None else None
+        if handle is not None:
+            _, dispatch, _, barrier = self._kernels(hidden, handle.num_topk, x_bytes, num_scales, handle.num_experts,
+                                                    handle.num_channels, config.num_threads, config.chunk_tokens)
+            self._barrier(barrier, "internode_dispatch", call.stream)
+            outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
+            self._launch_dispatch(dispatch, data, scales, None, None, handle, config,
+                                  self._given_outputs(outputs, handle.num_rows, False), call.stream)
+            _mark(self.profile, marks, "dispatch launched", call.stream)
+            return DispatchResult(outputs[0], outputs[1], None, None, None, None)
+
+        per_rank, in_rank, per_expert, num_experts, per_rdma = routing
+        num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+        c = config.internode_channels
+        notify, dispatch, _, _ = self._kernels(hidden, num_topk, x_bytes, num_scales, num_experts, c,
+                                               config.num_threads, config.chunk_tokens)
+        handle = self._new_handle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, in_rank, call)
+        h = handle
+        seq = self._next_seq()
+        self._launch(notify, 1, config.num_threads,
+                     (*self._common_args(), np.int32(num_tokens), per_rank, _ptr(per_rdma), per_expert, in_rank,
+                      _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), h.send_chan,
+                      h.rdma_chan, h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb,
+                      h.fwd_base, h.call_status, self._host_out_arg(), np.uint64(self.status.ptr), self.timeout_ns,
+                      np.int32(seq)), call.stream, "notify")
+        _mark(self.profile, marks, "notify launched", call.stream)
+        outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
+        self._launch_dispatch(dispatch, data, scales, topk_idx, topk_weights, handle, config, out_args, call.stream)
+        _mark(self.profile, marks, "dispatch launched", call.stream)
+        if outputs is not None:   # num_worst_tokens: nothing waits for the host
+            return DispatchResult(*outputs, [], handle)
+        return self._finish_dispatch(seq, data, scales, num_topk, num_experts // self.num_ranks, handle, call, marks)
+
+    def _new_handle(self, num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank, call) -> InternodeHandle:
+        import cupy
+
+        r, n, p = self.num_ranks, self.num_rdma_ranks, self.num_nvl_ranks
+        cap = rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk)
+        i32 = cupy.int32
+        with call.alloc:
+            return InternodeHandle(
+                num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank,
+                send_chan=cupy.empty((r, c + 1), i32), rdma_chan=cupy.empty((n, c + 1), i32),
+                send_rdma_pos=cupy.empty((num_tokens, n), i32), rank_prefix=cupy.empty(r + 1, i32),
+                recv_chan=cupy.empty((r, c + 1), i32), comb_base=cupy.empty(r, i32),
+                fwd_rchan=cupy.empty((n, c + 1), i32), fwd_chan=cupy.empty((n, p, c + 1), i32),
+                fwd_comb=cupy.empty((n, p), i32), fwd_base=cupy.empty((n, p), i32),
+                fwd_pos=cupy.empty((n, cap, p), i32), call_status=cupy.empty(1, i32))
+
+    def _launch_dispatch(self, fn, data, scales, topk_idx, topk_weights, h: InternodeHandle, config: Config,
+                         out_args, stream) -> None:
+        self._launch(fn, 3 * h.num_channels, config.num_threads,
+                     (*self._common_args(), np.int32(h.num_tokens), data, _ptr(scales), _ptr(topk_idx),
+                      _ptr(topk_weights), h.is_token_in_rank, h.send_chan, h.rdma_chan, h.send_rdma_pos,
+                      h.rank_prefix, h.recv_chan, h.fwd_rchan, h.fwd_base, h.fwd_pos, h.call_status, *out_args,
+                      np.uint64(self.status.ptr), self.timeout_ns), stream, "dispatch")
+
+    # -- combine ----------------------------------------------------------------------------
+    def combine(self, x, handle: InternodeHandle, topk_weights, biases, config: Config, call):
+        """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
+        import cupy
+
+        marks = self.profile.begin_call("combine", call.stream) if self.profile is not None else None
+        h = handle
+        _, _, combine, barrier = self._kernels(h.hidden, h.num_topk, 2 * h.hidden, 0, h.num_experts, h.num_channels,
+                                               config.num_threads, config.chunk_tokens)
+        self._barrier(barrier, "internode_combine", call.stream)
+        with call.alloc:
+            combined_x = cupy.empty((h.num_tokens, h.hidden), dtype=x.dtype)
+            combined_w = None if topk_weights is None else cupy.empty((h.num_tokens, h.num_topk), dtype=cupy.float32)
+        bias0 = biases[0] if len(biases) > 0 else None
+        bias1 = biases[1] if len(biases) > 1 else None
+        self._launch(combine, 3 * h.num_channels, config.num_threads,
+                     (*self._common_args(), np.int32(h.num_tokens), x, np.int32(x.shape[0]), _ptr(topk_weights),
+                      h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb, h.fwd_pos,
+                      h.rdma_chan, h.send_rdma_pos, _ptr(bias0), _ptr(bias1), combined_x, _ptr(combined_w),
+                      np.uint64(self.status.ptr), self.timeout_ns), call.stream, "combine")
+        _mark(self.profile, marks, "combine launched", call.stream)
+        return combined_x, combined_w

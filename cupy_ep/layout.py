@@ -1,0 +1,56 @@
+"""``get_dispatch_layout`` on the GPU (``kernels_cu/layout.cu``), for every topology.
+
+The layout is local (no communication): counts per rank, per NVLink domain and per expert,
+and which ranks each token goes to. Expert ids out of range are found by the kernel and
+reported through the Buffer's status record (no host synchronisation); the next dispatch
+cancels itself on every rank because of it (see :mod:`cupy_ep.intranode`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .engine import Engine
+
+LAYOUT_THREADS = 256
+LAYOUT_MAX_BLOCKS = 32
+
+
+class LayoutEngine(Engine):
+    """Launches ``dispatch_layout`` for a Buffer's ranks.
+
+    Args:
+        comm: the Buffer's communicator (all ranks: R and the domain size come from it).
+        num_nvl_ranks: ranks per NVLink domain.
+        status, timeout_ns, chaos: see :class:`cupy_ep.engine.Engine`.
+    """
+
+    def __init__(self, comm, num_nvl_ranks: int, status, timeout_ns: int, chaos: bool = False):
+        super().__init__(comm, status, timeout_ns, chaos)
+        self.num_nvl_ranks = num_nvl_ranks
+        self.num_rdma_ranks = self.num_ranks // num_nvl_ranks
+        self._scratch = {}   # num_experts -> zeroed int32 [R + N + E + 1] (the last: block counter)
+
+    def _kernel(self, num_experts: int, num_topk: int, idx_bytes: int):
+        return self._module("layout.cu", dict(NUM_RANKS=self.num_ranks, NUM_NVL_RANKS=self.num_nvl_ranks,
+                                              NUM_EXPERTS=num_experts, TOPK=num_topk, NUM_THREADS=LAYOUT_THREADS,
+                                              IDX_BYTES=idx_bytes)).get_function("dispatch_layout")
+
+    def run(self, topk_idx, num_experts: int, stream):
+        """Returns ``(per_rank int32 [R], per_rdma_rank int32 [N] or None, per_expert int32 [E],
+        is_token_in_rank bool [T, R])``, allocated on the current stream, computed on ``stream``."""
+        import cupy
+
+        num_tokens, num_topk = topk_idx.shape
+        r, n = self.num_ranks, self.num_rdma_ranks
+        counts = cupy.empty(r + n + num_experts, dtype=cupy.int32)
+        in_rank = cupy.empty((num_tokens, r), dtype=cupy.bool_)
+        scratch = self._scratch.get(num_experts)
+        if scratch is None:
+            scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
+        per_rank, per_rdma, per_expert = counts[:r], counts[r:r + n], counts[r + n:]
+        blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
+        kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)
+        self._launch(kernel, blocks, LAYOUT_THREADS,
+                     (topk_idx, np.int32(num_tokens), scratch, per_rank, per_rdma if n > 1 else np.uint64(0),
+                      per_expert, in_rank, np.uint64(self.status.ptr), np.int32(self.rank)), stream, "layout")
+        return per_rank, (per_rdma if n > 1 else None), per_expert, in_rank

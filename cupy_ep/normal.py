@@ -1,0 +1,156 @@
+"""What the two normal-mode engines (intranode, internode) share on the host side.
+
+A non-cached dispatch queues its notify and dispatch kernels without waiting; the notify kernel
+writes its counts into host-mapped memory (``host_out``); the host waits for them, allocates
+the outputs at their exact size and publishes their addresses in a host-mapped descriptor,
+which the dispatch kernel's receiving blocks wait for. Layout of both (int32 / uint64), as in
+the kernels:
+
+* host_out: [0] ready value, [1] rows received, [2] 1 when the call was cancelled (bad input on
+  some rank), [3] the first rank whose input was bad, [4 + j] rows of local expert j rounded up
+  to ``expert_alignment``;
+* descriptor: [0] sequence number (written last), [1] recv_x, [2] recv_scales, [3]
+  recv_topk_idx, [4] recv_topk_weights, [5] rows (-1: drop every row).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import limits
+from .engine import Engine
+from .errors import CommTimeoutError
+from .memory import HostMapped
+
+HOST_EXPERT = 4
+HOST_OUT_INTS = HOST_EXPERT + limits.MAX_EXPERTS
+DESC_WORDS = 6
+
+
+@dataclass
+class NormalHandle:
+    """What every normal-mode handle records about its dispatch (what the shared argument checks
+    of cached dispatch and combine read; opaque to users)."""
+
+    num_tokens: int
+    num_experts: int
+    hidden: int
+    num_topk: int
+    num_channels: int
+    num_rows: int              # rows of the dispatch's outputs (num_worst_tokens in that mode)
+
+
+@dataclass
+class DispatchResult:
+    recv_x: object
+    recv_scales: object
+    recv_topk_idx: object
+    recv_topk_weights: object
+    num_recv_tokens_per_expert_list: Optional[list]
+    handle: object
+
+
+class NormalEngine(Engine):
+    """Base of the normal-mode engines: host-out counts, output descriptor, call sequence."""
+
+    def __init__(self, comm, status, timeout_ns: int, chaos: bool = False):
+        super().__init__(comm, status, timeout_ns, chaos)
+        self._host_out_mem = HostMapped(HOST_OUT_INTS * 4)
+        self._desc_mem = HostMapped(DESC_WORDS * 8)
+        self.host_out = self._host_out_mem.view(np.int32, HOST_OUT_INTS)
+        self.desc = self._desc_mem.view(np.uint64, DESC_WORDS)
+        self._seq = 0
+        self._functions = {}
+
+    def destroy(self) -> None:
+        self._host_out_mem.free()
+        self._desc_mem.free()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _host_out_arg(self) -> np.uint64:
+        return np.uint64(self.host_out.ctypes.data)
+
+    @staticmethod
+    def _given_outputs(outputs, rows: int, fill_padding: bool) -> list:
+        """Dispatch kernel arguments for outputs allocated before the launch (worst-token and
+        cached dispatch): recv_x, recv_scales, recv_topk_idx, recv_topk_weights, rows, padding
+        flag, no descriptor."""
+        return [*(_ptr(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
+
+    def _described_outputs(self, seq: int) -> list:
+        """Dispatch kernel arguments for outputs the host publishes later in the descriptor."""
+        return [np.uint64(0)] * 4 + [np.int32(0), np.int32(0), np.uint64(self.desc.ctypes.data), np.uint64(seq)]
+
+    def _dispatch_outputs(self, seq: int, data, scales, num_topk: int, num_worst_tokens: int, call):
+        """(outputs, kernel arguments) of a non-cached dispatch: with ``num_worst_tokens`` the
+        outputs now (padding rows filled by the kernel), else None and the descriptor of ``seq``
+        (:meth:`_finish_dispatch` allocates and publishes them)."""
+        if num_worst_tokens > 0:
+            outputs = self._alloc_outputs(data, scales, num_topk, num_worst_tokens, call)
+            return outputs, self._given_outputs(outputs, num_worst_tokens, True)
+        return None, self._described_outputs(seq)
+
+    def _alloc_outputs(self, data, scales, num_topk: int, rows: int, call):
+        import cupy
+
+        with call.alloc:
+            recv_x = cupy.empty((rows, data.shape[1]), dtype=data.dtype)
+            recv_scales = None if scales is None else cupy.empty((rows, scales.shape[1]), dtype=cupy.float32)
+            recv_idx = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.int64)
+            recv_w = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.float32)
+        return recv_x, recv_scales, recv_idx, recv_w
+
+    def _finish_dispatch(self, seq: int, data, scales, num_topk: int, num_local_experts: int, handle, call,
+                         marks) -> DispatchResult:
+        """Waits for notify's counts, allocates the outputs, publishes them to the receivers."""
+        try:
+            num_recv, per_expert_list = self._wait_notify(seq, num_local_experts)
+            _mark(self.profile, marks, "host wait", call.stream)
+            handle.num_rows = num_recv
+            outputs = self._alloc_outputs(data, scales, num_topk, num_recv, call)
+        except BaseException:
+            self._publish_outputs(seq, (None, None, None, None), -1)   # receivers drop the rows
+            raise
+        self._publish_outputs(seq, outputs, num_recv)
+        _mark(self.profile, marks, "outputs published", call.stream)
+        return DispatchResult(*outputs, per_expert_list, handle)
+
+    def _publish_outputs(self, seq: int, outputs, rows: int) -> None:
+        desc = self.desc
+        for i, a in enumerate(outputs):
+            desc[1 + i] = 0 if a is None else int(a.data.ptr)
+        desc[5] = np.uint64(rows & 0xFFFFFFFFFFFFFFFF)
+        desc[0] = seq   # last: the receivers wait for it
+
+    def _wait_notify(self, seq: int, num_local_experts: int):
+        """Waits on the host for notify's counts: (rows received, per-expert list). When notify
+        cancelled the call (bad input on some rank), raises this rank's report, or says which
+        rank's input was bad."""
+        out = self.host_out
+        deadline = time.monotonic() + float(self.timeout_ns) / 1e9 + 5.0
+        while out[0] != seq:
+            if self.status.status == limits.ST_TIMEOUT:
+                raise self.status.take()
+            if time.monotonic() > deadline:
+                raise CommTimeoutError("notify_dispatch", self.rank, -1, "host wait for the receive counts")
+        if out[2]:
+            raise self.status.take() or ValueError(
+                f"topk_idx / layout arrays: rank {int(out[3])} passed invalid routing to dispatch; the call was "
+                "cancelled on every rank")
+        return int(out[1]), out[HOST_EXPERT:HOST_EXPERT + num_local_experts].tolist()
+
+
+def _ptr(a):
+    """A CuPy array, or a null pointer for None (kernel arguments)."""
+    return np.uint64(0) if a is None else a
+
+
+def _mark(profile, marks, phase: str, stream) -> None:
+    if marks is not None:
+        profile.mark(marks, phase, stream)

@@ -1,0 +1,110 @@
+"""What a :meth:`cupy_ep.Buffer.profile` block records: kernel times, the kernels' in-kernel
+phase marks and the phases of each Python call.
+
+Three views of the same calls:
+
+* **kernel times**: CUDA events right before and after each main kernel launch (the layout,
+  notify, dispatch, combine and low-latency kernels), the quantity DeepEP's tests report;
+* **phase marks**: kernels that take a profiling buffer write ``%globaltimer`` checkpoints per
+  block (``prof_mark`` in kernels_cu/status.cuh); a phase's time is the latest block's mark
+  minus the earliest block's start;
+* **call phases**: inside each Buffer call, a CUDA event on the launch stream and a host clock
+  reading at every phase boundary (validation, notify, host wait, allocation, launch, ...).
+  The event times give the call's GPU timeline, host gaps included; the host times say how
+  long Python spent in each phase.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+from . import limits
+
+
+class Profile:
+    """Recorded while a ``with buffer.profile() as prof:`` block runs; read it after the block
+    (the readers synchronise on the recorded events)."""
+
+    def __init__(self):
+        self._kernels = []    # (name, start event, end event)
+        self._phases = []     # (kernel name, cupy uint64 [blocks, PROF_SLOTS], {slot: phase name})
+        self._calls = []      # (call name, [(phase, event, host ns)])
+
+    # -- recording (engines and Buffer) -------------------------------------------------------
+    @contextmanager
+    def kernel(self, name: str, stream):
+        import cupy
+
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        yield
+        end.record(stream)
+        self._kernels.append((name, start, end))
+
+    def phase_buffer(self, kernel: str, num_blocks: int, names: dict):
+        """A zeroed device buffer for one launch's checkpoints (pass its pointer to the kernel)."""
+        import cupy
+
+        buf = cupy.zeros((num_blocks, limits.PROF_SLOTS), dtype=cupy.uint64)
+        self._phases.append((kernel, buf, dict(names)))
+        return buf
+
+    def begin_call(self, name: str, stream) -> list:
+        marks = []
+        self._calls.append((name, marks))
+        self.mark(marks, "start", stream)
+        return marks
+
+    @staticmethod
+    def mark(marks: list, phase: str, stream) -> None:
+        import cupy
+
+        event = cupy.cuda.Event()
+        event.record(stream)
+        marks.append((phase, event, time.perf_counter_ns()))
+
+    # -- reading ------------------------------------------------------------------------------
+    def kernel_times_us(self) -> dict:
+        """``{kernel name: [µs per launch]}``."""
+        import cupy
+
+        out = defaultdict(list)
+        for name, start, end in self._kernels:
+            end.synchronize()
+            out[name].append(cupy.cuda.get_elapsed_time(start, end) * 1e3)
+        return dict(out)
+
+    def phase_marks_us(self) -> dict:
+        """``{"kernel: phase": [µs from the kernel's earliest block start, per launch]}``; "end"
+        is the kernel's duration on the GPU."""
+        import cupy
+
+        out = defaultdict(list)
+        for kernel, buf, names in self._phases:
+            marks = cupy.asnumpy(buf).astype("int64")
+            start = marks[:, 0][marks[:, 0] > 0]
+            if start.size == 0:
+                continue
+            for slot, phase in names.items():
+                col = marks[:, slot][marks[:, slot] > 0]
+                if col.size:
+                    out[f"{kernel}: {phase}"].append((col.max() - start.min()) / 1e3)
+        return dict(out)
+
+    def call_phases_us(self) -> dict:
+        """``{call name: {phase: (GPU µs, host µs)}}``, medians over the recorded calls: the time
+        from the previous phase boundary to this one on the launch stream's timeline (host gaps
+        included) and on the host's clock."""
+        import cupy
+
+        per_call = defaultdict(lambda: defaultdict(lambda: ([], [])))
+        for name, marks in self._calls:
+            for (_, e0, h0), (phase, e1, h1) in zip(marks, marks[1:]):
+                e1.synchronize()
+                gpu, host = per_call[name][phase]
+                gpu.append(cupy.cuda.get_elapsed_time(e0, e1) * 1e3)
+                host.append((h1 - h0) / 1e3)
+        return {name: {phase: (statistics.median(g), statistics.median(h)) for phase, (g, h) in phases.items()}
+                for name, phases in per_call.items()}

@@ -1,0 +1,110 @@
+"""The normal mode's buffer layouts, size hints and configuration, checked without a GPU."""
+import pytest
+
+from cupy_ep import Config, limits
+from cupy_ep.internode import (nvl_buffer_size_hint as internode_nvl_hint, nvl_control, nvl_layout,
+                               rdma_buffer_size_hint, rdma_capacity, rdma_control, rdma_record_bytes)
+from cupy_ep.intranode import BUFFER_OFFSETS, NOTIFY_SLOT_BYTES, nvl_buffer_size_hint, slot_layout
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (128, 1), (256, 0)])
+@pytest.mark.parametrize("num_tokens", [1, 77, 4096])
+def test_intranode_size_hint_holds_the_tokens(num_ranks, hidden, num_topk, num_tokens):
+    nbytes = nvl_buffer_size_hint(num_tokens, hidden, num_ranks, num_topk)
+    layout = slot_layout(nbytes, num_ranks, hidden, num_topk)
+    assert layout.capacity >= num_tokens
+    # The hint is not over-provisioned: 16 bf16 rows less per slot no longer holds the tokens.
+    assert slot_layout(nbytes - num_ranks * 16 * (hidden * 2), num_ranks, hidden, num_topk).capacity < num_tokens
+
+
+@pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (4096, 0)])
+def test_intranode_slot_areas_are_aligned_and_disjoint(hidden, num_topk):
+    layout = slot_layout(1 << 30, 4, hidden, num_topk)
+    cap = layout.capacity
+    ends = [(0, cap * hidden * 2), (layout.off_scales, layout.off_scales + cap * (hidden // 128) * 4),
+            (layout.off_idx, layout.off_idx + cap * num_topk * 8), (layout.off_w, layout.off_w + cap * num_topk * 4)]
+    for begin, end in ends:
+        assert begin % 16 == 0 and end <= layout.slot_bytes
+    for (b0, e0), (b1, e1) in zip(ends, ends[1:]):
+        assert e0 <= b1
+    assert layout.slot_bytes % 16 == 0
+    assert BUFFER_OFFSETS["OFF_DATA"] + 4 * layout.slot_bytes <= 1 << 30
+
+
+def test_intranode_control_areas_do_not_overlap():
+    tails = limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8
+    assert BUFFER_OFFSETS["OFF_NOTIFY_FLAGS"] + 4 * limits.MAX_NVL_PEERS <= BUFFER_OFFSETS["OFF_DISPATCH_TAILS"]
+    assert BUFFER_OFFSETS["OFF_DISPATCH_TAILS"] + tails <= BUFFER_OFFSETS["OFF_COMBINE_TAILS"]
+    assert BUFFER_OFFSETS["OFF_COMBINE_TAILS"] + tails <= BUFFER_OFFSETS["OFF_NOTIFY"]
+    assert BUFFER_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= BUFFER_OFFSETS["OFF_DATA"]
+    assert NOTIFY_SLOT_BYTES >= 4 * (128 + limits.MAX_EXPERTS)   # the per-expert counts of any E
+
+
+DOMAINS = [(4, 2), (4, 1), (2, 1), (16, 8), (64, 8), (128, 8), (24, 3), (512, 8)]
+
+
+@pytest.mark.parametrize("num_ranks,num_nvl_ranks", DOMAINS)
+@pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (256, 1)])
+@pytest.mark.parametrize("num_tokens", [1, 333, 4096])
+def test_internode_hints_hold_the_tokens(num_ranks, num_nvl_ranks, hidden, num_topk, num_tokens):
+    rdma = rdma_buffer_size_hint(num_tokens, hidden, num_ranks, num_nvl_ranks, num_topk)
+    assert rdma_capacity(rdma, hidden, num_ranks, num_nvl_ranks, num_topk) >= num_tokens
+    assert rdma % (1 << 20) == 0 and rdma < (num_tokens + 64) * 2 * (num_ranks // num_nvl_ranks) * \
+        rdma_record_bytes(hidden, num_topk, num_nvl_ranks) + (16 << 20)
+    rows = num_ranks * num_tokens
+    nvl = internode_nvl_hint(rows, hidden, num_ranks, num_nvl_ranks, num_topk)
+    assert nvl_layout(nvl, num_ranks, num_nvl_ranks, hidden, num_topk)["NVL_ROWS"] >= rows
+
+
+@pytest.mark.parametrize("num_ranks,num_nvl_ranks", DOMAINS)
+def test_internode_layouts_are_aligned_and_disjoint(num_ranks, num_nvl_ranks):
+    n = num_ranks // num_nvl_ranks
+    r = rdma_control(num_ranks, num_nvl_ranks)
+    tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
+    assert r["R_OFF_VEC_SIG"] >= r["R_OFF_BARRIER"] + 8 * limits.MAX_RDMA_RANKS
+    assert r["R_OFF_DTAIL"] >= r["R_OFF_VEC_SIG"] + 8 * limits.MAX_RDMA_RANKS
+    assert r["R_OFF_CTAIL"] >= r["R_OFF_DTAIL"] + tails and r["R_OFF_VEC_RECV"] >= r["R_OFF_CTAIL"] + tails
+    assert r["R_OFF_DATA"] >= r["R_OFF_VEC_SEND"] + 4 * n * r["VEC_STRIDE"] and r["R_OFF_DATA"] % 4096 == 0
+    # a notify vector of the largest call fits (as the kernel's static_assert checks per call)
+    c = limits.MAX_CHANNELS
+    assert 2 + num_nvl_ranks * (c + 2) + c + 1 + limits.MAX_EXPERTS // n + num_ranks <= r["VEC_STRIDE"]
+    v = nvl_control(num_ranks, num_nvl_ranks)
+    assert v["OFF_CTAIL"] >= v["OFF_DTAIL"] + limits.MAX_CHANNELS * num_ranks * 8
+    assert v["OFF_SLOT"] >= v["OFF_CTAIL"] + limits.MAX_CHANNELS * n * num_nvl_ranks * 8
+    assert 1 + n * (c + 4) + limits.MAX_EXPERTS // num_ranks + num_ranks <= v["SLOT_STRIDE"]
+    assert v["OFF_FWD"] >= v["OFF_SLOT"] + 4 * num_nvl_ranks * v["SLOT_STRIDE"]
+    assert v["OFF_NX"] >= v["OFF_FWD"] + 4 * num_nvl_ranks * n
+    for hidden, num_topk in ((7168, 8), (2880, 9)):
+        nbytes = 1 << 30
+        layout = nvl_layout(nbytes, num_ranks, num_nvl_ranks, hidden, num_topk)
+        rows = layout["NVL_ROWS"]
+        regions = [(layout["OFF_NX"], rows * 2 * hidden), (layout["OFF_NS"], rows * 4 * (hidden // 128)),
+                   (layout["OFF_NI"], rows * 8 * num_topk), (layout["OFF_NW"], rows * 4 * num_topk)]
+        for (b0, s0), (b1, _) in zip(regions, regions[1:]):
+            assert b0 % 16 == 0 and b0 + s0 <= b1
+        assert regions[-1][0] + regions[-1][1] <= nbytes
+
+
+def test_config_defaults_and_errors():
+    c = Config()
+    assert (c.num_sms, c.num_threads, c.num_receivers, c.num_channels, c.chunk_tokens) == (24, 1024, 12, 12, 32)
+    assert Config(num_sms=24, num_receivers=8).num_channels == 16
+    assert Config(num_sms=24).internode_channels == 8
+    assert Config(num_threads=256, chunk_tokens=1).chunk_tokens == 1
+    for bad in (dict(num_sms=1), dict(num_threads=100), dict(num_threads=2048), dict(num_receivers=24),
+                dict(num_sms=128, num_receivers=1), dict(chunk_tokens=0), dict(num_threads=256, chunk_tokens=9)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Config(**bad)
+
+
+def test_limits_reach_the_kernels_and_the_errors():
+    from cupy_ep.errors import status_error
+
+    consts = limits.device_constants()
+    for kid, name in limits.KERNEL_NAMES.items():
+        assert consts[f"KID_{name.upper()}"] == kid
+    for code in (limits.ST_TIMEOUT, limits.ST_OVERFLOW, limits.ST_BAD_EXPERT, limits.ST_BAD_LAYOUT,
+                 limits.ST_PEER_BAD_INPUT):
+        err = status_error(code, "some_kernel", 3, 1, 7, 9, 2)
+        assert "some_kernel" in str(err) and "rank 3" in str(err)
