@@ -10,18 +10,38 @@ tuples as the GPU ``cupy_ep.Buffer``, with NumPy arrays in and out:
 - Data moves with ``Alltoallv`` of packed byte rows; metadata with small pickled
   collectives. Results are deterministic: normal-mode rows come ordered by source rank,
   then source token; low-latency rows per expert by source rank, then source token.
-- Streams and events do not exist here: ``previous_event``, ``async_finish``,
-  ``allocate_on_comm_stream`` and ``config`` are accepted and ignored; the returned events
-  are ``cupy_ep.EventOverlap`` objects that hold no event (their methods do nothing).
+- Streams and events do not exist here: ``previous_event``, ``async_finish`` and
+  ``allocate_on_comm_stream`` are accepted and ignored (``config`` is checked as on the GPU,
+  then ignored); the returned events are ``cupy_ep.EventOverlap`` objects that hold no event
+  (their methods do nothing).
 
-Bad input (wrong dtype, shape, contiguity, values, sizes) raises ``TypeError`` /
-``ValueError`` naming the argument, before any communication, on every rank that sees it,
-and leaves the Buffer usable. When only some ranks get bad input, those raise while the
-others block in the call's first collective (the reference has no timeouts): give all
-ranks the same arguments, or abort the job on an exception. Arguments that must agree
-between ranks (hidden size, FP8 or not, number of experts, top-k width, M, ...) are
-compared in the call's first collective; a disagreement raises ``ValueError`` on every
-rank.
+The same inputs are accepted and rejected as on the GPU; the shared checks live in
+:mod:`cupy_ep.validation`. That includes the buffer sizes: a normal-mode dispatch of more
+tokens than ``num_nvl_bytes`` (or, across NVLink domains, ``num_rdma_bytes``) holds, or a
+low-latency call that needs more than ``num_rdma_bytes``, raises here as it does on the GPU,
+although the reference reserves no memory. Size the buffers with the static size hints.
+
+Errors:
+
+- Bad input (wrong dtype, shape, contiguity, sizes) raises ``TypeError`` / ``ValueError``
+  naming the argument, before any communication, on every rank that sees it, and leaves the
+  Buffer usable. When only some ranks get such input, those raise while the others block in
+  the call's first collective (the reference has no timeouts): give all ranks the same
+  arguments, or abort the job on an exception.
+- Bad routing values (expert ids outside ``[-1, E)``, layout arrays that disagree with each
+  other or with ``topk_idx``) are found on the host before anything is sent, and cancel the
+  call on every rank, as on the GPU: the rank with the bad input raises ``ValueError`` naming
+  the argument, the others ``ValueError("rank r passed invalid routing to ...")``.
+  ``get_dispatch_layout`` (no communication) raises at once on the rank that sees them.
+- Arguments that must agree between ranks (hidden size, FP8 or not, number of experts, top-k
+  width, M, ...) are compared in the call's first collective; a disagreement raises
+  ``ValueError`` on every rank.
+- A worst-token dispatch in which some rank would receive more rows than its
+  ``num_worst_tokens`` raises :class:`cupy_ep.errors.TokenOverflowError` on every rank
+  (nothing is sent; the GPU drops the excess rows and raises the same error at the next call
+  or :meth:`Buffer.check`).
+- Any call on a destroyed Buffer raises ``cupy_ep.errors.CupyEpError("this Buffer was
+  destroyed")``.
 
 This module needs NumPy, ml_dtypes and mpi4py; it never imports CuPy and runs without a
 GPU or a CUDA driver.
@@ -30,15 +50,17 @@ GPU or a CUDA driver.
 import numpy as np
 
 from . import fp8 as _fp8
+from . import limits
 from . import validation as V
+from .errors import CupyEpError, TokenOverflowError
 from .event import EventOverlap   # the public placeholder/event class; with event=None it does nothing
 
-__all__ = ["Buffer", "EventOverlap", "DispatchHandle", "BF16_DTYPE", "FP8_DTYPE"]
+__all__ = ["Buffer", "EventOverlap", "DispatchHandle", "LowLatencyHandleInfo", "BF16_DTYPE", "FP8_DTYPE"]
 
 BF16_DTYPE = V.BF16_DTYPE
 FP8_DTYPE = V.FP8_DTYPE
 _F32 = np.float32
-_NUM_BUFFER_ALIGNMENT_BYTES = 128
+_LL_TRANSPORTS = ("auto", "nvlink", "rdma")
 
 
 class DispatchHandle:
@@ -47,6 +69,9 @@ class DispatchHandle:
     Attributes:
         num_ranks: R.
         num_tokens: N of this rank when the handle was made.
+        hidden: H of the dispatch (combine and cached dispatch must use the same).
+        num_topk: K of the dispatch's ``topk_idx`` (0 without one).
+        num_experts: E of the dispatch.
         is_token_in_rank: bool ``[N, R]`` (a copy).
         send_counts: int64 ``[R]``: rows this rank sent to each rank.
         recv_counts: int64 ``[R]``: rows this rank received from each rank.
@@ -56,19 +81,42 @@ class DispatchHandle:
         recv_src_idx: int64 ``[num_recv_tokens]``: source token index of each received row.
         num_recv_tokens: rows received (valid rows of ``recv_x``).
         num_rows: rows of ``recv_x`` (``num_worst_tokens`` in worst-token mode).
-        hidden: H of the dispatch (combine and cached dispatch must use the same).
     """
 
-    __slots__ = ("num_ranks", "num_tokens", "is_token_in_rank", "send_counts", "recv_counts",
-                 "send_order", "recv_src_rank", "recv_src_idx", "num_recv_tokens", "num_rows", "hidden")
+    __slots__ = ("num_ranks", "num_tokens", "hidden", "num_topk", "num_experts", "is_token_in_rank",
+                 "send_counts", "recv_counts", "send_order", "recv_src_rank", "recv_src_idx", "num_recv_tokens",
+                 "num_rows")
 
     def __init__(self, **kw):
         for k in self.__slots__:
             setattr(self, k, kw[k])
 
     def __repr__(self):
-        return (f"DispatchHandle(num_ranks={self.num_ranks}, num_tokens={self.num_tokens}, "
-                f"num_recv_tokens={self.num_recv_tokens}, num_rows={self.num_rows})")
+        return (f"DispatchHandle(num_ranks={self.num_ranks}, num_tokens={self.num_tokens}, hidden={self.hidden}, "
+                f"num_topk={self.num_topk}, num_recv_tokens={self.num_recv_tokens}, num_rows={self.num_rows})")
+
+
+class LowLatencyHandleInfo:
+    """``handle[5]`` of a reference low-latency handle (the GPU's is ``LLHandlePrivate``).
+
+    Attributes:
+        num_tokens: N of the dispatch (``topk_idx`` / ``topk_weights`` of the combine must be
+            ``[num_tokens, topk]``).
+        topk: K of the dispatch.
+        hidden, num_experts, m: H, E and M of the dispatch.
+        sent: sorted int64 keys ``token * E + expert`` of the (token, expert) pairs the dispatch
+            sent (a combine may only name those).
+    """
+
+    __slots__ = ("num_tokens", "topk", "hidden", "num_experts", "m", "sent")
+
+    def __init__(self, num_tokens, topk, hidden, num_experts, m, sent):
+        self.num_tokens, self.topk, self.hidden = int(num_tokens), int(topk), int(hidden)
+        self.num_experts, self.m, self.sent = int(num_experts), int(m), sent
+
+    def __repr__(self):
+        return (f"LowLatencyHandleInfo(num_tokens={self.num_tokens}, topk={self.topk}, hidden={self.hidden}, "
+                f"num_experts={self.num_experts}, m={self.m})")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -115,39 +163,35 @@ def _alltoallv_rows(comm, fields, send_counts, recv_counts):
     return _unpack(recvbuf, spec)
 
 
-def _meta_alltoall(comm, common, private, payloads):
-    """One collective for a call's metadata.
+def _meta_alltoall(comm, common, private, payloads, bad=None, call="dispatch"):
+    """One collective for a call's metadata, and the point where a call is cancelled everywhere.
 
     Args:
         common: list of ``(arg, what, value)`` that must be equal on every rank.
         private: a picklable object every rank gets from every rank.
         payloads: list (one per destination rank) of picklable objects.
+        bad: None, or the message of this rank's bad routing (the call is cancelled).
+        call: the call's name, for the other ranks' message.
     Returns:
         ``(privates, received_payloads)``, both lists indexed by rank.
     Raises:
-        ValueError on every rank when a ``common`` value differs between ranks.
+        ValueError on every rank when some rank has ``bad`` input (that rank: its own message;
+        the others name the first such rank), or when a ``common`` value differs between ranks.
     """
     mine = tuple(v for _, _, v in common)
-    items = comm.alltoall([(mine, private, p) for p in payloads])
+    items = comm.alltoall([(mine, private, p, bad) for p in payloads])
+    if bad is not None:
+        raise ValueError(bad)
+    bad_ranks = [r for r, it in enumerate(items) if it[3] is not None]
+    if bad_ranks:
+        raise ValueError(f"rank {bad_ranks[0]} passed invalid routing to {call}; the call was cancelled on every "
+                         f"rank (seen on rank {comm.Get_rank()})")
     commons = [it[0] for it in items]
     for i, (arg, what, _) in enumerate(common):
         vals = [c[i] for c in commons]
         if any(v != vals[0] for v in vals):
             raise ValueError(f"{arg}: {what} must be the same on every rank, got {vals} (by rank)")
     return [it[1] for it in items], [it[2] for it in items]
-
-
-def _deep_ep_rdma_size_hint(m, h, num_experts):
-    """DeepEP's low-latency buffer size formula (fallback of the size hint)."""
-    num_scales = h // 128
-    dispatch_msg = 16 + max(h * 2, h + num_scales * 4)
-    combine_msg = num_scales * 4 + h * 2
-    send = max(m * dispatch_msg, num_experts * m * combine_msg)
-    recv = max(num_experts * m * dispatch_msg, num_experts * m * combine_msg)
-    signal = _ceil_div(num_experts * 4, 128) * 128
-    total = 2 * (send + recv + signal)
-    a = _NUM_BUFFER_ALIGNMENT_BYTES
-    return ((total + a) // a) * a
 
 
 def _ceil_div(a, b):
@@ -159,12 +203,13 @@ def _require_numpy(arr, name):
         raise TypeError(f"{name}: the reference backend takes NumPy arrays, got {type(arr).__module__}.{type(arr).__name__}")
 
 
-def _require_numpy_x(x, name="x"):
-    if isinstance(x, (tuple, list)):
-        for i, a in enumerate(x):
+def _require_numpy_items(arr, name):
+    """``_require_numpy`` for an array or a tuple/list of them (FP8 pair, biases)."""
+    if isinstance(arr, (tuple, list)):
+        for i, a in enumerate(arr):
             _require_numpy(a, f"{name}[{i}]")
     else:
-        _require_numpy(x, name)
+        _require_numpy(arr, name)
 
 
 def _make_hook(finish, return_recv_hook):
@@ -182,76 +227,133 @@ def _make_hook(finish, return_recv_hook):
     return hook
 
 
+def _routing_error(n, num_ranks, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                   num_experts, num_tokens_per_rdma_rank, num_nvl_ranks):
+    """The first inconsistency of a dispatch's routing values (the checks the GPU's notify kernel
+    makes, in its order), as a message naming the argument; None when the routing is valid."""
+    if not np.array_equal(is_token_in_rank.sum(axis=0), num_tokens_per_rank):
+        return ("num_tokens_per_rank: does not match is_token_in_rank (tokens per rank); "
+                "use get_dispatch_layout")
+    if num_tokens_per_rdma_rank is not None:
+        per_domain = is_token_in_rank.reshape(n, num_ranks // num_nvl_ranks, num_nvl_ranks).any(axis=2).sum(axis=0)
+        if not np.array_equal(per_domain, num_tokens_per_rdma_rank):
+            return ("num_tokens_per_rdma_rank: does not match is_token_in_rank (tokens per NVLink domain); "
+                    "use get_dispatch_layout")
+    if topk_idx is None:
+        if num_tokens_per_expert.size and int(num_tokens_per_expert.min()) < 0:
+            return f"num_tokens_per_expert: counts must be >= 0, found {int(num_tokens_per_expert.min())}"
+        return None
+    try:
+        V.check_topk_range(topk_idx, num_experts)
+    except ValueError as e:
+        return str(e)
+    e_local = num_experts // num_ranks
+    idx = topk_idx.astype(np.int64)
+    valid = idx >= 0
+    expect_in_rank = np.zeros((n, num_ranks), dtype=bool)
+    expect_in_rank[np.nonzero(valid)[0], idx[valid] // e_local] = True
+    if not np.array_equal(expect_in_rank, is_token_in_rank):
+        t = int(np.flatnonzero((expect_in_rank != is_token_in_rank).any(axis=1))[0])
+        return f"is_token_in_rank: does not match topk_idx (token {t}); use get_dispatch_layout"
+    per_expert = np.bincount(idx[valid], minlength=num_experts)
+    if not np.array_equal(per_expert, num_tokens_per_expert):
+        e = int(np.flatnonzero(per_expert != num_tokens_per_expert)[0])
+        return f"num_tokens_per_expert: does not match topk_idx (expert {e}); use get_dispatch_layout"
+    return None
+
+
 # --------------------------------------------------------------------------- Buffer
 class Buffer:
     """Expert-parallel communication buffer, NumPy reference backend.
 
     Same API as ``cupy_ep.Buffer`` (itself modelled on DeepEP's ``deep_ep.Buffer``). No
-    memory is reserved; the byte sizes only gate the modes as on the GPU: the normal mode
-    needs ``num_nvl_bytes > 0``, the low-latency mode ``low_latency_mode=True`` and
-    ``num_rdma_bytes > 0`` (their exact sizes are not checked here; size them with
-    :meth:`get_nvl_buffer_size_hint` / :meth:`get_low_latency_rdma_size_hint` for the GPU).
+    memory is reserved, but the byte sizes are enforced as on the GPU: the normal mode needs
+    ``num_nvl_bytes`` large enough for the call (:meth:`get_nvl_buffer_size_hint`) and, across
+    NVLink domains, ``num_rdma_bytes`` (:meth:`get_rdma_buffer_size_hint`); the low-latency mode
+    needs ``low_latency_mode=True`` and ``num_rdma_bytes`` (:meth:`get_low_latency_rdma_size_hint`).
 
     Args:
         comm: mpi4py communicator (None: ``MPI.COMM_WORLD``). Collective over it.
-        num_nvl_bytes: NVLink buffer size of the GPU Buffer (>= 0).
-        num_rdma_bytes: NVSHMEM buffer size of the GPU Buffer (>= 0).
-        low_latency_mode: enable the low-latency calls.
-        num_nvl_peers: ranks per NVLink domain (None: the ranks sharing this host). Only
-            changes ``num_tokens_per_rdma_rank`` of :meth:`get_dispatch_layout`.
+        num_nvl_bytes: NVLink buffer size of the GPU Buffer (>= 0), the same on every rank.
+        num_rdma_bytes: NVSHMEM buffer size of the GPU Buffer (>= 0), the same on every rank.
+        low_latency_mode: enable the low-latency calls. Across NVLink domains the symmetric
+            buffer then belongs to the low-latency mode (no normal mode), as on the GPU.
+        num_nvl_peers: ranks per NVLink domain (None: the ranks sharing this host); must divide
+            the number of ranks. The normal mode serves domains of at most
+            ``limits.MAX_NVL_PEERS`` ranks, like the GPU: with more ranks on one host, give
+            ``num_nvl_peers`` (and ``num_rdma_bytes``) as a GPU cluster would need.
         num_sms: SMs the GPU kernels may use (kept, unused).
-        **ignored: other GPU-only options (accepted, unused).
+        timeout_s: the GPU Buffer's wait bound (checked, unused: the reference has none).
+        ll_transport: the GPU's low-latency transport (checked with ``low_latency_mode``, unused).
+        chaos: the GPU's test-only chaos mode (unused).
     """
 
     #: Default SM count of the GPU Buffer (kept for API compatibility).
     num_sms = 20
 
     def __init__(self, comm=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
-                 num_nvl_peers=None, num_sms=None, **ignored):
+                 num_nvl_peers=None, num_sms=None, timeout_s=limits.DEFAULT_TIMEOUT_S, ll_transport="auto",
+                 chaos=None):
         from mpi4py import MPI
+        self.comm = None
         if comm is None:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Comm):
             raise TypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
-        self.num_nvl_bytes = V.check_int(num_nvl_bytes, "num_nvl_bytes", 0)
-        self.num_rdma_bytes = V.check_int(num_rdma_bytes, "num_rdma_bytes", 0)
+        V.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+        try:
+            timeout_ok = timeout_s > 0
+        except TypeError:
+            timeout_ok = False
+        if not timeout_ok:
+            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        if low_latency_mode and ll_transport not in _LL_TRANSPORTS:
+            raise ValueError(f"ll_transport: expected 'auto', 'nvlink' or 'rdma', got {ll_transport!r}")
+        self.num_nvl_bytes = int(num_nvl_bytes)
+        self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = bool(low_latency_mode)
-        if self.low_latency_mode and self.num_rdma_bytes == 0:
-            raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
-        if num_nvl_peers is not None:
-            num_nvl_peers = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
-        if num_sms is not None:
-            self.num_sms = V.check_int(num_sms, "num_sms", 1)
+        self.timeout_s = float(timeout_s)
+        self.chaos = bool(chaos)
         self.rank = comm.Get_rank()
         self.group_size = comm.Get_size()
         if num_nvl_peers is not None:
-            nvl = min(num_nvl_peers, self.group_size)
-            if self.group_size % nvl != 0:
-                raise ValueError(f"num_nvl_peers: the number of ranks ({self.group_size}) must be a "
-                                 f"multiple of it, got {num_nvl_peers}")
-        self.comm = comm.Dup()
-        self._ll_combine_buffers = {}
+            num_nvl_peers = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
+            if self.group_size % num_nvl_peers != 0:
+                raise ValueError(f"num_nvl_peers: must divide the number of ranks ({self.group_size}), "
+                                 f"got {num_nvl_peers}")
+        if num_sms is not None:
+            self.num_sms = V.check_int(num_sms, "num_sms", 1)
+        dup = comm.Dup()
         try:
             if num_nvl_peers is None:
-                shared = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+                shared = dup.Split_type(MPI.COMM_TYPE_SHARED)
                 local = shared.Get_size()
                 shared.Free()
-                sizes = self.comm.allgather(local)
+                sizes = dup.allgather(local)
                 nvl = local if all(s == local for s in sizes) and self.group_size % local == 0 else self.group_size
-            settings = self.comm.allgather((nvl, self.low_latency_mode))
-            if any(s != settings[0] for s in settings):
-                raise ValueError(f"num_nvl_peers: NVLink domain size and low_latency_mode must be the same "
-                                 f"on every rank, got {settings} (by rank)")
+            else:
+                nvl = num_nvl_peers
+            settings = dup.allgather((nvl, self.low_latency_mode, self.num_nvl_bytes, self.num_rdma_bytes))
+            for i, (arg, what) in enumerate((("num_nvl_peers", "NVLink domain size"),
+                                             ("low_latency_mode", "value"), ("num_nvl_bytes", "value"),
+                                             ("num_rdma_bytes", "value"))):
+                vals = [st[i] for st in settings]
+                if any(v != vals[0] for v in vals):
+                    raise ValueError(f"{arg}: {what} must be the same on every rank, got {vals} (by rank)")
+            V.check_buffer_topology(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
+                                    self.group_size, nvl)
         except BaseException:
-            self.comm.Free()
-            self.comm = None
+            dup.Free()
             raise
+        self.comm = dup
+        self._ll_combine_buffers = {}
         self.num_nvl_ranks = nvl
         self.num_rdma_ranks = self.group_size // nvl
 
     # ----------------------------------------------------------------- lifetime
     def destroy(self):
-        """Free the Buffer's communicator (collective). Later calls raise RuntimeError."""
+        """Free the Buffer's communicator (collective; idempotent). Later calls raise
+        ``CupyEpError("this Buffer was destroyed")``."""
         if self.comm is not None:
             self.comm.Free()
             self.comm = None
@@ -270,7 +372,18 @@ class Buffer:
 
     def _check_alive(self):
         if self.comm is None:
-            raise RuntimeError("Buffer: used after destroy()")
+            raise CupyEpError("this Buffer was destroyed")
+
+    def check(self, synchronize=True):
+        """Raise what the GPU Buffer would report since the last call (API parity).
+
+        The reference raises every error in the call that causes it, so there is never
+        anything pending: this only raises ``CupyEpError`` on a destroyed Buffer.
+
+        Args:
+            synchronize: accepted for parity (nothing runs asynchronously here).
+        """
+        self._check_alive()
 
     def _check_low_latency(self):
         if not self.low_latency_mode:
@@ -280,6 +393,10 @@ class Buffer:
     def _check_normal(self):
         if self.num_nvl_bytes == 0:
             raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer (created with num_nvl_bytes=0)")
+        if self.num_rdma_ranks > 1 and self.low_latency_mode:
+            raise ValueError("low_latency_mode: across NVLink domains the symmetric buffer of a low-latency Buffer "
+                             "belongs to the low-latency mode; create a second Buffer (low_latency_mode=False, "
+                             "num_rdma_bytes=get_rdma_buffer_size_hint(...)) for the normal mode")
 
     @property
     def num_ranks(self):
@@ -296,34 +413,67 @@ class Buffer:
         """An :class:`EventOverlap` for "the current stream" (a placeholder here)."""
         return EventOverlap()
 
+    # ----------------------------------------------------------------- size hints
     @staticmethod
-    def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=9):
-        """Bytes of ``num_nvl_bytes`` the GPU normal mode needs (the GPU Buffer's formula).
+    def get_nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk=9, num_nvl_peers=None,
+                                 num_max_recv_tokens=None):
+        """Bytes of ``num_nvl_bytes`` the normal mode needs (the GPU Buffer's formula and value).
 
         Args:
-            num_max_tokens_per_rank: most tokens a rank dispatches.
-            hidden: H.
-            num_ranks: ranks of the NVLink domain.
-            num_topk: most experts per token.
+            num_max_tokens_per_rank: most tokens a rank dispatches in one call.
+            hidden: H (bf16 or FP8 rows).
+            num_ranks: ranks of the Buffer.
+            num_topk: most top-k columns.
+            num_nvl_peers: ranks per NVLink domain (default: ``num_ranks``, one domain).
+            num_max_recv_tokens: across domains only: most rows a rank receives in one call
+                (default: the worst case, every token of every rank).
         Returns:
-            an int (> 0; any positive size serves the reference).
+            an int.
         """
         n = V.check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
         h = V.check_int(hidden, "hidden", 1)
         r = V.check_int(num_ranks, "num_ranks", 1)
-        k = V.check_int(num_topk, "num_topk", 1)
-        try:
+        k = V.check_int(num_topk, "num_topk", 0)
+        nvl = r if num_nvl_peers is None else V.check_int(num_nvl_peers, "num_nvl_peers", 1)
+        if nvl >= r:
             from .intranode import nvl_buffer_size_hint
             return int(nvl_buffer_size_hint(n, h, r, k))
-        except (ImportError, AttributeError):
-            return 4096 + r * (n * (2 * h + (h // 128) * 4 + 12 * k) + 128)
+        if r % nvl != 0:
+            raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
+        from .internode import nvl_buffer_size_hint as internode_nvl_hint
+        rows = r * n if num_max_recv_tokens is None else V.check_int(num_max_recv_tokens, "num_max_recv_tokens", 0)
+        return int(internode_nvl_hint(rows, h, r, nvl, k))
+
+    @staticmethod
+    def get_rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk=9):
+        """Bytes of ``num_rdma_bytes`` the normal mode needs across NVLink domains (0 for one
+        domain; the GPU Buffer's formula and value).
+
+        Args:
+            num_max_tokens_per_rank: most tokens a rank dispatches in one call.
+            hidden: H.
+            num_ranks: ranks of the Buffer.
+            num_nvl_peers: ranks per NVLink domain.
+            num_topk: most top-k columns.
+        Returns:
+            an int.
+        """
+        n = V.check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
+        h = V.check_int(hidden, "hidden", 1)
+        r = V.check_int(num_ranks, "num_ranks", 1)
+        nvl = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
+        k = V.check_int(num_topk, "num_topk", 0)
+        if nvl >= r:
+            return 0
+        if r % nvl != 0:
+            raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
+        from .internode import rdma_buffer_size_hint
+        return int(rdma_buffer_size_hint(n, h, r, nvl, k))
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
-        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes.
-
-        The same number as the GPU ``cupy_ep.Buffer`` gives (its pure-Python formula), so that
-        code sized for one backend runs on the other; DeepEP's formula when that is missing.
+        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes (the GPU Buffer's
+        formula and value: any top-k up to ``limits.LL_MAX_TOPK``, bf16 or FP8).
 
         Args:
             num_max_dispatch_tokens_per_rank: M.
@@ -336,11 +486,8 @@ class Buffer:
         m = V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
         h = V.check_int(hidden, "hidden", 1)
         V.check_num_experts(num_experts, num_ranks)
-        try:
-            from .low_latency import LowLatencyEngine
-            return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
-        except (ImportError, AttributeError):
-            return _deep_ep_rdma_size_hint(m, h, int(num_experts))
+        from .low_latency import LowLatencyEngine
+        return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
 
     # ----------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,
@@ -348,8 +495,9 @@ class Buffer:
         """Count, for the given routing, what goes where (local, no communication).
 
         Args:
-            topk_idx: int64 (or int32) ``[N, K]`` expert ids, -1 for an empty slot.
-            num_experts: E, a multiple of R.
+            topk_idx: int64 (or int32) ``[N, K]`` expert ids, -1 for an empty slot;
+                ``K <= limits.MAX_NORMAL_TOPK``.
+            num_experts: E, a multiple of R, at most ``limits.MAX_EXPERTS``.
             previous_event, async_finish, allocate_on_comm_stream: ignored (no streams).
 
         Returns:
@@ -360,13 +508,17 @@ class Buffer:
             num_tokens_per_expert: int32 ``[E]``: (token, top-k slot) selections per expert.
             is_token_in_rank: bool ``[N, R]``.
             event: :class:`EventOverlap` placeholder.
+
+        Raises:
+            ValueError naming ``topk_idx`` for an expert id outside ``[-1, E)``, at once (the
+            GPU reports it at the next dispatch or :meth:`check`).
         """
         self._check_alive()
         _require_numpy(topk_idx, "topk_idx")
         R = self.group_size
-        e_local = V.check_num_experts(num_experts, R)
-        n, _ = V.check_topk_idx(topk_idx)
+        n, _ = V.check_layout_call(topk_idx, num_experts, R)
         V.check_topk_range(topk_idx, num_experts)
+        e_local = num_experts // R
         idx = topk_idx.astype(np.int64)
         valid = idx >= 0
         num_tokens_per_expert = np.bincount(idx[valid], minlength=num_experts).astype(np.int32)
@@ -390,13 +542,16 @@ class Buffer:
 
         Args:
             x: bf16 ``[N, H]`` (``H % 8 == 0``), or an FP8 pair ``(x_fp8 [N, H] float8_e4m3fn
-                or uint8, scales float32 [N, H/128])`` with ``H % 128 == 0``.
+                or uint8, scales float32 [N, H/128])`` with ``H % 128 == 0``. N must fit the
+                buffers (:meth:`get_nvl_buffer_size_hint`, across domains
+                :meth:`get_rdma_buffer_size_hint`).
             handle: a handle from an earlier dispatch with the same routing ("cached"
-                dispatch): then the layout arguments, ``topk_idx`` and ``topk_weights`` are
-                not used (``topk_idx`` / ``topk_weights`` must be None).
+                dispatch): then the layout arguments are not used, ``topk_idx`` /
+                ``topk_weights`` must be None, x must be ``[N, H]`` of that dispatch and
+                ``num_worst_tokens`` 0 or the handle's rows.
             num_tokens_per_rank: int32 ``[R]`` (from :meth:`get_dispatch_layout`).
             num_tokens_per_rdma_rank: None inside one NVLink domain, else None or int32
-                ``[R / num_nvl_ranks]`` (not needed here).
+                ``[R / num_nvl_ranks]`` (checked against ``is_token_in_rank`` when given).
             is_token_in_rank: bool ``[N, R]``.
             num_tokens_per_expert: int32 ``[E]``.
             topk_idx: None or int64/int32 ``[N, K]``; must match the layout arrays.
@@ -404,10 +559,11 @@ class Buffer:
             expert_alignment: round each entry of ``num_recv_tokens_per_expert_list`` up to a
                 multiple of this.
             num_worst_tokens: > 0: outputs have exactly this many rows (padding rows: zeros,
-                ``recv_topk_idx = -1``, weight 0) and the list is empty. Raises ValueError on
-                every rank when some rank would receive more rows than its
-                ``num_worst_tokens``.
-            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+                ``recv_topk_idx = -1``, weight 0) and the list is empty. Raises
+                :class:`cupy_ep.errors.TokenOverflowError` on every rank when some rank would
+                receive more rows than its ``num_worst_tokens``.
+            config: None or a :class:`cupy_ep.Config` (checked as on the GPU, unused).
+            previous_event, async_finish, allocate_on_comm_stream: ignored.
 
         Returns:
             recv_x: bf16 ``[num_recv, H]`` or the FP8 pair (data ``[num_recv, H]`` of the input
@@ -428,59 +584,53 @@ class Buffer:
         self._check_alive()
         self._check_normal()
         R = self.group_size
-        _require_numpy_x(x)
-        is_fp8, n, h = V.check_x(x)
-        expert_alignment = V.check_expert_alignment(expert_alignment)
-        num_worst_tokens = V.check_num_worst_tokens(num_worst_tokens)
-        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
-
-        if handle is not None:
-            return self._cached_dispatch(data, scales, is_fp8, n, h, handle, topk_idx, topk_weights,
-                                         num_worst_tokens)
-
+        _require_numpy_items(x, "x")
         for a, nm in ((num_tokens_per_rank, "num_tokens_per_rank"), (is_token_in_rank, "is_token_in_rank"),
                       (num_tokens_per_expert, "num_tokens_per_expert"),
                       (num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
                       (topk_idx, "topk_idx"), (topk_weights, "topk_weights")):
             _require_numpy(a, nm)
-        if num_tokens_per_rdma_rank is not None and self.num_rdma_ranks == 1:
-            raise ValueError("num_tokens_per_rdma_rank: must be None inside one NVLink domain")
-        num_experts = V.check_layout_args(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, n, R,
-                                          num_tokens_per_rdma_rank, self.num_rdma_ranks)
-        e_local = num_experts // R
-        k = 0
-        if topk_idx is not None:
-            _, k = V.check_topk_idx(topk_idx, n)
-            V.check_topk_range(topk_idx, num_experts)
-            idx = topk_idx.astype(np.int64)
-            valid = idx >= 0
-            expect_per_expert = np.bincount(idx[valid], minlength=num_experts)
-            if not np.array_equal(expect_per_expert, num_tokens_per_expert):
-                raise ValueError("num_tokens_per_expert: does not match topk_idx (use get_dispatch_layout)")
-            expect_in_rank = np.zeros((n, R), dtype=bool)
-            expect_in_rank[np.nonzero(valid)[0], idx[valid] // e_local] = True
-            if not np.array_equal(expect_in_rank, is_token_in_rank):
-                raise ValueError("is_token_in_rank: does not match topk_idx (use get_dispatch_layout)")
-        if topk_idx is not None and topk_weights is None:
-            raise ValueError("topk_weights: required with topk_idx")
-        if topk_weights is not None:
-            if topk_idx is None:
-                raise ValueError("topk_weights: given without topk_idx")
-            V.check_topk_weights(topk_weights, topk_idx)
+        V.check_config(config, self.num_nvl_ranks)
+        is_fp8, n, h = V.check_x(x)
+        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
+        if handle is not None:
+            self._check_handle(handle)
+            V.check_cached_dispatch(handle, n, h, topk_idx, topk_weights, num_worst_tokens)
+            num_topk = handle.num_topk
+        else:
+            num_experts = V.check_normal_dispatch(
+                n, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                topk_idx, topk_weights, expert_alignment, num_worst_tokens, R, self.num_rdma_ranks)
+            num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+        V.check_normal_capacity(n, h, num_topk, self.num_nvl_bytes, R, self.num_nvl_ranks, self.num_rdma_bytes)
+        if handle is not None:
+            return self._cached_dispatch(data, scales, is_fp8, h, handle)
 
-        send_counts = num_tokens_per_rank.astype(np.int64)
+        e_local = num_experts // R
+        k = num_topk
+        bad = _routing_error(n, R, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                             num_experts, num_tokens_per_rdma_rank, self.num_nvl_ranks)
+        if bad is None:
+            send_counts = num_tokens_per_rank.astype(np.int64)
+            payloads = [(int(send_counts[r]), num_tokens_per_expert[r * e_local:(r + 1) * e_local].astype(np.int64))
+                        for r in range(R)]
+        else:
+            send_counts = np.zeros(R, dtype=np.int64)
+            payloads = [None] * R
         common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h),
                   ("num_tokens_per_expert", "length (num_experts)", num_experts),
                   ("topk_idx", "presence", topk_idx is not None), ("topk_idx", "number of columns", k)]
-        payloads = [(int(send_counts[r]), num_tokens_per_expert[r * e_local:(r + 1) * e_local].astype(np.int64))
-                    for r in range(R)]
-        privates, got = _meta_alltoall(self.comm, common, (num_worst_tokens, send_counts.tolist()), payloads)
-        if any(w > 0 for w, _ in privates):
-            recv_totals = np.sum([c for _, c in privates], axis=0)
-            for r, (w, _) in enumerate(privates):
-                if w > 0 and recv_totals[r] > w:
-                    raise ValueError(f"num_worst_tokens: rank {r} would receive {int(recv_totals[r])} tokens, "
-                                     f"more than its num_worst_tokens ({w})")
+        privates, got = _meta_alltoall(self.comm, common, (int(num_worst_tokens), send_counts.tolist()), payloads,
+                                       bad=bad, call="dispatch")
+        recv_totals = np.sum([c for _, c in privates], axis=0)
+        for r, (w, _) in enumerate(privates):
+            if w > 0 and recv_totals[r] > w:
+                raise TokenOverflowError("dispatch", r, int(recv_totals[r]), int(w))
+        limit = V.normal_recv_capacity(self.num_nvl_bytes, R, self.num_nvl_ranks, h, k)
+        if limit is not None:
+            for r in range(R):
+                if recv_totals[r] > limit:
+                    raise TokenOverflowError("dispatch", r, int(recv_totals[r]), limit)
         recv_counts = np.array([c for c, _ in got], dtype=np.int64)
         per_expert = np.sum([p for _, p in got], axis=0)
 
@@ -521,38 +671,27 @@ class Buffer:
         else:
             counts_list = [int(_ceil_div(int(c), expert_alignment) * expert_alignment) for c in per_expert]
         new_handle = DispatchHandle(
-            num_ranks=R, num_tokens=n, is_token_in_rank=is_token_in_rank.copy(), send_counts=send_counts,
-            recv_counts=recv_counts, send_order=send_order,
-            recv_src_rank=np.repeat(np.arange(R, dtype=np.int32), recv_counts), recv_src_idx=recv_src_idx,
-            num_recv_tokens=num_recv, num_rows=rows, hidden=h)
+            num_ranks=R, num_tokens=n, hidden=h, num_topk=k, num_experts=num_experts,
+            is_token_in_rank=is_token_in_rank.copy(), send_counts=send_counts, recv_counts=recv_counts,
+            send_order=send_order, recv_src_rank=np.repeat(np.arange(R, dtype=np.int32), recv_counts),
+            recv_src_idx=recv_src_idx, num_recv_tokens=num_recv, num_rows=rows)
         return recv_x, recv_topk_idx, recv_topk_weights, counts_list, new_handle, EventOverlap()
 
     def _check_handle(self, handle):
         if not isinstance(handle, DispatchHandle):
-            raise TypeError(f"handle: expected the handle returned by reference dispatch, got {type(handle).__name__}")
+            raise TypeError(f"handle: expected the handle returned by this Buffer's dispatch, got "
+                            f"{type(handle).__name__}")
         if handle.num_ranks != self.group_size:
             raise ValueError(f"handle: made for {handle.num_ranks} ranks, this Buffer has {self.group_size}")
 
-    def _cached_dispatch(self, data, scales, is_fp8, n, h, handle, topk_idx, topk_weights, num_worst_tokens):
-        self._check_handle(handle)
-        if topk_idx is not None:
-            raise ValueError("topk_idx: must be None in a cached dispatch (handle given)")
-        if topk_weights is not None:
-            raise ValueError("topk_weights: must be None in a cached dispatch (handle given)")
-        if n != handle.num_tokens or h != handle.hidden:
-            raise ValueError(f"x: the cached handle was made for [{handle.num_tokens}, {handle.hidden}], "
-                             f"got [{n}, {h}]")
-        rows = num_worst_tokens if num_worst_tokens > 0 else handle.num_rows
-        if rows < handle.num_recv_tokens:
-            raise ValueError(f"num_worst_tokens: {num_worst_tokens} is less than the {handle.num_recv_tokens} "
-                             f"tokens this rank receives")
+    def _cached_dispatch(self, data, scales, is_fp8, h, handle):
         common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h)]
         _meta_alltoall(self.comm, common, None, [None] * self.group_size)
         fields = [data[handle.send_order]]
         if is_fp8:
             fields.append(scales[handle.send_order])
         recv = _alltoallv_rows(self.comm, fields, handle.send_counts, handle.recv_counts)
-        nr = handle.num_recv_tokens
+        nr, rows = handle.num_recv_tokens, handle.num_rows
         recv_data = np.zeros((rows, h), dtype=data.dtype)
         recv_data[:nr] = recv[0]
         if is_fp8:
@@ -572,9 +711,11 @@ class Buffer:
                 dispatch returned; padding rows of worst-token mode are ignored; H = the
                 dispatch's).
             handle: the handle dispatch returned.
-            topk_weights: None or float32 ``[num_rows, K]`` (e.g. ``recv_topk_weights``).
+            topk_weights: None or float32 ``[num_rows, K]`` with the dispatch's K (e.g.
+                ``recv_topk_weights``); a dispatch without ``topk_idx`` takes none.
             bias: None, one bf16 ``[N, H]`` array or a pair (entries may be None).
-            config, previous_event, async_finish, allocate_on_comm_stream: ignored.
+            config: None or a :class:`cupy_ep.Config` (checked, unused).
+            previous_event, async_finish, allocate_on_comm_stream: ignored.
 
         Returns:
             combined_x: bf16 ``[N, H]``: ``bias_0[t] + bias_1[t] + sum_r x_r[row of t on r]``,
@@ -585,23 +726,13 @@ class Buffer:
         """
         self._check_alive()
         self._check_normal()
+        _require_numpy_items(x, "x")
+        _require_numpy(topk_weights, "topk_weights")
+        _require_numpy_items(bias, "bias")
         self._check_handle(handle)
-        _require_numpy(x if not isinstance(x, (tuple, list)) else None, "x")
-        _, rows, h = V.check_x(x, allow_fp8=False)
-        if rows != handle.num_rows:
-            raise ValueError(f"x: expected {handle.num_rows} rows (dispatch's receive layout), got {rows}")
-        if h != handle.hidden:
-            raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {h}")
-        k = 0
-        if topk_weights is not None:
-            _require_numpy(topk_weights, "topk_weights")
-            _, k = V.check_array(topk_weights, "topk_weights", dtypes=np.float32, ndim=2, shape=(rows, None))
-        if isinstance(bias, (tuple, list)):
-            for i, b in enumerate(bias):
-                _require_numpy(b, f"bias[{i}]")
-        else:
-            _require_numpy(bias, "bias")
-        biases = V.check_bias(bias, handle.num_tokens, h)
+        V.check_config(config, self.num_nvl_ranks)
+        biases = V.check_normal_combine(x, handle, topk_weights, bias)
+        h, k = handle.hidden, (handle.num_topk if topk_weights is not None else 0)
         common = [("x", "hidden size", h), ("topk_weights", "presence", topk_weights is not None),
                   ("topk_weights", "number of columns", k)]
         _meta_alltoall(self.comm, common, None, [None] * self.group_size)
@@ -633,9 +764,11 @@ class Buffer:
 
         Args:
             x: bf16 ``[N, H]``, ``H % 128 == 0``, ``N <= M``.
-            topk_idx: int64/int32 ``[N, K]``, values in ``[-1, E)``. A token that names an
-                expert in several slots is sent to it once.
-            num_max_dispatch_tokens_per_rank: M, the same on every rank.
+            topk_idx: int64/int32 ``[N, K]``, values in ``[-1, E)`` (checked on the host: a bad
+                id cancels the call on every rank). A token that names an expert in several
+                slots is sent to it once.
+            num_max_dispatch_tokens_per_rank: M, the same on every rank; ``num_rdma_bytes`` must
+                hold it (:meth:`get_low_latency_rdma_size_hint`).
             num_experts: E, a multiple of R.
             use_fp8: cast to FP8 (per token, per 128 channels) before sending.
             round_scale: power-of-two scales.
@@ -655,7 +788,8 @@ class Buffer:
             recv_count: int32 ``[E_local]``.
             handle: ``(src_info int32 [E_local, R*M] (source token per row, -1 where invalid),
                 layout_range int64 [E_local, R] ((begin << 32) | count per source rank), M, H,
-                E)``.
+                E, info)`` with ``info`` a :class:`LowLatencyHandleInfo` (``num_tokens``,
+                ``topk``: what the combine's ``topk_idx`` / ``topk_weights`` must match).
             event: :class:`EventOverlap` placeholder.
             hook: a callable with ``return_recv_hook=True``, else None.
         """
@@ -664,29 +798,42 @@ class Buffer:
         R = self.group_size
         _require_numpy(x, "x")
         _require_numpy(topk_idx, "topk_idx")
-        n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, R)
-        m = int(num_max_dispatch_tokens_per_rank)
         stats = cumulative_local_expert_recv_stats
         _require_numpy(stats, "cumulative_local_expert_recv_stats")
+        n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, R,
+                                                    check_values=False)
+        m = int(num_max_dispatch_tokens_per_rank)
+        num_experts = int(num_experts)
+        V.check_ll_capacity(self.num_rdma_bytes, R, num_experts, m, h)
         V.check_cumulative_stats(stats, e_local)
         use_fp8 = bool(use_fp8)
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
 
-        idx = topk_idx.astype(np.int64)
-        chosen = np.zeros((n, num_experts), dtype=bool)
-        tok = np.nonzero(idx >= 0)[0]
-        chosen[tok, idx[idx >= 0]] = True
-        t_of, e_of = np.nonzero(chosen)                      # sorted by token, then expert
+        try:
+            V.check_topk_range(topk_idx, num_experts)
+            bad = None
+        except ValueError as e:
+            bad = str(e)
+        if bad is None:
+            idx = topk_idx.astype(np.int64)
+            chosen = np.zeros((n, num_experts), dtype=bool)
+            tok = np.nonzero(idx >= 0)[0]
+            chosen[tok, idx[idx >= 0]] = True
+            t_of, e_of = np.nonzero(chosen)                      # sorted by token, then expert
+        else:
+            t_of = e_of = np.zeros(0, dtype=np.int64)
+        sent = (t_of.astype(np.int64) * num_experts + e_of)      # sorted keys (token-major)
         d_of = e_of // e_local
         order = np.lexsort((e_of, t_of, d_of))               # by destination, token, expert
         t_of, e_of, d_of = t_of[order], e_of[order], d_of[order]
         send_counts = np.bincount(d_of, minlength=R).astype(np.int64)
 
-        common = [("num_max_dispatch_tokens_per_rank", "value", m), ("num_experts", "value", int(num_experts)),
+        common = [("num_max_dispatch_tokens_per_rank", "value", m), ("num_experts", "value", num_experts),
                   ("x", "hidden size", h), ("use_fp8", "value", use_fp8), ("round_scale", "value", round_scale),
                   ("use_ue8m0", "value", use_ue8m0)]
-        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts])
+        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts], bad=bad,
+                                call="low_latency_dispatch")
         recv_counts = np.array(got, dtype=np.int64)
         meta = np.stack([(e_of - d_of * e_local), t_of], axis=1).astype(np.int32)
         if use_fp8:
@@ -727,7 +874,8 @@ class Buffer:
                 np.add(stats, recv_count, out=stats)
 
         hook = _make_hook(finish, return_recv_hook)
-        handle = (src_info, layout_range, m, h, int(num_experts))
+        info = LowLatencyHandleInfo(n, k, h, num_experts, m, sent)
+        handle = (src_info, layout_range, m, h, num_experts, info)
         return recv_x, recv_count, handle, EventOverlap(), hook
 
     def get_next_low_latency_combine_buffer(self, handle):
@@ -753,9 +901,10 @@ class Buffer:
 
         Args:
             x: bf16 ``[E_local, R*M, H]``: expert outputs in dispatch's masked layout (ignored
-                with ``zero_copy``, which reads ``get_next_low_latency_combine_buffer(handle)``;
-                its shape is still checked).
-            topk_idx: int64/int32 ``[N, K]``, the routing given to the dispatch.
+                with ``zero_copy``, which reads ``get_next_low_latency_combine_buffer(handle)``).
+            topk_idx: int64/int32 ``[N, K]``: the routing given to the dispatch (N and K of the
+                dispatch; a slot may be -1 to leave its expert out, but may not name an expert
+                the dispatch did not send the token to).
             topk_weights: float32 ``[N, K]``.
             handle: the handle low_latency_dispatch returned.
             zero_copy: the expert outputs were written into the combine buffer.
@@ -773,24 +922,37 @@ class Buffer:
         self._check_alive()
         self._check_low_latency()
         R, rank = self.group_size, self.rank
+        if zero_copy:
+            V.check_ll_handle(handle, R)
+            x = self.get_next_low_latency_combine_buffer(handle)
         for a, nm in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (out, "out")):
             _require_numpy(a, nm)
-        n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out)
+        n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out, check_values=False)
         src_info, layout_range, m, _, num_experts = V.check_ll_handle(handle, R)
+        info = handle[5]
         e_local = num_experts // R
         if out is not None and not out.flags.writeable:
             raise ValueError("out: must be writeable")
-        if zero_copy:
-            data = self._ll_combine_buffers.get(tuple(x.shape))
-            if data is None:
-                raise ValueError("zero_copy: no combine buffer yet; write x into "
-                                 "get_next_low_latency_combine_buffer(handle) first")
-        else:
-            data = x
         begins = (layout_range >> 32).astype(np.int64)
         counts = (layout_range & 0xFFFFFFFF).astype(np.int64)
         if (begins < 0).any() or (begins + counts > R * m).any():
             raise ValueError("handle: layout_range is out of bounds")
+        try:
+            V.check_topk_range(topk_idx, num_experts)
+            bad = None
+        except ValueError as e:
+            bad = str(e)
+        idx = topk_idx.astype(np.int64)
+        if bad is None and isinstance(info, LowLatencyHandleInfo):
+            t_sel, k_sel = np.nonzero(idx >= 0)
+            want = t_sel * num_experts + idx[t_sel, k_sel]
+            p = np.searchsorted(info.sent, want)
+            ok = (p < info.sent.size) & (info.sent[np.minimum(p, max(info.sent.size - 1, 0))] == want) \
+                if info.sent.size else np.zeros(want.size, bool)
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                bad = (f"topk_idx: token {int(t_sel[i])} selects expert {int(idx[t_sel[i], k_sel[i]])} in slot "
+                       f"{int(k_sel[i])}, which the dispatch that made handle did not send it to")
         sel_j, sel_s, sel_row = [], [], []
         for s in range(R):
             for j in range(e_local):
@@ -807,10 +969,11 @@ class Buffer:
         send_counts = np.bincount(sel_s, minlength=R).astype(np.int64)
         common = [("handle", "num_max_dispatch_tokens_per_rank", m), ("x", "hidden size", h),
                   ("handle", "num_experts", num_experts)]
-        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts])
+        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts], bad=bad,
+                                call="low_latency_combine")
         recv_counts = np.array(got, dtype=np.int64)
         meta = np.stack([sel_j + rank * e_local, tokens.astype(np.int64)], axis=1)
-        recv = _alltoallv_rows(self.comm, [meta, data[sel_j, sel_row]], send_counts, recv_counts)
+        recv = _alltoallv_rows(self.comm, [meta, x[sel_j, sel_row]], send_counts, recv_counts)
         result = out if out is not None else np.zeros((n, h), dtype=BF16_DTYPE)
 
         def finish():
@@ -819,7 +982,6 @@ class Buffer:
             order = np.argsort(keys, kind="stable")
             skeys = keys[order]
             y = recv[1].astype(_F32)
-            idx = topk_idx.astype(np.int64)
             acc = np.zeros((n, h), dtype=_F32)
             for kk in range(k):
                 e = idx[:, kk]

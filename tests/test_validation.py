@@ -1,5 +1,7 @@
 """Unit tests of cupy_ep.validation: each check passes good input and rejects the bad input it guards."""
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ def bf16(shape):
 
 def raises(exc, prefix):
     """pytest.raises whose message must start with the argument name ``prefix``."""
-    return pytest.raises(exc, match="^" + prefix.replace("[", r"\[").replace("]", r"\]"))
+    return pytest.raises(exc, match="^" + re.escape(prefix))
 
 
 def test_dtype_predicates():
@@ -75,6 +77,8 @@ def test_check_topk_idx():
 def test_check_topk_range():
     ti = np.array([[0, -1], [7, 3]], np.int64)
     V.check_topk_range(ti, 8)
+    with raises(ValueError, "topk_idx: expert id 7 of token 1 is outside [-1, 7)"):
+        V.check_topk_range(ti, 7)
     V.check_topk_range(np.zeros((0, 2), np.int64), 8)
     with raises(ValueError, "topk_idx"):
         V.check_topk_range(ti, 7)
@@ -202,8 +206,16 @@ def test_check_ll_dispatch_args():
         V.check_ll_dispatch_args(x, ti[:3].copy(), 4, 8, 2)
 
 
-def _ll_handle(e_local=2, R=2, m=4, h=128):
-    return (np.full((e_local, R * m), -1, np.int32), np.zeros((e_local, R), np.int64), m, h, e_local * R)
+class _Info:
+    """Stands for handle[5] (the GPU's LLHandlePrivate, the reference's LowLatencyHandleInfo)."""
+
+    def __init__(self, num_tokens, topk):
+        self.num_tokens, self.topk = num_tokens, topk
+
+
+def _ll_handle(e_local=2, R=2, m=4, h=128, n=3, k=2):
+    return (np.full((e_local, R * m), -1, np.int32), np.zeros((e_local, R), np.int64), m, h, e_local * R,
+            _Info(n, k))
 
 
 def test_check_ll_handle_and_combine_args():
@@ -215,6 +227,17 @@ def test_check_ll_handle_and_combine_args():
     assert V.check_ll_combine_args(y, ti, tw, handle, 2, out=bf16((3, 128))) == (3, 128, 2)
     with raises(TypeError, "handle"):
         V.check_ll_combine_args(y, ti, tw, handle[:4], 2)
+    with raises(TypeError, "handle"):   # handle[5] carries the dispatch's N and K
+        V.check_ll_combine_args(y, ti, tw, handle[:5], 2)
+    with raises(TypeError, "handle"):
+        V.check_ll_combine_args(y, ti, tw, handle[:5] + (None,), 2)
+    # fewer (or more) tokens, or another K, than the dispatch: refused, naming the argument
+    with raises(ValueError, "topk_idx: expected shape [3, 2]"):
+        V.check_ll_combine_args(y, ti[:2].copy(), tw[:2].copy(), handle, 2)
+    with raises(ValueError, "topk_idx: expected shape [3, 2]"):
+        V.check_ll_combine_args(y, ti[:, :1].copy(), tw[:, :1].copy(), handle, 2)
+    with raises(ValueError, "topk_weights"):
+        V.check_ll_combine_args(y, ti, tw[:2].copy(), handle, 2)
     with raises(ValueError, "handle[0]"):
         V.check_ll_combine_args(y, ti, tw, (handle[0][:, :4].copy(),) + handle[1:], 2)
     with raises(TypeError, "handle[1]"):
@@ -225,6 +248,7 @@ def test_check_ll_handle_and_combine_args():
         V.check_ll_combine_args(np.zeros((2, 8, 128), np.float32), ti, tw, handle, 2)
     with raises(ValueError, "topk_idx"):
         V.check_ll_combine_args(y, np.zeros((5, 2), np.int64), np.zeros((5, 2), np.float32), handle, 2)
+    assert V.check_ll_combine_args(y, ti + 9, tw, handle, 2, check_values=False) == (3, 128, 2)
     with raises(ValueError, "topk_idx"):
         V.check_ll_combine_args(y, ti + 4, tw, handle, 2)
     with raises(ValueError, "topk_weights"):
@@ -263,6 +287,138 @@ def test_duck_typed_arrays():
     ti = Fake(np.array([[0, 1], [2, -1]], np.int64))
     assert V.check_topk_idx(ti, 2) == (2, 2)
     V.check_topk_range(ti, 3)
-    with raises(ValueError, "topk_idx"):
+    with raises(ValueError, "topk_idx: expert id 2 is outside [-1, 2)"):   # min/max only: no token
         V.check_topk_range(ti, 2)
     assert V.check_x(Fake(bf16((2, 16)))) == (False, 2, 16)
+
+
+def test_check_ll_dispatch_limits():
+    """The low-latency kernels' limits are host checks shared by both backends."""
+    from cupy_ep import limits
+
+    x = bf16((4, 128))
+    with raises(ValueError, "topk_idx: the low-latency kernels serve"):
+        V.check_ll_dispatch_args(x, np.zeros((4, limits.LL_MAX_TOPK + 1), np.int64), 4, 64, 2)
+    with raises(ValueError, "num_max_dispatch_tokens_per_rank"):
+        V.check_ll_dispatch_args(x, np.zeros((4, 2), np.int64), limits.LL_MAX_TOKENS + 1, 8, 2)
+    with raises(ValueError, "num_experts: the low-latency kernels serve at most"):
+        V.check_ll_dispatch_args(x, np.zeros((4, 2), np.int64), 4, limits.LL_MAX_EXPERTS + 2, 2)
+
+
+def test_check_buffer_args_and_topology():
+    from cupy_ep import limits
+
+    V.check_buffer_args(0, 0, False)
+    V.check_buffer_args(1, 2, True)
+    with raises(ValueError, "num_rdma_bytes"):
+        V.check_buffer_args(1, 0, True)
+    with raises(ValueError, "num_nvl_bytes"):
+        V.check_buffer_args(-1, 0, False)
+    with raises(TypeError, "num_rdma_bytes"):
+        V.check_buffer_args(0, 1.5, False)
+    V.check_buffer_topology(1 << 20, 0, False, 8, 8)
+    V.check_buffer_topology(0, 0, False, 16, 16)                 # no normal mode: any domain size
+    with raises(ValueError, "num_nvl_peers: the normal mode serves NVLink domains of at most"):
+        V.check_buffer_topology(1 << 20, 1 << 20, False, 2 * limits.MAX_NVL_PEERS, 2 * limits.MAX_NVL_PEERS)
+    with raises(ValueError, "num_rdma_bytes: the ranks span 2 NVLink domains"):
+        V.check_buffer_topology(1 << 20, 0, False, 4, 2)
+    V.check_buffer_topology(1 << 20, 1 << 20, True, 4, 2)         # the symmetric buffer is the LL mode's
+    with raises(ValueError, "num_nvl_peers: the normal mode serves at most"):
+        V.check_internode_args(limits.MAX_RDMA_RANKS + 1, 1 << 20)
+    with raises(ValueError, "comm"):
+        V.check_buffer_topology(0, 1 << 20, True, limits.LL_MAX_RANKS + 1, 1)
+
+
+def test_check_config():
+    from cupy_ep import Config
+
+    assert V.check_config(None, 8) is None
+    cfg = Config(num_sms=8, num_threads=256)
+    assert V.check_config(cfg, 8) is cfg
+    with raises(TypeError, "config"):
+        V.check_config({"num_sms": 8}, 2)
+    with raises(ValueError, "config"):
+        V.check_config(Config(num_sms=8, num_threads=128), 8)
+
+
+def test_check_layout_call():
+    from cupy_ep import limits
+
+    assert V.check_layout_call(np.zeros((3, 2), np.int64), 8, 4) == (3, 2)
+    with raises(ValueError, "num_experts"):
+        V.check_layout_call(np.zeros((3, 2), np.int64), 6, 4)
+    with raises(ValueError, "num_experts: the normal mode serves at most"):
+        V.check_layout_call(np.zeros((3, 2), np.int64), limits.MAX_EXPERTS + 4, 4)
+    with raises(ValueError, "topk_idx: the normal mode serves at most"):
+        V.check_layout_call(np.zeros((3, limits.MAX_NORMAL_TOPK + 1), np.int64), 8, 4)
+
+
+class _Handle:
+    def __init__(self, num_tokens=3, hidden=64, num_topk=2, num_rows=5):
+        self.num_tokens, self.hidden, self.num_topk, self.num_rows = num_tokens, hidden, num_topk, num_rows
+
+
+def test_check_cached_dispatch_and_combine():
+    h = _Handle()
+    V.check_cached_dispatch(h, 3, 64, None, None, 0)
+    V.check_cached_dispatch(h, 3, 64, None, None, 5)
+    with raises(ValueError, "topk_idx: must be None in a cached dispatch"):
+        V.check_cached_dispatch(h, 3, 64, np.zeros((3, 2), np.int64), None)
+    with raises(ValueError, "topk_weights: must be None in a cached dispatch"):
+        V.check_cached_dispatch(h, 3, 64, None, np.zeros((3, 2), np.float32))
+    with raises(ValueError, "x: the cached handle was made for [3, 64]"):
+        V.check_cached_dispatch(h, 4, 64, None, None)
+    with raises(ValueError, "num_worst_tokens"):
+        V.check_cached_dispatch(h, 3, 64, None, None, 6)
+
+    assert V.check_normal_combine(bf16((5, 64)), h, np.zeros((5, 2), np.float32), None) == ()
+    assert len(V.check_normal_combine(bf16((5, 64)), h, None, (bf16((3, 64)), None))) == 1
+    with raises(ValueError, "x: expected 5 rows"):
+        V.check_normal_combine(bf16((4, 64)), h, None, None)
+    with raises(ValueError, "x: expected hidden size 64"):
+        V.check_normal_combine(bf16((5, 72)), h, None, None)
+    with raises(ValueError, "topk_weights: expected shape [5, 2]"):
+        V.check_normal_combine(bf16((5, 64)), h, np.zeros((5, 3), np.float32), None)
+    with raises(ValueError, "topk_weights: the dispatch that made handle had no topk_idx"):
+        V.check_normal_combine(bf16((5, 64)), _Handle(num_topk=0), np.zeros((5, 2), np.float32), None)
+
+
+def test_check_normal_dispatch():
+    itr = np.ones((3, 2), bool)
+    lay = (itr.sum(0).astype(np.int32), None, itr, np.zeros(4, np.int32))
+    ti, tw = np.zeros((3, 2), np.int64), np.zeros((3, 2), np.float32)
+    assert V.check_normal_dispatch(3, *lay, ti, tw, 1, 0, 2, 1) == 4
+    assert V.check_normal_dispatch(3, *lay, None, None, 1, 0, 2, 1) == 4
+    with raises(ValueError, "topk_weights: required with topk_idx"):
+        V.check_normal_dispatch(3, *lay, ti, None, 1, 0, 2, 1)
+    with raises(ValueError, "topk_weights: given without topk_idx"):
+        V.check_normal_dispatch(3, *lay, None, tw, 1, 0, 2, 1)
+    with raises(ValueError, "num_tokens_per_rdma_rank: must be None inside one NVLink domain"):
+        V.check_normal_dispatch(3, lay[0], np.zeros(1, np.int32), itr, lay[3], ti, tw, 1, 0, 2, 1)
+    # values are the backends' business: an inconsistent count passes here
+    assert V.check_normal_dispatch(3, lay[0] + 1, None, itr, lay[3], ti, tw, 1, 0, 2, 1) == 4
+
+
+def test_capacity_checks():
+    """The buffer sizes the size hints give hold what they were computed for, and no more."""
+    from cupy_ep.intranode import nvl_buffer_size_hint
+    from cupy_ep.internode import nvl_buffer_size_hint as inter_nvl, rdma_buffer_size_hint, rdma_capacity
+    from cupy_ep.low_latency import LowLatencyEngine
+
+    nvl = nvl_buffer_size_hint(64, 256, 4, 4)
+    V.check_normal_capacity(64, 256, 4, nvl, 4, 4, 0)
+    with raises(ValueError, "x: 65 tokens do not fit the NVLink buffer"):
+        V.check_normal_capacity(65, 256, 4, nvl, 4, 4, 0)
+    rdma = rdma_buffer_size_hint(64, 256, 4, 2, 4)
+    cap = rdma_capacity(rdma, 256, 4, 2, 4)
+    assert cap >= 64
+    V.check_normal_capacity(cap, 256, 4, nvl, 4, 2, rdma)
+    with raises(ValueError, "x: "):
+        V.check_normal_capacity(cap + 1, 256, 4, nvl, 4, 2, rdma)
+    assert V.normal_recv_capacity(nvl, 4, 4, 256, 4) is None
+    assert V.normal_recv_capacity(inter_nvl(100, 256, 4, 2, 4), 4, 2, 256, 4) >= 100
+
+    need = LowLatencyEngine.size_hint(8, 256, 4, 16)
+    V.check_ll_capacity(need, 4, 16, 8, 256)
+    with raises(ValueError, "num_rdma_bytes"):
+        V.check_ll_capacity(need - 1, 4, 16, 8, 256)

@@ -1,6 +1,10 @@
 """Multi-rank check of cupy_ep.reference against a brute-force oracle. Run under mpiexec:
 
-    mpiexec -n 4 python tests/mpi/check_reference.py [--quick]
+    mpiexec -n 4 python tests/mpi/check_reference.py [--quick | --scale]
+
+``--quick`` runs a subset of the cases; ``--scale`` a small subset meant for many ranks
+(e.g. 64 on a 2-core machine: layouts, one normal round trip across NVLink domains of 8,
+low-latency round trips, routing errors on one rank, a destroyed Buffer).
 
 Every rank draws its own random inputs from a seed shared over the communicator (fresh
 each run; set CUPY_EP_TEST_SEED to repeat one), the inputs are allgathered, and an
@@ -18,7 +22,8 @@ import ml_dtypes
 import numpy as np
 from mpi4py import MPI
 
-from cupy_ep import reference
+from cupy_ep import limits, reference
+from cupy_ep.errors import CupyEpError, TokenOverflowError
 
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -26,7 +31,8 @@ E4M3 = ml_dtypes.float8_e4m3fn
 comm = MPI.COMM_WORLD
 R = comm.Get_size()
 ME = comm.Get_rank()
-QUICK = "--quick" in sys.argv
+SCALE = "--scale" in sys.argv
+QUICK = "--quick" in sys.argv or SCALE
 
 _seed = None
 if ME == 0:
@@ -86,6 +92,26 @@ def check_close(got, exp64, mag64, what):
         i = np.argwhere(~ok)[0]
         raise CheckFailed(f"{what}: mismatch at {tuple(i)}: got {g[tuple(i)]}, expected {exp64[tuple(i)]}")
     check(True, what)
+
+
+# --------------------------------------------------------------------------- buffers
+MAX_TOKENS, MAX_HIDDEN, MAX_TOPK = 16, 256, 9
+
+
+def default_nvl_peers():
+    """None (the host: all ranks) up to MAX_NVL_PEERS ranks, else the largest divisor of R that
+    fits an NVLink domain (what a GPU cluster of that size has)."""
+    if R <= limits.MAX_NVL_PEERS:
+        return None
+    return max(p for p in range(1, limits.MAX_NVL_PEERS + 1) if R % p == 0)
+
+
+def normal_buffer(nvl_peers=None, num_tokens=MAX_TOKENS, hidden=MAX_HIDDEN, num_topk=MAX_TOPK):
+    """A normal-mode Buffer sized with the size hints for these shapes (and for nvl_peers)."""
+    peers = R if nvl_peers is None else nvl_peers
+    nvl = reference.Buffer.get_nvl_buffer_size_hint(num_tokens, hidden, R, num_topk, num_nvl_peers=peers)
+    rdma = reference.Buffer.get_rdma_buffer_size_hint(num_tokens, hidden, R, peers, num_topk)
+    return reference.Buffer(comm, num_nvl_bytes=nvl, num_rdma_bytes=rdma, num_nvl_peers=nvl_peers)
 
 
 # --------------------------------------------------------------------------- input generation
@@ -200,8 +226,7 @@ def oracle_fp8_row(row_f32, round_scale, use_ue8m0):
             scale = np.float32(2.0 ** p)
             ue.append(p + 127)
         scales.append(scale)
-        for c in range(128):
-            q[b * 128 + c] = np.float32(blk[c] / scale).astype(E4M3)
+        q[b * 128:(b + 1) * 128] = (blk / scale).astype(np.float32).astype(E4M3)   # elementwise IEEE division
     if use_ue8m0:
         return q, np.array(ue, dtype=np.uint8)
     return q, np.array(scales, dtype=np.float32)
@@ -236,12 +261,12 @@ def case_dispatch_combine(case, buf, label, **kw):
     all_x = [a for a, _, _ in everyone]
     all_ti = [b for _, b, _ in everyone]
     all_tw = [w for _, _, w in everyone]
-    recv_rows = [oracle_recv_rows(all_ti, e_local, r) for r in range(R)]
-    mine = recv_rows[ME]
+    mine = oracle_recv_rows(all_ti, e_local, ME)
+    all_counts = allgather(len(mine))
     nrecv = len(mine)
     num_worst = 0
     if worst:
-        num_worst = max(len(rr) for rr in recv_rows) + int(shared_rng(case + 77).integers(0, 4))
+        num_worst = max(all_counts) + int(shared_rng(case + 77).integers(0, 4))
         num_worst = max(num_worst, 1)
     rows = num_worst if worst else nrecv
 
@@ -311,7 +336,8 @@ def case_dispatch_combine(case, buf, label, **kw):
     n = c["n"]
     b0, b1 = random_bf16(rng, (n, hidden)), random_bf16(rng, (n, hidden))
     bias = {"pair": (b0, b1), "one": b0, "none": None, "second": (None, b1)}[bias_kind]
-    all_y = allgather((y, yw))
+    # each rank hands every source rank the rows it holds of that source's tokens
+    back = comm.alltoall([{t: (y[i], yw[i]) for i, (s, t) in enumerate(mine) if s == dst} for dst in range(R)])
     out_x, out_w, ev = buf.combine(y, handle, topk_weights=yw if with_weights else None, bias=bias)
     exp = np.zeros((n, hidden), dtype=np.float64)
     mag = np.zeros((n, hidden), dtype=np.float64)
@@ -323,10 +349,9 @@ def case_dispatch_combine(case, buf, label, **kw):
         if bias_kind in ("pair", "second"):
             terms.append(b1[t].astype(np.float64))
         for r in range(R):
-            for i, (s, tt) in enumerate(recv_rows[r]):
-                if s == ME and tt == t:
-                    terms.append(all_y[r][0][i].astype(np.float64))
-                    expw[t] += all_y[r][1][i].astype(np.float64)
+            if t in back[r]:
+                terms.append(back[r][t][0].astype(np.float64))
+                expw[t] += back[r][t][1].astype(np.float64)
         for term in terms:
             exp[t] += term
             mag[t] += np.abs(term)
@@ -358,16 +383,32 @@ def case_dispatch_combine(case, buf, label, **kw):
 
 
 def case_worst_too_small(case, buf):
-    """num_worst_tokens below what some rank receives: ValueError on every rank."""
+    """num_worst_tokens below what some rank receives: TokenOverflowError on every rank, naming
+    the first such rank, its rows and its limit; the Buffer stays usable."""
     c = make_case(case, n_max=6, k_range=(1, 3))
     everyone = allgather(c["topk_idx"])
-    most = max(len(oracle_recv_rows(everyone, c["e_local"], r)) for r in range(R))
+    received = allgather(len(oracle_recv_rows(everyone, c["e_local"], ME)))
+    most = max(received)
     if most < 2:
         return
-    ntpr, _, ntpe, itr, _ = buf.get_dispatch_layout(c["topk_idx"], c["num_experts"])
-    expect_raise(ValueError, "num_worst_tokens", buf.dispatch, c["x"], num_tokens_per_rank=ntpr,
-                 is_token_in_rank=itr, num_tokens_per_expert=ntpe, topk_idx=c["topk_idx"],
-                 topk_weights=c["topk_weights"], num_worst_tokens=most - 1)
+    worst = most - 1
+    first = min(r for r in range(R) if received[r] > worst)
+    ntpr, ntprr, ntpe, itr, _ = buf.get_dispatch_layout(c["topk_idx"], c["num_experts"])
+    try:
+        buf.dispatch(c["x"], num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntprr, is_token_in_rank=itr,
+                     num_tokens_per_expert=ntpe, topk_idx=c["topk_idx"], topk_weights=c["topk_weights"],
+                     num_worst_tokens=worst)
+        raise CheckFailed("worst-token overflow: nothing raised")
+    except TokenOverflowError as e:
+        check(isinstance(e, ValueError), "TokenOverflowError is a ValueError")
+        check((e.kernel, e.rank, e.arrived, e.allowed) == ("dispatch", first, received[first], worst),
+              f"TokenOverflowError fields {(e.kernel, e.rank, e.arrived, e.allowed)}, want "
+              f"{('dispatch', first, received[first], worst)}")
+        check("num_worst_tokens" in str(e), f"message names num_worst_tokens: {e}")
+    # enough rows everywhere: fine
+    buf.dispatch(c["x"], num_tokens_per_rank=ntpr, num_tokens_per_rdma_rank=ntprr, is_token_in_rank=itr,
+                 num_tokens_per_expert=ntpe, topk_idx=c["topk_idx"], topk_weights=c["topk_weights"],
+                 num_worst_tokens=most)
 
 
 def case_low_latency(case, label, use_fp8=False, round_scale=False, use_ue8m0=False, hook_mode=False,
@@ -440,8 +481,12 @@ def case_low_latency(case, label, use_fp8=False, round_scale=False, use_ue8m0=Fa
         y = random_bf16(rng, (e_local, R * m, hidden))
         for j in range(e_local):
             y[j, int(recv_count[j]):] = np.float32(np.nan)
-        all_y = allgather(y)
-        all_rows = allgather(expected_rows)   # only used to locate a token's row on its expert's rank
+        # each rank hands every source rank its experts' rows of that source's tokens
+        send = [dict() for _ in range(R)]
+        for j in range(e_local):
+            for i, (s, t) in enumerate(expected_rows[j]):
+                send[s][(j, t)] = y[j, i]
+        back = comm.alltoall(send)
         n = c["n"]
         out = np.full((n, hidden), np.nan, dtype=BF16) if use_out else None
         if zero_copy:
@@ -468,8 +513,7 @@ def case_low_latency(case, label, use_fp8=False, round_scale=False, use_ue8m0=Fa
                 if e < 0:
                     continue
                 r, j = e // e_local, e % e_local
-                i = all_rows[r][j].index((ME, t))
-                term = float(tw[t, kk]) * all_y[r][j, i].astype(np.float64)
+                term = float(tw[t, kk]) * back[r][(j, t)].astype(np.float64)
                 exp[t] += term
                 mag[t] += np.abs(term)
         check_close(got, exp, mag, f"{tag} low_latency_combine")
@@ -523,16 +567,17 @@ def case_bad_input(case, buf):
     expect_raise(TypeError, "topk_weights", buf.dispatch, x, topk_idx=ti, topk_weights=tw.astype(np.float64), **lay)
     expect_raise(TypeError, "is_token_in_rank", buf.dispatch, x, topk_idx=ti, num_tokens_per_rank=ntpr,
                  is_token_in_rank=itr.astype(np.int32), num_tokens_per_expert=ntpe)
-    expect_raise(ValueError, "num_tokens_per_expert", buf.dispatch, x, topk_idx=ti, num_tokens_per_rank=ntpr,
-                 is_token_in_rank=itr, num_tokens_per_expert=ntpe + 1)
-    expect_raise(ValueError, "num_tokens_per_rank", buf.dispatch, x, topk_idx=ti, num_tokens_per_rank=ntpr + 1,
-                 is_token_in_rank=itr, num_tokens_per_expert=ntpe)
+    expect_raise(ValueError, "num_tokens_per_expert", buf.dispatch, x, topk_idx=ti, topk_weights=tw,
+                 num_tokens_per_rank=ntpr, is_token_in_rank=itr, num_tokens_per_expert=ntpe + 1)
+    expect_raise(ValueError, "num_tokens_per_rank", buf.dispatch, x, topk_idx=ti, topk_weights=tw,
+                 num_tokens_per_rank=ntpr + 1, is_token_in_rank=itr, num_tokens_per_expert=ntpe)
     expect_raise(ValueError, "num_tokens_per_rank", buf.dispatch, x, topk_idx=ti)
     expect_raise(ValueError, "expert_alignment", buf.dispatch, x, topk_idx=ti, topk_weights=tw, expert_alignment=0,
                  **lay)
     expect_raise(ValueError, "topk_weights", buf.dispatch, x, topk_idx=ti, **lay)
     expect_raise(ValueError, "topk_weights", buf.dispatch, x, topk_weights=tw, **lay)
-    expect_raise(ValueError, "num_worst_tokens", buf.dispatch, x, topk_idx=ti, num_worst_tokens=-1, **lay)
+    expect_raise(ValueError, "num_worst_tokens", buf.dispatch, x, topk_idx=ti, topk_weights=tw, num_worst_tokens=-1,
+                 **lay)
 
     # a good dispatch, then bad combines / cached dispatches with its handle
     recv_x, recv_ti, recv_tw, _, handle, _ = buf.dispatch(x, topk_idx=ti, topk_weights=tw, **lay)
@@ -558,28 +603,74 @@ def case_bad_input(case, buf):
     with reference.Buffer(comm) as no_nvl:
         expect_raise(ValueError, "num_nvl_bytes", no_nvl.dispatch, x, topk_idx=ti, topk_weights=tw, **lay)
         expect_raise(ValueError, "num_nvl_bytes", no_nvl.combine, recv_x, handle)
-    with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True) as ll:
-        expect_raise(ValueError, "x", ll.low_latency_dispatch, random_bf16(rng, (m + 1, hidden)),
-                     np.zeros((m + 1, k), np.int64), m, num_experts)
-        expect_raise(ValueError, "x", ll.low_latency_dispatch, random_bf16(rng, (n, 64)), ti, m, num_experts)
-        expect_raise(TypeError, "x", ll.low_latency_dispatch, (x, x), ti, m, num_experts)
-        expect_raise(ValueError, "num_max_dispatch_tokens_per_rank", ll.low_latency_dispatch, x, ti, 0, num_experts)
-        expect_raise(ValueError, "topk_idx", ll.low_latency_dispatch, x, ti + num_experts, m, num_experts)
-        expect_raise(TypeError, "cumulative_local_expert_recv_stats", ll.low_latency_dispatch, x, ti, m,
-                     num_experts, cumulative_local_expert_recv_stats=np.zeros(e_local, np.int64))
-        if R > 1:
-            expect_raise(ValueError, "num_experts", ll.low_latency_dispatch, x, ti, m, R + 1)
-        rx, cnt, lh, _, _ = ll.low_latency_dispatch(x, ti, m, num_experts, use_fp8=False)
-        y = np.zeros(rx.shape, dtype=BF16)
-        expect_raise(ValueError, "x", ll.low_latency_combine, y[:, :-1].copy(), ti, tw, lh)
-        expect_raise(TypeError, "x", ll.low_latency_combine, y.astype(np.float32), ti, tw, lh)
-        expect_raise(ValueError, "topk_weights", ll.low_latency_combine, y, ti, None, lh)
-        expect_raise(TypeError, "out", ll.low_latency_combine, y, ti, tw, lh, out=np.zeros((n, hidden), np.float32))
-        expect_raise(ValueError, "out", ll.low_latency_combine, y, ti, tw, lh, out=random_bf16(rng, (n, hidden + 128)))
-        expect_raise(TypeError, "handle", ll.low_latency_combine, y, ti, tw, lh[:3])
-        # still usable
-        got, _, _ = ll.low_latency_combine(y, ti, tw, lh)
-        check(got.shape == (n, hidden) and not got.astype(np.float32).any(), "LL combine of zeros")
+    if R > limits.LL_MAX_RANKS:   # the low-latency mode refuses more ranks (as the GPU does)
+        expect_raise(ValueError, "comm", reference.Buffer, comm, num_rdma_bytes=hint, low_latency_mode=True)
+    else:
+        with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True) as ll:
+            expect_raise(ValueError, "x", ll.low_latency_dispatch, random_bf16(rng, (m + 1, hidden)),
+                         np.zeros((m + 1, k), np.int64), m, num_experts)
+            expect_raise(ValueError, "x", ll.low_latency_dispatch, random_bf16(rng, (n, 64)), ti, m, num_experts)
+            expect_raise(TypeError, "x", ll.low_latency_dispatch, (x, x), ti, m, num_experts)
+            expect_raise(ValueError, "num_max_dispatch_tokens_per_rank", ll.low_latency_dispatch, x, ti, 0, num_experts)
+            expect_raise(ValueError, "topk_idx", ll.low_latency_dispatch, x, ti + num_experts, m, num_experts)
+            expect_raise(TypeError, "cumulative_local_expert_recv_stats", ll.low_latency_dispatch, x, ti, m,
+                         num_experts, cumulative_local_expert_recv_stats=np.zeros(e_local, np.int64))
+            if R > 1:
+                expect_raise(ValueError, "num_experts", ll.low_latency_dispatch, x, ti, m, R + 1)
+            rx, cnt, lh, _, _ = ll.low_latency_dispatch(x, ti, m, num_experts, use_fp8=False)
+            y = np.zeros(rx.shape, dtype=BF16)
+            expect_raise(ValueError, "x", ll.low_latency_combine, y[:, :-1].copy(), ti, tw, lh)
+            expect_raise(TypeError, "x", ll.low_latency_combine, y.astype(np.float32), ti, tw, lh)
+            expect_raise(ValueError, "topk_weights", ll.low_latency_combine, y, ti, None, lh)
+            expect_raise(TypeError, "out", ll.low_latency_combine, y, ti, tw, lh, out=np.zeros((n, hidden), np.float32))
+            expect_raise(ValueError, "out", ll.low_latency_combine, y, ti, tw, lh, out=random_bf16(rng, (n, hidden + 128)))
+            expect_raise(TypeError, "handle", ll.low_latency_combine, y, ti, tw, lh[:3])
+            # the combine's routing must be the dispatch's [N, K]
+            expect_raise(ValueError, "topk_idx", ll.low_latency_combine, y, ti[:-1].copy(), tw[:-1].copy(), lh)
+            expect_raise(ValueError, "topk_idx", ll.low_latency_combine, y, ti[:, :1].copy(), tw[:, :1].copy(), lh)
+            expect_raise(ValueError, "topk_weights", ll.low_latency_combine, y, ti, tw[:-1].copy(), lh)
+            expect_raise(TypeError, "handle", ll.low_latency_combine, y, ti, tw, lh[:5])
+            unsent = [(t, e) for t in range(n) for e in range(num_experts) if e not in ti[t].tolist()]
+            if unsent:   # naming an expert the dispatch did not send the token to
+                other = ti.copy()
+                other[unsent[0][0], 0] = unsent[0][1]
+                expect_raise(ValueError, "topk_idx", ll.low_latency_combine, y, other, tw, lh)
+            # a request the buffer cannot hold (an M whose size hint exceeds the buffer's)
+            big_m = m
+            while reference.Buffer.get_low_latency_rdma_size_hint(big_m, hidden, R, num_experts) <= hint:
+                big_m *= 2
+            expect_raise(ValueError, "num_rdma_bytes", ll.low_latency_dispatch, x, ti, big_m, num_experts)
+            # bad expert ids on rank 0 only: every rank raises (rank 0 naming topk_idx)
+            bad_ti = ti.copy()
+            if ME == 0:
+                bad_ti[0, 0] = num_experts
+            expect_raise(ValueError, "topk_idx" if ME == 0 else "rank 0 passed invalid routing",
+                         ll.low_latency_dispatch, x, bad_ti, m, num_experts)
+            # still usable
+            got, _, _ = ll.low_latency_combine(y, ti, tw, lh)
+            check(got.shape == (n, hidden) and not got.astype(np.float32).any(), "LL combine of zeros")
+
+    # routing values bad on one rank only: the call is cancelled on every rank
+    bad_ti = ti.copy()
+    if ME == 0:
+        bad_ti[n - 1, 0] = -3
+    expect_raise(ValueError, "topk_idx" if ME == 0 else "rank 0 passed invalid routing", buf.dispatch, x,
+                 topk_idx=bad_ti, topk_weights=tw, **lay)
+    bad_lay = dict(lay)
+    if ME == R - 1:
+        bad_lay["num_tokens_per_expert"] = ntpe + 1
+    expect_raise(ValueError, "num_tokens_per_expert" if ME == R - 1 else f"rank {R - 1} passed invalid routing",
+                 buf.dispatch, x, topk_idx=ti, topk_weights=tw, **bad_lay)
+    # combine: weights of the dispatch's K only; cached dispatch: the handle's rows
+    expect_raise(ValueError, "topk_weights", buf.combine, recv_x, handle, topk_weights=np.zeros((rows, k + 1), np.float32))
+    expect_raise(ValueError, "num_worst_tokens", buf.dispatch, x, handle=handle, num_worst_tokens=rows + 1)
+    expect_raise(ValueError, "topk_weights", buf.dispatch, x, handle=handle, topk_weights=tw)
+    # more tokens than the buffers hold (sized for MAX_TOKENS per rank)
+    big = 2048
+    big_ti = make_topk(rng, big, k, num_experts, e_local)
+    b_ntpr, b_ntprr, b_ntpe, b_itr, _ = buf.get_dispatch_layout(big_ti, num_experts)
+    expect_raise(ValueError, "x", buf.dispatch, random_bf16(rng, (big, hidden)), num_tokens_per_rank=b_ntpr,
+                 num_tokens_per_rdma_rank=b_ntprr, is_token_in_rank=b_itr, num_tokens_per_expert=b_ntpe)
 
     # arguments that disagree between ranks: every rank raises (detected in the first collective)
     if R > 1:
@@ -599,20 +690,27 @@ def case_bad_input(case, buf):
 def case_nvl_domains(case):
     """num_nvl_peers splits the ranks into NVLink domains: num_tokens_per_rdma_rank appears."""
     for nvl in sorted({1, 2, R}):
-        if R % nvl:
+        if R % nvl or nvl > limits.MAX_NVL_PEERS:
             continue
-        with reference.Buffer(comm, num_nvl_bytes=reference.Buffer.get_nvl_buffer_size_hint(16, 256, R),
-                              num_nvl_peers=nvl) as b:
+        with normal_buffer(nvl) as b:
             check(b.num_rdma_ranks == R // nvl, "num_rdma_ranks")
             case_layout(case + nvl, b, nvl)
+            if nvl < R and not SCALE:
+                case_dispatch_combine(case + 50 + nvl, b, f"domains of {nvl}", worst=bool(nvl % 2))
 
 
 def case_destroy():
-    b = reference.Buffer(comm)
+    b = normal_buffer(default_nvl_peers(), 4, 128, 2)
     b.destroy()
     b.destroy()
     check(not b.is_available(), "destroyed Buffer not available")
-    expect_raise(RuntimeError, "Buffer", b.get_dispatch_layout, np.zeros((1, 1), np.int64), R)
+    x = np.zeros((1, 128), BF16)
+    ti = np.zeros((1, 1), np.int64)
+    calls = [lambda: b.get_dispatch_layout(ti, R), lambda: b.dispatch(x), lambda: b.combine(x, None), b.check,
+             lambda: b.low_latency_dispatch(x, ti, 1, R), lambda: b.low_latency_combine(x, ti, ti, None),
+             lambda: b.get_next_low_latency_combine_buffer(None), lambda: b.clean_low_latency_buffer(1, 128, R)]
+    for call in calls:
+        expect_raise(CupyEpError, "this Buffer was destroyed", call)
 
 
 # --------------------------------------------------------------------------- main
@@ -624,8 +722,8 @@ def main():
         case += 1
         return case * 10
 
-    buf = reference.Buffer(comm, num_nvl_bytes=1 << 20)
-    for _ in range(2 if QUICK else 4):
+    buf = normal_buffer(default_nvl_peers())
+    for _ in range(1 if SCALE else 2 if QUICK else 4):
         case_layout(nxt(), buf, buf.num_nvl_ranks)
     case_nvl_domains(nxt())
     plans = [
@@ -648,7 +746,9 @@ def main():
         ("top-1", dict(k_range=(1, 1))),
         ("top-9", dict(k_range=(9, 9), e_local_range=(3, 5))),
     ]
-    if QUICK:
+    if SCALE:
+        plans = plans[:1] + plans[10:11]
+    elif QUICK:
         plans = plans[:1] + plans[2:3] + plans[6:7] + plans[10:11]
     for label, kw in plans:
         case_dispatch_combine(nxt(), buf, label, **kw)
@@ -666,6 +766,8 @@ def main():
     ]
     if QUICK:
         ll_plans = ll_plans[:1] + ll_plans[4:6]
+    if R > limits.LL_MAX_RANKS:   # the low-latency mode refuses more ranks (as the GPU does)
+        ll_plans = []
     for label, kw in ll_plans:
         case_low_latency(nxt(), label, **kw)
     case_bad_input(nxt(), buf)

@@ -1,0 +1,72 @@
+"""The misuse cases of tests/misuse_cases.py on the reference backend, on every rank together:
+
+    mpiexec -n 4 python tests/mpi/check_misuse.py [--nvl-peers P]
+
+Every case must raise the same exception type on every rank, with a message naming the
+argument; after each one the Buffer must still work (a checked round trip of the mode the
+case used). Failures are agreed on by all ranks (no rank is left in a collective). Rank 0
+prints one line per failing case and, when all pass, "OK misuse ranks=R cases=C".
+"""
+import argparse
+import os
+import sys
+import traceback
+
+import numpy as np
+from mpi4py import MPI
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from misuse_cases import (ll_buffer_kwargs, misuse_cases, normal_buffer_kwargs,  # noqa: E402
+                          reference_ll_round_trip, still_works)
+
+from cupy_ep import reference  # noqa: E402
+from cupy_ep.testing import Mismatch  # noqa: E402
+
+comm = MPI.COMM_WORLD
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nvl-peers", type=int, default=None, help="ranks per NVLink domain (default: all)")
+    args = ap.parse_args()
+    R, me = comm.Get_size(), comm.Get_rank()
+    seed = comm.bcast(int(np.random.SeedSequence().entropy % (2 ** 31)) if me == 0 else None)
+    rng = np.random.default_rng([seed, me])
+    buf = reference.Buffer(comm, **normal_buffer_kwargs(reference.Buffer, R, args.nvl_peers))
+    ll = reference.Buffer(comm, **ll_buffer_kwargs(reference.Buffer, R))
+    failures = []
+    with misuse_cases(reference.Buffer, buf, np, comm, ll_buf=ll, seed=seed) as cases:
+        for case in cases:
+            outcome = case.run()
+            bad = [f"rank {r}: {o}" for r, o in enumerate(comm.allgather(outcome)) if o is not None]
+            if bad:
+                failures.append(f"{case.name}: {'; '.join(bad)}")
+            try:
+                if case.mode == "low_latency":
+                    reference_ll_round_trip(comm, ll, rng)
+                else:
+                    still_works(comm, rng, buf)
+            except Mismatch as e:
+                failures.append(f"{case.name}: the Buffer no longer works: {e}")
+        num_cases = len(cases)
+    ll.destroy()
+    buf.destroy()
+    if me == 0:
+        for f in failures:
+            print(f"FAIL {f}", flush=True)
+        if not failures:
+            print(f"OK misuse ranks={R} nvl_peers={args.nvl_peers} cases={num_cases} seed={seed}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    try:
+        rc = main()
+    except BaseException:  # noqa: BLE001
+        sys.stdout.flush()
+        sys.stderr.write(f"FAILED on rank {comm.Get_rank()}:\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        comm.Abort(1)
+    sys.exit(rc)
