@@ -1,55 +1,212 @@
 #!/usr/bin/env bash
-# The whole GPU pass in one command, for the multi-GPU test host (see README "Running on GPUs"):
-# installs the carried wheels (.whl/, from ../shared/device/fetch_wheels.sh), runs the GPU test
-# suite on 4, 3 and 2 ranks, then the benchmarks; logs go to $OUT (default /tmp/cupy_ep_out)
-# and a short table is printed last. Every multi-rank step is bounded by `timeout`.
-#   usage: [RANKS="4 3 2"] [PYTEST_FLAGS="-x"] [BENCH_RANKS="4"] [SWEEP=1 | CONFIGS="24/768/12,24/768/8"] [LL_ENGINE=1]
-#          bash scripts/gpu_suite.sh [tests|bench|all] [pytest targets/args (default tests/gpu)]
-# Several invocations with the same $OUT append to one summary.
+# The whole GPU pass in one command, for the multi-GPU test host: installs the carried wheels
+# (.whl/, from ../shared/device/fetch_wheels.sh), then runs the selected steps, each bounded by
+# `timeout` and logging to $OUT/<step>.log, one summary line per step, a short table last.
+#
+#   usage: [OUT=/tmp/cupy_ep_out] [SUITE_BUDGET=530] [env knobs below] bash scripts/gpu_suite.sh [STEP ...]
+#   steps (default "all" = tests internode bench baseline chaos soak, in that order):
+#     tests      mpiexec -n R python -m pytest -q $PYTEST_FLAGS $TEST_TARGETS   for R in $RANKS ("4 3 2")
+#     internode  the normal-mode tests with virtual hosts: CUPY_EP_TEST_NVL_PEERS=P on N ranks
+#                for N:P in $INTERNODE_LAYOUTS ("4:2 4:1 2:1"); targets $INTERNODE_TESTS (default: the
+#                tests/gpu files that use the nvl_peers fixture)
+#     chaos      CUPY_EP_CHAOS=1 re-run of $CHAOS_TESTS on $CHAOS_RANKS (4) ranks (+ $CHAOS_PYTEST_ARGS)
+#     soak       scripts/soak.py $SOAK_ARGS on $SOAK_RANKS (4) ranks, without and with --chaos
+#     bench      bench_intranode.py ($INTRANODE_ARGS; SWEEP=1 adds --sms 4,8,12,16,24) on $BENCH_RANKS (4),
+#                bench_low_latency.py --profile ($LL_ARGS) on $LL_RANKS (4),
+#                bench_internode.py ($INTERNODE_BENCH_ARGS) for N:P in $INTERNODE_BENCH_LAYOUTS ("4:2 4:1")
+#     baseline   the OLD tree's bench_intranode.py and bench_low_latency.py --profile, from .baseline/
+#                (skipped when that directory is missing)
+#   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
+#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (60, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90),
+#     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
+#   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
+#     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
+#   other knobs: PYTEST_FLAGS (default -x), TEST_TARGETS (tests/gpu), MPIEXEC, PYTHON (python3).
+# A failing step never stops the others (no `set -e`); the exit status is 1 when any step failed.
+# Several invocations with the same $OUT append to $OUT/summary.txt.
 set -u
-what=${1:-all}; shift || true
 OUT=${OUT:-/tmp/cupy_ep_out}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+summary="$OUT/summary.txt"
+suite_t0=$(date +%s)
+echo "==== device" | tee -a "$summary"
+nvidia-smi -L 2>&1 | tee -a "$summary"
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+PY=${PYTHON:-python3}
 if ls .whl/mpich-*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/mp .whl/mpich-*.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvshmem4py*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix /tmp/mp .whl/mpich-*.whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/nvshmem4py*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} LD_LIBRARY_PATH=/tmp/mp/lib:${LD_LIBRARY_PATH:-} PATH=/tmp/mp/bin:$PATH
 fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-}
+BASE_PYTHONPATH=${PYTHONPATH:-}
+export PYTHONPATH=$PWD${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export CUPY_EP_CACHE_DIR=${CUPY_EP_CACHE_DIR:-$PWD/.cache/kernels}
-summary="$OUT/summary.txt"
-ngpu=$(nvidia-smi -L | wc -l)
-nvidia-smi -L | head -1 | tee -a "$summary"
+MPIEXEC=${MPIEXEC:-mpiexec}
+if $MPIEXEC --version 2>/dev/null | grep -qi "open mpi" && [[ $(id -u) == 0 ]]; then
+  MPIEXEC="$MPIEXEC --allow-run-as-root"
+fi
+SUITE_BUDGET=${SUITE_BUDGET:-530}
+MIN_STEP_S=${MIN_STEP_S:-20}
+failed=0
+lines=()
+bench_logs=()
 
-step() {  # step NAME SECONDS CMD...
+echo "$(date -u +%FT%TZ) cupy_ep gpu_suite: $ngpu GPUs, steps: ${*:-all}, budget ${SUITE_BUDGET} s, logs in $OUT" \
+  | tee -a "$summary"
+
+record() {  # record LINE: one summary line (printed now and in the final table)
+  echo "$1" | tee -a "$summary"
+  lines+=("$1")
+}
+
+step() {  # step NAME SECONDS CMD...: runs CMD under timeout, logs to $OUT/NAME.log, one summary line
   local name=$1 secs=$2; shift 2
-  local t0=$(date +%s)
+  local left=$(( SUITE_BUDGET - ($(date +%s) - suite_t0) ))
+  if (( left < MIN_STEP_S )); then
+    record "$(printf '%-28s %-8s %5s s  %s' "$name" SKIPPED 0 "suite budget spent (${left} s left)")"
+    return 0
+  fi
+  (( secs > left )) && secs=$left
+  local t0; t0=$(date +%s)
   timeout -k 10 "$secs" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  echo "$name: rc=$rc ($(( $(date +%s) - t0 )) s) $(grep -aE '^[0-9]+ (passed|failed)|passed|failed|error' "$OUT/$name.log" | tail -1)" | tee -a "$summary"
+  local dt=$(( $(date +%s) - t0 ))
+  local status=ok
+  if (( rc == 124 || rc == 137 )); then status=TIMEOUT; elif (( rc != 0 )); then status="FAIL($rc)"; fi
+  (( rc != 0 )) && failed=1
+  local what
+  what=$(grep -aE '^SUMMARY |^=+ .*(passed|failed|error|skipped|no tests ran)|^[0-9]+ (passed|failed|error|skipped)|no tests ran|Error|error:' \
+    "$OUT/$name.log" | grep -av '^\s*$' | tail -1 | cut -c1-200)
+  [[ $status == TIMEOUT ]] && what="killed after ${secs} s; last line: $(grep -av '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-150)"
+  record "$(printf '%-28s %-8s %5s s  %s' "$name" "$status" "$dt" "$what")"
   return $rc
 }
 
-if [[ $what == tests || $what == all ]]; then
+skip() {  # skip NAME WHY
+  record "$(printf '%-28s %-8s %5s s  %s' "$1" SKIPPED 0 "$2")"
+}
+
+fits() {  # fits N: N ranks fit on this host's GPUs
+  (( $1 <= ngpu ))
+}
+
+run_tests() {
   for n in ${RANKS:-4 3 2}; do
-    (( n <= ngpu )) || continue
-    step "gpu_tests_${n}ranks" ${TEST_TIMEOUT:-420} mpiexec -n "$n" python3 -m pytest -q ${PYTEST_FLAGS--x} \
-      -p no:cacheprovider "${@:-tests/gpu}"
+    fits "$n" || { skip "tests_${n}ranks" "only $ngpu GPUs"; continue; }
+    step "tests_${n}ranks" "${TESTS_TIMEOUT:-150}" $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} \
+      -p no:cacheprovider ${TEST_TARGETS:-tests/gpu}
   done
-fi
-if [[ $what == bench || $what == all ]]; then
-  for n in ${BENCH_RANKS:-4}; do
-    (( n <= ngpu )) || continue
-    step "bench_intranode_${n}ranks" ${BENCH_TIMEOUT:-300} mpiexec -n "$n" python3 scripts/bench_intranode.py \
-      --json "$OUT/bench_intranode_${n}ranks.json" ${SWEEP:+--sweep} ${CONFIGS:+--configs "$CONFIGS"}
+}
+
+internode_targets() {
+  if [[ -n ${INTERNODE_TESTS:-} ]]; then echo "$INTERNODE_TESTS"; return; fi
+  local files
+  files=$(grep -l "nvl_peers" tests/gpu/test_*.py 2>/dev/null | tr '\n' ' ')
+  echo "${files:-tests/gpu}"
+}
+
+run_internode() {
+  local targets; targets=$(internode_targets)
+  for spec in ${INTERNODE_LAYOUTS:-4:2 4:1 2:1}; do
+    local n=${spec%%:*} p=${spec##*:}
+    fits "$n" || { skip "internode_${n}ranks_p${p}" "only $ngpu GPUs"; continue; }
+    step "internode_${n}ranks_p${p}" "${INTERNODE_TIMEOUT:-90}" env CUPY_EP_TEST_NVL_PEERS="$p" \
+      $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} -p no:cacheprovider $targets
   done
-  step bench_low_latency 200 mpiexec -n 4 python3 scripts/bench_low_latency.py --profile \
-    --json "$OUT/bench_low_latency.json"
-  if [[ -n ${LL_ENGINE:-} ]]; then   # the kernels without the Buffer's Python layer, for comparison
-    step bench_low_latency_engine 200 mpiexec -n 4 python3 scripts/bench_low_latency.py --front engine --profile \
-      --experts 288 --json "$OUT/bench_low_latency_engine.json"
+}
+
+run_chaos() {
+  local n=${CHAOS_RANKS:-4} targets=${CHAOS_TESTS:-}
+  if [[ -z $targets ]]; then
+    for f in tests/gpu/test_normal.py tests/gpu/test_intranode.py tests/gpu/test_low_latency.py; do
+      [[ -f $f ]] && targets="$targets $f"
+    done
   fi
-fi
-echo "==== summary"; cat "$summary"
-for f in "$OUT"/bench_*.log; do [[ -f $f ]] && { echo "==== $f"; grep -v '^\s*$' "$f" | tail -25; }; done
+  fits "$n" || { skip chaos "only $ngpu GPUs"; return; }
+  step chaos "${CHAOS_TIMEOUT:-90}" env CUPY_EP_CHAOS=1 $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} \
+    -p no:cacheprovider ${CHAOS_PYTEST_ARGS:-} ${targets:-tests/gpu}
+}
+
+run_soak() {
+  local n=${SOAK_RANKS:-4}
+  [[ -f scripts/soak.py ]] || { skip soak "scripts/soak.py missing"; return; }
+  fits "$n" || { skip soak "only $ngpu GPUs"; return; }
+  step soak "${SOAK_TIMEOUT:-60}" $MPIEXEC -n "$n" $PY scripts/soak.py ${SOAK_ARGS:-}
+  step soak_chaos "${SOAK_TIMEOUT:-60}" $MPIEXEC -n "$n" $PY scripts/soak.py --chaos ${SOAK_ARGS:-}
+}
+
+run_bench() {
+  local sweep=""
+  [[ -n ${SWEEP:-} ]] && sweep="--sms 4,8,12,16,24"
+  for n in ${BENCH_RANKS:-4}; do
+    fits "$n" || { skip "bench_intranode_${n}ranks" "only $ngpu GPUs"; continue; }
+    step "bench_intranode_${n}ranks" "${BENCH_INTRANODE_TIMEOUT:-120}" $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \
+      --json "$OUT/bench_intranode_${n}ranks.json" --plot "$OUT/plots" ${INTRANODE_ARGS:---tokens 1024,2048,4096} $sweep
+    bench_logs+=("$OUT/bench_intranode_${n}ranks.log")
+  done
+  for n in ${LL_RANKS:-4}; do
+    fits "$n" || { skip "bench_low_latency_${n}ranks" "only $ngpu GPUs"; continue; }
+    step "bench_low_latency_${n}ranks" "${BENCH_LL_TIMEOUT:-90}" $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py \
+      --profile --json "$OUT/bench_low_latency_${n}ranks.json" ${LL_ARGS:-}
+    bench_logs+=("$OUT/bench_low_latency_${n}ranks.log")
+  done
+  for spec in ${INTERNODE_BENCH_LAYOUTS:-4:2 4:1}; do
+    local n=${spec%%:*} p=${spec##*:}
+    fits "$n" || { skip "bench_internode_${n}ranks_p${p}" "only $ngpu GPUs"; continue; }
+    step "bench_internode_${n}ranks_p${p}" "${BENCH_INTERNODE_TIMEOUT:-120}" $MPIEXEC -n "$n" $PY \
+      scripts/bench_internode.py --num-nvl-peers "$p" --json "$OUT/bench_internode_${n}ranks_p${p}.json" \
+      ${INTERNODE_BENCH_ARGS:-}
+    bench_logs+=("$OUT/bench_internode_${n}ranks_p${p}.log")
+  done
+}
+
+run_baseline() {
+  local base=$PWD/.baseline n=${BENCH_RANKS:-4}
+  n=${n%% *}
+  [[ -d $base/scripts ]] || { skip baseline "no .baseline/ tree"; return; }
+  fits "$n" || { skip baseline "only $ngpu GPUs"; return; }
+  # the old tree's scripts and package, not this one's (its options: git show HEAD:scripts/bench_*.py)
+  step "baseline_intranode_${n}ranks" "${BASELINE_TIMEOUT:-120}" bash -c 'cd "$1" && shift && exec "$@"' _ "$base" \
+    env PYTHONPATH="$base${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}" $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \
+    --json "$OUT/baseline_intranode_${n}ranks.json" ${BASELINE_INTRANODE_ARGS:-}
+  bench_logs+=("$OUT/baseline_intranode_${n}ranks.log")
+  step "baseline_low_latency_${n}ranks" "${BASELINE_TIMEOUT:-120}" bash -c 'cd "$1" && shift && exec "$@"' _ "$base" \
+    env PYTHONPATH="$base${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}" $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py \
+    --profile --json "$OUT/baseline_low_latency_${n}ranks.json" ${BASELINE_LL_ARGS:-}
+  bench_logs+=("$OUT/baseline_low_latency_${n}ranks.log")
+}
+
+steps=("$@")
+# shellcheck disable=SC2206  # STEPS is a word list
+(( ${#steps[@]} == 0 )) && steps=(${STEPS:-all})
+expanded=()
+for s in "${steps[@]}"; do
+  if [[ $s == all ]]; then expanded+=(tests internode bench baseline chaos soak); else expanded+=("$s"); fi
+done
+for s in "${expanded[@]}"; do
+  case $s in
+    tests) run_tests ;;
+    internode) run_internode ;;
+    chaos) run_chaos ;;
+    soak) run_soak ;;
+    bench) run_bench ;;
+    baseline) run_baseline ;;
+    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak bench baseline all)")"
+       failed=1 ;;
+  esac
+done
+
+for f in "${bench_logs[@]}"; do
+  [[ -f $f ]] || continue
+  echo "==== $(basename "$f" .log)"
+  if grep -q '^=== summary table' "$f"; then
+    sed -n '/^=== summary table/,$p' "$f"
+  else
+    grep -av '^\s*$' "$f" | tail -25
+  fi
+done
+echo "==== summary ($(( $(date +%s) - suite_t0 )) s; logs and JSON in $OUT)"
+printf '%-28s %-8s %5s    %s\n' step status time result
+for l in "${lines[@]}"; do echo "$l"; done
+exit $failed
