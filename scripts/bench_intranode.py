@@ -12,7 +12,10 @@ warm-up calls (the first call of a shape compiles kernels):
   ``dispatch bf16 cached`` (``handle=``), ``dispatch bf16 worst`` (``num_worst_tokens`` =
   ranks x tokens, no host wait), ``combine`` (bf16, the bf16 dispatch's handle);
 * **kernel time**: ``with buf.profile() as prof`` -> ``prof.kernel_times_us()`` (CUDA events
-  right around each kernel launch: "layout", "notify", "dispatch", "combine"), median;
+  right around each kernel launch: "layout", "notify", "dispatch", "combine"), median. A
+  dispatch that sizes its outputs from notify's counts is queued before the host allocates
+  them and waits on the GPU for their addresses, so its kernel time includes that host work;
+  the cached and worst-token dispatches never wait for the host and time the copy alone;
 * **whole-call time**: what a user measures: stream idle, MPI barrier, then CUDA events on
   the caller's stream right before and after the Python call, median over ``--iters``; the
   host time of the Python call (perf_counter) beside it. Measured in a pass without the
@@ -357,7 +360,8 @@ def main():
     base = {b["tokens"]: b for b in base_list}
     print(f"\n# cupy_ep intranode, {num_ranks} x {bc.device_name()}, hidden {h}, top-{k} of {e} experts; "
           f"medians over {args.iters} calls, worst rank; total {time.time() - t0:.0f} s")
-    print("# kernel us: the kernel alone (profiler events; dispatch ops: the dispatch kernel, notify beside it); "
+    print("# kernel us: the kernel alone (profiler events; dispatch ops: the dispatch kernel, notify beside it; "
+          "dispatch FP8/bf16 also wait inside the kernel for the host to publish the outputs); "
           "call us: CUDA events around the Python call after an MPI barrier; host us: the Python call on the host")
     for pt in merged:
         print_point(pt, base.get(pt["tokens"]))

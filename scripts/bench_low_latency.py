@@ -15,7 +15,9 @@ down to a multiple of the ranks), FP8 dispatch, bf16 combine; 2 or more ranks.
   ``prof.kernel_times_us()`` (CUDA events around each launch: "low_latency_dispatch",
   "low_latency_combine", and "..._send"/"..._recv" in hook mode) and the kernels' in-kernel
   ``%globaltimer`` checkpoints from ``prof.phase_marks_us()`` (µs from the earliest block's
-  start; "end" = the kernel's duration on the GPU, what DeepEP's tests report);
+  start; "end" = the kernel's duration on the GPU, what DeepEP's tests report). The tables'
+  "kernel us" is that "end" mark where the kernel has one; "events us" is the event pair, which
+  also holds the launch latency whenever the GPU has caught up with the host;
 * **NCCL**: a grouped send/recv all-to-all-v (``cupy.cuda.nccl``) of the same logical bytes
   this design moves (one row per (token, destination rank), own rank included: FP8 data +
   scales for dispatch, bf16 for combine), timed per call the same way.
@@ -198,6 +200,14 @@ def merge(per_rank: list) -> dict:
     return out
 
 
+def kernel_time_us(r: dict, kname: str | None):
+    """The kernel's duration on the GPU: its in-kernel "end" mark, else the events around its launch."""
+    if kname is None:
+        return None
+    end = r.get("phase_us", {}).get(f"{kname}: end")
+    return end if end is not None else r.get("kernel_us", {}).get(kname)
+
+
 def print_experts(r: dict, ranks: int, args) -> None:
     e = r["num_experts"]
     kt = r.get("kernel_us", {})
@@ -210,11 +220,13 @@ def print_experts(r: dict, ranks: int, args) -> None:
         if key not in r:
             continue
         call = r[key]
-        kern = kt.get(kname) if kname else None
+        kern = kernel_time_us(r, kname)
+        events = kt.get(kname) if kname else None
         b = r.get(f"deepep_{bytes_of}_bytes") if bytes_of else None
-        table.append([label, bc.fmt(call), bc.fmt(kern), bc.fmt(bc.gbps(b, call), ".0f", 9),
+        table.append([label, bc.fmt(call), bc.fmt(kern), bc.fmt(events), bc.fmt(bc.gbps(b, call), ".0f", 9),
                       bc.fmt(bc.gbps(b, kern), ".0f", 9)])
-    bc.print_table(["op", "per call us", "kernel us", "GB/s call", "GB/s kern"], table, [28, 11, 9, 9, 9])
+    bc.print_table(["op", "per call us", "kernel us", "events us", "GB/s call", "GB/s kern"], table,
+                   [28, 11, 9, 9, 9, 9])
     for name, us in r.get("phase_us", {}).items():
         print(f"  phase (worst rank) {name:<52}{us:>7.1f} us")
 
@@ -223,10 +235,8 @@ def print_summary(results, ranks, transport) -> None:
     print(f"\n=== summary table: low latency, {ranks} ranks, transport {transport}; per call us (kernel us), worst rank")
     table = []
     for r in results:
-        kt = r.get("kernel_us", {})
-
         def cell(key, kname):
-            v, kv = r.get(key), kt.get(kname)
+            v, kv = r.get(key), kernel_time_us(r, kname)
             return "-" if v is None else (f"{v:.1f}" + (f" ({kv:.1f})" if kv is not None else ""))
         table.append([str(r["num_experts"]), cell("dispatch_us", "low_latency_dispatch"),
                       cell("combine_us", "low_latency_combine"), cell("dispatch_combine_us", None),
@@ -293,9 +303,8 @@ def main():
         print(f"\n# wrote {args.json}")
     print_summary(results, r, args.transport)
     first = results[0]
-    kt = first.get("kernel_us", {})
-    kern = "" if not kt else (f" (kernel {kt.get('low_latency_dispatch') or 0:.1f} / "
-                              f"{kt.get('low_latency_combine') or 0:.1f})")
+    kd, kc = kernel_time_us(first, "low_latency_dispatch"), kernel_time_us(first, "low_latency_combine")
+    kern = "" if kd is None else f" (kernel {kd:.1f} / {kc or 0:.1f})"
     print(f"SUMMARY low_latency {r} ranks, {first['num_experts']} experts, {args.transport}: per call dispatch "
           f"{first['dispatch_us']:.1f} us, combine {first['combine_us']:.1f} us, both "
           f"{first['dispatch_combine_us']:.1f} us{kern}; NCCL "

@@ -21,7 +21,8 @@
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
-#   other knobs: PYTEST_FLAGS (default -x), TEST_TARGETS (tests/gpu), MPIEXEC, PYTHON (python3).
+#   other knobs: PYTEST_FLAGS (default -x), TEST_TARGETS (tests/gpu), STACK_DUMP_S (60: a test running
+#     longer dumps every thread's stack into the log), MPIEXEC, PYTHON (python3).
 # A failing step never stops the others (no `set -e`); the exit status is 1 when any step failed.
 # Several invocations with the same $OUT append to $OUT/summary.txt.
 set -u
@@ -42,6 +43,10 @@ BASE_PYTHONPATH=${PYTHONPATH:-}
 export PYTHONPATH=$PWD${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export CUPY_EP_CACHE_DIR=${CUPY_EP_CACHE_DIR:-$PWD/.cache/kernels}
+# Unbuffered output and pytest's faulthandler: a step killed by its timeout still leaves the
+# tests that ran and every rank's Python stack at the hang in its log.
+export PYTHONUNBUFFERED=1
+PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=${STACK_DUMP_S:-60}"
 MPIEXEC=${MPIEXEC:-mpiexec}
 if $MPIEXEC --version 2>/dev/null | grep -qi "open mpi" && [[ $(id -u) == 0 ]]; then
   MPIEXEC="$MPIEXEC --allow-run-as-root"
@@ -94,8 +99,8 @@ fits() {  # fits N: N ranks fit on this host's GPUs
 run_tests() {
   for n in ${RANKS:-4 3 2}; do
     fits "$n" || { skip "tests_${n}ranks" "only $ngpu GPUs"; continue; }
-    step "tests_${n}ranks" "${TESTS_TIMEOUT:-150}" $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} \
-      -p no:cacheprovider ${TEST_TARGETS:-tests/gpu}
+    step "tests_${n}ranks" "${TESTS_TIMEOUT:-150}" $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} \
+      ${TEST_TARGETS:-tests/gpu}
   done
 }
 
@@ -112,7 +117,7 @@ run_internode() {
     local n=${spec%%:*} p=${spec##*:}
     fits "$n" || { skip "internode_${n}ranks_p${p}" "only $ngpu GPUs"; continue; }
     step "internode_${n}ranks_p${p}" "${INTERNODE_TIMEOUT:-90}" env CUPY_EP_TEST_NVL_PEERS="$p" \
-      $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} -p no:cacheprovider $targets
+      $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} $targets
   done
 }
 
@@ -124,8 +129,8 @@ run_chaos() {
     done
   fi
   fits "$n" || { skip chaos "only $ngpu GPUs"; return; }
-  step chaos "${CHAOS_TIMEOUT:-90}" env CUPY_EP_CHAOS=1 $MPIEXEC -n "$n" $PY -m pytest -q ${PYTEST_FLAGS--x} \
-    -p no:cacheprovider ${CHAOS_PYTEST_ARGS:-} ${targets:-tests/gpu}
+  step chaos "${CHAOS_TIMEOUT:-90}" env CUPY_EP_CHAOS=1 $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} \
+    ${CHAOS_PYTEST_ARGS:-} ${targets:-tests/gpu}
 }
 
 run_soak() {
