@@ -21,7 +21,7 @@ from . import bootstrap, limits, validation
 from .config import Config, default_config
 from .errors import CommTimeoutError, CupyEpError
 from .event import EventOverlap, StreamOrder
-from .intranode import IntranodeEngine, nvl_buffer_size_hint
+from .intranode import IntranodeEngine
 from .layout import LayoutEngine
 from .memory import NVLinkBuffer, StatusRecord
 
@@ -155,8 +155,7 @@ class Buffer:
             synchronize: first wait for the Buffer's kernels queued so far (the device), so that
                 every report of the calls made so far is seen; False reads what is already known.
         """
-        if self._destroyed:
-            raise CupyEpError("this Buffer was destroyed")
+        self._require_alive()
         if synchronize:
             import cupy
 
@@ -198,10 +197,13 @@ class Buffer:
         if error is not None:
             raise error
 
-    def _begin(self, previous_event=None, on_comm_stream: bool = True, allocate_on_comm_stream: bool = False,
-               local_reports: bool = False):
+    def _require_alive(self) -> None:
         if self._destroyed:
             raise CupyEpError("this Buffer was destroyed")
+
+    def _begin(self, previous_event=None, on_comm_stream: bool = True, allocate_on_comm_stream: bool = False,
+               local_reports: bool = False):
+        self._require_alive()
         self._raise_reports(local_reports)
         return self._streams.begin(previous_event, on_comm_stream, allocate_on_comm_stream)
 
@@ -251,13 +253,8 @@ class Buffer:
             num_max_recv_tokens: across domains only: most rows a rank receives in one call
                 (default: the worst case, every token of every rank).
         """
-        nvl = num_ranks if num_nvl_peers is None else num_nvl_peers
-        if nvl == num_ranks:
-            return nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk)
-        from .internode import nvl_buffer_size_hint as internode_nvl_hint
-
-        rows = num_ranks * num_max_tokens_per_rank if num_max_recv_tokens is None else num_max_recv_tokens
-        return internode_nvl_hint(rows, hidden, num_ranks, nvl, num_topk)
+        return validation.nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers,
+                                               num_max_recv_tokens)
 
     @staticmethod
     def get_rdma_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_nvl_peers: int,
@@ -269,19 +266,13 @@ class Buffer:
             hidden: H. num_ranks: ranks of the Buffer. num_nvl_peers: ranks per NVLink domain.
             num_topk: most top-k columns.
         """
-        if num_nvl_peers >= num_ranks:
-            return 0
-        from .internode import rdma_buffer_size_hint
-
-        return rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk)
+        return validation.rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
                                        num_experts: int) -> int:
         """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes."""
-        from .low_latency import LowLatencyEngine
-
-        return LowLatencyEngine.size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        return validation.ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # -- streams ------------------------------------------------------------------------------
     @staticmethod
@@ -318,8 +309,7 @@ class Buffer:
 
     # -- normal dispatch/combine ----------------------------------------------------------------
     def _require_normal(self):
-        if self._destroyed:
-            raise CupyEpError("this Buffer was destroyed")
+        self._require_alive()
         if self._normal is None:
             if self._nvl is None:
                 raise ValueError("num_nvl_bytes: this Buffer has no NVLink buffer (created with num_nvl_bytes=0)")
@@ -435,8 +425,7 @@ class Buffer:
 
     # -- low-latency mode ---------------------------------------------------------------------
     def _require_low_latency(self):
-        if self._destroyed:
-            raise CupyEpError("this Buffer was destroyed")
+        self._require_alive()
         if self._low_latency is None:
             raise ValueError("low_latency_mode: this Buffer was created without low_latency_mode=True and "
                              "num_rdma_bytes > 0")
@@ -507,7 +496,7 @@ class Buffer:
         """
         engine = self._require_low_latency()
         if zero_copy:
-            x = engine.next_combine_buffer(handle)
+            x = self.get_next_low_latency_combine_buffer(handle)
         self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
         validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
         if topk_idx.dtype != np.int64:

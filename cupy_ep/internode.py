@@ -186,7 +186,7 @@ class InternodeEngine(NormalEngine):
         num_tokens, hidden = (int(v) for v in data.shape)
         x_bytes = hidden * data.dtype.itemsize
         num_scales = 0 if scales is None else int(scales.shape[1])
-        marks = self.profile.begin_call("dispatch", call.stream) if self.profile is not None else None
+        marks = self._begin_marks("dispatch", call.stream)
         if handle is not None:
             _, dispatch, _, barrier = self._kernels(hidden, handle.num_topk, x_bytes, num_scales, handle.num_experts,
                                                     handle.num_channels, config.num_threads, config.chunk_tokens)
@@ -246,22 +246,16 @@ class InternodeEngine(NormalEngine):
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: InternodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
-        import cupy
-
-        marks = self.profile.begin_call("combine", call.stream) if self.profile is not None else None
+        marks = self._begin_marks("combine", call.stream)
         h = handle
         _, _, combine, barrier = self._kernels(h.hidden, h.num_topk, 2 * h.hidden, 0, h.num_experts, h.num_channels,
                                                config.num_threads, config.chunk_tokens)
         self._barrier(barrier, "internode_combine", call.stream)
-        with call.alloc:
-            combined_x = cupy.empty((h.num_tokens, h.hidden), dtype=x.dtype)
-            combined_w = None if topk_weights is None else cupy.empty((h.num_tokens, h.num_topk), dtype=cupy.float32)
-        bias0 = biases[0] if len(biases) > 0 else None
-        bias1 = biases[1] if len(biases) > 1 else None
+        combined_x, combined_w = self._combine_outputs(x, h, topk_weights, call)
         self._launch(combine, 3 * h.num_channels, config.num_threads,
                      (*self._common_args(), np.int32(h.num_tokens), x, np.int32(x.shape[0]), _ptr(topk_weights),
                       h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb, h.fwd_pos,
-                      h.rdma_chan, h.send_rdma_pos, _ptr(bias0), _ptr(bias1), combined_x, _ptr(combined_w),
+                      h.rdma_chan, h.send_rdma_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
                       np.uint64(self.status.ptr), self.timeout_ns), call.stream, "combine")
         _mark(self.profile, marks, "combine launched", call.stream)
         return combined_x, combined_w

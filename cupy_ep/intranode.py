@@ -145,7 +145,7 @@ class IntranodeEngine(NormalEngine):
 
         num_tokens, hidden = (int(v) for v in data.shape)
         num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else int(topk_idx.shape[1]))
-        marks = self.profile.begin_call("dispatch", call.stream) if self.profile is not None else None
+        marks = self._begin_marks("dispatch", call.stream)
         if handle is not None:
             return self._cached_dispatch(data, scales, handle, config, call, marks)
 
@@ -211,27 +211,21 @@ class IntranodeEngine(NormalEngine):
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
-        import cupy
-
-        marks = self.profile.begin_call("combine", call.stream) if self.profile is not None else None
+        marks = self._begin_marks("combine", call.stream)
         layout = slot_layout(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         c = handle.num_channels
         self._barrier("intranode_combine", call.stream)
-        with call.alloc:
-            combined_x = cupy.empty((handle.num_tokens, handle.hidden), dtype=x.dtype)
-            combined_w = None if num_topk == 0 else cupy.empty((handle.num_tokens, num_topk), dtype=cupy.float32)
+        combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
         receivers = min(config.num_receivers, c)
         fn = self._function("intranode_combine", c, config.num_threads, KERNEL_COMBINE=1, NUM_RECEIVERS=receivers,
                             HIDDEN_INT4=handle.hidden * 2 // 16, TOPK=num_topk, NUM_BIAS=len(biases),
                             SLOT_BYTES=layout.slot_bytes, CSLOT_OFF_W=layout.coff_w)
-        bias0 = biases[0] if len(biases) > 0 else np.uint64(0)
-        bias1 = biases[1] if len(biases) > 1 else np.uint64(0)
         self._launch(fn, c + receivers, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
                       _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
-                      handle.send_pos, bias0, bias1, combined_x, _ptr(combined_w), np.uint64(self.status.ptr),
-                      self.timeout_ns), call.stream, "combine")
+                      handle.send_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
+                      np.uint64(self.status.ptr), self.timeout_ns), call.stream, "combine")
         _mark(self.profile, marks, "combine launched", call.stream)
         return combined_x, combined_w
 

@@ -73,6 +73,25 @@ class NormalEngine(Engine):
         self._seq += 1
         return self._seq
 
+    def _begin_marks(self, name: str, stream):
+        """The profiler's phase marks of this call, None when not profiling."""
+        return None if self.profile is None else self.profile.begin_call(name, stream)
+
+    def _combine_outputs(self, x, handle: NormalHandle, topk_weights, call):
+        """combined_x bf16 ``[N, H]`` and combined_topk_weights float32 ``[N, K]`` (None without weights)."""
+        import cupy
+
+        with call.alloc:
+            combined_x = cupy.empty((handle.num_tokens, handle.hidden), dtype=x.dtype)
+            combined_w = None if topk_weights is None else \
+                cupy.empty((handle.num_tokens, handle.num_topk), dtype=cupy.float32)
+        return combined_x, combined_w
+
+    @staticmethod
+    def _bias_args(biases) -> tuple:
+        """The two bias pointers of the combine kernels (null where absent)."""
+        return tuple(_ptr(biases[i] if i < len(biases) else None) for i in range(2))
+
     def _host_out_arg(self) -> np.uint64:
         return np.uint64(self.host_out.ctypes.data)
 

@@ -4,10 +4,12 @@ phase marks and the phases of each Python call.
 Three views of the same calls:
 
 * **kernel times**: CUDA events right before and after each main kernel launch (the layout,
-  notify, dispatch, combine and low-latency kernels), the quantity DeepEP's tests report;
+  notify, dispatch, combine and low-latency kernels); when the GPU has caught up with the host,
+  they also hold the launch latency (a few µs);
 * **phase marks**: kernels that take a profiling buffer write ``%globaltimer`` checkpoints per
   block (``prof_mark`` in kernels_cu/status.cuh); a phase's time is the latest block's mark
-  minus the earliest block's start;
+  minus the earliest block's start, and the "end" mark is the kernel's duration on the GPU, the
+  quantity DeepEP's tests report;
 * **call phases**: inside each Buffer call, a CUDA event on the launch stream and a host clock
   reading at every phase boundary (validation, notify, host wait, allocation, launch, ...).
   The event times give the call's GPU timeline, host gaps included; the host times say how

@@ -430,19 +430,8 @@ class Buffer:
         Returns:
             an int.
         """
-        n = V.check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
-        h = V.check_int(hidden, "hidden", 1)
-        r = V.check_int(num_ranks, "num_ranks", 1)
-        k = V.check_int(num_topk, "num_topk", 0)
-        nvl = r if num_nvl_peers is None else V.check_int(num_nvl_peers, "num_nvl_peers", 1)
-        if nvl >= r:
-            from .intranode import nvl_buffer_size_hint
-            return int(nvl_buffer_size_hint(n, h, r, k))
-        if r % nvl != 0:
-            raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
-        from .internode import nvl_buffer_size_hint as internode_nvl_hint
-        rows = r * n if num_max_recv_tokens is None else V.check_int(num_max_recv_tokens, "num_max_recv_tokens", 0)
-        return int(internode_nvl_hint(rows, h, r, nvl, k))
+        return V.nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers,
+                                      num_max_recv_tokens)
 
     @staticmethod
     def get_rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk=9):
@@ -458,17 +447,7 @@ class Buffer:
         Returns:
             an int.
         """
-        n = V.check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
-        h = V.check_int(hidden, "hidden", 1)
-        r = V.check_int(num_ranks, "num_ranks", 1)
-        nvl = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
-        k = V.check_int(num_topk, "num_topk", 0)
-        if nvl >= r:
-            return 0
-        if r % nvl != 0:
-            raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
-        from .internode import rdma_buffer_size_hint
-        return int(rdma_buffer_size_hint(n, h, r, nvl, k))
+        return V.rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk)
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
@@ -483,11 +462,7 @@ class Buffer:
         Returns:
             an int.
         """
-        m = V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
-        h = V.check_int(hidden, "hidden", 1)
-        V.check_num_experts(num_experts, num_ranks)
-        from .low_latency import LowLatencyEngine
-        return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
+        return V.ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
 
     # ----------------------------------------------------------------- layout
     def get_dispatch_layout(self, topk_idx, num_experts, previous_event=None, async_finish=False,

@@ -40,6 +40,7 @@ __all__ = [
     "check_ll_combine_args", "check_out", "check_buffer_args", "check_internode_args", "check_layout_call",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
     "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
+    "nvl_buffer_size_hint", "rdma_buffer_size_hint", "ll_rdma_size_hint",
 ]
 
 #: bf16 dtype (``ml_dtypes.bfloat16``; CuPy 14 uses the same dtype object).
@@ -547,6 +548,52 @@ def check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks
     if num_tokens > capacity:
         raise ValueError(f"x: {num_tokens} tokens do not fit the NVSHMEM buffer (room for {capacity} per rank at "
                          f"hidden {hidden}); raise num_rdma_bytes (get_rdma_buffer_size_hint)")
+
+
+def nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers=None,
+                         num_max_recv_tokens=None):
+    """``num_nvl_bytes`` the normal mode needs (``Buffer.get_nvl_buffer_size_hint`` of both
+    backends): the intranode slots for one NVLink domain, else the internode receive rows
+    (``num_max_recv_tokens``, by default every token of every rank)."""
+    n = check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
+    h = check_int(hidden, "hidden", 1)
+    r = check_int(num_ranks, "num_ranks", 1)
+    k = check_int(num_topk, "num_topk", 0)
+    nvl = r if num_nvl_peers is None else check_int(num_nvl_peers, "num_nvl_peers", 1)
+    if nvl >= r:
+        from .intranode import nvl_buffer_size_hint as intranode_hint
+        return int(intranode_hint(n, h, r, k))
+    if r % nvl != 0:
+        raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
+    from .internode import nvl_buffer_size_hint as internode_hint
+    rows = r * n if num_max_recv_tokens is None else check_int(num_max_recv_tokens, "num_max_recv_tokens", 0)
+    return int(internode_hint(rows, h, r, nvl, k))
+
+
+def rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk):
+    """``num_rdma_bytes`` the normal mode needs across NVLink domains, 0 for one domain
+    (``Buffer.get_rdma_buffer_size_hint`` of both backends)."""
+    n = check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
+    h = check_int(hidden, "hidden", 1)
+    r = check_int(num_ranks, "num_ranks", 1)
+    nvl = check_int(num_nvl_peers, "num_nvl_peers", 1)
+    k = check_int(num_topk, "num_topk", 0)
+    if nvl >= r:
+        return 0
+    if r % nvl != 0:
+        raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
+    from .internode import rdma_buffer_size_hint as internode_hint
+    return int(internode_hint(n, h, r, nvl, k))
+
+
+def ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
+    """``num_rdma_bytes`` the low-latency mode needs (``Buffer.get_low_latency_rdma_size_hint`` of
+    both backends: any top-k up to ``limits.LL_MAX_TOPK``, bf16 or FP8)."""
+    m = check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+    h = check_int(hidden, "hidden", 1)
+    check_num_experts(num_experts, num_ranks)
+    from .low_latency import LowLatencyEngine
+    return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
 
 
 def check_ll_capacity(num_rdma_bytes, num_ranks, num_experts, m, hidden):

@@ -549,3 +549,18 @@ def print_table(header: list, rows: list, widths: list) -> None:
     print("-" * (sum(widths) + len(widths) - 1))
     for r in rows:
         print(line(r))
+
+
+def phase_breakdown(label: str, op: dict, width: int):
+    """One line of a whole-call breakdown from an op's ``phases`` ({name: (GPU-timeline us, host us)},
+    ``aggregate_op``), with what lies outside the phases and the whole call; None without phases."""
+    phases = op.get("phases")
+    if not phases:
+        return None
+    parts = [f"{name} {g:.1f}/{h:.1f}" for name, (g, h) in phases.items()]
+    call, host = op.get("phases_call_us"), op.get("phases_host_us")
+    if call is not None:
+        parts.append(f"outside {call - sum(g for g, _ in phases.values()):.1f}/"
+                     f"{host - sum(h for _, h in phases.values()):.1f}")
+        parts.append(f"= call {call:.1f}/{host:.1f}")
+    return f"  {label:<{width}} (rank {op.get('phases_rank')}): " + " | ".join(parts)

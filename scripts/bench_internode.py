@@ -234,16 +234,9 @@ def report(ops, traffic, base, args, info) -> None:
 
     print("\nwhole-call breakdown (worst rank; GPU-timeline us / host us between phase boundaries, medians):")
     for op in OPS:
-        o = ops[op]
-        ph = o.get("phases")
-        if not ph:
-            continue
-        parts = [f"{name} {g:.1f}/{hh:.1f}" for name, (g, hh) in ph.items()]
-        call, host = o.get("phases_call_us"), o.get("phases_host_us")
-        if call is not None:
-            parts.append(f"outside {call - sum(g for g, _ in ph.values()):.1f}/"
-                         f"{host - sum(hh for _, hh in ph.values()):.1f}")
-        print(f"  {OP_LABELS[op]:<14} (rank {o.get('phases_rank')}): " + " | ".join(parts))
+        line = bc.phase_breakdown(OP_LABELS[op], ops[op], 14)
+        if line:
+            print(line)
 
     print(f"\ntraffic per rank (mean over ranks; {t} tokens):")
     dp, rdp = _mean(traffic, "domain_pairs"), _mean(traffic, "remote_domain_pairs")

@@ -251,17 +251,9 @@ def print_phases(pt: dict) -> None:
     print(f"\nwhole-call breakdown ({pt['tokens']} tokens, worst rank of each op; GPU-timeline us / host us "
           f"between phase boundaries, medians):")
     for op in OPS:
-        o = pt["ops"][op]
-        ph = o.get("phases")
-        if not ph:
-            continue
-        parts = [f"{name} {g:.1f}/{h:.1f}" for name, (g, h) in ph.items()]
-        call, host = o.get("phases_call_us"), o.get("phases_host_us")
-        if call is not None:
-            parts.append(f"outside {call - sum(g for g, _ in ph.values()):.1f}/"
-                         f"{host - sum(h for _, h in ph.values()):.1f}")
-            parts.append(f"= call {call:.1f}/{host:.1f}")
-        print(f"  {OP_LABELS[op]:<24} (rank {o.get('phases_rank')}): " + " | ".join(parts))
+        line = bc.phase_breakdown(OP_LABELS[op], pt["ops"][op], 24)
+        if line:
+            print(line)
 
 
 def print_summary(points, baselines, ranks) -> None:

@@ -2,15 +2,13 @@
 a message naming the argument, and the Buffer works afterwards. One rank in this process (one test
 per case), and several ranks under mpiexec (tests/mpi/check_misuse.py) for the collective cases
 (bad routing or a worst-token overflow on one rank only: every rank raises)."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from misuse_cases import (ll_buffer_kwargs, misuse_cases, normal_buffer_kwargs, reference_ll_round_trip,
                           still_works)
-from test_reference import REPO, TIMEOUT_S, _env, _mpiexec
+from test_reference import REPO, _mpirun
 
 SCRIPT = REPO / "tests" / "mpi" / "check_misuse.py"
 
@@ -114,14 +112,16 @@ def test_handles_carry_what_the_shared_checks_need(suite):
     assert (handle[5].num_tokens, handle[5].topk) == (5, 2)
 
 
-def test_size_hints_match_the_gpu_formulas():
-    """The reference's static size hints give the GPU Buffer's values (pure-Python formulas)."""
+@pytest.mark.parametrize("backend", ["reference", "gpu"])
+def test_size_hints_match_the_gpu_formulas(backend):
+    """Both Buffers' static size hints give the GPU layouts' values (pure-Python formulas, no GPU)."""
+    import cupy_ep
     from cupy_ep import reference
     from cupy_ep.internode import nvl_buffer_size_hint as inter_nvl, rdma_buffer_size_hint
     from cupy_ep.intranode import nvl_buffer_size_hint
     from cupy_ep.low_latency import LowLatencyEngine
 
-    B = reference.Buffer
+    B = reference.Buffer if backend == "reference" else cupy_ep.Buffer
     assert B.get_nvl_buffer_size_hint(128, 7168, 8, 8) == nvl_buffer_size_hint(128, 7168, 8, 8)
     assert B.get_nvl_buffer_size_hint(128, 7168, 8, 8, num_nvl_peers=8) == nvl_buffer_size_hint(128, 7168, 8, 8)
     assert B.get_nvl_buffer_size_hint(128, 7168, 16, 8, num_nvl_peers=8) == inter_nvl(16 * 128, 7168, 16, 8, 8)
@@ -130,19 +130,15 @@ def test_size_hints_match_the_gpu_formulas():
     assert B.get_rdma_buffer_size_hint(128, 7168, 8, 8) == 0
     assert B.get_rdma_buffer_size_hint(128, 7168, 16, 8, 8) == rdma_buffer_size_hint(128, 7168, 16, 8, 8)
     assert B.get_low_latency_rdma_size_hint(128, 7168, 16, 288) == LowLatencyEngine.size_hint(128, 7168, 16, 288)
+    with pytest.raises(ValueError, match="^num_nvl_peers"):
+        B.get_rdma_buffer_size_hint(128, 7168, 16, 3, 8)
+    with pytest.raises(ValueError, match="^num_experts"):
+        B.get_low_latency_rdma_size_hint(128, 7168, 16, 100)
 
 
 @pytest.mark.parametrize("num_ranks, nvl_peers", [(2, None), (3, None), (4, 2)])
 def test_misuse_multi_rank(num_ranks, nvl_peers):
-    cmd = [_mpiexec(), "-n", str(num_ranks), sys.executable, str(SCRIPT)]
-    if nvl_peers is not None:
-        cmd += ["--nvl-peers", str(nvl_peers)]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"{num_ranks} ranks: timed out after {TIMEOUT_S} s\n{out[-6000:]}")
+    proc = _mpirun(num_ranks, SCRIPT, *([] if nvl_peers is None else ["--nvl-peers", str(nvl_peers)]))
     ok = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK misuse")]
     assert proc.returncode == 0 and ok, f"exit code {proc.returncode}\n{proc.stdout[-8000:]}"
     assert f"ranks={num_ranks}" in ok[0]

@@ -34,8 +34,9 @@ def _env():
     return env
 
 
-def _run_ranks(num_ranks, *args, extra_env=None):
-    cmd = [_mpiexec(), "-n", str(num_ranks), sys.executable, str(SCRIPT), *args]
+def _mpirun(num_ranks, script, *args, extra_env=None):
+    """``script`` run on ``num_ranks`` ranks (``.stdout`` holds stdout and stderr); the test fails on a timeout."""
+    cmd = [_mpiexec(), "-n", str(num_ranks), sys.executable, str(script), *args]
     env = _env()
     env.update(extra_env or {})
     try:
@@ -43,7 +44,12 @@ def _run_ranks(num_ranks, *args, extra_env=None):
                               text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"{num_ranks} ranks: timed out after {TIMEOUT_S} s\n{out[-6000:]}")
+        pytest.fail(f"{Path(script).name} on {num_ranks} ranks: timed out after {TIMEOUT_S} s\n{out[-6000:]}")
+    return proc
+
+
+def _run_ranks(num_ranks, *args, extra_env=None):
+    proc = _mpirun(num_ranks, SCRIPT, *args, extra_env=extra_env)
     ok_lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("OK reference")]
     assert proc.returncode == 0 and ok_lines, (
         f"{num_ranks} ranks: exit code {proc.returncode}\n{proc.stdout[-8000:]}")
@@ -75,15 +81,9 @@ def test_soak_on_the_reference(num_ranks, extra, tmp_path):
     """scripts/soak.py with the reference alone: randomized round trips checked with invariants, a
     deliberate worst-token overflow now and then, Buffers recreated, create/destroy cycles."""
     out = tmp_path / "soak.json"
-    cmd = [_mpiexec(), "-n", str(num_ranks), sys.executable, str(REPO / "scripts" / "soak.py"), "--backend", "cpu",
-           "--iters", "40", "--recreate-every", "15", "--create-destroy-cycles", "6", "--overflow-prob", "0.15",
-           "--time-budget", "30", "--stall-timeout", "120", "--json", str(out), *extra]
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired as e:
-        out_text = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"soak on {num_ranks} ranks: timed out after {TIMEOUT_S} s\n{out_text[-6000:]}")
+    proc = _mpirun(num_ranks, REPO / "scripts" / "soak.py", "--backend", "cpu", "--iters", "40",
+                   "--recreate-every", "15", "--create-destroy-cycles", "6", "--overflow-prob", "0.15",
+                   "--time-budget", "30", "--stall-timeout", "120", "--json", str(out), *extra)
     assert proc.returncode == 0 and "RESULT: OK" in proc.stdout, proc.stdout[-8000:]
     import json
 
