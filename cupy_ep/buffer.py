@@ -160,7 +160,7 @@ class Buffer:
             import cupy
 
             cupy.cuda.runtime.deviceSynchronize()
-        self._raise_reports(local_reports=True)
+        self._raise_reports(every_report=True)
 
     @contextmanager
     def profile(self):
@@ -177,11 +177,17 @@ class Buffer:
             for engine in self._engines:
                 engine.profile = None
 
-    def _raise_reports(self, local_reports: bool) -> None:
-        """Raises a pending device report. Reports of the layout kernel are local (only this rank
-        has one): raising them in a collective call would leave the peers waiting, so only local
-        calls (``local_reports``) raise them; a non-cached dispatch cancels itself on every rank
-        because of them instead."""
+    def _raise_reports(self, every_report: bool = False, layout_reports: bool = False) -> None:
+        """Raises a pending device report, if it is one this point may raise.
+
+        A timeout is always raised (the Buffer is broken anyway). Reports of the layout kernel are
+        this rank's alone: local calls (``layout_reports``) raise them; a non-cached dispatch
+        cancels itself on every rank because of them instead. The other reports (rows that did not
+        fit, bad routing found by a worst-token dispatch) are made on every rank, but reach each
+        host when its kernels finish: raised at the start of a call, they would stop one rank
+        while a peer that has not seen its report yet goes on and waits. So only points that every
+        rank reaches with them in view raise them: :meth:`check` (``every_report``) and the host
+        wait of a non-cached dispatch (:meth:`cupy_ep.normal.NormalEngine._wait_notify`)."""
         if self._broken is not None:
             raise CommTimeoutError(self._broken.kernel, self._broken.rank, self._broken.peer,
                                    "an earlier call timed out; destroy this Buffer and create another",
@@ -189,7 +195,8 @@ class Buffer:
         status = self._status
         if status.status == limits.ST_OK:
             return
-        if not local_reports and int(status.fields[1]) == limits.KERNEL_IDS["get_dispatch_layout"]:
+        from_layout = int(status.fields[1]) == limits.KERNEL_IDS["get_dispatch_layout"]
+        if not (every_report or status.status == limits.ST_TIMEOUT or (layout_reports and from_layout)):
             return
         error = status.take()
         if isinstance(error, CommTimeoutError):
@@ -202,9 +209,9 @@ class Buffer:
             raise CupyEpError("this Buffer was destroyed")
 
     def _begin(self, previous_event=None, on_comm_stream: bool = True, allocate_on_comm_stream: bool = False,
-               local_reports: bool = False):
+               layout_reports: bool = False):
         self._require_alive()
-        self._raise_reports(local_reports)
+        self._raise_reports(layout_reports=layout_reports)
         return self._streams.begin(previous_event, on_comm_stream, allocate_on_comm_stream)
 
     def _guarded(self, fn):
@@ -299,7 +306,7 @@ class Buffer:
             ``[-1, E)`` select nothing and are reported without a host synchronisation: the next
             dispatch raises ``ValueError`` on every rank (or :meth:`check` does).
         """
-        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream, local_reports=True)
+        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream, layout_reports=True)
         self._check_arrays(topk_idx=topk_idx)
         validation.check_layout_call(topk_idx, num_experts, self.num_ranks)
         with call.alloc:
@@ -339,8 +346,8 @@ class Buffer:
             num_worst_tokens: > 0: outputs have exactly this many rows and nothing synchronises with the host
                 (CUDA-graph capturable); padding rows have ``recv_topk_idx == -1`` and weight 0, their
                 ``recv_x`` is unspecified; ``num_recv_tokens_per_expert_list`` is ``[]``. If some rank
-                receives more rows, the rows past the limit are dropped and the next call (or
-                :meth:`check`) raises :class:`cupy_ep.TokenOverflowError` on every rank.
+                receives more rows, the rows past the limit are dropped and :meth:`check` (or else
+                the next non-cached dispatch) raises :class:`cupy_ep.TokenOverflowError` on every rank.
             config: :class:`Config` (default: tuned for this rank count).
             previous_event, async_finish, allocate_on_comm_stream: see the README's "Streams and events".
 
@@ -354,7 +361,8 @@ class Buffer:
         Raises:
             ValueError / TypeError for bad input, before anything is sent. Routing values (expert ids
             out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
-            call is cancelled on every rank and raises there (with ``num_worst_tokens``: the next call).
+            call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
+            :meth:`check` or the next non-cached dispatch).
         """
         engine = self._require_normal()
         self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,

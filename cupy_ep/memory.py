@@ -55,7 +55,7 @@ class StatusRecord:
 
         self._mirror = HostMapped(limits.STATUS_RECORD_INTS * 4)
         self.fields = self._mirror.view(np.int32, limits.STATUS_RECORD_INTS)
-        self._device = cupy.zeros(2, dtype=cupy.uint64)  # claimed + pad, host mirror address
+        self._device = cupy.zeros(2, dtype=cupy.uint64)  # (claimed, status), host mirror address
         self._device[1] = self._mirror.ptr
         cupy.cuda.get_current_stream().synchronize()
 

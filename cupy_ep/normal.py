@@ -138,7 +138,16 @@ class NormalEngine(Engine):
             raise
         self._publish_outputs(seq, outputs, num_recv)
         _mark(self.profile, marks, "outputs published", call.stream)
+        self._raise_earlier_report()
         return DispatchResult(*outputs, per_expert_list, handle)
+
+    def _raise_earlier_report(self) -> None:
+        """Raises a report an earlier call left pending (e.g. a worst-token overflow). After the
+        host wait every earlier kernel of every rank has finished, so every rank has the same
+        report in view and raises it; this call's kernels have their outputs and finish too."""
+        status = self.status
+        if status.status != limits.ST_OK and int(status.fields[1]) != limits.KERNEL_IDS["get_dispatch_layout"]:
+            raise status.take()
 
     def _publish_outputs(self, seq: int, outputs, rows: int) -> None:
         desc = self.desc

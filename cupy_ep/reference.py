@@ -38,8 +38,8 @@ Errors:
   ``ValueError`` on every rank.
 - A worst-token dispatch in which some rank would receive more rows than its
   ``num_worst_tokens`` raises :class:`cupy_ep.errors.TokenOverflowError` on every rank
-  (nothing is sent; the GPU drops the excess rows and raises the same error at the next call
-  or :meth:`Buffer.check`).
+  (nothing is sent; the GPU drops the excess rows and raises the same error at
+  :meth:`Buffer.check` or its next non-cached dispatch).
 - Any call on a destroyed Buffer raises ``cupy_ep.errors.CupyEpError("this Buffer was
   destroyed")``.
 

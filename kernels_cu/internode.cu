@@ -42,6 +42,7 @@
 // @needs nvshmem
 // @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_NVL_RANKS=2 NUM_CHANNELS=8 NUM_THREADS=1024 E_LOCAL=64 TOPK=8 HIDDEN=7168 X_BYTES=7168 NUM_SCALES=56 CHUNK=32 R_OFF_BARRIER=0 R_OFF_VEC_SIG=512 R_OFF_DTAIL=1024 R_OFF_CTAIL=33792 R_OFF_VEC_RECV=66560 R_OFF_VEC_SEND=132096 VEC_STRIDE=8192 R_OFF_DATA=197632 CAP=4096 REC_BYTES=14592 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_SLOT_FLAGS=128 OFF_FWD_FLAGS=192 OFF_DTAIL=256 OFF_CTAIL=2304 OFF_SLOT=4352 SLOT_STRIDE=8192 OFF_FWD=69888 OFF_NX=1048576 OFF_NS=235929600 OFF_NI=239599616 OFF_NW=248775680 NVL_ROWS=16384
 // @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_NVL_RANKS=1 NUM_CHANNELS=2 NUM_THREADS=256 E_LOCAL=3 TOPK=9 HIDDEN=256 X_BYTES=512 NUM_SCALES=0 CHUNK=1 R_OFF_BARRIER=0 R_OFF_VEC_SIG=512 R_OFF_DTAIL=1024 R_OFF_CTAIL=33792 R_OFF_VEC_RECV=66560 R_OFF_VEC_SEND=132096 VEC_STRIDE=4096 R_OFF_DATA=197632 CAP=512 REC_BYTES=704 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_SLOT_FLAGS=128 OFF_FWD_FLAGS=192 OFF_DTAIL=256 OFF_CTAIL=2304 OFF_SLOT=4352 SLOT_STRIDE=4096 OFF_FWD=20736 OFF_NX=1048576 OFF_NS=1572864 OFF_NI=1572864 OFF_NW=1646592 NVL_ROWS=1024
+// @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_NVL_RANKS=1 NUM_CHANNELS=2 NUM_THREADS=256 E_LOCAL=2 TOPK=0 HIDDEN=256 X_BYTES=512 NUM_SCALES=0 CHUNK=1 R_OFF_BARRIER=0 R_OFF_VEC_SIG=512 R_OFF_DTAIL=1024 R_OFF_CTAIL=33792 R_OFF_VEC_RECV=66560 R_OFF_VEC_SEND=132096 VEC_STRIDE=4096 R_OFF_DATA=197632 CAP=512 REC_BYTES=704 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_SLOT_FLAGS=128 OFF_FWD_FLAGS=192 OFF_DTAIL=256 OFF_CTAIL=2304 OFF_SLOT=4352 SLOT_STRIDE=4096 OFF_FWD=20736 OFF_NX=1048576 OFF_NS=1572864 OFF_NI=1572864 OFF_NW=1646592 NVL_ROWS=1024
 // @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=128 NUM_NVL_RANKS=8 NUM_CHANNELS=10 NUM_THREADS=1024 E_LOCAL=2 TOPK=8 HIDDEN=7168 X_BYTES=14336 NUM_SCALES=0 CHUNK=32 R_OFF_BARRIER=0 R_OFF_VEC_SIG=512 R_OFF_DTAIL=1024 R_OFF_CTAIL=33792 R_OFF_VEC_RECV=66560 R_OFF_VEC_SEND=132096 VEC_STRIDE=4096 R_OFF_DATA=262144 CAP=4096 REC_BYTES=14592 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_SLOT_FLAGS=128 OFF_FWD_FLAGS=192 OFF_DTAIL=256 OFF_CTAIL=65792 OFF_SLOT=131328 SLOT_STRIDE=4096 OFF_FWD=262400 OFF_NX=1048576 OFF_NS=236978176 OFF_NI=240648192 OFF_NW=249823232 NVL_ROWS=16384
 // @constants KERNEL_NOTIFY=1 KERNEL_DISPATCH=1 KERNEL_COMBINE=1 NUM_RANKS=4 NUM_NVL_RANKS=2 NUM_CHANNELS=8 NUM_THREADS=1024 E_LOCAL=64 TOPK=8 HIDDEN=7168 X_BYTES=7168 NUM_SCALES=56 CHUNK=32 R_OFF_BARRIER=0 R_OFF_VEC_SIG=512 R_OFF_DTAIL=1024 R_OFF_CTAIL=33792 R_OFF_VEC_RECV=66560 R_OFF_VEC_SEND=132096 VEC_STRIDE=8192 R_OFF_DATA=197632 CAP=4096 REC_BYTES=14592 OFF_ARRIVALS=0 OFF_EPOCH=64 OFF_SLOT_FLAGS=128 OFF_FWD_FLAGS=192 OFF_DTAIL=256 OFF_CTAIL=2304 OFF_SLOT=4352 SLOT_STRIDE=8192 OFF_FWD=69888 OFF_NX=1048576 OFF_NS=235929600 OFF_NI=239599616 OFF_NW=248775680 NVL_ROWS=16384 CHAOS=1
 #include "transport.cuh"
@@ -248,15 +249,13 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
                 record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 3, d);
                 s_bad = 1;
             }
-    if (topk_idx == nullptr) {
-        for (int e = threadIdx.x; e < E; e += NT)
-            if (per_expert[e] < 0) {
-                record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 2, e);
-                s_bad = 1;
-            }
-        __syncthreads();
-        return s_bad != 0;
-    }
+#if TOPK == 0
+    for (int e = threadIdx.x; e < E; e += NT)
+        if (per_expert[e] < 0) {
+            record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 2, e);
+            s_bad = 1;
+        }
+#else
     __shared__ int s_expert[E];
     for (int e = threadIdx.x; e < E; e += NT) s_expert[e] = 0;
     __syncthreads();
@@ -298,6 +297,7 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
             record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 2, e);
             s_bad = 1;
         }
+#endif
     __syncthreads();
     return s_bad != 0;
 }
@@ -612,7 +612,7 @@ __device__ __forceinline__ bool dispatch_forwarder(int c, int rank, int epoch, c
     __shared__ int s_done[N], s_sent[N][P];
     __shared__ int s_src, s_from, s_to, s_ok;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int dom = rank / P, l = rank % P;
+    const int l = rank % P;
     for (int i = tid; i < N; i += NT) s_done[i] = 0;
     for (int i = tid; i < N * P; i += NT) s_sent[i / P][i % P] = 0;
     if (tid == 0) s_ok = 1;
@@ -676,7 +676,7 @@ __device__ __forceinline__ bool dispatch_forwarder(int c, int rank, int epoch, c
 #if TOPK > 0
                 if (lane < K) {
                     const int e = ld_cg_i32(rec + REC_IDX + 4 * lane);
-                    const int first = (dom * P + m) * E_LOCAL;
+                    const int first = (rank - l + m) * E_LOCAL;   // m's first expert (same domain)
                     const bool local = e >= first && e < first + E_LOCAL;
                     n_idx(nvl, row)[lane] = local ? (i64)(e - first) : (i64)-1;
                     n_w(nvl, row)[lane] = local ? __int_as_float(ld_cg_i32(rec + REC_W + 4 * lane)) : 0.0f;
@@ -869,22 +869,27 @@ __device__ __forceinline__ bool combine_forwarder(int c, int rank, int epoch, co
                     s_ok = 0;
                 } else {
                     char* rec = r_record(peers.sym, true, s, rp);
+                    // Rows of this token at the forwarder, one per local rank (-1: none), shuffled
+                    // out here with the whole warp: lanes leave the row loop below at different j.
+                    int frows[P];
+#pragma unroll
+                    for (int m = 0; m < P; ++m) {
+                        const int pos_m = __shfl_sync(FULL, pos, m);
+                        const int frow = fwd_comb[s * P + m] + pos_m;
+                        frows[m] = pos_m >= 0 && frow < NVL_ROWS ? frow : -1;
+                    }
                     for (int j = lane; j < H_INT4; j += 32) {
                         float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                        for (int m = 0; m < P; ++m) {
-                            const int pos_m = __shfl_sync(FULL, pos, m);
-                            const int frow = fwd_comb[s * P + m] + pos_m;
-                            if (pos_m >= 0 && frow < NVL_ROWS) add_bf16x8(acc, ld_cg_v4(n_row(me, frow) + j));
-                        }
+#pragma unroll
+                        for (int m = 0; m < P; ++m)
+                            if (frows[m] >= 0) add_bf16x8(acc, ld_cg_v4(n_row(me, frows[m]) + j));
                         st_v4(reinterpret_cast<int4v*>(rec) + j, f32x8_to_bf16x8(acc));
                     }
 #if TOPK > 0
                     float wsum = 0.0f;
-                    for (int m = 0; m < P; ++m) {
-                        const int pos_m = __shfl_sync(FULL, pos, m);
-                        const int frow = fwd_comb[s * P + m] + pos_m;
-                        if (lane < K && pos_m >= 0 && frow < NVL_ROWS) wsum += __int_as_float(ld_cg_i32(n_w(me, frow) + lane));
-                    }
+#pragma unroll
+                    for (int m = 0; m < P; ++m)
+                        if (lane < K && frows[m] >= 0) wsum += __int_as_float(ld_cg_i32(n_w(me, frows[m]) + lane));
                     if (lane < K) reinterpret_cast<float*>(rec + CREC_W)[lane] = wsum;
 #endif
                 }

@@ -13,19 +13,27 @@
 // Status record: one per Buffer, in device memory. The first thread that reports claims it
 // (a device atomic) and copies its report into a host-mapped mirror with plain stores, status
 // last; the host reads the mirror without synchronising. (No atomics on host memory: PCIe
-// atomics may be missing.)
+// atomics may be missing.) Reports of bad input or overflow are soft: the protocol goes on and
+// the Buffer stays usable. A timeout is hard and replaces a soft report, so that the host always
+// learns that the Buffer is broken. (A soft and a hard report written at the same moment could
+// mix fields; soft reports come at a kernel's start, timeouts only after timeout_ns.)
 // Mirror layout (int32): [0] status, [1] kernel, [2] rank, [3] peer, [4] detail, [5] detail2,
 // [6] channel.
 // ---------------------------------------------------------------------------------------------
 struct ErrorRecord {
-    int claimed;          // 0 until a thread reports
+    int claimed;          // 0 until a thread reports, 1 for a soft report, 2 for a timeout
     int status;           // the reported status, for kernels that act on an earlier report
     volatile int* host;   // host-mapped int[8]
 };
 
+__device__ __forceinline__ bool claim_record(ErrorRecord* err, int status) {
+    if (status == ST_TIMEOUT) return atomicExch(&err->claimed, 2) != 2;
+    return atomicCAS(&err->claimed, 0, 1) == 0;
+}
+
 __device__ __forceinline__ void record_error(ErrorRecord* err, int status, int kernel, int rank, int peer,
                                              int detail, int detail2 = 0, int channel = -1) {
-    if (atomicCAS(&err->claimed, 0, 1) == 0) {
+    if (claim_record(err, status)) {
         *(volatile int*)&err->status = status;
         volatile int* h = err->host;
         h[1] = kernel;
@@ -57,7 +65,9 @@ __device__ __forceinline__ void chaos_pause() {
 // ---------------------------------------------------------------------------------------------
 // Bounded waits. Every wait on another rank goes through these: they give up at `deadline`
 // (globaltimer ns), record a timeout once and return false. They also return false early when
-// another thread already recorded an error, so that a whole kernel drains once one wait failed.
+// another thread already recorded a timeout, so that a whole kernel drains once one wait failed.
+// A soft report (bad input, overflow) never stops a wait: the ranks must still finish the call's
+// protocol together, or the peers would time out.
 // ---------------------------------------------------------------------------------------------
 struct WaitCtx {
     ErrorRecord* err;
@@ -78,7 +88,7 @@ __device__ __forceinline__ WaitCtx make_wait_ctx(ErrorRecord* err, u64 timeout_n
     return w;
 }
 
-__device__ __forceinline__ bool error_seen(const WaitCtx& w) { return *(volatile int*)&w.err->claimed != 0; }
+__device__ __forceinline__ bool timeout_seen(const WaitCtx& w) { return *(volatile int*)&w.err->claimed == 2; }
 
 // A report of bad input (not a timeout) is pending: the next collective call must be cancelled.
 __device__ __forceinline__ bool bad_input_pending(const ErrorRecord* err) {
@@ -87,10 +97,10 @@ __device__ __forceinline__ bool bad_input_pending(const ErrorRecord* err) {
 }
 
 // One step of a polling loop: false (and the timeout recorded) once the deadline passed or
-// another thread reported an error. Checks the clock every 1024 calls.
+// another thread recorded a timeout. Checks the clock every 1024 calls.
 __device__ __forceinline__ bool keep_waiting(const WaitCtx& w, unsigned& spins, int peer, int seen) {
     if ((++spins & 1023u) != 0) return true;
-    if (error_seen(w)) return false;
+    if (timeout_seen(w)) return false;
     if (global_timer_ns() > w.deadline) {
         record_error(w.err, ST_TIMEOUT, w.kernel, w.rank, peer, seen, 0, w.channel);
         return false;

@@ -58,7 +58,7 @@ __device__ __forceinline__ void quiet() { nvshmem_quiet(); }
 
 // Waits until the signal at `sig` (this PE's symmetric memory) is >= target; the data it guards
 // is visible afterwards. False once the deadline passed (timeout recorded) or another thread
-// reported an error.
+// recorded a timeout.
 __device__ __forceinline__ bool wait_signal_geq(const u64* sig, u64 target, u64* seen, const WaitCtx& w, int peer) {
     unsigned spins = 0;
     u64 v;

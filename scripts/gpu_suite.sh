@@ -21,6 +21,8 @@
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
+#   SHARE_GPU=1: run more ranks than GPUs (ranks share GPUs, time-sliced: correctness only; the
+#     bench and baseline steps are skipped then, their numbers would mean nothing).
 #   other knobs: PYTEST_FLAGS (default -x), TEST_TARGETS (tests/gpu), STACK_DUMP_S (60: a test running
 #     longer dumps every thread's stack into the log), MPIEXEC, PYTHON (python3).
 # A failing step never stops the others (no `set -e`); the exit status is 1 when any step failed.
@@ -46,6 +48,7 @@ export CUPY_EP_CACHE_DIR=${CUPY_EP_CACHE_DIR:-$PWD/.cache/kernels}
 # Unbuffered output and pytest's faulthandler: a step killed by its timeout still leaves the
 # tests that ran and every rank's Python stack at the hang in its log.
 export PYTHONUNBUFFERED=1
+[[ ${SHARE_GPU:-} == 1 ]] && export CUPY_EP_TEST_SHARE_GPU=1
 PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=${STACK_DUMP_S:-60}"
 MPIEXEC=${MPIEXEC:-mpiexec}
 if $MPIEXEC --version 2>/dev/null | grep -qi "open mpi" && [[ $(id -u) == 0 ]]; then
@@ -92,7 +95,11 @@ skip() {  # skip NAME WHY
   record "$(printf '%-28s %-8s %5s s  %s' "$1" SKIPPED 0 "$2")"
 }
 
-fits() {  # fits N: N ranks fit on this host's GPUs
+fits() {  # fits N: N ranks fit on this host's GPUs (or may share them)
+  (( $1 <= ngpu )) || [[ ${SHARE_GPU:-} == 1 ]]
+}
+
+fits_timed() {  # fits_timed N: N ranks on GPUs of their own (what a benchmark needs)
   (( $1 <= ngpu ))
 }
 
@@ -145,20 +152,20 @@ run_bench() {
   local sweep=""
   [[ -n ${SWEEP:-} ]] && sweep="--sms 4,8,12,16,24"
   for n in ${BENCH_RANKS:-4}; do
-    fits "$n" || { skip "bench_intranode_${n}ranks" "only $ngpu GPUs"; continue; }
+    fits_timed "$n" || { skip "bench_intranode_${n}ranks" "only $ngpu GPUs"; continue; }
     step "bench_intranode_${n}ranks" "${BENCH_INTRANODE_TIMEOUT:-120}" $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \
       --json "$OUT/bench_intranode_${n}ranks.json" --plot "$OUT/plots" ${INTRANODE_ARGS:---tokens 1024,2048,4096} $sweep
     bench_logs+=("$OUT/bench_intranode_${n}ranks.log")
   done
   for n in ${LL_RANKS:-4}; do
-    fits "$n" || { skip "bench_low_latency_${n}ranks" "only $ngpu GPUs"; continue; }
+    fits_timed "$n" || { skip "bench_low_latency_${n}ranks" "only $ngpu GPUs"; continue; }
     step "bench_low_latency_${n}ranks" "${BENCH_LL_TIMEOUT:-90}" $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py \
       --profile --json "$OUT/bench_low_latency_${n}ranks.json" ${LL_ARGS:-}
     bench_logs+=("$OUT/bench_low_latency_${n}ranks.log")
   done
   for spec in ${INTERNODE_BENCH_LAYOUTS:-4:2 4:1}; do
     local n=${spec%%:*} p=${spec##*:}
-    fits "$n" || { skip "bench_internode_${n}ranks_p${p}" "only $ngpu GPUs"; continue; }
+    fits_timed "$n" || { skip "bench_internode_${n}ranks_p${p}" "only $ngpu GPUs"; continue; }
     step "bench_internode_${n}ranks_p${p}" "${BENCH_INTERNODE_TIMEOUT:-120}" $MPIEXEC -n "$n" $PY \
       scripts/bench_internode.py --num-nvl-peers "$p" --json "$OUT/bench_internode_${n}ranks_p${p}.json" \
       ${INTERNODE_BENCH_ARGS:-}
@@ -170,7 +177,7 @@ run_baseline() {
   local base=$PWD/.baseline n=${BENCH_RANKS:-4}
   n=${n%% *}
   [[ -d $base/scripts ]] || { skip baseline "no .baseline/ tree"; return; }
-  fits "$n" || { skip baseline "only $ngpu GPUs"; return; }
+  fits_timed "$n" || { skip baseline "only $ngpu GPUs"; return; }
   # the old tree's scripts and package, not this one's (its options: git show HEAD:scripts/bench_*.py)
   step "baseline_intranode_${n}ranks" "${BASELINE_TIMEOUT:-120}" bash -c 'cd "$1" && shift && exec "$@"' _ "$base" \
     env PYTHONPATH="$base${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}" $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \

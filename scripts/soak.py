@@ -556,6 +556,7 @@ def run(args):
                    create_destroy_cycles=len(series),
                    cycle_memory_mib=dict(first=round(series[0], 1), last=round(series[-1], 1),
                                          max=round(max(series), 1)) if series else None,
+                   cycle_memory_series_mib=[round(v, 1) for v in series],
                    cycle_memory_growth_mib=round(growth, 1), seconds_iterations=round(t_iters, 1),
                    seconds_total=round(time.monotonic() - t0, 1))
     if rank == 0:
