@@ -347,7 +347,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
 #endif
         }
 #if LL_RDMA
-        nvshmem_quiet();   // this block's puts are delivered before it counts itself done
+        nvshmem_quiet();   // this block's puts are delivered before its signals
 #endif
         prof_mark(prof, 1);
         // Every block signals every destination itself: (1 << 20) | slots it wrote there, added
