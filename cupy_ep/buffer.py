@@ -186,8 +186,9 @@ class Buffer:
         fit, bad routing found by a worst-token dispatch) are made on every rank, but reach each
         host when its kernels finish: raised at the start of a call, they would stop one rank
         while a peer that has not seen its report yet goes on and waits. So only points that every
-        rank reaches with them in view raise them: :meth:`check` (``every_report``) and the host
-        wait of a non-cached dispatch (:meth:`cupy_ep.normal.NormalEngine._wait_notify`)."""
+        rank reaches with them in view raise them: :meth:`check` (``every_report``) and a
+        non-cached dispatch once its host wait is over and its outputs are published
+        (:meth:`cupy_ep.normal.NormalEngine._raise_earlier_report`)."""
         if self._broken is not None:
             raise CommTimeoutError(self._broken.kernel, self._broken.rank, self._broken.peer,
                                    "an earlier call timed out; destroy this Buffer and create another",
