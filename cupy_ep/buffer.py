@@ -196,8 +196,7 @@ class Buffer:
         status = self._status
         if status.status == limits.ST_OK:
             return
-        from_layout = int(status.fields[1]) == limits.KERNEL_IDS["get_dispatch_layout"]
-        if not (every_report or status.status == limits.ST_TIMEOUT or (layout_reports and from_layout)):
+        if not (every_report or status.status == limits.ST_TIMEOUT or (layout_reports and status.from_layout)):
             return
         error = status.take()
         if isinstance(error, CommTimeoutError):

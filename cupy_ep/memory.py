@@ -68,6 +68,11 @@ class StatusRecord:
         """The reported status (0: none), read from the host mirror without synchronising."""
         return int(self.fields[0])
 
+    @property
+    def from_layout(self) -> bool:
+        """The report comes from the layout kernel (this rank's own, not a collective's)."""
+        return int(self.fields[1]) == limits.KERNEL_IDS["get_dispatch_layout"]
+
     def take(self):
         """The exception for the reported status (None when nothing was reported). Waits for the
         device first, so that the report is complete; clears every report but a timeout."""

@@ -146,7 +146,7 @@ class NormalEngine(Engine):
         host wait every earlier kernel of every rank has finished, so every rank has the same
         report in view and raises it; this call's kernels have their outputs and finish too."""
         status = self.status
-        if status.status != limits.ST_OK and int(status.fields[1]) != limits.KERNEL_IDS["get_dispatch_layout"]:
+        if status.status != limits.ST_OK and not status.from_layout:
             raise status.take()
 
     def _publish_outputs(self, seq: int, outputs, rows: int) -> None:

@@ -15,19 +15,16 @@ import pytest
 from cupy_ep import limits
 from cupy_ep.buffer import Buffer
 from cupy_ep.errors import CommTimeoutError, TokenOverflowError, status_error
+from cupy_ep.memory import StatusRecord
 from cupy_ep.normal import NormalEngine
 
 
-class FakeStatus:
-    """The host side of a status record holding one report (``cupy_ep.memory.StatusRecord``)."""
+class FakeStatus(StatusRecord):
+    """A status record holding one report, in host memory only (no device record to clear)."""
 
     def __init__(self, status=limits.ST_OK, kernel="notify_dispatch", detail=0, detail2=0):
         self.fields = np.zeros(limits.STATUS_RECORD_INTS, np.int32)
         self.fields[:7] = [status, limits.KERNEL_IDS[kernel], 0, 1, detail, detail2, -1]
-
-    @property
-    def status(self):
-        return int(self.fields[0])
 
     def take(self):
         status, kernel, rank, peer, detail, detail2, channel = (int(v) for v in self.fields[:7])
