@@ -98,10 +98,8 @@ def slot_bytes(hidden: int, topk: int, use_fp8: bool) -> int:
     return x + scales + _align(4 * (1 + topk), 16)
 
 
-def dispatch_recv_bytes(num_ranks, num_experts, m, hidden, topk, use_fp8) -> int:
-    hdr_stride = _align(num_experts // num_ranks * 4, 16)
-    slot_off = _align(num_ranks * hdr_stride, 256)
-    return _align(slot_off + num_ranks * m * slot_bytes(hidden, topk, use_fp8), 256)
+def dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8) -> int:
+    return _align(num_ranks * m * slot_bytes(hidden, topk, use_fp8), 256)
 
 
 def combine_recv_bytes(num_ranks, m, hidden, topk) -> int:
@@ -109,8 +107,8 @@ def combine_recv_bytes(num_ranks, m, hidden, topk) -> int:
     return _align(num_ranks * wstride + num_ranks * m * 2 * hidden, 256)
 
 
-def dispatch_quarter_bytes(num_ranks, num_experts, m, hidden, topk, use_fp8, rdma) -> int:
-    recv = dispatch_recv_bytes(num_ranks, num_experts, m, hidden, topk, use_fp8)
+def dispatch_quarter_bytes(num_ranks, m, hidden, topk, use_fp8, rdma) -> int:
+    recv = dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8)
     return 2 * recv if rdma else recv          # staging has the recv area's layout
 
 
@@ -192,11 +190,11 @@ class LowLatencyEngine(Engine):
 
     # ------------------------------------------------------------------ sizes
     @staticmethod
-    def size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts) -> int:
-        """Bytes of symmetric buffer the low-latency mode needs for these sizes (any top-k up
-        to LL_MAX_TOPK, bf16 or FP8, NVLink or RDMA transport)."""
-        m, h, r, e = (int(v) for v in (num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts))
-        d = dispatch_quarter_bytes(r, e, m, h, limits.LL_MAX_TOPK, False, True)
+    def size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks) -> int:
+        """Bytes of symmetric buffer the low-latency mode needs for these sizes (any number of
+        experts, any top-k up to LL_MAX_TOPK, bf16 or FP8, NVLink or RDMA transport)."""
+        m, h, r = (int(v) for v in (num_max_dispatch_tokens_per_rank, hidden, num_ranks))
+        d = dispatch_quarter_bytes(r, m, h, limits.LL_MAX_TOPK, False, True)
         c = combine_quarter_bytes(r, m, h, limits.LL_MAX_TOPK, True)
         return _align(_ctrl_bytes(r) + 4 * _align(max(d, c), 256), 1 << 20)
 
@@ -226,8 +224,7 @@ class LowLatencyEngine(Engine):
                 "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)),
                 "USE_UE8M0": int(bool(use_ue8m0)), "LL_THREADS": NUM_THREADS,
                 "LAYOUT_SLOT_BYTES": slot_bytes(hidden, topk, use_fp8),
-                "LAYOUT_D_RECV_BYTES": dispatch_recv_bytes(r, num_experts, m, hidden, topk, use_fp8),
-                "LL_BLOCK_SIGNALS": 1,
+                "LAYOUT_D_RECV_BYTES": dispatch_recv_bytes(r, m, hidden, topk, use_fp8),
                 "LAYOUT_C_RECV_BYTES": combine_recv_bytes(r, m, hidden, topk),
             }
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
@@ -262,7 +259,7 @@ class LowLatencyEngine(Engine):
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
         self._check_dispatch_args(N, H, K, M, E)
-        self._check_fits(dispatch_quarter_bytes(R, E, M, H, K, use_fp8, self.rdma), "dispatch")
+        self._check_fits(dispatch_quarter_bytes(R, M, H, K, use_fp8, self.rdma), "dispatch")
         EL = E // R
         kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
         half = self._d_half

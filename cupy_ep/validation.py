@@ -593,7 +593,7 @@ def ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_e
     h = check_int(hidden, "hidden", 1)
     check_num_experts(num_experts, num_ranks)
     from .low_latency import LowLatencyEngine
-    return int(LowLatencyEngine.size_hint(m, h, int(num_ranks), int(num_experts)))
+    return int(LowLatencyEngine.size_hint(m, h, int(num_ranks)))
 
 
 def check_ll_capacity(num_rdma_bytes, num_ranks, num_experts, m, hidden):
@@ -601,7 +601,7 @@ def check_ll_capacity(num_rdma_bytes, num_ranks, num_experts, m, hidden):
     experts (the GPU's layout, whatever the transport)."""
     from .low_latency import LowLatencyEngine
 
-    need = LowLatencyEngine.size_hint(m, hidden, num_ranks, num_experts)
+    need = LowLatencyEngine.size_hint(m, hidden, num_ranks)
     if num_rdma_bytes < need:
         raise ValueError(f"num_rdma_bytes: {num_rdma_bytes} bytes are too small for {m} tokens per rank of hidden "
                          f"{hidden} and {num_experts} experts ({need} needed: get_low_latency_rdma_size_hint)")

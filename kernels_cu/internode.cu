@@ -340,8 +340,9 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
 
     // 2) counts and checks
     count_channels(num_tokens, in_rank, send_chan, rdma_chan);
-    const bool bad = routing_is_bad(rank, num_tokens, topk_idx, in_rank, per_rank, per_rdma_rank, per_expert,
-                                    send_chan, rdma_chan, err) || bad_input_pending(err);
+    // one answer for the block: a report landing between two threads' reads must not split it
+    const bool bad = __syncthreads_or(routing_is_bad(rank, num_tokens, topk_idx, in_rank, per_rank, per_rdma_rank,
+                                                     per_expert, send_chan, rdma_chan, err) || bad_input_pending(err));
 
     // 3) one vector per destination domain, staged in the symmetric buffer and put to its forwarder
     for (int d = 0; d < N; ++d) {
@@ -845,16 +846,14 @@ __device__ __forceinline__ void combine_sender(int c, int rank, int epoch, const
 __device__ __forceinline__ bool combine_forwarder(int c, int rank, int epoch, const Peers& peers, const WaitCtx& w,
                                                   const int* __restrict__ fwd_rchan, const int* __restrict__ fwd_chan,
                                                   const int* __restrict__ fwd_comb, const int* __restrict__ fwd_pos) {
-    __shared__ int s_ok;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int dom = rank / P, l = rank % P;
     char* me = peers.nvl[l];
-    if (tid == 0) s_ok = 1;
-    __syncthreads();
     for (int s = 0; s < N; ++s) {
         const int start = fwd_rchan[s * (C + 1) + c], n = fwd_rchan[s * (C + 1) + c + 1] - start;
         for (int k0 = 0; k0 < n; k0 += NW) {
             const int k = k0 + warp;
+            bool failed = false;
             if (k < n) {
                 const int rp = start + k;
                 const int pos = lane < P ? fwd_pos[((i64)s * CAP + rp) * P + lane] : -1;
@@ -865,9 +864,8 @@ __device__ __forceinline__ bool combine_forwarder(int c, int rank, int epoch, co
                     ok = wait_geq_sys_u64(n_ctail(me, c, s, lane), tagged(epoch, pos - first + 1), &seen, w,
                                           dom * P + lane);
                 }
-                if (__any_sync(FULL, !ok)) {
-                    s_ok = 0;
-                } else {
+                failed = __any_sync(FULL, !ok);
+                if (!failed) {
                     char* rec = r_record(peers.sym, true, s, rp);
                     // Rows of this token at the forwarder, one per local rank (-1: none), shuffled
                     // out here with the whole warp: lanes leave the row loop below at different j.
@@ -894,8 +892,9 @@ __device__ __forceinline__ bool combine_forwarder(int c, int rank, int epoch, co
 #endif
                 }
             }
-            __syncthreads();
-            if (!s_ok) return false;
+            // one decision for the block (a flag in shared memory could change between the
+            // reads of warp 0's lanes, splitting the warp before its warp-wide put)
+            if (__syncthreads_or(failed)) return false;
             if (warp == 0) {
                 const int to = min(k0 + NW, n);
                 xport::put_signal_warp(r_record(peers.sym, false, dom, start + k0), r_record(peers.sym, true, s, start + k0),

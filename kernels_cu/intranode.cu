@@ -210,8 +210,10 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     if (tid < NUM_RANKS)
         for (int c = 0; c < NUM_CHANNELS; ++c) s_chan[tid][c + 1] += s_chan[tid][c];
     __syncthreads();
-    const bool bad = routing_is_bad(rank, num_tokens, topk_idx, is_token_in_rank, num_tokens_per_rank,
-                                    num_tokens_per_expert, s_chan, err) || bad_input_pending(err);
+    // one answer for the block: a report landing between two threads' reads must not split it
+    const bool bad = __syncthreads_or(routing_is_bad(rank, num_tokens, topk_idx, is_token_in_rank,
+                                                     num_tokens_per_rank, num_tokens_per_expert, s_chan, err) ||
+                                      bad_input_pending(err));
 
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS) {
         const int r = i / CP, c = i % CP;

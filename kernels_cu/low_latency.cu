@@ -9,24 +9,22 @@
 // and, when the host passes them as LAYOUT_*, checked against the host's numbers):
 //   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..32),
 //   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..65535), USE_FP8, ROUND_SCALE, USE_UE8M0,
-//   LL_THREADS (threads per block, multiple of 32, default 512), LL_BLOCK_SIGNALS (default 1).
+//   LL_THREADS (threads per block, multiple of 32, default 512).
 // Every launch of one call must use the same grid size on every rank (<= SM count).
 //
 // @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=0 USE_UE8M0=0
-// @constants NUM_RANKS=2 NUM_EXPERTS=16 HIDDEN=2048 TOPK=1 MAX_TOKENS=512 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 LL_BLOCK_SIGNALS=0
+// @constants NUM_RANKS=2 NUM_EXPERTS=16 HIDDEN=2048 TOPK=1 MAX_TOKENS=512 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
 // @constants NUM_RANKS=3 NUM_EXPERTS=96 HIDDEN=2048 TOPK=9 MAX_TOKENS=64 USE_FP8=1 ROUND_SCALE=1 USE_UE8M0=1
 // @constants NUM_RANKS=8 NUM_EXPERTS=256 HIDDEN=7168 TOPK=9 MAX_TOKENS=256 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 LL_THREADS=1024
 //
 // ----------------------------------------------------------------------------------------------
 // Symmetric buffer (identical offsets on every rank; the host computes the half offsets):
 //   control area: u64 signals, per half and kind, [R] each (dispatch, combine-weights,
-//     combine-partials). 0 = not arrived. The writer stores value+1 (or, dispatch with
-//     LL_BLOCK_SIGNALS, each sending block adds (1 << 20) | its slots) with release/sys ordering
+//     combine-partials). 0 = not arrived. The writer stores value+1 (dispatch: each sending
+//     block adds (1 << 20) | the slots it wrote) with release/sys ordering
 //     after its data; the receiver waits (bounded), reads, and ZEROES it itself once every block
 //     of its grid has passed the wait (so no reset pass, graph-safe).
 //   dispatch quarter (one per half), on receiver r:
-//     hdr   [R src][HDR_STRIDE]       int32 per local expert: tokens of src for that expert
-//                                     (LL_BLOCK_SIGNALS=0 only; else counted from the metas)
 //     slots [R src][M][SLOT_BYTES]    x (bf16 2H, or fp8 H + scales f32 H/128) + meta
 //     meta  int32[1+K]: [0] source token; [1+k] (j << 16 | pos) when expert k of the token is
 //           local expert j of r (pos: its index among src's rows for j), else -1.
@@ -53,9 +51,6 @@
 // 1: every sending block adds (1 << 20 | its slots) to each destination's signal (release, in
 //    parallel) and the receiver counts rows per (expert, source) from the slot metas;
 // 0: the last sending block writes per-expert count headers, then the signal (slots + 1).
-#ifndef LL_BLOCK_SIGNALS
-#define LL_BLOCK_SIGNALS 1
-#endif
 
 namespace ll {
 
@@ -75,7 +70,7 @@ static_assert(E % R == 0, "NUM_EXPERTS must be a multiple of NUM_RANKS");
 static_assert(H % 128 == 0 && H > 0, "HIDDEN must be a positive multiple of 128");
 static_assert(K >= 1 && K <= 32, "TOPK must be in 1..32");
 static_assert(M >= 1 && M <= 65535, "MAX_TOKENS must be in 1..65535");
-constexpr int SIG_BLOCK_SHIFT = 20;   // LL_BLOCK_SIGNALS: signal = (blocks << 20) | slots
+constexpr int SIG_BLOCK_SHIFT = 20;   // dispatch signal = (blocks << 20) | slots
 static_assert(R >= 1 && R <= 32, "NUM_RANKS must be in 1..32");
 static_assert(EL < 32768, "too many local experts");
 static_assert(E <= 8192, "NUM_EXPERTS above 8192 (shared memory of the receive phase)");
@@ -93,9 +88,7 @@ constexpr int SCALE_BYTES = FP8 ? (int)align_up(NSCALES * 4, 16) : 0;
 constexpr int META_OFF = SCALE_OFF + SCALE_BYTES;
 constexpr int META_BYTES = (int)align_up(4 * (1 + K), 16);
 constexpr int SLOT_BYTES = META_OFF + META_BYTES;
-constexpr long long HDR_STRIDE = align_up(EL * 4, 16);
-constexpr long long D_HDR_OFF = 0;
-constexpr long long D_SLOT_OFF = align_up(R * HDR_STRIDE, 256);
+constexpr long long D_SLOT_OFF = 0;
 constexpr long long D_RECV_BYTES = align_up(D_SLOT_OFF + (long long)R * M * SLOT_BYTES, 256);
 constexpr long long D_STAGE_OFF = D_RECV_BYTES;
 
@@ -199,7 +192,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
     using namespace ll;
     __shared__ u64 s_peer[R];
     __shared__ int s_slot[R];
-    __shared__ int s_nsl[R];        // slots this block wrote per destination (LL_BLOCK_SIGNALS)
+    __shared__ int s_nsl[R];        // slots this block wrote per destination
     __shared__ unsigned s_mask;
     __shared__ int s_flag;
     __shared__ int s_fail;
@@ -354,10 +347,9 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
 #endif
         }
 #if LL_RDMA
-        nvshmem_quiet();   // this block's puts are delivered before it counts itself done
+        nvshmem_quiet();   // this block's puts are delivered before its signals
 #endif
         prof_mark(prof, 1);
-#if LL_BLOCK_SIGNALS
         // Every block signals every destination itself: (1 << 20) | slots it wrote there, added
         // with release semantics after a system fence (its writes, ordered by bar.sync, first).
         __syncthreads();
@@ -378,47 +370,12 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             for (int idx = tid; idx < R * EL; idx += NT) atomicExch(exp_cnt + idx, 0);
             if (tid < R) atomicExch(slot_cnt + tid, 0);
         }
-#else
-        if (last_block_done<true>(scratch + SD_SEND_DONE, &s_flag)) {
-            // headers: counts per (destination, local expert); reset the counters
-            for (int idx = tid; idx < R * EL; idx += NT) {
-                const int d = idx / EL, j = idx - d * EL;
-                const int c = atomicExch(exp_cnt + idx, 0);
-                char* hdr;
-#if LL_RDMA
-                if (s_peer[d] == 0)
-                    hdr = own_q + D_STAGE_OFF + D_HDR_OFF + d * HDR_STRIDE;
-                else
-#endif
-                    hdr = sym_at(s_peer[d], data_off) + D_HDR_OFF + rank * HDR_STRIDE;
-                st_i32(hdr + 4 * j, c);
-            }
-            __syncthreads();
-            if (tid < R) {
-                const int d = tid;
-                const int n = atomicExch(slot_cnt + d, 0);
-                fence_sys();
-#if LL_RDMA
-                if (s_peer[d] == 0) {
-                    nvshmem_putmem_signal_nbi(sym_addr(own, data_off + D_HDR_OFF + rank * HDR_STRIDE),
-                                              sym_addr(own, data_off + D_STAGE_OFF + D_HDR_OFF + d * HDR_STRIDE),
-                                              EL * 4, (uint64_t*)sym_addr(own, sig_off + 8LL * rank),
-                                              (uint64_t)(n + 1), NVSHMEM_SIGNAL_SET, d);
-                    nvshmem_quiet();
-                } else
-#endif
-                    st_release_sys((int*)sym_at(s_peer[d], sig_off + 8LL * rank), n + 1);
-            }
-            prof_mark(prof, 2);
-        }
-#endif
     }
 
     // ------------------------------------------------------------------ receive
     if (phases & 2) {
         if (tid < R) {
             const int* sig = (const int*)(own + (u64)(sig_off + 8LL * tid));
-#if LL_BLOCK_SIGNALS
             // every block of the sender (same grid size on every rank) has added its share
             int v = 0;
             if (wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, wctx, tid))
@@ -426,11 +383,6 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             else
                 s_fail = 1;
             s_pfx[tid + 1] = v & ((1 << SIG_BLOCK_SHIFT) - 1);   // slots from source tid
-#else
-            int v = 0;
-            if (!wait_nonzero_sys(sig, &v, wctx, tid)) s_fail = 1;
-            s_pfx[tid + 1] = v - 1;   // slots from source tid
-#endif
         }
         for (int idx = tid; idx < EL * R; idx += NT) s_base[idx] = 0;
         __syncthreads();
@@ -441,7 +393,6 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             for (int s = 0; s < R; ++s) s_pfx[s + 1] += s_pfx[s];
         }
         __syncthreads();
-#if LL_BLOCK_SIGNALS
         // count(j, s) = 1 + the largest position any slot of s gives for expert j. The loads of
         // META_BATCH entries are issued before any of their atomics (one latency per batch).
         constexpr int META_BATCH = 8;
@@ -468,13 +419,6 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
                 if (mv[b] >= 0) atomicMax(&s_base[(mv[b] >> 16) * R + src[b]], (mv[b] & 0xffff) + 1);
         }
         __syncthreads();
-#else
-        for (int idx = tid; idx < EL * R; idx += NT) {
-            const int j = idx / R, s = idx - j * R;
-            s_base[idx] = ld_cg_i32(own_q + D_HDR_OFF + s * HDR_STRIDE + 4 * j);
-        }
-        __syncthreads();
-#endif
         // bases: rows of (j, s) start at sum over s' < s of count(j, s')
         for (int j = tid; j < EL; j += NT) {
             int acc = 0;
@@ -665,7 +609,8 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
                 }
                 waited |= 1u << s;
             }
-            if (*(volatile int*)&s_fail) break;
+            // the whole warp leaves together: another warp may set s_fail between two lanes' reads
+            if (__any_sync(FULL, *(volatile int*)&s_fail)) break;
             const int* hm = h_slot_map + ((long long)s * M + i) * (1 + K);
             const int t = hm[0];
             const float* wrow = (const float*)(own_q + C_W_OFF + s * WSTRIDE) + (long long)t * K;

@@ -2,10 +2,10 @@
 // with LL_RDMA=1. Peers whose entry in the peer table is 0 (no NVLink/P2P mapping) are reached
 // through NVSHMEM: the data is staged in this rank's own symmetric buffer (staging areas of
 // the layout described in low_latency.cu) and put to the same offsets of the peer's buffer
-// with nvshmemx_putmem_nbi_warp; headers and weights go with nvshmem_putmem_signal_nbi (the
-// signal word is a u64 whose low 32 bits the waits read); a block counts itself done only
-// after nvshmem_quiet(), so the last block's signal follows all data. Peers with a mapping
-// still get direct stores.
+// with nvshmemx_putmem_nbi_warp. The combine weights travel with their signal
+// (nvshmem_putmem_signal_nbi); every other signal is an nvshmemx_signal_op issued after the
+// block's nvshmem_quiet(), so it follows the data it announces. Signal words are u64 whose low
+// 32 bits the waits read. Peers with a mapping still get direct stores.
 //
 // Build: NVRTC with NVSHMEM >= 3.8 headers and -D__NVSHMEM_NUMBA_SUPPORT__ (everything inlined,
 // what CI compiles), or nvcc -rdc + device link with libnvshmem_device (jit.compile_module_nvshmem);

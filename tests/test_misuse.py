@@ -129,7 +129,7 @@ def test_size_hints_match_the_gpu_formulas(backend):
         inter_nvl(300, 7168, 16, 8, 8)
     assert B.get_rdma_buffer_size_hint(128, 7168, 8, 8) == 0
     assert B.get_rdma_buffer_size_hint(128, 7168, 16, 8, 8) == rdma_buffer_size_hint(128, 7168, 16, 8, 8)
-    assert B.get_low_latency_rdma_size_hint(128, 7168, 16, 288) == LowLatencyEngine.size_hint(128, 7168, 16, 288)
+    assert B.get_low_latency_rdma_size_hint(128, 7168, 16, 288) == LowLatencyEngine.size_hint(128, 7168, 16)
     with pytest.raises(ValueError, match="^num_nvl_peers"):
         B.get_rdma_buffer_size_hint(128, 7168, 16, 3, 8)
     with pytest.raises(ValueError, match="^num_experts"):

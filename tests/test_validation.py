@@ -418,7 +418,7 @@ def test_capacity_checks():
     assert V.normal_recv_capacity(nvl, 4, 4, 256, 4) is None
     assert V.normal_recv_capacity(inter_nvl(100, 256, 4, 2, 4), 4, 2, 256, 4) >= 100
 
-    need = LowLatencyEngine.size_hint(8, 256, 4, 16)
+    need = LowLatencyEngine.size_hint(8, 256, 4)
     V.check_ll_capacity(need, 4, 16, 8, 256)
     with raises(ValueError, "num_rdma_bytes"):
         V.check_ll_capacity(need - 1, 4, 16, 8, 256)
