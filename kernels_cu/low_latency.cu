@@ -48,9 +48,6 @@
 #ifndef USE_UE8M0
 #define USE_UE8M0 0
 #endif
-// 1: every sending block adds (1 << 20 | its slots) to each destination's signal (release, in
-//    parallel) and the receiver counts rows per (expert, source) from the slot metas;
-// 0: the last sending block writes per-expert count headers, then the signal (slots + 1).
 
 namespace ll {
 
