@@ -19,7 +19,7 @@ MAX_NORMAL_TOPK = 32       # top-k columns the normal-mode kernels carry (one wa
 MAX_EXPERTS = 8192         # experts of a layout / normal dispatch (shared-memory counters)
 
 # ---- low-latency mode ---------------------------------------------------------------------
-LL_MAX_RANKS = 32           # 32-bit destination masks (kernels_cu/low_latency.cu)
+LL_MAX_RANKS = 1024         # rank lists, not masks (kernels_cu/low_latency.cu); compile-checked up to here
 LL_MAX_TOPK = 32           # one warp lane per top-k slot
 LL_MAX_EXPERTS = 8192      # shared memory of the receive phase: 4 bytes per expert
 LL_MAX_TOKENS = 65535      # positions travel as 16-bit fields

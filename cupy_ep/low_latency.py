@@ -124,7 +124,7 @@ class LLHandlePrivate:
     """The engine's part of a low-latency handle (``handle[5]``)."""
     slot_count: object        # cupy int32 [R]: slots received from each source (expert side)
     slot_map: object          # cupy int32 [R, M, 1+K]: per (source, slot): token, row per k or -1
-    dest_mask: object         # cupy int32 [M]: per own token, bit r = a rank r expert selected it
+    dest_ranks: object        # cupy int32 [M, min(K, R)]: per own token, its experts' ranks ascending, -1 padded
     num_tokens: int
     topk: int
     hidden: int
@@ -280,19 +280,19 @@ class LowLatencyEngine(Engine):
         recv_count = cupy.empty((EL,), dtype=np.int32)
         slot_count = cupy.empty((R,), dtype=np.int32)
         slot_map = cupy.empty((R, M, 1 + K), dtype=np.int32)
-        dest_mask = cupy.empty((M,), dtype=np.int32)
+        dest_ranks = cupy.empty((M, min(K, R)), dtype=np.int32)
 
         def launch(phases, on_stream):
             prof = self._phase_buffer("low_latency_dispatch", self.num_blocks, DISPATCH_PHASES)
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
                           np.int64(data_off), self._scratch_d, data, self._ptr(scales), src_info, layout_range,
-                          recv_count, self._ptr(stats), slot_count, slot_map, dest_mask, prof,
+                          recv_count, self._ptr(stats), slot_count, slot_map, dest_ranks, prof,
                           np.uint64(self.status.ptr), self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
                                      "low_latency_dispatch_recv")[phases % 3])
 
-        priv = LLHandlePrivate(slot_count=slot_count, slot_map=slot_map, dest_mask=dest_mask, num_tokens=N,
+        priv = LLHandlePrivate(slot_count=slot_count, slot_map=slot_map, dest_ranks=dest_ranks, num_tokens=N,
                                topk=K, hidden=H, num_experts=E, m=M)
         handle = (src_info, layout_range, M, H, E, priv)
         if return_recv_hook:
@@ -367,7 +367,7 @@ class LowLatencyEngine(Engine):
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table,
                           np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
-                          priv.slot_count, priv.slot_map, priv.dest_mask, result, prof, np.uint64(self.status.ptr),
+                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, prof, np.uint64(self.status.ptr),
                           self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_combine", "low_latency_combine_send",
                                      "low_latency_combine_recv")[phases % 3])

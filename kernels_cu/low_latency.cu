@@ -10,20 +10,26 @@
 //   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..32),
 //   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..65535), USE_FP8, ROUND_SCALE, USE_UE8M0,
 //   LL_THREADS (threads per block, multiple of 32, default 512).
+// No limit on R of its own: the receive phase's R + E + E/R ints of shared memory must fit in
+// 48 KB (static_asserts below say which bound a configuration breaks).
 // Every launch of one call must use the same grid size on every rank (<= SM count).
 //
 // @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=0 USE_UE8M0=0
 // @constants NUM_RANKS=2 NUM_EXPERTS=16 HIDDEN=2048 TOPK=1 MAX_TOKENS=512 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
 // @constants NUM_RANKS=3 NUM_EXPERTS=96 HIDDEN=2048 TOPK=9 MAX_TOKENS=64 USE_FP8=1 ROUND_SCALE=1 USE_UE8M0=1
 // @constants NUM_RANKS=8 NUM_EXPERTS=256 HIDDEN=7168 TOPK=9 MAX_TOKENS=256 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 LL_THREADS=1024
+// @constants NUM_RANKS=64 NUM_EXPERTS=256 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=0 USE_UE8M0=0
+// @constants NUM_RANKS=256 NUM_EXPERTS=1024 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
+// @constants NUM_RANKS=1024 NUM_EXPERTS=2048 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=1 USE_UE8M0=1
+// @constants NUM_RANKS=1024 NUM_EXPERTS=8192 HIDDEN=7168 TOPK=32 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
 //
 // ----------------------------------------------------------------------------------------------
 // Symmetric buffer (identical offsets on every rank; the host computes the half offsets):
 //   control area: u64 signals, per half and kind, [R] each (dispatch, combine-weights,
 //     combine-partials). 0 = not arrived. The writer stores value+1 (dispatch: each sending
-//     block adds (1 << 20) | the slots it wrote) with release/sys ordering
-//     after its data; the receiver waits (bounded), reads, and ZEROES it itself once every block
-//     of its grid has passed the wait (so no reset pass, graph-safe).
+//     block adds (1 << 20) | its slots) with release/sys ordering after its data; the receiver
+//     waits (bounded), reads, and ZEROES it itself once every block of its grid has passed the
+//     wait (so no reset pass, graph-safe).
 //   dispatch quarter (one per half), on receiver r:
 //     slots [R src][M][SLOT_BYTES]    x (bf16 2H, or fp8 H + scales f32 H/128) + meta
 //     meta  int32[1+K]: [0] source token; [1+k] (j << 16 | pos) when expert k of the token is
@@ -33,6 +39,10 @@
 //     weights  [R src][WSTRIDE]       f32 [M][K] token owner's weights (SKIP bits: masked slot)
 //     partials [R expert rank][M][H]  bf16 partial sums per (token, expert rank)
 //     staging (RDMA only): weights [R dst][WSTRIDE], partials [R owner][M][H].
+// Handle (device arrays the dispatch fills and the combine reads):
+//   slot_count [R]                per source, slots received
+//   slot_map   [R][M][1+K]        per received slot: the source token, its row per k (or -1)
+//   dest_ranks [M][min(K, R)]     per own token, its destination ranks ascending, -1 padded
 // ----------------------------------------------------------------------------------------------
 #include "common.cuh"
 
@@ -62,31 +72,33 @@ constexpr int NW = NT / 32;
 constexpr bool FP8 = USE_FP8 != 0;
 constexpr bool ROUND = (ROUND_SCALE != 0) || (USE_UE8M0 != 0);
 constexpr bool UE8M0 = USE_UE8M0 != 0;
-
-static_assert(E % R == 0, "NUM_EXPERTS must be a multiple of NUM_RANKS");
-static_assert(H % 128 == 0 && H > 0, "HIDDEN must be a positive multiple of 128");
-static_assert(K >= 1 && K <= 32, "TOPK must be in 1..32");
-static_assert(M >= 1 && M <= 65535, "MAX_TOKENS must be in 1..65535");
-constexpr int SIG_BLOCK_SHIFT = 20;   // dispatch signal = (blocks << 20) | slots
-static_assert(R >= 1 && R <= 32, "NUM_RANKS must be in 1..32");
-static_assert(EL < 32768, "too many local experts");
-static_assert(E <= 8192, "NUM_EXPERTS above 8192 (shared memory of the receive phase)");
-static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "LL_THREADS must be a multiple of 32 in 64..1024");
-static_assert(R <= NT && K <= NT, "too few threads");
-static_assert((long long)EL * R * M < 2147483647LL, "E_local * R * M must fit in int32");
+constexpr int MAX_DESTS = K < R ? K : R;   // destination ranks of one token, at most
 
 __host__ __device__ constexpr long long align_up(long long v, long long a) { return (v + a - 1) / a * a; }
+__host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
+__host__ __device__ constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+static_assert(R >= 1, "NUM_RANKS must be positive");
+static_assert(E % R == 0, "NUM_EXPERTS must be a multiple of NUM_RANKS");
+static_assert(FP8_BLOCK == 128, "the FP8 cast gives each 8-lane group of 16 channels one 128-channel block");
+static_assert(H % FP8_BLOCK == 0 && H > 0, "HIDDEN must be a positive multiple of 128");
+static_assert(K >= 1 && K <= 32, "TOPK must be in 1..32 (one lane per top-k column)");
+static_assert(M >= 1 && M <= 65535, "MAX_TOKENS must be in 1..65535");
+static_assert(EL < 32768, "too many local experts");
+static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "LL_THREADS must be a multiple of 32 in 64..1024");
+static_assert((long long)EL * R * M < 2147483647LL, "E_local * R * M must fit in int32");
+constexpr int SIG_BLOCK_SHIFT = 20;   // dispatch signal = (blocks << 20) | slots
+static_assert(M < (1 << SIG_BLOCK_SHIFT), "slots per source must fit below the block count");
 
 // ---- slot layout (dispatch) ----
 constexpr int X_BYTES = FP8 ? H : 2 * H;
-constexpr int NSCALES = H / 128;
+constexpr int NSCALES = H / FP8_BLOCK;
 constexpr int SCALE_OFF = X_BYTES;
 constexpr int SCALE_BYTES = FP8 ? (int)align_up(NSCALES * 4, 16) : 0;
 constexpr int META_OFF = SCALE_OFF + SCALE_BYTES;
 constexpr int META_BYTES = (int)align_up(4 * (1 + K), 16);
 constexpr int SLOT_BYTES = META_OFF + META_BYTES;
-constexpr long long D_SLOT_OFF = 0;
-constexpr long long D_RECV_BYTES = align_up(D_SLOT_OFF + (long long)R * M * SLOT_BYTES, 256);
+constexpr long long D_RECV_BYTES = align_up((long long)R * M * SLOT_BYTES, 256);
 constexpr long long D_STAGE_OFF = D_RECV_BYTES;
 
 // ---- combine layout ----
@@ -118,14 +130,24 @@ constexpr int X_V4 = X_BYTES / 16;
 constexpr int RECV_UNROLL = 4;
 constexpr int RECV_V4 = 32 * RECV_UNROLL;
 constexpr int RECV_UPS = (X_V4 + RECV_V4 - 1) / RECV_V4;    // units per slot
+constexpr int META_BATCH = 8;                               // meta loads in flight per thread
 // combine: units of COMB_G chunks of 256 channels (8 bf16 per lane)
 constexpr int COMB_G = NT > 512 ? 1 : 2;
 constexpr int COMB_UW = 256 * COMB_G;
 constexpr int COMB_UPR = (H + COMB_UW - 1) / COMB_UW;       // units per row
 // loads in flight per batch (registers: 512 threads/block leave 128 per thread, 1024 leave 64)
 constexpr int LOADS_MAX = NT > 512 ? 4 : 8;
-constexpr int KB = K < LOADS_MAX ? K : LOADS_MAX;           // top-k rows per batch (combine B)
-constexpr int RB = R < LOADS_MAX ? R : LOADS_MAX;           // partial rows per batch (combine C)
+constexpr int KB = K < LOADS_MAX ? K : LOADS_MAX;                   // top-k rows per batch (combine B)
+constexpr int RB = MAX_DESTS < LOADS_MAX ? MAX_DESTS : LOADS_MAX;   // partial rows per batch (combine C)
+// (so does (source or rank) * M + slot or token, which the address helpers below rely on)
+static_assert((long long)R * M * max3(K, RECV_UPS, COMB_UPR) < 2147483647LL,
+              "R * M * max(TOPK, work units per row) must fit in int32");
+
+// Prefix sums over sources: a group of SCAN_LANES lanes scans one row of R entries, each lane a
+// run of SCAN_RUN consecutive ones.
+constexpr int SCAN_LANES = pow2_ceil(R) < 32 ? pow2_ceil(R) : 32;
+constexpr int SCAN_RUN = (R + SCAN_LANES - 1) / SCAN_LANES;
+constexpr int SCAN_ROWS = 32 / SCAN_LANES;   // rows per warp
 
 // ---- scratch (device ints, engine-owned, zero between launches) ----
 // dispatch scratch: [0,R) slot counters per destination; [R, R+E) per (dst, local expert)
@@ -134,7 +156,6 @@ constexpr int SD_SLOT = 0;
 constexpr int SD_CNT = R;
 constexpr int SD_SEND_DONE = R + E;
 constexpr int SD_RECV_DONE = R + E + 1;
-constexpr int SD_INTS = R + E + 2;
 // combine scratch: b_done, c_done
 constexpr int SC_B_DONE = 0;
 constexpr int SC_C_DONE = 1;
@@ -142,28 +163,757 @@ constexpr int SC_C_DONE = 1;
 constexpr unsigned FULL = 0xffffffffu;
 constexpr u32 SKIP_BITS = 0xffc0deadu;   // a NaN pattern: "weight slot masked out by topk_idx == -1"
 
+// ---- shared memory of ll_dispatch: the send phase's, then the receive phase's ----
+struct SendSmem {
+    u64 peer[R];            // every rank's buffer base (0: reached through NVSHMEM)
+    int sent[R];            // slots this block wrote per destination
+    int dest[MAX_DESTS];        // the current token's destination ranks, ascending
+    char* slot_at[MAX_DESTS];   // where this rank writes the token's slot for each (dispatch_slot)
+#if LL_RDMA
+    int slot[MAX_DESTS];        // the slot itself, which the put for an RDMA destination targets
+#endif
+    int ndest;
+};
+struct RecvSmem {
+    int pfx[R + 1];   // slots per source, then their exclusive prefix (pfx[R]: all slots)
+    int base[E];      // [EL][R] rows per (local expert, source), then where they start in its rows
+    int tot[EL];      // rows per local expert
+};
+// dispatch_send ends with a block barrier (last_block_done), so the receive phase may reuse it.
+union DispatchSmem {
+    SendSmem send;
+    RecvSmem recv;
+};
+static_assert(sizeof(DispatchSmem) <= 48 * 1024 - 64,
+              "shared memory: the receive phase keeps R + E + E/R ints, the send phase 12 bytes per rank");
+
+// ------------------------------------------------------------------------------------------
+// Addresses
+// ------------------------------------------------------------------------------------------
 __device__ __forceinline__ char* sym_at(u64 base, long long off) { return (char*)(base + (u64)off); }
 
-// Where this rank writes slot `sl` of its rows for destination d: straight into d's dispatch
-// quarter (peer != 0), or, RDMA build, into the local staging copy that a put then sends.
+// Signal word of rank r in the signal array at sig_off.
+__device__ __forceinline__ u64* signal_at(u64 base, long long sig_off, int r) {
+    return (u64*)sym_at(base, sig_off + 8LL * r);
+}
+
+// Offsets inside a dispatch quarter: slot sl of source src's rows; its staging copy for dst.
+__device__ __forceinline__ long long recv_slot_off(int src, int sl) { return (long long)(src * M + sl) * SLOT_BYTES; }
+__device__ __forceinline__ long long stage_slot_off(int dst, int sl) { return D_STAGE_OFF + recv_slot_off(dst, sl); }
+
+// Offsets inside a combine quarter: the weights from src (staged for dst); the partial row of
+// token t from expert rank r (staged for owner).
+__device__ __forceinline__ long long weights_off(int src) { return C_W_OFF + src * WSTRIDE; }
+__device__ __forceinline__ long long stage_weights_off(int dst) { return C_STAGE_W_OFF + dst * WSTRIDE; }
+__device__ __forceinline__ long long partial_off(int r, int t) { return C_P_OFF + (long long)(r * M + t) * ROW_BYTES; }
+__device__ __forceinline__ long long stage_partial_off(int owner, int t) {
+    return C_STAGE_P_OFF + (long long)(owner * M + t) * ROW_BYTES;
+}
+
+// Index of the handle's slot_map entry of received slot i of source s: the token, then its row per
+// top-k column.
+__device__ __forceinline__ long long slot_map_off(int s, int i) { return (long long)(s * M + i) * (1 + K); }
+
+// Where this rank writes: straight into the peer's quarter (peer != 0) or, RDMA build, into the
+// local staging copy that a put then sends. Slot sl of its rows for destination d:
 __device__ __forceinline__ char* dispatch_slot(u64 peer, char* own_q, long long data_off, int d, int rank, int sl) {
 #if LL_RDMA
-    if (peer == 0) return own_q + D_STAGE_OFF + D_SLOT_OFF + ((long long)d * M + sl) * SLOT_BYTES;
+    if (peer == 0) return own_q + stage_slot_off(d, sl);
 #endif
-    return sym_at(peer, data_off) + D_SLOT_OFF + ((long long)rank * M + sl) * SLOT_BYTES;
+    return sym_at(peer, data_off) + recv_slot_off(rank, sl);
+}
+// its top-k weights for rank d:
+__device__ __forceinline__ char* weights_dst(u64 peer, char* own_q, long long data_off, int d, int rank) {
+#if LL_RDMA
+    if (peer == 0) return own_q + stage_weights_off(d);
+#endif
+    return sym_at(peer, data_off) + weights_off(rank);
+}
+// its partial row of token t for the token's owner s:
+__device__ __forceinline__ char* partial_dst(u64 peer, char* own_q, long long data_off, int s, int rank, int t) {
+#if LL_RDMA
+    if (peer == 0) return own_q + stage_partial_off(s, t);
+#endif
+    return sym_at(peer, data_off) + partial_off(rank, t);
+}
+
+// ------------------------------------------------------------------------------------------
+// Signals. The caller has fenced (system scope) the data a signal publishes.
+// ------------------------------------------------------------------------------------------
+// Adds v to this rank's word of rank d's signal array at sig_off.
+__device__ __forceinline__ void signal_add(u64 peer, u64 own, long long sig_off, int d, int rank, int v) {
+#if LL_RDMA
+    if (peer == 0) {
+        nvshmemx_signal_op((uint64_t*)signal_at(own, sig_off, rank), (uint64_t)v, NVSHMEM_SIGNAL_ADD, d);
+        return;
+    }
+#endif
+    red_add_release_sys((int*)signal_at(peer, sig_off, rank), v);
+}
+
+// Sets this rank's word of rank d's signal array at sig_off to v (RDMA: delivered on return).
+__device__ __forceinline__ void signal_set(u64 peer, u64 own, long long sig_off, int d, int rank, int v) {
+#if LL_RDMA
+    if (peer == 0) {
+        nvshmemx_signal_op((uint64_t*)signal_at(own, sig_off, rank), (uint64_t)v, NVSHMEM_SIGNAL_SET, d);
+        nvshmem_quiet();
+        return;
+    }
+#endif
+    st_release_sys((int*)signal_at(peer, sig_off, rank), v);
+}
+
+// Every block has passed its waits on the signals at sig_off: zero them for the next use of
+// this half. (Last block only.)
+__device__ __forceinline__ void zero_signals(u64 own, long long sig_off) {
+    for (int r = threadIdx.x; r < R; r += NT) {
+        chaos_pause();
+        st_relaxed_sys_u64(signal_at(own, sig_off, r), 0ull);
+    }
+}
+
+// Waits (bounded) until every rank's word of the signal array at sig_off is nonzero. The same
+// answer in every thread; all threads must call it.
+__device__ __forceinline__ bool wait_all_nonzero(u64 own, long long sig_off, const WaitCtx& w) {
+    bool ok = true;
+    for (int r = threadIdx.x; r < R && ok; r += NT) {
+        int v;
+        ok = wait_nonzero_sys((const int*)signal_at(own, sig_off, r), &v, w, r);
+    }
+    return !__syncthreads_or(!ok);
+}
+
+// ------------------------------------------------------------------------------------------
+// Prefix sums over sources
+// ------------------------------------------------------------------------------------------
+// The source of received slot g: the last s with pfx[s] <= g (pfx: exclusive prefix of the
+// slots per source, g < pfx[R]).
+__device__ __forceinline__ int source_of(const int* pfx, int g) {
+    int s = 0;
+#pragma unroll
+    for (int step = pow2_ceil(R) / 2; step > 0; step >>= 1)
+        if (s + step < R && pfx[s + step] <= g) s += step;
+    return s;
+}
+
+// In-place exclusive prefix sums of `rows` rows of R ints in shared memory (row j: a[j*R] ..
+// a[j*R + R-1]); row totals go to tot[j] and, with `layout`, (begin << 32 | count) of every
+// entry to layout[j*R + s]. The caller synchronises before and after.
+__device__ __forceinline__ void scan_rows(int* a, int* tot, int rows, i64* layout) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gl = lane % SCAN_LANES, s0 = gl * SCAN_RUN;
+    for (int j0 = warp * SCAN_ROWS; j0 < rows; j0 += NW * SCAN_ROWS) {
+        const int j = j0 + lane / SCAN_LANES;
+        const bool live = j < rows;
+        int* row = a + j * R;
+        int run = 0;
+#pragma unroll
+        for (int q = 0; q < SCAN_RUN; ++q)
+            if (live && s0 + q < R) run += row[s0 + q];
+        int incl = run;
+#pragma unroll
+        for (int o = 1; o < SCAN_LANES; o <<= 1) {
+            const int v = __shfl_up_sync(FULL, incl, o, SCAN_LANES);
+            if (gl >= o) incl += v;
+        }
+        int begin = incl - run;
+#pragma unroll
+        for (int q = 0; q < SCAN_RUN; ++q) {
+            const int s = s0 + q;
+            if (!live || s >= R) continue;
+            const int c = row[s];
+            row[s] = begin;
+            if (layout != nullptr) layout[(long long)j * R + s] = ((i64)begin << 32) | (i64)(u32)c;
+            begin += c;
+        }
+        if (live && gl == SCAN_LANES - 1) tot[j] = incl;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Dispatch, send phase
+// ------------------------------------------------------------------------------------------
+// Max over the 8 lanes that share a 128-channel block (lanes 8i .. 8i+7).
+__device__ __forceinline__ float block128_max(float v) {
+#pragma unroll
+    for (int o = 1; o < 8; o <<= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, o));
+    return v;
+}
+
+// FP8 cast of the lane's channels [ch, ch + 16) of a bf16 row into 16 e4m3 bytes; the scale of
+// their 128-channel block goes to *scale. Lanes past H (whole 8-lane groups) produce zeros.
+__device__ __forceinline__ int4v cast_fp8_16(const u16* row, int ch, float* scale) {
+    int4v a = {0, 0, 0, 0}, b = {0, 0, 0, 0};
+    if (ch < H) {
+        a = ld_nc_v4(row + ch);
+        b = ld_nc_v4(row + ch + 8);
+    }
+    float f[16];
+    bf16x8_to_f32(a, f);
+    bf16x8_to_f32(b, f + 8);
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    const float s = fp8_scale<ROUND>(block128_max(amax));
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const u32 lo = float2_to_e4m3x2(__fdiv_rn(f[4 * i], s), __fdiv_rn(f[4 * i + 1], s));
+        const u32 hi = float2_to_e4m3x2(__fdiv_rn(f[4 * i + 2], s), __fdiv_rn(f[4 * i + 3], s));
+        w[i] = lo | (hi << 16);
+    }
+    *scale = s;
+    return int4v{(int)w[0], (int)w[1], (int)w[2], (int)w[3]};
+}
+
+// Every warp loads its chunks (warp + c * NW) of token t and converts them: e4m3 bytes and
+// their block scales, or the bf16 as is. Independent of the routing.
+__device__ __forceinline__ void load_token(const u16* __restrict__ x, int t, int4v (&pay)[SEND_CPW],
+                                           float (&psc)[SEND_CPW]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const u16* row = x + (long long)t * H;
+#pragma unroll
+    for (int c = 0; c < SEND_CPW; ++c) {
+        const int chunk = warp + c * NW;
+        pay[c] = int4v{0, 0, 0, 0};
+        psc[c] = 0.f;
+        if (chunk < SEND_NCH) {
+            if constexpr (FP8) {
+                pay[c] = cast_fp8_16(row, chunk * SEND_CW + lane * 16, &psc[c]);
+            } else {
+                const int ch = chunk * SEND_CW + lane * 8;
+                if (ch < H) pay[c] = ld_nc_v4(row + ch);
+            }
+        }
+    }
+}
+
+// Warp 0 routes token t: its destination ranks (the distinct ranks of its valid experts,
+// ascending) with the slot each gives it go to shared memory and the handle, and every
+// destination slot gets the token's meta.
+__device__ __forceinline__ void route_token(int t, const i64* __restrict__ topk_idx, int* slot_cnt, int* exp_cnt,
+                                            int* __restrict__ h_dest_ranks, SendSmem& s, char* own_q,
+                                            long long data_off, int rank) {
+    const int lane = threadIdx.x & 31;
+    int e = -1;
+    if (lane < K) {
+        const i64 v = topk_idx[(long long)t * K + lane];
+        e = (v >= 0 && v < E) ? (int)v : -1;
+    }
+    const int r = e >= 0 ? e / EL : -1;
+    const unsigned lanes_below = (1u << lane) - 1;
+    const int first_k = __ffs(__match_any_sync(FULL, e)) - 1;   // first column with this expert
+    const unsigned same_r = __match_any_sync(FULL, r);   // every lane: a full-mask primitive
+    const bool new_rank = r >= 0 && (same_r & lanes_below) == 0;
+    const unsigned new_ranks = __ballot_sync(FULL, new_rank);
+    const int ndest = __popc(new_ranks);
+    int idx = 0;   // r's place among the token's destination ranks
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int rk = __shfl_sync(FULL, r, k);
+        idx += ((new_ranks >> k) & 1u) && rk < r ? 1 : 0;
+    }
+    int pos = 0;
+    if (e >= 0 && first_k == lane) pos = atomicAdd(exp_cnt + e, 1);
+    if (new_rank) {
+        const int slot = atomicAdd(slot_cnt + r, 1);
+        s.dest[idx] = r;
+        s.slot_at[idx] = dispatch_slot(s.peer[r], own_q, data_off, r, rank, slot);
+#if LL_RDMA
+        s.slot[idx] = slot;
+#endif
+        ++s.sent[r];
+    }
+    pos = __shfl_sync(FULL, pos, first_k);
+    int* const dest_row = h_dest_ranks + (long long)t * MAX_DESTS;
+    if (new_rank) dest_row[idx] = r;
+    if (lane >= ndest && lane < MAX_DESTS) dest_row[lane] = -1;
+    if (lane == 0) s.ndest = ndest;
+    const int meta_val = e >= 0 ? (((e - r * EL) << 16) | pos) : -1;
+    __syncwarp();
+    for (int i = 0; i < ndest; ++i) {
+        int* meta = (int*)(s.slot_at[i] + META_OFF);
+        if (lane < K) st_i32(meta + 1 + lane, r == s.dest[i] ? meta_val : -1);
+        if (lane == 0) st_i32(meta, t);
+    }
+}
+
+// Every warp stores its chunks of the token into each destination's slot.
+__device__ __forceinline__ void store_payload(const SendSmem& s, const int4v (&pay)[SEND_CPW],
+                                              const float (&psc)[SEND_CPW]) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int ndest = s.ndest;
+    for (int i = 0; i < ndest; ++i) {
+        char* const slotp = s.slot_at[i];
+#pragma unroll
+        for (int c = 0; c < SEND_CPW; ++c) {
+            const int chunk = warp + c * NW;
+            if (chunk >= SEND_NCH) continue;
+            if constexpr (FP8) {
+                const int ch = chunk * SEND_CW + lane * 16;
+                if (ch < H) {
+                    st_v4(slotp + ch, pay[c]);
+                    if ((lane & 7) == 0) *(float*)(slotp + SCALE_OFF + (ch / FP8_BLOCK) * 4) = psc[c];
+                }
+            } else {
+                const int ch = chunk * SEND_CW + lane * 8;
+                if (ch < H) st_v4(slotp + 2 * ch, pay[c]);
+            }
+        }
+    }
 }
 
 #if LL_RDMA
-// NVSHMEM helpers (only in the RDMA build): symmetric address on this PE of `off`.
-__device__ __forceinline__ void* sym_addr(u64 own, long long off) { return (void*)(own + (u64)off); }
+// Warp 0, after the block's stores of the token: puts the staged slots of its RDMA destinations.
+__device__ __forceinline__ void put_staged_slots(const SendSmem& s, u64 own, long long data_off, int rank) {
+    const int lane = threadIdx.x & 31;
+    const int ndest = s.ndest;
+    bool any = false;
+    for (int i = 0; i < ndest; ++i) any |= s.peer[s.dest[i]] == 0;
+    if (!any) return;
+    if (lane == 0) fence_sys();   // staging writes of all warps (bar.sync before) first
+    __syncwarp();
+    for (int i = 0; i < ndest; ++i) {
+        const int d = s.dest[i];
+        if (s.peer[d] != 0) continue;
+        nvshmemx_putmem_nbi_warp(sym_at(own, data_off + recv_slot_off(rank, s.slot[i])), s.slot_at[i], SLOT_BYTES, d);
+    }
+}
 #endif
+
+// Every block signals every destination itself: (1 << SIG_BLOCK_SHIFT) | slots it wrote there,
+// added with release semantics after a system fence (its writes, ordered by bar.sync, first).
+__device__ __forceinline__ void signal_destinations(const SendSmem& s, u64 own, long long sig_off, int rank) {
+    __syncthreads();
+    if (threadIdx.x >= R) return;
+    fence_sys();
+    for (int d = threadIdx.x; d < R; d += NT) {
+        chaos_pause();
+        signal_add(s.peer[d], own, sig_off, d, rank, (1 << SIG_BLOCK_SHIFT) | s.sent[d]);
+    }
+}
+
+// Send phase: every block takes tokens blockIdx.x, +gridDim.x, ...; then signals every
+// destination; the last block zeroes the slot and position counters for the next launch.
+__device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i64* __restrict__ topk_idx,
+                                              int num_tokens, const u64* __restrict__ peers, long long sig_off,
+                                              long long data_off, int* __restrict__ scratch,
+                                              int* __restrict__ h_dest_ranks, u64* prof, int rank, u64 own,
+                                              SendSmem& s, int* s_flag) {
+    int* const slot_cnt = scratch + SD_SLOT;
+    int* const exp_cnt = scratch + SD_CNT;
+    char* const own_q = sym_at(own, data_off);
+    for (int d = threadIdx.x; d < R; d += NT) {
+        s.peer[d] = peers[d];
+        s.sent[d] = 0;
+    }
+    __syncthreads();
+    for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+        int4v pay[SEND_CPW];
+        float psc[SEND_CPW];
+        load_token(x, t, pay, psc);
+        if (threadIdx.x < 32) route_token(t, topk_idx, slot_cnt, exp_cnt, h_dest_ranks, s, own_q, data_off, rank);
+        __syncthreads();
+        store_payload(s, pay, psc);
+        __syncthreads();   // s.dest / s.slot are reused by the next token
+#if LL_RDMA
+        if (threadIdx.x < 32) put_staged_slots(s, own, data_off, rank);
+        __syncthreads();
+#endif
+        chaos_pause();
+    }
+#if LL_RDMA
+    nvshmem_quiet();   // this block's puts are delivered before it signals
+#endif
+    prof_mark(prof, 1);
+    signal_destinations(s, own, sig_off, rank);
+    prof_mark(prof, 2);
+    if (last_block_done<false>(scratch + SD_SEND_DONE, s_flag)) {
+        for (int i = threadIdx.x; i < E; i += NT) atomicExch(exp_cnt + i, 0);
+        for (int d = threadIdx.x; d < R; d += NT) atomicExch(slot_cnt + d, 0);
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Dispatch, receive phase
+// ------------------------------------------------------------------------------------------
+// Waits until every block of every source has signalled (same grid size on every rank); the
+// slots of each source go to pfx[s]. The same answer in every thread; all threads must call it.
+__device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_off, const WaitCtx& w) {
+    bool ok = true;
+    for (int s = threadIdx.x; s < R && ok; s += NT) {
+        const int* sig = (const int*)signal_at(own, sig_off, s);
+        ok = wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, w, s);
+        if (ok) pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
+    }
+    return !__syncthreads_or(!ok);
+}
+
+// count(j, s) = 1 + the largest position any slot of s gives for local expert j, into the
+// zeroed base[j * R + s]. The loads of META_BATCH entries are issued before any of their
+// atomics (one latency per batch).
+__device__ __forceinline__ void count_rows(const int* pfx, const char* own_q, int* base) {
+    const int num_entries = pfx[R] * K;
+    for (int first = 0; first < num_entries; first += NT * META_BATCH) {
+        int mv[META_BATCH], src[META_BATCH];
+#pragma unroll
+        for (int b = 0; b < META_BATCH; ++b) {
+            const int idx = first + b * NT + threadIdx.x;
+            mv[b] = -1;
+            src[b] = 0;
+            if (idx < num_entries) {
+                const int g = idx / K, k = idx - g * K;
+                const int s = source_of(pfx, g);
+                src[b] = s;
+                mv[b] = ld_cg_i32(own_q + recv_slot_off(s, g - pfx[s]) + META_OFF + 4 * (1 + k));
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < META_BATCH; ++b)
+            if (mv[b] >= 0) atomicMax(&base[(mv[b] >> 16) * R + src[b]], (mv[b] & 0xffff) + 1);
+    }
+}
+
+// Block 0 publishes recv_count, the stats and the handle's slot counts; every block writes
+// src_info = -1 into its share of the rows past recv_count[j].
+__device__ __forceinline__ void publish_counts(const RecvSmem& s, int* __restrict__ recv_count,
+                                               int* __restrict__ stats, int* __restrict__ h_slot_count,
+                                               int* __restrict__ recv_src_info) {
+    if (blockIdx.x == 0) {
+        for (int j = threadIdx.x; j < EL; j += NT) {
+            recv_count[j] = s.tot[j];
+            if (stats != nullptr) atomicAdd(stats + j, s.tot[j]);
+        }
+        for (int src = threadIdx.x; src < R; src += NT) h_slot_count[src] = s.pfx[src + 1] - s.pfx[src];
+    }
+    for (int idx = blockIdx.x * NT + threadIdx.x; idx < EL * R * M; idx += gridDim.x * NT) {
+        const int j = idx / (R * M), p = idx - j * (R * M);
+        if (p >= s.tot[j]) recv_src_info[idx] = -1;
+    }
+}
+
+// The scales of a received slot to each row of rows[k] with bit k of umask (UE8M0: exponents).
+// All of the lane's loads are issued first; then one row at a time keeps one address live.
+__device__ __forceinline__ void copy_scales(const char* slotp, const int (&rows)[K], unsigned umask,
+                                            void* __restrict__ recv_scales) {
+    constexpr int PER_LANE = (NSCALES + 31) / 32;
+    const int lane = threadIdx.x & 31;
+    float sc[PER_LANE];
+#pragma unroll
+    for (int p = 0; p < PER_LANE; ++p) {
+        const int q = lane + 32 * p;
+        sc[p] = q < NSCALES ? __int_as_float(ld_cg_i32(slotp + SCALE_OFF + 4 * q)) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        if (!((umask >> k) & 1u)) continue;
+#pragma unroll
+        for (int p = 0; p < PER_LANE; ++p) {
+            const int q = lane + 32 * p;
+            if (q >= NSCALES) continue;
+            if constexpr (UE8M0)
+                ((u8*)recv_scales)[(long long)rows[k] * NSCALES + q] = (u8)((__float_as_uint(sc[p]) >> 23) & 0xffu);
+            else
+                ((float*)recv_scales)[(long long)rows[k] * NSCALES + q] = sc[p];
+        }
+    }
+}
+
+// One unit of the row copy: vectors [part * RECV_V4, +RECV_V4) of received slot i of source s
+// go to the row of each distinct local expert that selected the token (rows: j * R * M +
+// base(j, s) + pos). The unit with part 0 also writes the slot's handle entry, src_info and
+// scales.
+__device__ __forceinline__ void copy_unit(const RecvSmem& sm, const char* own_q, int s, int i, int part,
+                                          void* __restrict__ recv_x, void* __restrict__ recv_scales,
+                                          int* __restrict__ recv_src_info, int* __restrict__ h_slot_map) {
+    const int lane = threadIdx.x & 31;
+    const char* slotp = own_q + recv_slot_off(s, i);
+    const int* meta = (const int*)(slotp + META_OFF);
+    const int t = ld_cg_i32(meta);
+    const int mv = lane < K ? ld_cg_i32(meta + 1 + lane) : -1;
+    int row = -1;
+    if (mv >= 0) {
+        const int j = mv >> 16, pos = mv & 0xffff;
+        row = j * (R * M) + sm.base[j * R + s] + pos;
+    }
+    bool uniq = mv >= 0;
+#pragma unroll
+    for (int k2 = 0; k2 < K; ++k2) {
+        const int m2 = __shfl_sync(FULL, mv, k2);
+        if (k2 < lane && m2 == mv) uniq = false;
+    }
+    const unsigned umask = __ballot_sync(FULL, uniq);
+    int rows[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) rows[k] = __shfl_sync(FULL, row, k);
+
+    if (part == 0) {
+        int* hm = h_slot_map + slot_map_off(s, i);
+        if (lane < K) hm[1 + lane] = row;
+        if (lane == 0) hm[0] = t;
+        if (uniq) recv_src_info[row] = t;
+        if constexpr (FP8) copy_scales(slotp, rows, umask, recv_scales);
+    }
+    int4v v[RECV_UNROLL];
+#pragma unroll
+    for (int q = 0; q < RECV_UNROLL; ++q) {
+        const int idx = part * RECV_V4 + q * 32 + lane;
+        if (idx < X_V4) v[q] = ld_cg_v4(slotp + 16LL * idx);
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        if (!((umask >> k) & 1u)) continue;
+        char* dst = (char*)recv_x + (long long)rows[k] * X_BYTES;
+#pragma unroll
+        for (int q = 0; q < RECV_UNROLL; ++q) {
+            const int idx = part * RECV_V4 + q * 32 + lane;
+            if (idx < X_V4) st_v4(dst + 16LL * idx, v[q]);
+        }
+    }
+}
+
+// Receive phase: waits for every source, computes the row bases per (local expert, source)
+// from the slot metas, fills the handle and places every received slot into the masked layout;
+// the last block zeroes the signals. False when a wait failed.
+__device__ __forceinline__ bool dispatch_recv(u64 own, long long sig_off, long long data_off, int* __restrict__ scratch,
+                                              void* __restrict__ recv_x, void* __restrict__ recv_scales,
+                                              int* __restrict__ recv_src_info, i64* __restrict__ recv_layout,
+                                              int* __restrict__ recv_count, int* __restrict__ stats,
+                                              int* __restrict__ h_slot_count, int* __restrict__ h_slot_map, u64* prof,
+                                              const WaitCtx& w, RecvSmem& s, int* s_flag) {
+    const int warp = threadIdx.x >> 5;
+    const char* own_q = sym_at(own, data_off);
+    for (int i = threadIdx.x; i < E; i += NT) s.base[i] = 0;
+    if (!wait_sources(s.pfx, own, sig_off, w)) return false;   // the error is recorded, the Buffer is unusable
+    prof_mark(prof, 3);
+    scan_rows(s.pfx, s.pfx + R, 1, nullptr);
+    __syncthreads();
+    count_rows(s.pfx, own_q, s.base);
+    __syncthreads();
+    scan_rows(s.base, s.tot, EL, blockIdx.x == 0 ? recv_layout : nullptr);
+    __syncthreads();
+    publish_counts(s, recv_count, stats, h_slot_count, recv_src_info);
+    prof_mark(prof, 4);
+    const int total_units = s.pfx[R] * RECV_UPS;
+    for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
+        const int g = u / RECV_UPS, part = u - g * RECV_UPS;
+        const int src = source_of(s.pfx, g);
+        copy_unit(s, own_q, src, g - s.pfx[src], part, recv_x, recv_scales, recv_src_info, h_slot_map);
+    }
+    prof_mark(prof, 5);
+    if (last_block_done<false>(scratch + SD_RECV_DONE, s_flag)) zero_signals(own, sig_off);
+    return true;
+}
+
+// ------------------------------------------------------------------------------------------
+// Combine
+// ------------------------------------------------------------------------------------------
+// A) This rank's top-k weights to every rank (columns with no valid expert as SKIP_BITS), each
+// followed by its signal (tokens + 1). Blocks take destinations blockIdx.x, +gridDim.x, ...
+__device__ __forceinline__ void send_weights(const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights,
+                                             int num_tokens, const u64* s_peer, u64 own, char* own_q,
+                                             long long wsig_off, long long data_off, int rank) {
+    for (int d = blockIdx.x; d < R; d += gridDim.x) {
+        float* dst = (float*)weights_dst(s_peer[d], own_q, data_off, d, rank);
+        for (int idx = threadIdx.x; idx < num_tokens * K; idx += NT) {
+            const i64 e = topk_idx[idx];
+            const float w = topk_weights[idx];
+            dst[idx] = (e >= 0 && e < E) ? w : __uint_as_float(SKIP_BITS);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            fence_sys();
+            chaos_pause();
+#if LL_RDMA
+            if (s_peer[d] == 0) {
+                nvshmem_putmem_signal_nbi(sym_at(own, data_off + weights_off(rank)),
+                                          sym_at(own, data_off + stage_weights_off(d)), (size_t)num_tokens * K * 4,
+                                          (uint64_t*)signal_at(own, wsig_off, rank), (uint64_t)(num_tokens + 1),
+                                          NVSHMEM_SIGNAL_SET, d);
+                nvshmem_quiet();
+            } else
+#endif
+                st_release_sys((int*)signal_at(s_peer[d], wsig_off, rank), num_tokens + 1);
+        }
+    }
+}
+
+__device__ __forceinline__ void zero_acc(float (&acc)[COMB_G][8]) {
+#pragma unroll
+    for (int gg = 0; gg < COMB_G; ++gg)
+#pragma unroll
+        for (int q = 0; q < 8; ++q) acc[gg][q] = 0.f;
+}
+
+// B, one unit: channels [cu * COMB_UW, +COMB_UW) of a received slot's partial row: over its
+// top-k columns that chose one of this rank's experts, the sum of that expert's output row (x)
+// times the owner's weight of the column.
+__device__ __forceinline__ void weighted_sum_unit(const u16* __restrict__ x, const int* hm, const float* wrow, int cu,
+                                                  float (&acc)[COMB_G][8]) {
+    const int lane = threadIdx.x & 31;
+    zero_acc(acc);
+#pragma unroll
+    for (int k0 = 0; k0 < K; k0 += KB) {
+        int4v v[KB][COMB_G];
+        int rowk[KB];
+        float wk[KB];
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+            const int k = k0 + kk;
+            rowk[kk] = -1;
+            wk[kk] = 0.f;
+            if (k < K) {
+                const int rw = hm[1 + k];
+                const int wb = ld_cg_i32(wrow + k);
+                if (rw >= 0 && (u32)wb != SKIP_BITS) {
+                    rowk[kk] = rw;
+                    wk[kk] = __int_as_float(wb);
+                }
+            }
+#pragma unroll
+            for (int gg = 0; gg < COMB_G; ++gg) {
+                const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
+                v[kk][gg] = int4v{0, 0, 0, 0};
+                if (rowk[kk] >= 0 && ch < H) v[kk][gg] = ld_nc_v4(x + (long long)rowk[kk] * H + ch);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < KB; ++kk) {
+            if (rowk[kk] < 0) continue;
+#pragma unroll
+            for (int gg = 0; gg < COMB_G; ++gg) {
+                float f[8];
+                bf16x8_to_f32(v[kk][gg], f);
+#pragma unroll
+                for (int q = 0; q < 8; ++q) acc[gg][q] = fmaf(wk[kk], f[q], acc[gg][q]);
+            }
+        }
+    }
+}
+
+// B) As expert rank: every received slot's weighted sum becomes one bf16 partial row in the
+// token owner's buffer. A warp's units run through the sources in order, so it waits for a
+// source's weights once, before its first unit from that source. False when a wait failed.
+__device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const u64* s_peer, const int* s_pfx,
+                                                const int* __restrict__ h_slot_map, u64 own, char* own_q,
+                                                long long wsig_off, long long data_off, int rank, const WaitCtx& w,
+                                                int* s_fail) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int waited = -1;   // the last source whose weights this warp has acquired
+    const int total_units = s_pfx[R] * COMB_UPR;
+    for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
+        const int g = u / COMB_UPR, cu = u - g * COMB_UPR;
+        const int s = source_of(s_pfx, g);
+        const int i = g - s_pfx[s];
+        if (s != waited) {
+            int ok = 1, v;
+            if (lane == 0) ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s) ? 1 : 0;
+            ok = __shfl_sync(FULL, ok, 0);
+            __syncwarp();
+            if (!ok) {
+                *s_fail = 1;
+                break;
+            }
+            waited = s;
+        }
+        if (__any_sync(FULL, *(volatile int*)s_fail)) break;
+        const int* hm = h_slot_map + slot_map_off(s, i);
+        const int t = hm[0];
+        const float* wrow = (const float*)(own_q + weights_off(s)) + (long long)t * K;
+        float acc[COMB_G][8];
+        weighted_sum_unit(x, hm, wrow, cu, acc);
+        const u64 peer = s_peer[s];
+        char* dstrow = partial_dst(peer, own_q, data_off, s, rank, t);
+#pragma unroll
+        for (int gg = 0; gg < COMB_G; ++gg) {
+            const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
+            if (ch < H) st_v4(dstrow + 2LL * ch, f32x8_to_bf16x8(acc[gg]));
+        }
+#if LL_RDMA
+        if (peer == 0) {
+            const int ch0 = cu * COMB_UW;
+            const int nbytes = 2 * ((H - ch0) < COMB_UW ? (H - ch0) : COMB_UW);
+            __syncwarp();
+            if (lane == 0) fence_sys();
+            __syncwarp();
+            nvshmemx_putmem_nbi_warp(sym_at(own, data_off + partial_off(rank, t) + 2LL * ch0),
+                                     sym_at(own, data_off + stage_partial_off(s, t) + 2LL * ch0), nbytes, s);
+        }
+#endif
+        chaos_pause();
+    }
+#if LL_RDMA
+    nvshmem_quiet();
+#endif
+    __syncthreads();
+    return *(volatile int*)s_fail == 0;
+}
+
+// B, last block (every block is past its weight waits and its partial stores): waits for every
+// source's weights (also those of a source no block waited for, having no token for this rank,
+// so that its late signal cannot outlive the reset), zeroes them and tells each source that
+// its partials are complete. False when a wait failed.
+__device__ __forceinline__ bool signal_owners(const u64* s_peer, u64 own, long long wsig_off, long long psig_off,
+                                              int rank, const WaitCtx& w) {
+    bool ok = true;
+    for (int s = threadIdx.x; s < R; s += NT) {
+        int v;
+        ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s);
+        if (!ok) break;
+        st_relaxed_sys_u64(signal_at(own, wsig_off, s), 0ull);
+        fence_sys();
+        chaos_pause();
+        signal_set(s_peer[s], own, psig_off, s, rank, 1);
+    }
+    return !__syncthreads_or(!ok);
+}
+
+// C) Every token's output: the sum of the partial rows of its destination ranks, in ascending
+// rank order, in float32.
+__device__ __forceinline__ void sum_partials(const int* __restrict__ h_dest_ranks, int num_tokens, const char* own_q,
+                                             u16* __restrict__ out) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int total_units = num_tokens * COMB_UPR;
+    for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
+        const int t = u / COMB_UPR, cu = u - t * COMB_UPR;
+        const int my_dest = lane < MAX_DESTS ? h_dest_ranks[(long long)t * MAX_DESTS + lane] : -1;
+        float acc[COMB_G][8];
+        zero_acc(acc);
+#pragma unroll
+        for (int i0 = 0; i0 < MAX_DESTS; i0 += RB) {
+            int4v v[RB][COMB_G];
+            int rr[RB];
+#pragma unroll
+            for (int ii = 0; ii < RB; ++ii) {
+                rr[ii] = i0 + ii < MAX_DESTS ? __shfl_sync(FULL, my_dest, i0 + ii) : -1;
+#pragma unroll
+                for (int gg = 0; gg < COMB_G; ++gg) {
+                    const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
+                    v[ii][gg] = int4v{0, 0, 0, 0};
+                    if (rr[ii] >= 0 && ch < H) v[ii][gg] = ld_cg_v4(own_q + partial_off(rr[ii], t) + 2LL * ch);
+                }
+            }
+#pragma unroll
+            for (int ii = 0; ii < RB; ++ii) {
+                if (rr[ii] < 0) continue;
+#pragma unroll
+                for (int gg = 0; gg < COMB_G; ++gg) add_bf16x8(acc[gg], v[ii][gg]);
+            }
+        }
+#pragma unroll
+        for (int gg = 0; gg < COMB_G; ++gg) {
+            const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
+            if (ch < H) st_v4(out + (long long)t * H + ch, f32x8_to_bf16x8(acc[gg]));
+        }
+    }
+}
 
 }  // namespace ll
 
 // ==============================================================================================
 // ll_dispatch
-//   phases & 1: send (every block takes tokens blockIdx.x, +gridDim.x, ...; the last block to
-//               finish writes every destination's header and then its signal)
+//   phases & 1: send (every block takes tokens blockIdx.x, +gridDim.x, ... and then signals
+//               every destination with its share)
 //   phases & 2: receive (wait for all R signals, place rows into the masked layout, fill the
 //               handle; the last block zeroes the signals)
 // ==============================================================================================
@@ -174,7 +924,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             const u64* __restrict__ peers,        // [R] peer base of the symmetric buffer (0: RDMA)
             long long sig_off,                    // this half's dispatch signals: u64 [R src]
             long long data_off,                   // this half's dispatch quarter
-            int* __restrict__ scratch,            // SD_INTS zeroed ints
+            int* __restrict__ scratch,            // SD_* zeroed ints
             void* __restrict__ recv_x,            // [EL][R*M][H] bf16 or e4m3 bytes
             void* __restrict__ recv_scales,       // [EL][R*M][H/128] f32, or u8 with UE8M0 (FP8 only)
             int* __restrict__ recv_src_info,      // [EL][R*M]
@@ -183,332 +933,22 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             int* __restrict__ stats,              // [EL] or null
             int* __restrict__ h_slot_count,       // [R]   handle (expert side): slots per source
             int* __restrict__ h_slot_map,         // [R][M][1+K] handle: token, row per k (-1)
-            int* __restrict__ h_dest_mask,        // [M]   handle (owner side): ranks of each token
-            u64* __restrict__ prof,               // null, or [gridDim.x][16] globaltimer checkpoints
+            int* __restrict__ h_dest_ranks,       // [M][MAX_DESTS] handle (owner side): ranks of each token
+            u64* __restrict__ prof,               // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
             ErrorRecord* err, u64 timeout_ns, int rank) {
     using namespace ll;
-    __shared__ u64 s_peer[R];
-    __shared__ int s_slot[R];
-    __shared__ int s_nsl[R];        // slots this block wrote per destination
-    __shared__ unsigned s_mask;
+    __shared__ DispatchSmem smem;
     __shared__ int s_flag;
-    __shared__ int s_fail;
-    __shared__ int s_pfx[R + 1];
-    __shared__ int s_base[EL * R];  // counts per (local expert, source), then row bases
-    __shared__ int s_tot[EL];
-
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_DISPATCH, rank);
-    if (tid < R) {
-        s_peer[tid] = peers[tid];
-        s_nsl[tid] = 0;
-    }
-    if (tid == 0) s_fail = 0;
-    __syncthreads();
-    const u64 own = s_peer[rank];
-    char* const own_q = sym_at(own, data_off);
+    const u64 own = peers[rank];
     prof_mark(prof, 0);
-
-    // ------------------------------------------------------------------ send
-    if (phases & 1) {
-        int* const slot_cnt = scratch + SD_SLOT;
-        int* const exp_cnt = scratch + SD_CNT;
-        for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-            // 1) every warp loads and converts its chunks of token t (independent of routing)
-            int4v pay[SEND_CPW];
-            float psc[SEND_CPW];
-#pragma unroll
-            for (int c = 0; c < SEND_CPW; ++c) {
-                const int chunk = warp + c * NW;
-                pay[c] = int4v{0, 0, 0, 0};
-                psc[c] = 0.f;
-                if (chunk < SEND_NCH) {
-                    if constexpr (FP8) {
-                        const int ch = chunk * 512 + lane * 16;
-                        const bool valid = ch < H;   // 8-lane groups are all valid or all not
-                        float f[16];
-                        int4v a = {0, 0, 0, 0}, b = {0, 0, 0, 0};
-                        if (valid) {
-                            const int4v* src = (const int4v*)(x + (long long)t * H + ch);
-                            a = ld_nc_v4(src);
-                            b = ld_nc_v4(src + 1);
-                        }
-                        bf16x8_to_f32(a, f);
-                        bf16x8_to_f32(b, f + 8);
-                        float amax = 0.f;
-#pragma unroll
-                        for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(f[i]));
-                        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 1));
-                        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 2));
-                        amax = fmaxf(amax, __shfl_xor_sync(FULL, amax, 4));
-                        amax = fmaxf(amax, 1e-4f);
-                        float scale = __fdiv_rn(amax, 448.0f);
-                        if constexpr (ROUND) {
-                            u32 bits = __float_as_uint(scale);
-                            if (bits & 0x7fffffu) bits = (bits & 0x7f800000u) + 0x800000u;
-                            scale = __uint_as_float(bits);
-                        }
-                        u32 w[4];
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const u32 lo = float2_to_e4m3x2(__fdiv_rn(f[4 * i], scale), __fdiv_rn(f[4 * i + 1], scale));
-                            const u32 hi = float2_to_e4m3x2(__fdiv_rn(f[4 * i + 2], scale), __fdiv_rn(f[4 * i + 3], scale));
-                            w[i] = lo | (hi << 16);
-                        }
-                        pay[c] = int4v{(int)w[0], (int)w[1], (int)w[2], (int)w[3]};
-                        psc[c] = scale;
-                    } else {
-                        const int ch = chunk * 256 + lane * 8;
-                        if (ch < H) pay[c] = ld_nc_v4((const int4v*)(x + (long long)t * H + ch));
-                    }
-                }
-            }
-            // 2) warp 0 routes the token: destinations, slots, per-expert positions, meta
-            if (warp == 0) {
-                int e = -1;
-                if (lane < K) {
-                    const i64 v = topk_idx[(long long)t * K + lane];
-                    e = (v >= 0 && v < E) ? (int)v : -1;
-                }
-                const int r = e >= 0 ? e / EL : -1;
-                const int j = e >= 0 ? e - r * EL : -1;
-                int firstk = lane;
-#pragma unroll
-                for (int k2 = K - 1; k2 >= 0; --k2) {
-                    const int e2 = __shfl_sync(FULL, e, k2);
-                    if (k2 < lane && e2 == e) firstk = k2;
-                }
-                const unsigned mask = warp_or(e >= 0 ? (1u << r) : 0u);
-                int slot = 0, pos = 0;
-                if (lane < R && ((mask >> lane) & 1u)) slot = atomicAdd(slot_cnt + lane, 1);
-                if (e >= 0 && firstk == lane) pos = atomicAdd(exp_cnt + r * EL + j, 1);
-                pos = __shfl_sync(FULL, pos, firstk);
-                const int meta_val = e >= 0 ? ((j << 16) | pos) : -1;
-                if (lane < R) {
-                    s_slot[lane] = slot;
-                    if ((mask >> lane) & 1u) ++s_nsl[lane];
-                }
-                if (lane == 0) {
-                    s_mask = mask;
-                    h_dest_mask[t] = (int)mask;
-                }
-                __syncwarp();
-                for (int d = 0; d < R; ++d) {
-                    if (!((mask >> d) & 1u)) continue;
-                    int* meta = (int*)(dispatch_slot(s_peer[d], own_q, data_off, d, rank, s_slot[d]) + META_OFF);
-                    if (lane < K) st_i32(meta + 1 + lane, r == d ? meta_val : -1);
-                    if (lane == 0) st_i32(meta, t);
-                }
-            }
-            __syncthreads();
-            // 3) store the payload into each destination's slot
-            const unsigned mask = s_mask;
-            for (int d = 0; d < R; ++d) {
-                if (!((mask >> d) & 1u)) continue;
-                char* const slotp = dispatch_slot(s_peer[d], own_q, data_off, d, rank, s_slot[d]);
-#pragma unroll
-                for (int c = 0; c < SEND_CPW; ++c) {
-                    const int chunk = warp + c * NW;
-                    if (chunk < SEND_NCH) {
-                        if constexpr (FP8) {
-                            const int ch = chunk * 512 + lane * 16;
-                            if (ch < H) {
-                                st_v4((int4v*)(slotp + ch), pay[c]);
-                                if ((lane & 7) == 0) *(float*)(slotp + SCALE_OFF + (ch / 128) * 4) = psc[c];
-                            }
-                        } else {
-                            const int ch = chunk * 256 + lane * 8;
-                            if (ch < H) st_v4((int4v*)(slotp + 2 * ch), pay[c]);
-                        }
-                    }
-                }
-            }
-            __syncthreads();   // s_slot / s_mask are reused by the next token
-#if LL_RDMA
-            if (warp == 0) {
-                bool any = false;
-                for (int d = 0; d < R; ++d) any |= ((mask >> d) & 1u) && s_peer[d] == 0;
-                if (any) {
-                    if (lane == 0) fence_sys();   // staging writes of all warps (bar.sync above) first
-                    __syncwarp();
-                    for (int d = 0; d < R; ++d) {
-                        if (!((mask >> d) & 1u) || s_peer[d] != 0) continue;
-                        const int sl = s_slot[d];
-                        const long long stage = data_off + D_STAGE_OFF + D_SLOT_OFF + ((long long)d * M + sl) * SLOT_BYTES;
-                        const long long dst = data_off + D_SLOT_OFF + ((long long)rank * M + sl) * SLOT_BYTES;
-                        nvshmemx_putmem_nbi_warp(sym_addr(own, dst), sym_addr(own, stage), SLOT_BYTES, d);
-                    }
-                }
-            }
-            __syncthreads();
-#endif
-        }
-#if LL_RDMA
-        nvshmem_quiet();   // this block's puts are delivered before its signals
-#endif
-        prof_mark(prof, 1);
-        // Every block signals every destination itself: (1 << 20) | slots it wrote there, added
-        // with release semantics after a system fence (its writes, ordered by bar.sync, first).
-        __syncthreads();
-        if (tid < R) {
-            const int d = tid;
-            const int v = (1 << SIG_BLOCK_SHIFT) | s_nsl[d];
-            fence_sys();
-#if LL_RDMA
-            if (s_peer[d] == 0) {
-                nvshmemx_signal_op((uint64_t*)sym_addr(own, sig_off + 8LL * rank), (uint64_t)v, NVSHMEM_SIGNAL_ADD, d);
-            } else
-#endif
-                red_add_release_sys((int*)sym_at(s_peer[d], sig_off + 8LL * rank), v);
-        }
-        prof_mark(prof, 2);
-        // local counters back to zero for the next launch
-        if (last_block_done<false>(scratch + SD_SEND_DONE, &s_flag)) {
-            for (int idx = tid; idx < R * EL; idx += NT) atomicExch(exp_cnt + idx, 0);
-            if (tid < R) atomicExch(slot_cnt + tid, 0);
-        }
-    }
-
-    // ------------------------------------------------------------------ receive
-    if (phases & 2) {
-        if (tid < R) {
-            const int* sig = (const int*)(own + (u64)(sig_off + 8LL * tid));
-            // every block of the sender (same grid size on every rank) has added its share
-            int v = 0;
-            if (wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, wctx, tid))
-                v = ld_acquire_sys(sig);
-            else
-                s_fail = 1;
-            s_pfx[tid + 1] = v & ((1 << SIG_BLOCK_SHIFT) - 1);   // slots from source tid
-        }
-        for (int idx = tid; idx < EL * R; idx += NT) s_base[idx] = 0;
-        __syncthreads();
-        if (s_fail) return;   // uniform: the error is recorded, the Buffer is unusable
-        prof_mark(prof, 3);
-        if (tid == 0) {
-            s_pfx[0] = 0;
-            for (int s = 0; s < R; ++s) s_pfx[s + 1] += s_pfx[s];
-        }
-        __syncthreads();
-        // count(j, s) = 1 + the largest position any slot of s gives for expert j. The loads of
-        // META_BATCH entries are issued before any of their atomics (one latency per batch).
-        constexpr int META_BATCH = 8;
-        const int num_entries = s_pfx[R] * K;
-        for (int base = 0; base < num_entries; base += NT * META_BATCH) {
-            int mv[META_BATCH], src[META_BATCH];
-#pragma unroll
-            for (int b = 0; b < META_BATCH; ++b) {
-                const int idx = base + b * NT + tid;
-                mv[b] = -1;
-                src[b] = 0;
-                if (idx < num_entries) {
-                    const int g = idx / K, k = idx - g * K;
-                    int s = 0;
-#pragma unroll
-                    for (int q = 1; q < R; ++q) s += (g >= s_pfx[q]) ? 1 : 0;
-                    src[b] = s;
-                    mv[b] = ld_cg_i32(own_q + D_SLOT_OFF + ((long long)s * M + (g - s_pfx[s])) * SLOT_BYTES + META_OFF +
-                                      4 * (1 + k));
-                }
-            }
-#pragma unroll
-            for (int b = 0; b < META_BATCH; ++b)
-                if (mv[b] >= 0) atomicMax(&s_base[(mv[b] >> 16) * R + src[b]], (mv[b] & 0xffff) + 1);
-        }
-        __syncthreads();
-        // bases: rows of (j, s) start at sum over s' < s of count(j, s')
-        for (int j = tid; j < EL; j += NT) {
-            int acc = 0;
-            for (int s = 0; s < R; ++s) {
-                const int c = s_base[j * R + s];
-                s_base[j * R + s] = acc;
-                if (blockIdx.x == 0) recv_layout[(long long)j * R + s] = ((i64)acc << 32) | (i64)(u32)c;
-                acc += c;
-            }
-            s_tot[j] = acc;
-            if (blockIdx.x == 0) {
-                recv_count[j] = acc;
-                if (stats != nullptr) atomicAdd(stats + j, acc);
-            }
-        }
-        __syncthreads();
-        if (blockIdx.x == 0 && tid < R) h_slot_count[tid] = s_pfx[tid + 1] - s_pfx[tid];
-        // src_info of the rows past recv_count[j]: -1
-        for (int idx = blockIdx.x * NT + tid; idx < EL * R * M; idx += gridDim.x * NT) {
-            const int j = idx / (R * M), p = idx - j * (R * M);
-            if (p >= s_tot[j]) recv_src_info[idx] = -1;
-        }
-
-        prof_mark(prof, 4);
-        const int total_units = s_pfx[R] * RECV_UPS;
-        for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
-            const int g = u / RECV_UPS, part = u - g * RECV_UPS;
-            int s = 0;
-#pragma unroll
-            for (int q = 1; q < R; ++q) s += (g >= s_pfx[q]) ? 1 : 0;
-            const int i = g - s_pfx[s];
-            const char* slotp = own_q + D_SLOT_OFF + ((long long)s * M + i) * SLOT_BYTES;
-            const int* meta = (const int*)(slotp + META_OFF);
-            const int t = ld_cg_i32(meta);
-            const int mv = lane < K ? ld_cg_i32(meta + 1 + lane) : -1;
-            int row = -1;
-            if (mv >= 0) {
-                const int j = mv >> 16, pos = mv & 0xffff;
-                row = j * (R * M) + s_base[j * R + s] + pos;
-            }
-            bool uniq = mv >= 0;
-#pragma unroll
-            for (int k2 = 0; k2 < K; ++k2) {
-                const int m2 = __shfl_sync(FULL, mv, k2);
-                if (k2 < lane && m2 == mv) uniq = false;
-            }
-            const unsigned umask = __ballot_sync(FULL, uniq);
-            int rows[K];
-#pragma unroll
-            for (int k = 0; k < K; ++k) rows[k] = __shfl_sync(FULL, row, k);
-
-            if (part == 0) {
-                int* hm = h_slot_map + ((long long)s * M + i) * (1 + K);
-                if (lane < K) hm[1 + lane] = row;
-                if (lane == 0) hm[0] = t;
-                if (uniq) recv_src_info[row] = t;
-                if constexpr (FP8) {
-                    for (int q = lane; q < NSCALES; q += 32) {
-                        const float sc = __int_as_float(ld_cg_i32(slotp + SCALE_OFF + 4 * q));
-#pragma unroll
-                        for (int k = 0; k < K; ++k) {
-                            if (!((umask >> k) & 1u)) continue;
-                            if constexpr (UE8M0)
-                                ((u8*)recv_scales)[(long long)rows[k] * NSCALES + q] = (u8)((__float_as_uint(sc) >> 23) & 0xffu);
-                            else
-                                ((float*)recv_scales)[(long long)rows[k] * NSCALES + q] = sc;
-                        }
-                    }
-                }
-            }
-            int4v v[RECV_UNROLL];
-#pragma unroll
-            for (int q = 0; q < RECV_UNROLL; ++q) {
-                const int idx = part * RECV_V4 + q * 32 + lane;
-                if (idx < X_V4) v[q] = ld_cg_v4(slotp + 16LL * idx);
-            }
-#pragma unroll
-            for (int k = 0; k < K; ++k) {
-                if (!((umask >> k) & 1u)) continue;
-                char* dst = (char*)recv_x + (long long)rows[k] * X_BYTES;
-#pragma unroll
-                for (int q = 0; q < RECV_UNROLL; ++q) {
-                    const int idx = part * RECV_V4 + q * 32 + lane;
-                    if (idx < X_V4) st_v4((int4v*)(dst + 16LL * idx), v[q]);
-                }
-            }
-        }
-        prof_mark(prof, 5);
-        if (last_block_done<false>(scratch + SD_RECV_DONE, &s_flag)) {
-            // every block has passed its signal wait: zero the signals for the next use of this half
-            if (tid < R) st_relaxed_sys_u64((u64*)(own + (u64)(sig_off + 8LL * tid)), 0ull);
-        }
-    }
+    if (phases & 1)
+        dispatch_send(x, topk_idx, num_tokens, peers, sig_off, data_off, scratch, h_dest_ranks, prof, rank, own,
+                      smem.send, &s_flag);
+    if ((phases & 2) && !dispatch_recv(own, sig_off, data_off, scratch, recv_x, recv_scales, recv_src_info,
+                                       recv_layout, recv_count, stats, h_slot_count, h_slot_map, prof, wctx,
+                                       smem.recv, &s_flag))
+        return;
     prof_mark(prof, PROF_END);
 }
 
@@ -531,241 +971,47 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
            int* __restrict__ scratch,                // 2 zeroed ints
            const int* __restrict__ h_slot_count,     // [R]
            const int* __restrict__ h_slot_map,       // [R][M][1+K]
-           const int* __restrict__ h_dest_mask,      // [M]
+           const int* __restrict__ h_dest_ranks,     // [M][MAX_DESTS]
            u16* __restrict__ out,                    // [N][H] bf16
-           u64* __restrict__ prof,                   // null, or [gridDim.x][16] globaltimer checkpoints
+           u64* __restrict__ prof,                   // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
            ErrorRecord* err, u64 timeout_ns, int rank) {
     using namespace ll;
     __shared__ u64 s_peer[R];
+    __shared__ int s_pfx[R + 1];
     __shared__ int s_flag;
     __shared__ int s_fail;
-    __shared__ int s_pfx[R + 1];
 
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_COMBINE, rank);
-    if (tid < R) s_peer[tid] = peers[tid];
-    if (tid == 0) {
-        s_fail = 0;
-        s_pfx[0] = 0;
-        for (int s = 0; s < R; ++s) s_pfx[s + 1] = s_pfx[s] + h_slot_count[s];
+    for (int r = threadIdx.x; r < R; r += NT) {
+        s_peer[r] = peers[r];
+        s_pfx[r] = h_slot_count[r];
     }
+    if (threadIdx.x == 0) s_fail = 0;
+    __syncthreads();
+    scan_rows(s_pfx, s_pfx + R, 1, nullptr);
     __syncthreads();
     const u64 own = s_peer[rank];
     char* const own_q = sym_at(own, data_off);
     prof_mark(prof, 0);
 
     if (phases & 1) {
-        // -------------------------------------------------------------- A: weights to every rank
-        for (int d = blockIdx.x; d < R; d += gridDim.x) {
-            float* dst;
-#if LL_RDMA
-            if (s_peer[d] == 0)
-                dst = (float*)(own_q + C_STAGE_W_OFF + d * WSTRIDE);
-            else
-#endif
-                dst = (float*)(sym_at(s_peer[d], data_off) + C_W_OFF + rank * WSTRIDE);
-            for (int idx = tid; idx < num_tokens * K; idx += NT) {
-                const i64 e = topk_idx[idx];
-                const float w = topk_weights[idx];
-                dst[idx] = (e >= 0 && e < E) ? w : __uint_as_float(SKIP_BITS);
-            }
-            __syncthreads();
-            if (tid == 0) {
-                fence_sys();
-#if LL_RDMA
-                if (s_peer[d] == 0) {
-                    nvshmem_putmem_signal_nbi(sym_addr(own, data_off + C_W_OFF + rank * WSTRIDE),
-                                              sym_addr(own, data_off + C_STAGE_W_OFF + d * WSTRIDE),
-                                              (size_t)num_tokens * K * 4, (uint64_t*)sym_addr(own, wsig_off + 8LL * rank),
-                                              (uint64_t)(num_tokens + 1), NVSHMEM_SIGNAL_SET, d);
-                    nvshmem_quiet();
-                } else
-#endif
-                    st_release_sys((int*)sym_at(s_peer[d], wsig_off + 8LL * rank), num_tokens + 1);
-            }
-        }
-
-        // -------------------------------------------------------------- B: partial rows
+        send_weights(topk_idx, topk_weights, num_tokens, s_peer, own, own_q, wsig_off, data_off, rank);
         prof_mark(prof, 1);
-        unsigned waited = 0;   // sources whose weights this warp has acquired
-        const int total_units = s_pfx[R] * COMB_UPR;
-        for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
-            const int g = u / COMB_UPR, cu = u - g * COMB_UPR;
-            int s = 0;
-#pragma unroll
-            for (int q = 1; q < R; ++q) s += (g >= s_pfx[q]) ? 1 : 0;
-            const int i = g - s_pfx[s];
-            if (!((waited >> s) & 1u)) {
-                int ok = 1, v;
-                if (lane == 0) ok = wait_nonzero_sys((const int*)(own + (u64)(wsig_off + 8LL * s)), &v, wctx, s) ? 1 : 0;
-                ok = __shfl_sync(FULL, ok, 0);
-                __syncwarp();
-                if (!ok) {
-                    s_fail = 1;
-                    break;
-                }
-                waited |= 1u << s;
-            }
-            // the whole warp leaves together: another warp may set s_fail between two lanes' reads
-            if (__any_sync(FULL, *(volatile int*)&s_fail)) break;
-            const int* hm = h_slot_map + ((long long)s * M + i) * (1 + K);
-            const int t = hm[0];
-            const float* wrow = (const float*)(own_q + C_W_OFF + s * WSTRIDE) + (long long)t * K;
-            float acc[COMB_G][8];
-#pragma unroll
-            for (int gg = 0; gg < COMB_G; ++gg)
-#pragma unroll
-                for (int q = 0; q < 8; ++q) acc[gg][q] = 0.f;
-#pragma unroll
-            for (int k0 = 0; k0 < K; k0 += KB) {
-                int4v v[KB][COMB_G];
-                int rowk[KB];
-                float wk[KB];
-#pragma unroll
-                for (int kk = 0; kk < KB; ++kk) {
-                    const int k = k0 + kk;
-                    rowk[kk] = -1;
-                    wk[kk] = 0.f;
-                    if (k < K) {
-                        const int rw = hm[1 + k];
-                        const int wb = ld_cg_i32(wrow + k);
-                        if (rw >= 0 && (u32)wb != SKIP_BITS) {
-                            rowk[kk] = rw;
-                            wk[kk] = __int_as_float(wb);
-                        }
-                    }
-#pragma unroll
-                    for (int gg = 0; gg < COMB_G; ++gg) {
-                        const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
-                        v[kk][gg] = int4v{0, 0, 0, 0};
-                        if (rowk[kk] >= 0 && ch < H) v[kk][gg] = ld_nc_v4((const int4v*)(x + (long long)rowk[kk] * H + ch));
-                    }
-                }
-#pragma unroll
-                for (int kk = 0; kk < KB; ++kk) {
-                    if (rowk[kk] < 0) continue;
-#pragma unroll
-                    for (int gg = 0; gg < COMB_G; ++gg) {
-                        float f[8];
-                        bf16x8_to_f32(v[kk][gg], f);
-#pragma unroll
-                        for (int q = 0; q < 8; ++q) acc[gg][q] = fmaf(wk[kk], f[q], acc[gg][q]);
-                    }
-                }
-            }
-            char* dstrow;
-#if LL_RDMA
-            const bool rdma = s_peer[s] == 0;
-            if (rdma)
-                dstrow = own_q + C_STAGE_P_OFF + ((long long)s * M + t) * ROW_BYTES;
-            else
-#endif
-                dstrow = sym_at(s_peer[s], data_off) + C_P_OFF + ((long long)rank * M + t) * ROW_BYTES;
-#pragma unroll
-            for (int gg = 0; gg < COMB_G; ++gg) {
-                const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
-                if (ch < H) st_v4((int4v*)(dstrow + 2LL * ch), f32x8_to_bf16x8(acc[gg]));
-            }
-#if LL_RDMA
-            if (rdma) {
-                const int ch0 = cu * COMB_UW;
-                const int nbytes = 2 * ((H - ch0) < COMB_UW ? (H - ch0) : COMB_UW);
-                __syncwarp();
-                if (lane == 0) fence_sys();
-                __syncwarp();
-                nvshmemx_putmem_nbi_warp(sym_addr(own, data_off + C_P_OFF + ((long long)rank * M + t) * ROW_BYTES + 2LL * ch0),
-                                         sym_addr(own, data_off + C_STAGE_P_OFF + ((long long)s * M + t) * ROW_BYTES + 2LL * ch0),
-                                         nbytes, s);
-            }
-#endif
-        }
-#if LL_RDMA
-        nvshmem_quiet();
-#endif
-        __syncthreads();
-        if (s_fail) return;
+        if (!reduce_partials(x, s_peer, s_pfx, h_slot_map, own, own_q, wsig_off, data_off, rank, wctx, &s_fail))
+            return;
         prof_mark(prof, 2);
         if (last_block_done<true>(scratch + SC_B_DONE, &s_flag)) {
-            if (tid < R) {
-                const int s = tid;
-                // Every block is past its weight waits; a source none of them waited for (no token
-                // for this rank) is waited for here, so its late signal cannot outlive the reset.
-                int v;
-                if (!wait_nonzero_sys((const int*)(own + (u64)(wsig_off + 8LL * s)), &v, wctx, s)) {
-                    s_fail = 1;
-                } else {
-                    st_relaxed_sys_u64((u64*)(own + (u64)(wsig_off + 8LL * s)), 0ull);
-                    fence_sys();
-#if LL_RDMA
-                    if (s_peer[s] == 0) {
-                        nvshmemx_signal_op((uint64_t*)sym_addr(own, psig_off + 8LL * rank), (uint64_t)1,
-                                           NVSHMEM_SIGNAL_SET, s);
-                        nvshmem_quiet();
-                    } else
-#endif
-                        st_release_sys((int*)sym_at(s_peer[s], psig_off + 8LL * rank), 1);
-                }
-            }
-            __syncthreads();
-            if (s_fail) return;
+            if (!signal_owners(s_peer, own, wsig_off, psig_off, rank, wctx)) return;
             prof_mark(prof, 3);
         }
     }
 
     if (phases & 2) {
-        // -------------------------------------------------------------- C: sum the partials
-        if (tid < R) {
-            int v;
-            if (!wait_nonzero_sys((const int*)(own + (u64)(psig_off + 8LL * tid)), &v, wctx, tid)) s_fail = 1;
-        }
-        __syncthreads();
-        if (s_fail) return;
+        if (!wait_all_nonzero(own, psig_off, wctx)) return;
         prof_mark(prof, 4);
-        const int total_units = num_tokens * COMB_UPR;
-        for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
-            const int t = u / COMB_UPR, cu = u - t * COMB_UPR;
-            const unsigned mask = (unsigned)h_dest_mask[t];
-            float acc[COMB_G][8];
-#pragma unroll
-            for (int gg = 0; gg < COMB_G; ++gg)
-#pragma unroll
-                for (int q = 0; q < 8; ++q) acc[gg][q] = 0.f;
-#pragma unroll
-            for (int r0 = 0; r0 < R; r0 += RB) {
-                int4v v[RB][COMB_G];
-#pragma unroll
-                for (int rr = 0; rr < RB; ++rr)
-#pragma unroll
-                    for (int gg = 0; gg < COMB_G; ++gg) {
-                        const int r = r0 + rr;
-                        const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
-                        v[rr][gg] = int4v{0, 0, 0, 0};
-                        if (r < R && ((mask >> r) & 1u) && ch < H)
-                            v[rr][gg] = ld_cg_v4(own_q + C_P_OFF + ((long long)r * M + t) * ROW_BYTES + 2LL * ch);
-                    }
-#pragma unroll
-                for (int rr = 0; rr < RB; ++rr) {
-                    const int r = r0 + rr;
-                    if (r >= R || !((mask >> r) & 1u)) continue;
-#pragma unroll
-                    for (int gg = 0; gg < COMB_G; ++gg) {
-                        float f[8];
-                        bf16x8_to_f32(v[rr][gg], f);
-#pragma unroll
-                        for (int q = 0; q < 8; ++q) acc[gg][q] += f[q];
-                    }
-                }
-            }
-#pragma unroll
-            for (int gg = 0; gg < COMB_G; ++gg) {
-                const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
-                if (ch < H) st_v4((int4v*)(out + (long long)t * H + ch), f32x8_to_bf16x8(acc[gg]));
-            }
-        }
+        sum_partials(h_dest_ranks, num_tokens, own_q, out);
         prof_mark(prof, 5);
-        if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) {
-            if (tid < R) st_relaxed_sys_u64((u64*)(own + (u64)(psig_off + 8LL * tid)), 0ull);
-        }
+        if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) zero_signals(own, psig_off);
     }
     prof_mark(prof, PROF_END);
 }
