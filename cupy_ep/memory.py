@@ -110,6 +110,7 @@ class NVLinkBuffer:
         from .bootstrap import exchange_ipc_handles
 
         self.num_bytes = num_bytes
+        self.nvl_comm = nvl_comm
         self.rank = nvl_comm.Get_rank()
         self.local_ptr = runtime.malloc(num_bytes)
         runtime.memset(self.local_ptr, 0, num_bytes)
@@ -118,6 +119,7 @@ class NVLinkBuffer:
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
 
     def free(self) -> None:
+        """Unmaps the peers' allocations and frees this rank's (collective over the domain)."""
         if self.local_ptr:
             from cupy.cuda import runtime
 
@@ -125,6 +127,9 @@ class NVLinkBuffer:
 
             runtime.deviceSynchronize()
             close_ipc_handles(self.peer_ptrs, self.rank)
+            # Freeing an allocation that a peer still has open is undefined (cudaIpcCloseMemHandle
+            # documentation); on one shared GPU it kept the memory allocated.
+            self.nvl_comm.Barrier()
             runtime.free(self.local_ptr)
             self.local_ptr = 0
 

@@ -475,6 +475,8 @@ def cycles(comm, backend, peers, shapes, args, stats, modes, rng, watchdog):
             stats["failures"].append(f"create/destroy cycle {i} ({mode}): {err}")
             stats["fail_counts"]["create/destroy"] = stats["fail_counts"].get("create/destroy", 0) + 1
         series.append(max(comm.allgather(memory_in_use_mib(backend))))
+        if not args.quiet and comm.Get_rank() == 0 and (i + 1) % 10 == 0:
+            print(f"  create/destroy cycle {i + 1}/{num}: {series[-1]:.1f} MiB", flush=True)
     return series
 
 
