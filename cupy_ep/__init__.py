@@ -4,7 +4,7 @@
 mode); ``cupy_ep.reference`` runs the same contract in NumPy on CPUs. Importing
 this package needs no GPU: GPU-only parts fail when used, saying why.
 """
-from .bootstrap import gpu_available
+from .bootstrap import finalize_nvshmem, gpu_available
 from .buffer import Buffer
 from .config import Config
 from .errors import CommTimeoutError, CompileError, CupyEpError, GPUUnavailableError, TokenOverflowError
@@ -14,6 +14,6 @@ from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 __all__ = [
     "Buffer", "Config", "EventOverlap",
     "CupyEpError", "CommTimeoutError", "CompileError", "GPUUnavailableError", "TokenOverflowError",
-    "gpu_available", "per_token_cast_to_fp8", "per_token_cast_back",
+    "finalize_nvshmem", "gpu_available", "per_token_cast_to_fp8", "per_token_cast_back",
 ]
 __version__ = "0.1.0"

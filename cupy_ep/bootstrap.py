@@ -10,7 +10,9 @@ imported or used only inside the functions that need them.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,8 @@ __all__ = [
     "init_nvshmem",
     "nvshmem_bind_module",
     "nvshmem_peer_ptrs",
+    "nvshmem_plan",
+    "release_nvshmem",
     "select_device",
 ]
 
@@ -244,36 +248,98 @@ def close_ipc_handles(ptrs, self_index: int) -> None:
 # ---------------------------------------------------------------------------
 # NVSHMEM (nvshmem4py), bootstrapped with a unique id broadcast over MPI
 # ---------------------------------------------------------------------------
-_nvshmem = {"refs": 0, "device": None, "nranks": None}
+_nvshmem: dict = {"refs": 0, "device": None, "world": None, "heap_bytes": 0}
 _bound_modules: dict = {}   # id(module) -> module bound to the current NVSHMEM initialisation
 
 _HEAP_SLACK = 256 << 20     # symmetric heap beyond the first Buffer's request (NVSHMEM's own use)
+_DEFAULT_HEAP = 1 << 30     # NVSHMEM's own default NVSHMEM_SYMMETRIC_SIZE
+
+
+def _world_ranks(comm) -> tuple:
+    """The ranks of ``comm`` in MPI.COMM_WORLD, in ``comm``'s order: the PEs of an NVSHMEM
+    world made over ``comm`` (PE = rank in ``comm``)."""
+    from mpi4py import MPI
+
+    group, world_group = comm.Get_group(), MPI.COMM_WORLD.Get_group()
+    try:
+        return tuple(MPI.Group.Translate_ranks(group, list(range(comm.Get_size())), world_group))
+    finally:
+        group.Free()
+        world_group.Free()
+
+
+def _heap_bytes_for(request: int) -> int | None:
+    """The symmetric heap an initialisation for ``request`` bytes gets: what the user set in
+    NVSHMEM_SYMMETRIC_SIZE (None when it is not a plain byte count), else the request plus slack
+    and at least NVSHMEM's default."""
+    user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    if user is not None and not _nvshmem.get("size_is_ours"):
+        return int(user) if user.isdigit() else None
+    return max(_DEFAULT_HEAP, request + _HEAP_SLACK)
+
+
+def nvshmem_plan(state: dict, device_id: int, world: tuple, request: int) -> str:
+    """What :func:`init_nvshmem` does on this rank, from the process's NVSHMEM ``state``:
+    "count" (a live Buffer's initialisation fits: share it), "reuse" (an idle one, kept after its
+    last Buffer, fits), "reinit" (an idle one over the same ranks that does not fit: finalise it,
+    then initialise), "init" (none yet), or "conflict" (in use, or idle over other ranks)."""
+    if state["world"] is None:
+        return "init"
+    same = (state["device"], state["world"]) == (device_id, world)
+    heap = state["heap_bytes"]
+    fits = same and (heap is None or request + _HEAP_SLACK <= heap or state["refs"] > 0)
+    if fits:
+        return "count" if state["refs"] > 0 else "reuse"
+    if state["refs"] == 0 and sorted(state["world"]) == sorted(world):
+        return "reinit"
+    return "conflict"
 
 
 def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
-    """Initialises NVSHMEM over the ranks of ``comm`` on GPU ``device_id`` (collective).
+    """Initialises NVSHMEM over the ranks of ``comm`` on GPU ``device_id``, or joins the
+    initialisation this process already has (collective).
 
-    Rank 0 creates a unique id and broadcasts it over ``comm``; every rank then calls
-    ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent; never
-    "mpi"). NVLink multicast is disabled (``NVSHMEM_DISABLE_NVLS=1``) unless the environment
-    already says otherwise, and the symmetric heap is sized for ``heap_bytes`` (plus slack)
-    unless ``NVSHMEM_SYMMETRIC_SIZE`` is set. Reference counted: further calls in the same process
-    only count (they must name the same device and number of ranks); :func:`finalize_nvshmem`
-    undoes one.
+    One NVSHMEM world per process (PE = rank in ``comm``), reference counted by the Buffers that
+    use it. When the last of them is released (:func:`release_nvshmem`) NVSHMEM stays
+    initialised, idle, and the next Buffer over the same ranks and GPU whose ``heap_bytes`` fit
+    its symmetric heap reuses it: re-initialising NVSHMEM keeps GPU memory each time (NVSHMEM's
+    own, about 1 MiB with one rank per GPU, hundreds of MiB with ranks sharing a GPU). An idle
+    world too small for ``heap_bytes`` is finalised and made again when ``comm`` has the same
+    ranks; over other ranks, :func:`finalize_nvshmem` must be called first. Idle NVSHMEM is
+    finalised at interpreter exit.
+
+    A fresh initialisation: rank 0 creates a unique id and broadcasts it over ``comm``; every rank
+    then calls ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent).
+    NVLink multicast is disabled (``NVSHMEM_DISABLE_NVLS=1``) unless the environment says
+    otherwise, and the symmetric heap is sized for ``heap_bytes`` plus slack (at least NVSHMEM's
+    default 1 GiB) unless the user set ``NVSHMEM_SYMMETRIC_SIZE``.
     """
-    if _nvshmem["refs"] > 0:
-        if (_nvshmem["device"], _nvshmem["nranks"]) != (device_id, comm.Get_size()):
-            raise ValueError(
-                f"NVSHMEM is already initialised on device {_nvshmem['device']} over "
-                f"{_nvshmem['nranks']} ranks; cannot join device {device_id} over {comm.Get_size()}")
+    world = _world_ranks(comm)
+    plan = nvshmem_plan(_nvshmem, device_id, world, heap_bytes)
+    plans = set(comm.allgather(plan))
+    if plans <= {"count", "reuse"}:
         _nvshmem["refs"] += 1
         return
+    if plans == {"reinit"}:
+        finalize_nvshmem()   # collective over the old world: the same ranks as comm
+    elif plans != {"init"}:
+        raise ValueError(
+            f"NVSHMEM is initialised in this process over other ranks or another GPU, or is in use by "
+            f"a live Buffer and cannot grow (this rank: device {_nvshmem['device']}, world ranks "
+            f"{_nvshmem['world']}; wanted device {device_id}, ranks {world}); destroy those Buffers "
+            f"and call cupy_ep.finalize_nvshmem() on their ranks first")
+    _initialise(comm, device_id, heap_bytes, world)
+
+
+def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
     rank = comm.Get_rank()
     uid, error = None, None
     try:
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
-        if heap_bytes + _HEAP_SLACK > (1 << 30):
-            os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(heap_bytes + _HEAP_SLACK))
+        heap = _heap_bytes_for(heap_bytes)
+        if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ or _nvshmem.get("size_is_ours"):
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)
+            _nvshmem["size_is_ours"] = True
         import cupy
         import nvshmem.core
         from cuda.core import Device
@@ -292,25 +358,45 @@ def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
     except Exception as e:  # noqa: BLE001 -- agreed on below
         error = e
     _agree(comm, "nvshmem.core.init", error)
-    _nvshmem.update(refs=1, device=device_id, nranks=comm.Get_size())
+    _nvshmem.update(refs=1, device=device_id, world=world, heap_bytes=heap)
+    if not _nvshmem.get("exit_hook"):
+        atexit.register(_finalize_at_exit)
+        _nvshmem["exit_hook"] = True
+
+
+def release_nvshmem() -> None:
+    """Drops one reference taken by :func:`init_nvshmem`; NVSHMEM stays initialised (idle)."""
+    if _nvshmem["refs"] > 0:
+        _nvshmem["refs"] -= 1
 
 
 def finalize_nvshmem() -> None:
-    """Drops one reference taken by :func:`init_nvshmem`; the last one finalises NVSHMEM
-    (collective over the NVSHMEM ranks). A no-op when NVSHMEM is not initialised."""
-    if _nvshmem["refs"] == 0:
+    """Finalises this process's idle NVSHMEM (collective over the ranks it was initialised on)
+    and releases its symmetric heap. A no-op when NVSHMEM is not initialised; an error while a
+    Buffer still uses it. Needed only to free the heap early or to move NVSHMEM to other ranks:
+    idle NVSHMEM is finalised at interpreter exit."""
+    if _nvshmem["world"] is None:
         return
-    _nvshmem["refs"] -= 1
-    if _nvshmem["refs"] == 0:
-        import nvshmem.bindings
-        import nvshmem.core
+    if _nvshmem["refs"] > 0:
+        raise CupyEpError(f"NVSHMEM is in use by {_nvshmem['refs']} Buffer(s) of this process: destroy them first")
+    import nvshmem.bindings
+    import nvshmem.core
 
-        # nvshmem.core.module_finalize is broken in nvshmem4py 0.4.1: the binding is called directly.
-        for module in _bound_modules.values():
-            nvshmem.bindings.cumodule_finalize(int(module.module.ptr))
-        _bound_modules.clear()
-        nvshmem.core.finalize()
-        _nvshmem.update(device=None, nranks=None)
+    # nvshmem.core.module_finalize is broken in nvshmem4py 0.4.1: the binding is called directly.
+    for module in _bound_modules.values():
+        nvshmem.bindings.cumodule_finalize(int(module.module.ptr))
+    _bound_modules.clear()
+    nvshmem.core.finalize()
+    _nvshmem.update(device=None, world=None, heap_bytes=0)
+
+
+def _finalize_at_exit() -> None:
+    """Finalises idle NVSHMEM when the interpreter exits normally. Skipped after an uncaught
+    exception (the peers may never arrive; the launcher ends the job) and while Buffers that
+    were never destroyed still hold it."""
+    crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+    if not crashed and _nvshmem["refs"] == 0:
+        finalize_nvshmem()
 
 
 def nvshmem_peer_ptrs(arr_ptr: int, num_pes: int) -> list[int]:

@@ -163,10 +163,10 @@ class SymmetricBuffer:
             import cupy
             import nvshmem.core.interop.cupy as nvcupy
 
-            from .bootstrap import finalize_nvshmem
+            from .bootstrap import release_nvshmem
 
             cupy.cuda.runtime.deviceSynchronize()
             comm.Barrier()
             nvcupy.free_array(self.array)
             self.array = None
-            finalize_nvshmem()
+            release_nvshmem()

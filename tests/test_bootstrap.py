@@ -2,6 +2,7 @@
 groups), layout validation, and the GPU probes reporting no GPU here. The CUDA IPC and NVSHMEM
 parts need GPUs: tests/gpu covers them."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 from cupy_ep import bootstrap
 from cupy_ep.bootstrap import _domain_size
-from cupy_ep.errors import GPUUnavailableError
+from cupy_ep.errors import CupyEpError, GPUUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
@@ -112,16 +113,52 @@ def test_nvshmem_finalize_without_init_is_a_noop():
     bootstrap.finalize_nvshmem()
 
 
-def test_nvshmem_init_reference_counting(monkeypatch):
+def _state(refs, device=0, world=(0,), heap=2 << 30):
+    return {"refs": refs, "device": device, "world": world, "heap_bytes": heap}
+
+
+@pytest.mark.parametrize("state, device, world, heap_request, plan", [
+    ({"refs": 0, "device": None, "world": None, "heap_bytes": 0}, 0, (0, 1), 0, "init"),
+    (_state(1, world=(0, 1)), 0, (0, 1), 8 << 30, "count"),       # live: shared, whatever the request
+    (_state(1, world=(0, 1)), 1, (0, 1), 0, "conflict"),           # live on another GPU
+    (_state(1, world=(0, 1)), 0, (1, 0), 0, "conflict"),           # live, PEs in another order
+    (_state(0, world=(0, 1)), 0, (0, 1), 1 << 30, "reuse"),        # idle, the heap fits
+    (_state(0, world=(0, 1)), 0, (0, 1), 4 << 30, "reinit"),       # idle, the heap is too small
+    (_state(0, world=(0, 1)), 0, (1, 0), 0, "reinit"),             # idle, same ranks, other order
+    (_state(0, world=(0, 1)), 0, (0, 2), 0, "conflict"),           # idle over other ranks
+    (_state(0, world=(0, 1), heap=None), 0, (0, 1), 64 << 30, "reuse"),   # heap size set by the user
+])
+def test_nvshmem_plan(state, device, world, heap_request, plan):
+    assert bootstrap.nvshmem_plan(state, device, world, heap_request) == plan
+
+
+def test_nvshmem_kept_initialised_after_its_last_user(monkeypatch):
     from mpi4py import MPI
 
-    monkeypatch.setattr(bootstrap, "_nvshmem", {"refs": 1, "device": 0, "nranks": 1})
-    bootstrap.init_nvshmem(MPI.COMM_SELF, 0)  # already initialised here: only counts
+    # Initialised over this rank (no NVSHMEM here: a fresh initialisation would raise).
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(1, world=bootstrap._world_ranks(MPI.COMM_SELF)))
+    bootstrap.init_nvshmem(MPI.COMM_SELF, 0)            # a second live user: counted
     assert bootstrap._nvshmem["refs"] == 2
-    with pytest.raises(ValueError, match="already initialised on device 0"):
+    with pytest.raises(ValueError, match="another GPU"):
         bootstrap.init_nvshmem(MPI.COMM_SELF, 1)
-    bootstrap.finalize_nvshmem()
-    assert bootstrap._nvshmem == {"refs": 1, "device": 0, "nranks": 1}
+    with pytest.raises(CupyEpError, match="in use by 2 Buffer"):
+        bootstrap.finalize_nvshmem()
+    bootstrap.release_nvshmem()
+    bootstrap.release_nvshmem()
+    assert bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] is not None   # idle, kept
+    bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)   # reused, not re-initialised
+    assert bootstrap._nvshmem["refs"] == 1
+
+
+def test_nvshmem_heap_size(monkeypatch):
+    monkeypatch.setattr(bootstrap, "_nvshmem", {"refs": 0, "device": None, "world": None, "heap_bytes": 0})
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    assert bootstrap._heap_bytes_for(1 << 20) == 1 << 30
+    assert bootstrap._heap_bytes_for(3 << 30) == (3 << 30) + bootstrap._HEAP_SLACK
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", str(5 << 30))
+    assert bootstrap._heap_bytes_for(1 << 20) == 5 << 30    # the user's choice
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "8G")
+    assert bootstrap._heap_bytes_for(1 << 20) is None       # not a byte count: never re-initialised for size
 
 
 def test_import_needs_no_gpu_libraries():
@@ -139,12 +176,7 @@ def _gpu_count():
 @pytest.mark.skipif(MPIEXEC is None or _gpu_count() < 2, reason="needs mpiexec and 2+ GPUs")
 def test_ipc_and_nvshmem_on_gpus():
     """CUDA IPC exchange, NVSHMEM bootstrap/peer pointers/device code, one rank per GPU."""
-    try:
-        import nvshmem.core  # noqa: F401
-
-        checks = ["ipc", "nvshmem", "nvshmem-device"]
-    except ImportError:
-        checks = ["ipc"]
+    checks = ["ipc", "nvshmem", "nvshmem-device"] if importlib.util.find_spec("nvshmem") else ["ipc"]
     nranks = min(_gpu_count(), 4)
     cmd = [MPIEXEC, "-n", str(nranks), sys.executable,
            str(REPO / "tests" / "mpi" / "bootstrap_gpu_check.py"), *checks]

@@ -108,8 +108,11 @@ def check_nvshmem(comm, topo, device):
         comm.Barrier()
         nvshmem.core.free_array(arr)
     finally:
+        bootstrap.release_nvshmem()
+        bootstrap.release_nvshmem()
+        assert bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] is not None  # idle, kept
         bootstrap.finalize_nvshmem()
-        bootstrap.finalize_nvshmem()
+        assert bootstrap._nvshmem["world"] is None
 
 
 def check_nvshmem_device(comm, topo, device, backend):
@@ -138,6 +141,7 @@ def check_nvshmem_device(comm, topo, device, backend):
         for a in (dst, src, sig):
             nvshmem.core.free_array(a)
     finally:
+        bootstrap.release_nvshmem()
         bootstrap.finalize_nvshmem()
 
 
