@@ -157,19 +157,23 @@ class Watchdog:
         self._stop.set()
 
 
-def memory_in_use_mib(backend):
-    """GPU: device memory in use (CuPy pool emptied first); CPU: this process's resident memory."""
+def memory_in_use_mib(comm, backend):
+    """The most over the ranks of: GPU: device memory in use, measured while no rank holds CuPy
+    pool blocks (ranks sharing a GPU see each other's); CPU: the process's resident memory."""
     if backend == "gpu":
         import cupy
 
         cupy.cuda.runtime.deviceSynchronize()
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()
+        comm.Barrier()
         free, total = cupy.cuda.runtime.memGetInfo()
-        return (total - free) / 2 ** 20
-    with open("/proc/self/statm") as f:
-        resident_pages = int(f.read().split()[1])
-    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        mib = (total - free) / 2 ** 20
+    else:
+        with open("/proc/self/statm") as f:
+            resident_pages = int(f.read().split()[1])
+        mib = resident_pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    return max(comm.allgather(mib))
 
 
 # ---------------------------------------------------------------------------------------- buffers
@@ -474,7 +478,7 @@ def cycles(comm, backend, peers, shapes, args, stats, modes, rng, watchdog):
         if err is not None:
             stats["failures"].append(f"create/destroy cycle {i} ({mode}): {err}")
             stats["fail_counts"]["create/destroy"] = stats["fail_counts"].get("create/destroy", 0) + 1
-        series.append(max(comm.allgather(memory_in_use_mib(backend))))
+        series.append(memory_in_use_mib(comm, backend))
         if not args.quiet and comm.Get_rank() == 0 and (i + 1) % 10 == 0:
             print(f"  create/destroy cycle {i + 1}/{num}: {series[-1]:.1f} MiB", flush=True)
     return series
@@ -534,7 +538,7 @@ def run(args):
             if recreate:
                 watchdog.tick(f"layout {peers} recreate after iteration {it}")
                 bufs.destroy()
-                mib = max(comm.allgather(memory_in_use_mib(backend)))
+                mib = memory_in_use_mib(comm, backend)
                 stats["memory_after_recreate"].append(round(mib, 1))
                 if not args.quiet:
                     say(f"  layout {peers}: {it + 1} iterations, {stats['buffers_made']} Buffers made, "

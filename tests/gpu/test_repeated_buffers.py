@@ -1,7 +1,8 @@
 """Buffers created and destroyed many times: every one works, and no device memory is lost.
 
-This module sorts after the other GPU modules on purpose: its low-latency test finalises
-NVSHMEM and initialises it again, which needs no other NVSHMEM Buffer to be alive.
+This module sorts after the other GPU modules on purpose: its low-latency Buffers are then the
+only NVSHMEM users, so NVSHMEM stays initialised, idle, between them and each cycle reuses it
+(what a user who recreates Buffers gets).
 """
 from cupy_ep.testing import low_latency_round_trip, normal_round_trip
 from gpu_buffers import buffer_sizes, make_buffers, num_experts_for
@@ -9,20 +10,25 @@ from gpu_buffers import buffer_sizes, make_buffers, num_experts_for
 CYCLES = 8
 
 
-def free_device_bytes():
+def free_device_bytes(comm):
+    """Free memory of this rank's GPU, measured while no rank holds pool blocks: with ranks
+    sharing a GPU the figure covers every process on it."""
     import cupy
 
     cupy.cuda.runtime.deviceSynchronize()
     cupy.get_default_memory_pool().free_all_blocks()
-    return cupy.cuda.runtime.memGetInfo()[0]
+    comm.Barrier()
+    free = cupy.cuda.runtime.memGetInfo()[0]
+    comm.Barrier()
+    return free
 
 
-def check_no_leak(agree, cycle, slack=32 << 20):
+def check_no_leak(comm, agree, cycle, slack=32 << 20):
     cycle()   # the first one compiles and loads the kernels and grows the memory pool
-    before = free_device_bytes()
+    before = free_device_bytes(comm)
     for _ in range(CYCLES):
         cycle()
-    lost = before - free_device_bytes()
+    lost = before - free_device_bytes(comm)
     agree(lost <= slack, f"{lost >> 20} MiB of device memory lost over {CYCLES} create/destroy cycles")
 
 
@@ -36,7 +42,7 @@ def test_normal_mode_buffers(comm, agree, rng, nvl_peers):
             gpu.destroy()
             ref.destroy()
 
-    check_no_leak(agree, cycle)
+    check_no_leak(comm, agree, cycle)
 
 
 def test_low_latency_buffers(comm, agree, rng):
@@ -53,4 +59,4 @@ def test_low_latency_buffers(comm, agree, rng):
             low_latency_round_trip(comm, ref, gpu, rng, num_tokens=int(rng.integers(1, m + 1)), hidden=h,
                                    num_topk=k, num_experts=e, m=m, use_fp8=False)
 
-    check_no_leak(agree, cycle)
+    check_no_leak(comm, agree, cycle)
