@@ -382,14 +382,16 @@ def _check_ll_kernel_fit(num_ranks, num_experts, m, hidden, num_topk):
     """What the low-latency kernels' static shared memory and int32 offsets can hold (the
     static_asserts of kernels_cu/low_latency.cu, so that the host refuses instead of the compiler):
     the receive phase keeps ``R + 1 + E + E/R`` ints, the send phase 12 bytes per rank; work
-    units ``R * M * max(K, ceil(H / 512))`` are numbered in int32."""
+    units ``R * M * max(K, combine units per row)`` are numbered in int32 (a unit is 512 channels
+    with 512 threads per block, 256 with more)."""
     smem = max(4 * (num_ranks + 1 + num_experts + num_experts // num_ranks), 12 * num_ranks + 16 * 32 + 16)
     if smem > 48 * 1024 - 64:
         raise ValueError(f"num_experts: {num_experts} experts over {num_ranks} ranks do not fit the low-latency "
                          f"kernels' shared memory ({smem} bytes of {48 * 1024 - 64})")
-    if num_ranks * m * max(num_topk, -(-hidden // 512)) >= 2 ** 31:
-        raise ValueError("num_max_dispatch_tokens_per_rank: num_ranks * M * max(top-k, hidden / 512) must stay "
-                         "below 2**31 for the low-latency kernels")
+    unit = 256 if limits.LL_THREADS > 512 else 512
+    if num_ranks * m * max(num_topk, -(-hidden // unit)) >= 2 ** 31:
+        raise ValueError(f"num_max_dispatch_tokens_per_rank: num_ranks * M * max(top-k, hidden / {unit}) must "
+                         f"stay below 2**31 for the low-latency kernels")
 
 
 def check_ll_handle(handle, num_ranks, name="handle"):
