@@ -23,6 +23,7 @@
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
 #   SHARE_GPU=1: run more ranks than GPUs (ranks share GPUs, time-sliced: correctness only; the
 #     bench and baseline steps are skipped then, their numbers would mean nothing).
+#   BUNDLE=1: at the end, pack everything under $OUT into $OUT/bundle.tgz (for hosts that return few files).
 #   other knobs: PYTEST_FLAGS (default -x), TEST_TARGETS (tests/gpu), STACK_DUMP_S (60: a test running
 #     longer dumps every thread's stack into the log), MPIEXEC, PYTHON (python3).
 # A failing step never stops the others (no `set -e`); the exit status is 1 when any step failed.
@@ -221,4 +222,8 @@ done
 echo "==== summary ($(( $(date +%s) - suite_t0 )) s; logs and JSON in $OUT)"
 printf '%-28s %-8s %5s    %s\n' step status time result
 for l in "${lines[@]}"; do echo "$l"; done
+if [[ ${BUNDLE:-} == 1 ]]; then   # one file back instead of many: $OUT/bundle.tgz (logs, JSON, plots)
+  tar czf /tmp/cupy_ep_bundle.tgz -C "$OUT" --exclude=bundle.tgz . && rm -rf "${OUT:?}"/* \
+    && mv /tmp/cupy_ep_bundle.tgz "$OUT/bundle.tgz"
+fi
 exit $failed
