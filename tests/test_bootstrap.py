@@ -186,3 +186,25 @@ def test_ipc_and_nvshmem_on_gpus():
     for res in results:
         for check in checks:
             assert any(k.startswith(check) and v == "ok" for k, v in res.items()), res
+
+
+def test_nvlink_buffer_is_freed_only_after_every_peer_unmapped_it(monkeypatch):
+    """cudaFree of an allocation a peer still has open is undefined: unmap, barrier, then free."""
+    runtime = pytest.importorskip("cupy.cuda.runtime")
+    from cupy_ep.memory import NVLinkBuffer
+
+    calls = []
+    monkeypatch.setattr(runtime, "deviceSynchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(runtime, "ipcCloseMemHandle", lambda p: calls.append(f"close {p:#x}"))
+    monkeypatch.setattr(runtime, "free", lambda p: calls.append(f"free {p:#x}"))
+
+    class Domain:
+        def Barrier(self):
+            calls.append("barrier")
+
+    buf = NVLinkBuffer.__new__(NVLinkBuffer)   # as after __init__ on nvl_rank 1 of 3
+    buf.nvl_comm, buf.rank, buf.local_ptr, buf.peer_ptrs = Domain(), 1, 0x200, [0x100, 0x200, 0x300]
+    buf.free()
+    assert calls == ["sync", "close 0x100", "close 0x300", "barrier", "free 0x200"]
+    buf.free()                                  # idempotent
+    assert len(calls) == 5
