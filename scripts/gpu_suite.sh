@@ -16,8 +16,11 @@
 #                bench_internode.py ($INTERNODE_BENCH_ARGS) for N:P in $INTERNODE_BENCH_LAYOUTS ("4:2 4:1")
 #     baseline   the OLD tree's bench_intranode.py and bench_low_latency.py --profile, from .baseline/
 #                (skipped when that directory is missing)
+#     ab         before/after in turns: .baseline/'s and this tree's bench_intranode.py ($AB_INTRANODE_ARGS)
+#                and bench_low_latency.py ($AB_LL_ARGS) on $BENCH_RANKS ranks, $AB_ROUNDS (4) rounds in
+#                ABBA order, then scripts/ab_compare.py's medians and spreads (not part of "all")
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
-#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (60, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90),
+#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (60, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
@@ -190,6 +193,36 @@ run_baseline() {
   bench_logs+=("$OUT/baseline_low_latency_${n}ranks.log")
 }
 
+ab_run() {  # ab_run TREE(before|after) BENCH ROUND ARGS...: one benchmark run of one tree for the ab step
+  local tree=$1 bench=$2 round=$3; shift 3
+  local dir=$PWD pypath=$PYTHONPATH
+  if [[ $tree == before ]]; then dir=$PWD/.baseline; pypath="$dir${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"; fi
+  step "ab_${tree}_${bench}_${round}" "${AB_TIMEOUT:-90}" bash -c 'cd "$1" && shift && exec "$@"' _ "$dir" \
+    env PYTHONPATH="$pypath" $MPIEXEC -n "$AB_N" $PY "scripts/bench_${bench}.py" \
+    --json "$OUT/ab_${tree}_${bench}_${round}.json" "$@"
+}
+
+run_ab() {  # the old (.baseline/) and this tree's benchmarks in turns (ABBA...), then one table per benchmark
+  AB_N=${BENCH_RANKS:-4}; AB_N=${AB_N%% *}
+  [[ -d $PWD/.baseline/scripts ]] || { skip ab "no .baseline/ tree"; return; }
+  fits_timed "$AB_N" || { skip ab "only $ngpu GPUs"; return; }
+  local i order
+  for i in $(seq 1 "${AB_ROUNDS:-4}"); do
+    order="before after"; (( i % 2 == 0 )) && order="after before"
+    for tree in $order; do
+      # shellcheck disable=SC2086  # argument lists
+      ab_run "$tree" intranode "$i" ${AB_INTRANODE_ARGS:---tokens 4096 --iters 50 --no-baseline}
+      # shellcheck disable=SC2086
+      ab_run "$tree" low_latency "$i" ${AB_LL_ARGS:---profile --no-baseline}
+    done
+  done
+  for bench in intranode low_latency; do
+    $PY scripts/ab_compare.py --before "$OUT/ab_before_${bench}_*.json" --after "$OUT/ab_after_${bench}_*.json" \
+      > "$OUT/ab_${bench}.txt" 2>&1
+    bench_logs+=("$OUT/ab_${bench}.txt")
+  done
+}
+
 steps=("$@")
 # shellcheck disable=SC2206  # STEPS is a word list
 (( ${#steps[@]} == 0 )) && steps=(${STEPS:-all})
@@ -205,7 +238,8 @@ for s in "${expanded[@]}"; do
     soak) run_soak ;;
     bench) run_bench ;;
     baseline) run_baseline ;;
-    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak bench baseline all)")"
+    ab) run_ab ;;
+    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak bench baseline ab all)")"
        failed=1 ;;
   esac
 done
