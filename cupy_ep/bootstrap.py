@@ -248,10 +248,10 @@ def close_ipc_handles(ptrs, self_index: int) -> None:
 # ---------------------------------------------------------------------------
 # NVSHMEM (nvshmem4py), bootstrapped with a unique id broadcast over MPI
 # ---------------------------------------------------------------------------
-_nvshmem: dict = {"refs": 0, "device": None, "world": None, "heap_bytes": 0}
+_nvshmem: dict = {"refs": 0, "device": None, "world": None, "heap_bytes": 0, "in_use": 0}
 _bound_modules: dict = {}   # id(module) -> module bound to the current NVSHMEM initialisation
 
-_HEAP_SLACK = 256 << 20     # symmetric heap beyond the first Buffer's request (NVSHMEM's own use)
+_HEAP_SLACK = 256 << 20     # symmetric heap beyond the Buffers' requests (NVSHMEM's own use)
 _DEFAULT_HEAP = 1 << 30     # NVSHMEM's own default NVSHMEM_SYMMETRIC_SIZE
 
 
@@ -269,65 +269,75 @@ def _world_ranks(comm) -> tuple:
 
 
 def _heap_bytes_for(request: int) -> int | None:
-    """The symmetric heap an initialisation for ``request`` bytes gets: what the user set in
-    NVSHMEM_SYMMETRIC_SIZE (None when it is not a plain byte count), else the request plus slack
-    and at least NVSHMEM's default."""
-    user = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
-    if user is not None and not _nvshmem.get("size_is_ours"):
-        return int(user) if user.isdigit() else None
+    """The symmetric heap an initialisation for ``request`` bytes gets: the request plus slack,
+    at least NVSHMEM's default; None when the user set NVSHMEM_SYMMETRIC_SIZE (NVSHMEM then
+    enforces the user's size, and re-initialising could not give more)."""
+    if "NVSHMEM_SYMMETRIC_SIZE" in os.environ and not _nvshmem.get("size_is_ours"):
+        return None
     return max(_DEFAULT_HEAP, request + _HEAP_SLACK)
 
 
 def nvshmem_plan(state: dict, device_id: int, world: tuple, request: int) -> str:
-    """What :func:`init_nvshmem` does on this rank, from the process's NVSHMEM ``state``:
-    "count" (a live Buffer's initialisation fits: share it), "reuse" (an idle one, kept after its
-    last Buffer, fits), "reinit" (an idle one over the same ranks that does not fit: finalise it,
-    then initialise), "init" (none yet), or "conflict" (in use, or idle over other ranks)."""
+    """What :func:`init_nvshmem` does on this rank for a Buffer of ``request`` bytes, from the
+    process's NVSHMEM ``state``: "init" (none yet), "count" (in use by other Buffers over the
+    same ranks and GPU, with room left: share it), "full" (the same, without room), "reuse" (idle,
+    kept after its last Buffer, and large enough), "reinit" (idle over the same ranks but too
+    small, or on another GPU: finalise it, then initialise), or "conflict" (in use, or idle, over
+    other ranks)."""
     if state["world"] is None:
         return "init"
-    same = (state["device"], state["world"]) == (device_id, world)
     heap = state["heap_bytes"]
-    fits = same and (heap is None or request + _HEAP_SLACK <= heap or state["refs"] > 0)
-    if fits:
-        return "count" if state["refs"] > 0 else "reuse"
+    same = (state["device"], state["world"]) == (device_id, world)
+    if same and state["refs"] > 0:
+        return "count" if heap is None or state["in_use"] + request + _HEAP_SLACK <= heap else "full"
+    if same and (heap is None or request + _HEAP_SLACK <= heap):
+        return "reuse"
     if state["refs"] == 0 and sorted(state["world"]) == sorted(world):
         return "reinit"
     return "conflict"
 
 
 def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
-    """Initialises NVSHMEM over the ranks of ``comm`` on GPU ``device_id``, or joins the
-    initialisation this process already has (collective).
+    """Initialises NVSHMEM over the ranks of ``comm`` on GPU ``device_id`` for a symmetric
+    allocation of ``heap_bytes``, or joins the initialisation this process already has
+    (collective).
 
     One NVSHMEM world per process (PE = rank in ``comm``), reference counted by the Buffers that
-    use it. When the last of them is released (:func:`release_nvshmem`) NVSHMEM stays
+    use it (:func:`release_nvshmem` undoes one). When the last of them is released NVSHMEM stays
     initialised, idle, and the next Buffer over the same ranks and GPU whose ``heap_bytes`` fit
     its symmetric heap reuses it: re-initialising NVSHMEM keeps GPU memory each time (NVSHMEM's
-    own, about 1 MiB with one rank per GPU, hundreds of MiB with ranks sharing a GPU). An idle
-    world too small for ``heap_bytes`` is finalised and made again when ``comm`` has the same
-    ranks; over other ranks, :func:`finalize_nvshmem` must be called first. Idle NVSHMEM is
+    own, about 1 MiB with one rank per GPU, up to a GiB with ranks sharing a GPU). An idle world
+    too small for ``heap_bytes`` is finalised and made again when ``comm`` has the same ranks.
+    A Buffer that does not fit beside live ones raises ``ValueError`` (``num_rdma_bytes``), and
+    one over other ranks needs :func:`finalize_nvshmem` on the old ranks first. Idle NVSHMEM is
     finalised at interpreter exit.
 
     A fresh initialisation: rank 0 creates a unique id and broadcasts it over ``comm``; every rank
     then calls ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent).
     NVLink multicast is disabled (``NVSHMEM_DISABLE_NVLS=1``) unless the environment says
-    otherwise, and the symmetric heap is sized for ``heap_bytes`` plus slack (at least NVSHMEM's
+    otherwise, and the symmetric heap is sized for ``heap_bytes`` plus 256 MiB (at least NVSHMEM's
     default 1 GiB) unless the user set ``NVSHMEM_SYMMETRIC_SIZE``.
     """
     world = _world_ranks(comm)
-    plan = nvshmem_plan(_nvshmem, device_id, world, heap_bytes)
-    plans = set(comm.allgather(plan))
+    plans = set(comm.allgather(nvshmem_plan(_nvshmem, device_id, world, heap_bytes)))
     if plans <= {"count", "reuse"}:
         _nvshmem["refs"] += 1
+        _nvshmem["in_use"] += heap_bytes
         return
+    if plans <= {"count", "full"}:
+        raise ValueError(
+            f"num_rdma_bytes: NVSHMEM's symmetric heap ({_nvshmem['heap_bytes']} bytes, sized when the "
+            f"first of the live Buffers was created) cannot hold {heap_bytes} more bytes beside the "
+            f"{_nvshmem['in_use']} its live Buffers use; create the largest Buffer first, or set "
+            f"NVSHMEM_SYMMETRIC_SIZE")
     if plans == {"reinit"}:
         finalize_nvshmem()   # collective over the old world: the same ranks as comm
     elif plans != {"init"}:
         raise ValueError(
-            f"NVSHMEM is initialised in this process over other ranks or another GPU, or is in use by "
-            f"a live Buffer and cannot grow (this rank: device {_nvshmem['device']}, world ranks "
-            f"{_nvshmem['world']}; wanted device {device_id}, ranks {world}); destroy those Buffers "
-            f"and call cupy_ep.finalize_nvshmem() on their ranks first")
+            f"NVSHMEM is initialised in this process over other ranks, or in use on another GPU (this "
+            f"rank: device {_nvshmem['device']}, world ranks {_nvshmem['world']}; wanted device "
+            f"{device_id}, ranks {world}); destroy the Buffers that use it and call "
+            f"cupy_ep.finalize_nvshmem() on its ranks first")
     _initialise(comm, device_id, heap_bytes, world)
 
 
@@ -337,7 +347,7 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
     try:
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
         heap = _heap_bytes_for(heap_bytes)
-        if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ or _nvshmem.get("size_is_ours"):
+        if heap is not None:
             os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)
             _nvshmem["size_is_ours"] = True
         import cupy
@@ -358,16 +368,19 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
     except Exception as e:  # noqa: BLE001 -- agreed on below
         error = e
     _agree(comm, "nvshmem.core.init", error)
-    _nvshmem.update(refs=1, device=device_id, world=world, heap_bytes=heap)
+    _nvshmem.update(refs=1, device=device_id, world=world, heap_bytes=heap, in_use=heap_bytes)
     if not _nvshmem.get("exit_hook"):
         atexit.register(_finalize_at_exit)
+        _watch_mpi4py_abort()
         _nvshmem["exit_hook"] = True
 
 
-def release_nvshmem() -> None:
-    """Drops one reference taken by :func:`init_nvshmem`; NVSHMEM stays initialised (idle)."""
+def release_nvshmem(heap_bytes: int = 0) -> None:
+    """Drops one reference taken by :func:`init_nvshmem` (for ``heap_bytes``); NVSHMEM stays
+    initialised (idle once no reference is left)."""
     if _nvshmem["refs"] > 0:
         _nvshmem["refs"] -= 1
+        _nvshmem["in_use"] = max(0, _nvshmem["in_use"] - heap_bytes)
 
 
 def finalize_nvshmem() -> None:
@@ -387,16 +400,42 @@ def finalize_nvshmem() -> None:
         nvshmem.bindings.cumodule_finalize(int(module.module.ptr))
     _bound_modules.clear()
     nvshmem.core.finalize()
-    _nvshmem.update(device=None, world=None, heap_bytes=0)
+    _nvshmem.update(device=None, world=None, heap_bytes=0, in_use=0)
+
+
+def _exit_is_failing() -> bool:
+    """The interpreter is ending after a reported exception (``sys.last_exc``: an uncaught one,
+    or one a test runner reported), or ``python -m mpi4py`` is about to abort the job."""
+    reported = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
+    return reported or _nvshmem.get("aborting", False)
 
 
 def _finalize_at_exit() -> None:
-    """Finalises idle NVSHMEM when the interpreter exits normally. Skipped after an uncaught
-    exception (the peers may never arrive; the launcher ends the job) and while Buffers that
-    were never destroyed still hold it."""
-    crashed = getattr(sys, "last_value", None) is not None or getattr(sys, "last_exc", None) is not None
-    if not crashed and _nvshmem["refs"] == 0:
+    """Finalises idle NVSHMEM at interpreter exit (NVSHMEM wants every init matched by a
+    finalize; its network transports can crash at exit without one). Skipped when the exit is
+    failing, since peers that never arrive would leave this rank waiting in the collective
+    finalize instead of exiting, and while Buffers that were never destroyed still hold it."""
+    if _nvshmem["refs"] == 0 and not _exit_is_failing():
         finalize_nvshmem()
+
+
+def _watch_mpi4py_abort() -> None:
+    """``python -m mpi4py`` ends the job with MPI_Abort after an uncaught exception or a non-zero
+    ``SystemExit``, but only after the atexit hooks have run; its ``mpi4py.run.set_abort_status``
+    is wrapped so that :func:`_finalize_at_exit` knows and does not wait for peers first."""
+    run = sys.modules.get("mpi4py.run")
+    if run is None or getattr(run.set_abort_status, "cupy_ep_watch", False):
+        return
+    original = run.set_abort_status
+
+    def set_abort_status(status):
+        code = status.code if isinstance(status, SystemExit) else status
+        if isinstance(status, KeyboardInterrupt) or (code not in (None, 0) and code is not False):
+            _nvshmem["aborting"] = True
+        return original(status)
+
+    set_abort_status.cupy_ep_watch = True
+    run.set_abort_status = set_abort_status
 
 
 def nvshmem_peer_ptrs(arr_ptr: int, num_pes: int) -> list[int]:

@@ -144,13 +144,17 @@ class SymmetricBuffer:
     def __init__(self, comm, device_id: int, num_bytes: int):
         import cupy
 
-        from .bootstrap import init_nvshmem, nvshmem_peer_ptrs
+        from .bootstrap import init_nvshmem, nvshmem_peer_ptrs, release_nvshmem
 
         init_nvshmem(comm, device_id, num_bytes)
         import nvshmem.core.interop.cupy as nvcupy
 
         self.num_bytes = num_bytes
-        self.array = nvcupy.bytearray((num_bytes,))
+        try:
+            self.array = nvcupy.bytearray((num_bytes,))
+        except BaseException:
+            release_nvshmem(num_bytes)
+            raise
         self.array.fill(0)
         cupy.cuda.runtime.deviceSynchronize()
         self.ptr = int(self.array.data.ptr)
@@ -169,4 +173,4 @@ class SymmetricBuffer:
             comm.Barrier()
             nvcupy.free_array(self.array)
             self.array = None
-            release_nvshmem()
+            release_nvshmem(self.num_bytes)

@@ -113,18 +113,21 @@ def test_nvshmem_finalize_without_init_is_a_noop():
     bootstrap.finalize_nvshmem()
 
 
-def _state(refs, device=0, world=(0,), heap=2 << 30):
-    return {"refs": refs, "device": device, "world": world, "heap_bytes": heap}
+def _state(refs, device=0, world=(0,), heap=2 << 30, in_use=0):
+    return {"refs": refs, "device": device, "world": world, "heap_bytes": heap, "in_use": in_use}
 
 
 @pytest.mark.parametrize("state, device, world, heap_request, plan", [
-    ({"refs": 0, "device": None, "world": None, "heap_bytes": 0}, 0, (0, 1), 0, "init"),
-    (_state(1, world=(0, 1)), 0, (0, 1), 8 << 30, "count"),       # live: shared, whatever the request
+    ({"refs": 0, "device": None, "world": None, "heap_bytes": 0, "in_use": 0}, 0, (0, 1), 0, "init"),
+    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 512 << 20, "count"),   # room beside the live one
+    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 1 << 30, "full"),      # no room beside it
+    (_state(1, world=(0, 1), heap=None, in_use=8 << 30), 0, (0, 1), 8 << 30, "count"),  # the user's size
     (_state(1, world=(0, 1)), 1, (0, 1), 0, "conflict"),           # live on another GPU
     (_state(1, world=(0, 1)), 0, (1, 0), 0, "conflict"),           # live, PEs in another order
     (_state(0, world=(0, 1)), 0, (0, 1), 1 << 30, "reuse"),        # idle, the heap fits
     (_state(0, world=(0, 1)), 0, (0, 1), 4 << 30, "reinit"),       # idle, the heap is too small
     (_state(0, world=(0, 1)), 0, (1, 0), 0, "reinit"),             # idle, same ranks, other order
+    (_state(0, world=(0, 1)), 1, (0, 1), 0, "reinit"),             # idle, same ranks, other GPU
     (_state(0, world=(0, 1)), 0, (0, 2), 0, "conflict"),           # idle over other ranks
     (_state(0, world=(0, 1), heap=None), 0, (0, 1), 64 << 30, "reuse"),   # heap size set by the user
 ])
@@ -136,29 +139,65 @@ def test_nvshmem_kept_initialised_after_its_last_user(monkeypatch):
     from mpi4py import MPI
 
     # Initialised over this rank (no NVSHMEM here: a fresh initialisation would raise).
-    monkeypatch.setattr(bootstrap, "_nvshmem", _state(1, world=bootstrap._world_ranks(MPI.COMM_SELF)))
-    bootstrap.init_nvshmem(MPI.COMM_SELF, 0)            # a second live user: counted
-    assert bootstrap._nvshmem["refs"] == 2
+    world = bootstrap._world_ranks(MPI.COMM_SELF)
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(1, world=world, in_use=1 << 20))
+    bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)           # a second live user: counted
+    assert (bootstrap._nvshmem["refs"], bootstrap._nvshmem["in_use"]) == (2, 2 << 20)
+    with pytest.raises(ValueError, match="num_rdma_bytes: NVSHMEM's symmetric heap"):
+        bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 2 << 30)       # no room beside the live ones
     with pytest.raises(ValueError, match="another GPU"):
         bootstrap.init_nvshmem(MPI.COMM_SELF, 1)
     with pytest.raises(CupyEpError, match="in use by 2 Buffer"):
         bootstrap.finalize_nvshmem()
-    bootstrap.release_nvshmem()
-    bootstrap.release_nvshmem()
-    assert bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] is not None   # idle, kept
-    bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)   # reused, not re-initialised
+    assert (bootstrap._nvshmem["refs"], bootstrap._nvshmem["in_use"]) == (2, 2 << 20)
+    bootstrap.release_nvshmem(1 << 20)
+    bootstrap.release_nvshmem(1 << 20)
+    assert bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] == world   # idle, kept
+    bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)           # reused, not re-initialised
     assert bootstrap._nvshmem["refs"] == 1
 
 
 def test_nvshmem_heap_size(monkeypatch):
-    monkeypatch.setattr(bootstrap, "_nvshmem", {"refs": 0, "device": None, "world": None, "heap_bytes": 0})
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(0, world=None))
     monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
     assert bootstrap._heap_bytes_for(1 << 20) == 1 << 30
     assert bootstrap._heap_bytes_for(3 << 30) == (3 << 30) + bootstrap._HEAP_SLACK
     monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", str(5 << 30))
-    assert bootstrap._heap_bytes_for(1 << 20) == 5 << 30    # the user's choice
-    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "8G")
-    assert bootstrap._heap_bytes_for(1 << 20) is None       # not a byte count: never re-initialised for size
+    assert bootstrap._heap_bytes_for(1 << 20) is None        # the user's: never re-initialised for size
+    bootstrap._nvshmem["size_is_ours"] = True                # ... unless cupy_ep set it
+    assert bootstrap._heap_bytes_for(3 << 30) == (3 << 30) + bootstrap._HEAP_SLACK
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_idle_nvshmem_is_finalised_at_exit_unless_the_exit_fails(monkeypatch, failing):
+    finalised = []
+    monkeypatch.setattr(bootstrap, "finalize_nvshmem", lambda: finalised.append(True))
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(0, world=(0, 1)))
+    monkeypatch.setattr(bootstrap, "_exit_is_failing", lambda: failing)
+    bootstrap._finalize_at_exit()
+    assert finalised == ([] if failing else [True])
+    bootstrap._nvshmem["refs"] = 1                           # a Buffer never destroyed: left alone
+    bootstrap._finalize_at_exit()
+    assert len(finalised) == (0 if failing else 1)
+
+
+@pytest.mark.parametrize("status, aborting", [
+    (SystemExit(0), False), (SystemExit(None), False), (SystemExit(3), True), (SystemExit("bad"), True),
+    (KeyboardInterrupt(), True), (1, True),
+])
+def test_an_mpi4py_abort_is_a_failing_exit(monkeypatch, status, aborting):
+    import mpi4py.run
+
+    seen = []
+    monkeypatch.setattr(mpi4py.run, "set_abort_status", lambda s: seen.append(s))   # not the real abort
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(0, world=(0, 1)))
+    monkeypatch.delattr(sys, "last_value", raising=False)
+    monkeypatch.delattr(sys, "last_exc", raising=False)
+    bootstrap._watch_mpi4py_abort()
+    bootstrap._watch_mpi4py_abort()                          # wraps once
+    mpi4py.run.set_abort_status(status)
+    assert seen == [status]
+    assert bootstrap._exit_is_failing() is aborting
 
 
 def test_import_needs_no_gpu_libraries():

@@ -110,9 +110,9 @@ def check_nvshmem(comm, topo, device):
     finally:
         bootstrap.release_nvshmem()
         bootstrap.release_nvshmem()
-        assert bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] is not None  # idle, kept
-        bootstrap.finalize_nvshmem()
-        assert bootstrap._nvshmem["world"] is None
+    idle = bootstrap._nvshmem["refs"] == 0 and bootstrap._nvshmem["world"] is not None
+    bootstrap.finalize_nvshmem()
+    assert idle and bootstrap._nvshmem["world"] is None, "NVSHMEM not kept idle after its last release"
 
 
 def check_nvshmem_device(comm, topo, device, backend):
