@@ -289,7 +289,8 @@ def nvshmem_plan(state: dict, device_id: int, world: tuple, request: int) -> str
     heap = state["heap_bytes"]
     same = (state["device"], state["world"]) == (device_id, world)
     if same and state["refs"] > 0:
-        return "count" if heap is None or state["in_use"] + request + _HEAP_SLACK <= heap else "full"
+        # No slack here: NVSHMEM's own share of the heap is not known, and it refuses what it cannot hold.
+        return "count" if heap is None or state["in_use"] + request <= heap else "full"
     if same and (heap is None or request + _HEAP_SLACK <= heap):
         return "reuse"
     if state["refs"] == 0 and sorted(state["world"]) == sorted(world):

@@ -119,8 +119,8 @@ def _state(refs, device=0, world=(0,), heap=2 << 30, in_use=0):
 
 @pytest.mark.parametrize("state, device, world, heap_request, plan", [
     ({"refs": 0, "device": None, "world": None, "heap_bytes": 0, "in_use": 0}, 0, (0, 1), 0, "init"),
-    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 512 << 20, "count"),   # room beside the live one
-    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 1 << 30, "full"),      # no room beside it
+    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 1 << 30, "count"),    # room beside the live one
+    (_state(1, world=(0, 1), in_use=1 << 30), 0, (0, 1), 1 << 31, "full"),      # no room beside it
     (_state(1, world=(0, 1), heap=None, in_use=8 << 30), 0, (0, 1), 8 << 30, "count"),  # the user's size
     (_state(1, world=(0, 1)), 1, (0, 1), 0, "conflict"),           # live on another GPU
     (_state(1, world=(0, 1)), 0, (1, 0), 0, "conflict"),           # live, PEs in another order
