@@ -47,6 +47,9 @@ if ls .whl/mpich-*.whl >/dev/null 2>&1; then
 fi
 BASE_PYTHONPATH=${PYTHONPATH:-}
 export PYTHONPATH=$PWD${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}
+# Prefix that runs a command in the old tree (.baseline/), its package first on PYTHONPATH.
+IN_BASELINE=(bash -c 'cd "$1" && shift && exec "$@"' _ "$PWD/.baseline"
+             env PYTHONPATH="$PWD/.baseline${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}")
 export NVSHMEM_DISABLE_NVLS=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export CUPY_EP_CACHE_DIR=${CUPY_EP_CACHE_DIR:-$PWD/.cache/kernels}
 # Unbuffered output and pytest's faulthandler: a step killed by its timeout still leaves the
@@ -183,23 +186,22 @@ run_baseline() {
   [[ -d $base/scripts ]] || { skip baseline "no .baseline/ tree"; return; }
   fits_timed "$n" || { skip baseline "only $ngpu GPUs"; return; }
   # the old tree's scripts and package, not this one's (its options: git show HEAD:scripts/bench_*.py)
-  step "baseline_intranode_${n}ranks" "${BASELINE_TIMEOUT:-120}" bash -c 'cd "$1" && shift && exec "$@"' _ "$base" \
-    env PYTHONPATH="$base${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}" $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \
+  step "baseline_intranode_${n}ranks" "${BASELINE_TIMEOUT:-120}" "${IN_BASELINE[@]}" \
+    $MPIEXEC -n "$n" $PY scripts/bench_intranode.py \
     --json "$OUT/baseline_intranode_${n}ranks.json" ${BASELINE_INTRANODE_ARGS:-}
   bench_logs+=("$OUT/baseline_intranode_${n}ranks.log")
-  step "baseline_low_latency_${n}ranks" "${BASELINE_TIMEOUT:-120}" bash -c 'cd "$1" && shift && exec "$@"' _ "$base" \
-    env PYTHONPATH="$base${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}" $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py \
+  step "baseline_low_latency_${n}ranks" "${BASELINE_TIMEOUT:-120}" "${IN_BASELINE[@]}" \
+    $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py \
     --profile --json "$OUT/baseline_low_latency_${n}ranks.json" ${BASELINE_LL_ARGS:-}
   bench_logs+=("$OUT/baseline_low_latency_${n}ranks.log")
 }
 
 ab_run() {  # ab_run TREE(before|after) BENCH ROUND ARGS...: one benchmark run of one tree for the ab step
   local tree=$1 bench=$2 round=$3; shift 3
-  local dir=$PWD pypath=$PYTHONPATH
-  if [[ $tree == before ]]; then dir=$PWD/.baseline; pypath="$dir${BASE_PYTHONPATH:+:$BASE_PYTHONPATH}"; fi
-  step "ab_${tree}_${bench}_${round}" "${AB_TIMEOUT:-90}" bash -c 'cd "$1" && shift && exec "$@"' _ "$dir" \
-    env PYTHONPATH="$pypath" $MPIEXEC -n "$AB_N" $PY "scripts/bench_${bench}.py" \
-    --json "$OUT/ab_${tree}_${bench}_${round}.json" "$@"
+  local in_tree=()
+  [[ $tree == before ]] && in_tree=("${IN_BASELINE[@]}")
+  step "ab_${tree}_${bench}_${round}" "${AB_TIMEOUT:-90}" "${in_tree[@]}" \
+    $MPIEXEC -n "$AB_N" $PY "scripts/bench_${bench}.py" --json "$OUT/ab_${tree}_${bench}_${round}.json" "$@"
 }
 
 run_ab() {  # the old (.baseline/) and this tree's benchmarks in turns (ABBA...), then one table per benchmark
