@@ -10,7 +10,8 @@ every element. Used by ``tests/gpu``, ``scripts/soak.py`` and the benchmarks.
   before a GPU call, so that unwritten outputs show;
 * :func:`normal_round_trip` / :func:`low_latency_round_trip` run a layout + dispatch + combine on
   both backends and raise :class:`Mismatch` naming the first difference;
-* :func:`agree` turns a per-rank result into the same outcome on every rank.
+* :func:`agree` turns a per-rank result into the same outcome on every rank;
+* :func:`gpu_bytes_in_use` measures device memory for leak checks.
 
 The GPU parts import CuPy lazily; with ``gpu=None`` the helpers drive the reference alone.
 """
@@ -25,7 +26,8 @@ from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 
 BF16 = ml_dtypes.bfloat16
 
-__all__ = ["Mismatch", "agree", "make_x", "make_routing", "make_weights", "poison_pool", "to_device", "to_host",
+__all__ = ["Mismatch", "agree", "gpu_bytes_in_use", "make_x", "make_routing", "make_weights", "poison_pool",
+           "to_device", "to_host",
            "normal_round_trip", "low_latency_round_trip", "RoundTrip"]
 
 
@@ -117,6 +119,20 @@ def poison_pool(num_bytes: int = 1536 << 20) -> None:
     junk.fill(0xFF)
     cupy.cuda.get_current_stream().synchronize()
     del junk
+
+
+def gpu_bytes_in_use(comm) -> int:
+    """Bytes in use on this rank's GPU (by every process on it), read while no rank of ``comm``
+    holds CuPy pool blocks: ranks sharing a GPU then all read the same figure (collective)."""
+    import cupy
+
+    cupy.cuda.runtime.deviceSynchronize()
+    cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
+    comm.Barrier()
+    free, total = cupy.cuda.runtime.memGetInfo()
+    comm.Barrier()
+    return total - free
 
 
 def to_device(a):

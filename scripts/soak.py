@@ -57,7 +57,7 @@ import ml_dtypes  # noqa: E402
 from cupy_ep import limits, reference  # noqa: E402
 from cupy_ep.errors import TokenOverflowError  # noqa: E402
 from cupy_ep.fp8 import per_token_cast_back  # noqa: E402
-from cupy_ep.testing import (Mismatch, agree, make_routing, make_weights, make_x,  # noqa: E402
+from cupy_ep.testing import (Mismatch, agree, gpu_bytes_in_use, make_routing, make_weights, make_x,  # noqa: E402
                              normal_round_trip)
 
 BF16 = ml_dtypes.bfloat16
@@ -161,14 +161,7 @@ def memory_in_use_mib(comm, backend):
     """The most over the ranks of: GPU: device memory in use, measured while no rank holds CuPy
     pool blocks (ranks sharing a GPU see each other's); CPU: the process's resident memory."""
     if backend == "gpu":
-        import cupy
-
-        cupy.cuda.runtime.deviceSynchronize()
-        cupy.get_default_memory_pool().free_all_blocks()
-        cupy.get_default_pinned_memory_pool().free_all_blocks()
-        comm.Barrier()
-        free, total = cupy.cuda.runtime.memGetInfo()
-        mib = (total - free) / 2 ** 20
+        mib = gpu_bytes_in_use(comm) / 2 ** 20
     else:
         with open("/proc/self/statm") as f:
             resident_pages = int(f.read().split()[1])

@@ -4,31 +4,18 @@ This module sorts after the other GPU modules on purpose: its low-latency Buffer
 only NVSHMEM users, so NVSHMEM stays initialised, idle, between them and each cycle reuses it
 (what a user who recreates Buffers gets).
 """
-from cupy_ep.testing import low_latency_round_trip, normal_round_trip
+from cupy_ep.testing import gpu_bytes_in_use, low_latency_round_trip, normal_round_trip
 from gpu_buffers import buffer_sizes, make_buffers, num_experts_for
 
 CYCLES = 8
 
 
-def free_device_bytes(comm):
-    """Free memory of this rank's GPU, measured while no rank holds pool blocks: with ranks
-    sharing a GPU the figure covers every process on it."""
-    import cupy
-
-    cupy.cuda.runtime.deviceSynchronize()
-    cupy.get_default_memory_pool().free_all_blocks()
-    comm.Barrier()
-    free = cupy.cuda.runtime.memGetInfo()[0]
-    comm.Barrier()
-    return free
-
-
 def check_no_leak(comm, agree, cycle, slack=32 << 20):
     cycle()   # the first one compiles and loads the kernels and grows the memory pool
-    before = free_device_bytes(comm)
+    before = gpu_bytes_in_use(comm)
     for _ in range(CYCLES):
         cycle()
-    lost = before - free_device_bytes(comm)
+    lost = gpu_bytes_in_use(comm) - before
     agree(lost <= slack, f"{lost >> 20} MiB of device memory lost over {CYCLES} create/destroy cycles")
 
 
