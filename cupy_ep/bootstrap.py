@@ -32,6 +32,7 @@ __all__ = [
     "nvshmem_peer_ptrs",
     "nvshmem_plan",
     "release_nvshmem",
+    "run_agreed",
     "select_device",
 ]
 
@@ -170,13 +171,29 @@ def select_device(topology: Topology) -> int:
     return device_id
 
 
-def _agree(comm, what: str, error: BaseException | None) -> None:
-    """Raises CupyEpError on every rank when ``error`` is set on any rank."""
+def _agree(comm, what: str, error: BaseException | None, keep_own: bool = False) -> None:
+    """Raises CupyEpError on every rank when ``error`` is set on any rank (collective); with
+    ``keep_own`` a rank that has an ``error`` raises that error itself instead."""
     messages = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
     failed = {r: m for r, m in enumerate(messages) if m is not None}
     if failed:
+        if keep_own and error is not None:
+            raise error
         detail = "; ".join(f"rank {r}: {m}" for r, m in failed.items())
         raise CupyEpError(f"{what} failed on rank(s) {sorted(failed)}: {detail}") from error
+
+
+def run_agreed(comm, what: str, step) -> None:
+    """Runs ``step()`` on every rank of ``comm``, then agrees on the outcome (collective). When it
+    raised on any rank, that rank raises its own error and every other rank raises CupyEpError
+    naming the failed ranks: a failure leaves all ranks at the same point, so that they can
+    release what they made together instead of some waiting in a collective the others left."""
+    error = None
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 -- agreed on below
+        error = e
+    _agree(comm, what, error, keep_own=True)
 
 
 # ---------------------------------------------------------------------------

@@ -60,52 +60,79 @@ class Buffer:
                  num_nvl_peers: Optional[int] = None, num_sms: Optional[int] = None,
                  timeout_s: float = limits.DEFAULT_TIMEOUT_S, ll_transport: str = "auto",
                  chaos: Optional[bool] = None):
-        validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport, num_sms)
         self._destroyed = True   # until construction completes
         self.comm = comm
-        self.topology = bootstrap.discover(comm, num_nvl_peers)
-        self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
-        self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
-        validation.check_buffer_topology(num_nvl_bytes, num_rdma_bytes, low_latency_mode, self.num_ranks,
-                                         self.num_nvl_ranks)
-        self.device_id = bootstrap.select_device(self.topology)
         self.low_latency_mode = bool(low_latency_mode)
         self.timeout_s = float(timeout_s)
         self.chaos = os.environ.get("CUPY_EP_CHAOS", "0") == "1" if chaos is None else bool(chaos)
-        self._config = Config(num_sms=num_sms) if num_sms is not None else default_config(self.num_nvl_ranks)
         self._broken: Optional[CommTimeoutError] = None
+        self._status = self._streams = self._layout = self._nvl = self._sym = None
+        self._normal = self._low_latency = None
+        self._engines = []
+        self.topology = bootstrap.discover(comm, num_nvl_peers)
+        self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
+        self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
+        self._config = Config(num_sms=num_sms) if num_sms is not None else default_config(self.num_nvl_ranks)
+        try:
+            self._create(num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport)
+        except Exception:
+            self._release()   # every step below agrees on its outcome: all ranks release together
+            raise
+        self._destroyed = False
 
+    def _create(self, num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport) -> None:
+        """Makes the Buffer's memory and engines (collective). Each step either succeeds on every
+        rank or raises on every rank (:func:`cupy_ep.bootstrap.run_agreed`), so that no rank is
+        left waiting in a collective that a failed rank never reaches."""
+        comm = self.comm
+        validation.check_buffer_topology(num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, self.num_ranks,
+                                         self.num_nvl_ranks)
+        bootstrap.run_agreed(comm, "allocating the Buffer", lambda: self._create_local(num_nvl_bytes))
+        if self._nvl is not None:
+            bootstrap.run_agreed(comm, "mapping the NVLink peers' buffers", self._nvl.open_peers)
+        if num_rdma_bytes > 0:
+            bootstrap.run_agreed(comm, "creating the NVSHMEM buffer", lambda: self._create_symmetric(num_rdma_bytes))
+        bootstrap.run_agreed(comm, "creating the engines", lambda: self._create_engines(num_sms, ll_transport))
+        self._engines = [e for e in (self._layout, self._normal, self._low_latency) if e is not None]
+
+    def _create_local(self, num_nvl_bytes) -> None:
+        """This rank's GPU, status record, stream, layout engine and NVLink memory (no peer)."""
         import cupy
 
-        timeout_ns = int(self.timeout_s * 1e9)
+        self.device_id = bootstrap.select_device(self.topology)
         self._status = StatusRecord()
         self._streams = StreamOrder(cupy.cuda.Stream(non_blocking=True))
-        self._layout = LayoutEngine(comm, self.num_nvl_ranks, self._status, timeout_ns, self.chaos)
-        self._nvl = NVLinkBuffer(self.topology.nvl_comm, num_nvl_bytes) if num_nvl_bytes > 0 else None
-        self._sym = None
-        if num_rdma_bytes > 0:
-            from .memory import SymmetricBuffer
+        self._layout = LayoutEngine(self.comm, self.num_nvl_ranks, self._status, self._timeout_ns, self.chaos)
+        if num_nvl_bytes > 0:
+            self._nvl = NVLinkBuffer(self.topology.nvl_comm, num_nvl_bytes)
 
-            self._sym = SymmetricBuffer(comm, self.device_id, num_rdma_bytes)
-        self._normal = self._low_latency = None
-        if self._nvl is not None and self.num_rdma_ranks == 1:
-            self._normal = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._status, timeout_ns, self.chaos)
-        elif self._nvl is not None and not self.low_latency_mode:
-            from .internode import InternodeEngine
+    def _create_symmetric(self, num_rdma_bytes) -> None:
+        from .memory import SymmetricBuffer
 
-            self._normal = InternodeEngine(comm, self.topology, self._nvl, self._sym, self._status, timeout_ns,
-                                           self.chaos)
+        self._sym = SymmetricBuffer(self.comm, self.device_id, num_rdma_bytes)
+
+    def _create_engines(self, num_sms, ll_transport) -> None:
+        """The low-latency engine first: its one collective (the grid) must come before any
+        step that can fail on one rank alone."""
         if self.low_latency_mode:
             from .low_latency import LowLatencyEngine
 
             # Low-latency kernels use every SM unless num_sms was given.
-            self._low_latency = LowLatencyEngine(comm, self._sym, self._status, timeout_ns, num_sms, ll_transport,
-                                                 self.chaos)
-        self._engines = [e for e in (self._layout, self._normal, self._low_latency) if e is not None]
-        self._destroyed = False
-        comm.Barrier()
+            self._low_latency = LowLatencyEngine(self.comm, self._sym, self._status, self._timeout_ns, num_sms,
+                                                 ll_transport, self.chaos)
+        if self._nvl is not None and self.num_rdma_ranks == 1:
+            self._normal = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._status, self._timeout_ns,
+                                           self.chaos)
+        elif self._nvl is not None and not self.low_latency_mode:
+            from .internode import InternodeEngine
+
+            self._normal = InternodeEngine(self.comm, self.topology, self._nvl, self._sym, self._status,
+                                           self._timeout_ns, self.chaos)
+
+    @property
+    def _timeout_ns(self) -> int:
+        return int(self.timeout_s * 1e9)
 
     @property
     def comm_stream(self):
@@ -122,16 +149,22 @@ class Buffer:
         self._destroyed = True
         cupy.cuda.runtime.deviceSynchronize()
         self.comm.Barrier()
-        for engine in self._engines:
-            if hasattr(engine, "destroy"):
+        self._release()
+
+    def _release(self) -> None:
+        """Frees what exists of the Buffer (collective; after a failed construction too)."""
+        for engine in (self._layout, self._normal, self._low_latency):
+            if engine is not None and hasattr(engine, "destroy"):
                 engine.destroy()
         if self._nvl is not None:
             self._nvl.free()
         if self._sym is not None:
             self._sym.free(self.comm)
-        self._status.free()
+        if self._status is not None:
+            self._status.free()
         self.topology.free()
-        self._engines, self._normal, self._low_latency, self._nvl, self._sym = [], None, None, None, None
+        self._engines, self._layout, self._normal, self._low_latency = [], None, None, None
+        self._nvl = self._sym = self._status = None
 
     def __enter__(self):
         return self

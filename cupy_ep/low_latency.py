@@ -151,12 +151,7 @@ class LowLatencyEngine(Engine):
         import cupy
 
         super().__init__(comm, status, timeout_ns, chaos)
-        if transport not in ("auto", "nvlink", "rdma"):
-            raise ValueError(f"ll_transport: expected 'auto', 'nvlink' or 'rdma', got {transport!r}")
-        if not 1 <= self.num_ranks <= limits.LL_MAX_RANKS:
-            raise ValueError(f"comm: the low-latency kernels serve 1..{limits.LL_MAX_RANKS} ranks, "
-                             f"got {self.num_ranks}")
-        self.transport = transport
+        self.transport = transport   # checked by validation.check_buffer_args
         self.num_bytes = int(sym.num_bytes)
         self.base = int(sym.ptr)
 
@@ -164,18 +159,20 @@ class LowLatencyEngine(Engine):
         peers[self.rank] = self.base
         if transport == "rdma":
             peers = [p if r == self.rank else 0 for r, p in enumerate(peers)]
-        elif transport == "nvlink":
-            missing = [r for r, p in enumerate(peers) if p == 0]
-            if missing:
-                raise ValueError(f"ll_transport='nvlink': ranks {missing} are not mapped over NVLink/P2P "
-                                 "(use 'auto' or 'rdma')")
-        self.rdma = any(p == 0 for p in peers)
-        self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
-
+        unmapped = [r for r, p in enumerate(peers) if p == 0] if transport == "nvlink" else []
         sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
         blocks = sm_count if num_sms is None else max(1, min(int(num_sms), sm_count))
-        # Every rank must launch the same grid: a receiver counts its senders' blocks (collective).
-        self.num_blocks = min(comm.allgather(blocks))
+        # Agreed by every rank: the grid (a receiver counts its senders' blocks) and whether
+        # 'nvlink' reaches every peer from every rank.
+        views = comm.allgather((blocks, unmapped))
+        unreachable = {r: u for r, (_, u) in enumerate(views) if u}
+        if unreachable:
+            raise ValueError("ll_transport='nvlink': some ranks are not mapped over NVLink/P2P ("
+                             + "; ".join(f"rank {r} cannot reach {u}" for r, u in unreachable.items())
+                             + "); use 'auto' or 'rdma'")
+        self.num_blocks = min(b for b, _ in views)
+        self.rdma = any(p == 0 for p in peers)
+        self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
 
         self.ctrl_bytes = _ctrl_bytes(self.num_ranks)
         self.quarter = (max(self.num_bytes - self.ctrl_bytes, 0) // 4) // 256 * 256

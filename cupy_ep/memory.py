@@ -98,40 +98,67 @@ class StatusRecord:
 class NVLinkBuffer:
     """A raw device allocation per rank, opened by every peer of the NVLink domain.
 
-    ``peer_ptrs[i]`` is the address, valid on this GPU, of rank i's allocation
-    (this rank's own for i == nvl_rank). ``peer_table`` is the same list as a
-    device array of uint64 for kernels.
+    Made in two steps, so that a Buffer can agree on each before the next: the constructor
+    allocates and zeroes this rank's memory (local), :meth:`open_peers` maps the peers'
+    (collective over the domain). ``peer_ptrs[i]`` is then the address, valid on this GPU, of
+    rank i's allocation (this rank's own for i == nvl_rank), and ``peer_table`` the same list as
+    a device array of uint64 for kernels.
     """
 
     def __init__(self, nvl_comm, num_bytes: int):
-        import cupy
         from cupy.cuda import runtime
-
-        from .bootstrap import exchange_ipc_handles
 
         self.num_bytes = num_bytes
         self.nvl_comm = nvl_comm
         self.rank = nvl_comm.Get_rank()
+        self.peer_ptrs = self.peer_table = None
         self.local_ptr = runtime.malloc(num_bytes)
-        runtime.memset(self.local_ptr, 0, num_bytes)
-        runtime.deviceSynchronize()
-        self.peer_ptrs = exchange_ipc_handles(nvl_comm, self.local_ptr)
+        try:
+            runtime.memset(self.local_ptr, 0, num_bytes)
+            runtime.deviceSynchronize()
+        except Exception:
+            runtime.free(self.local_ptr)
+            raise
+
+    def open_peers(self) -> None:
+        """Maps every peer's allocation (collective over the domain). When any rank fails, every
+        rank raises CupyEpError, with its own allocation freed once no peer has it open."""
+        import cupy
+
+        from .bootstrap import exchange_ipc_handles
+
+        try:
+            self.peer_ptrs = exchange_ipc_handles(self.nvl_comm, self.local_ptr)
+        except Exception:
+            self._free_after_barrier()   # agreed: every rank of the domain is here
+            raise
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
 
     def free(self) -> None:
-        """Unmaps the peers' allocations and frees this rank's (collective over the domain)."""
-        if self.local_ptr:
-            from cupy.cuda import runtime
+        """Unmaps the peers' allocations and frees this rank's: collective over the domain once
+        :meth:`open_peers` succeeded, local before (no peer has it open then)."""
+        if not self.local_ptr:
+            return
+        from cupy.cuda import runtime
 
-            from .bootstrap import close_ipc_handles
-
-            runtime.deviceSynchronize()
-            close_ipc_handles(self.peer_ptrs, self.rank)
-            # Freeing an allocation that a peer still has open is undefined (cudaIpcCloseMemHandle
-            # documentation); on one shared GPU it kept the memory allocated.
-            self.nvl_comm.Barrier()
+        runtime.deviceSynchronize()
+        if self.peer_ptrs is None:
             runtime.free(self.local_ptr)
             self.local_ptr = 0
+            return
+        from .bootstrap import close_ipc_handles
+
+        close_ipc_handles(self.peer_ptrs, self.rank)
+        self._free_after_barrier()
+
+    def _free_after_barrier(self) -> None:
+        from cupy.cuda import runtime
+
+        # Freeing an allocation that a peer still has open is undefined (cudaIpcCloseMemHandle
+        # documentation); on one shared GPU it kept the memory allocated.
+        self.nvl_comm.Barrier()
+        runtime.free(self.local_ptr)
+        self.local_ptr = 0
 
 
 class SymmetricBuffer:
@@ -142,9 +169,7 @@ class SymmetricBuffer:
     """
 
     def __init__(self, comm, device_id: int, num_bytes: int):
-        import cupy
-
-        from .bootstrap import init_nvshmem, nvshmem_peer_ptrs, release_nvshmem
+        from .bootstrap import init_nvshmem, release_nvshmem, run_agreed
 
         init_nvshmem(comm, device_id, num_bytes)
         import nvshmem.core.interop.cupy as nvcupy
@@ -155,12 +180,23 @@ class SymmetricBuffer:
         except BaseException:
             release_nvshmem(num_bytes)
             raise
+        try:
+            run_agreed(comm, "setting up the NVSHMEM buffer", lambda: self._map(comm.Get_size()))
+        except Exception:
+            self.free(comm)   # agreed: every rank is here
+            raise
+
+    def _map(self, num_ranks: int) -> None:
+        """Zeroes this rank's buffer and finds the peers' (local)."""
+        import cupy
+
+        from .bootstrap import nvshmem_peer_ptrs
+
         self.array.fill(0)
         cupy.cuda.runtime.deviceSynchronize()
         self.ptr = int(self.array.data.ptr)
-        self.peer_ptrs = nvshmem_peer_ptrs(self.ptr, comm.Get_size())
+        self.peer_ptrs = nvshmem_peer_ptrs(self.ptr, num_ranks)
         self.peer_table = cupy.asarray(np.array(self.peer_ptrs, dtype=np.uint64))
-        comm.Barrier()
 
     def free(self, comm) -> None:
         if self.array is not None:

@@ -60,7 +60,6 @@ __all__ = ["Buffer", "EventOverlap", "DispatchHandle", "LowLatencyHandleInfo", "
 BF16_DTYPE = V.BF16_DTYPE
 FP8_DTYPE = V.FP8_DTYPE
 _F32 = np.float32
-_LL_TRANSPORTS = ("auto", "nvlink", "rdma")
 
 
 class DispatchHandle:
@@ -300,15 +299,7 @@ class Buffer:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Comm):
             raise TypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
-        V.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode)
-        try:
-            timeout_ok = timeout_s > 0
-        except TypeError:
-            timeout_ok = False
-        if not timeout_ok:
-            raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
-        if low_latency_mode and ll_transport not in _LL_TRANSPORTS:
-            raise ValueError(f"ll_transport: expected 'auto', 'nvlink' or 'rdma', got {ll_transport!r}")
+        V.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport, num_sms)
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = bool(low_latency_mode)
@@ -322,7 +313,7 @@ class Buffer:
                 raise ValueError(f"num_nvl_peers: must divide the number of ranks ({self.group_size}), "
                                  f"got {num_nvl_peers}")
         if num_sms is not None:
-            self.num_sms = V.check_int(num_sms, "num_sms", 1)
+            self.num_sms = int(num_sms)
         dup = comm.Dup()
         try:
             if num_nvl_peers is None:

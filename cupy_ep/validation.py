@@ -447,12 +447,29 @@ def check_ll_combine_args(x, topk_idx, topk_weights, handle, num_ranks, out=None
 
 
 # --------------------------------------------------------------------------- Buffer and normal mode
-def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode):
-    """Check the Buffer's sizes: ints >= 0; ``low_latency_mode`` needs ``num_rdma_bytes > 0``."""
+LL_TRANSPORTS = ("auto", "nvlink", "rdma")
+
+
+def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s=limits.DEFAULT_TIMEOUT_S,
+                      ll_transport="auto", num_sms=None):
+    """Check a Buffer's arguments before anything is made: sizes are ints >= 0 and
+    ``low_latency_mode`` needs ``num_rdma_bytes > 0``; ``timeout_s`` a positive number;
+    ``ll_transport`` one of :data:`LL_TRANSPORTS` (with ``low_latency_mode``); ``num_sms`` None
+    or an int in [2, 128] (the range :class:`cupy_ep.Config` takes)."""
     check_int(num_nvl_bytes, "num_nvl_bytes", 0)
     check_int(num_rdma_bytes, "num_rdma_bytes", 0)
     if low_latency_mode and num_rdma_bytes == 0:
         raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
+    try:
+        timeout_ok = bool(timeout_s > 0)
+    except TypeError:
+        timeout_ok = False
+    if not timeout_ok:
+        raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+    if low_latency_mode and ll_transport not in LL_TRANSPORTS:
+        raise ValueError(f"ll_transport: expected one of {', '.join(map(repr, LL_TRANSPORTS))}, got {ll_transport!r}")
+    if num_sms is not None:
+        check_int(num_sms, "num_sms", 2, 128)
 
 
 def check_internode_args(num_rdma_ranks, num_rdma_bytes):
