@@ -10,7 +10,8 @@
 #                for N:P in $INTERNODE_LAYOUTS ("4:2 4:1 2:1"); targets $INTERNODE_TESTS (default: the
 #                tests/gpu files that use the nvl_peers fixture)
 #     chaos      CUPY_EP_CHAOS=1 re-run of $CHAOS_TESTS on $CHAOS_RANKS (4) ranks (+ $CHAOS_PYTEST_ARGS)
-#     soak       scripts/soak.py $SOAK_ARGS on $SOAK_RANKS (4) ranks, without and with --chaos
+#     soak       scripts/soak.py $SOAK_ARGS ("--time-budget 40": iterations for 40 s, then 200 create/destroy
+#                cycles) on $SOAK_RANKS (4) ranks, without and with --chaos
 #     bench      bench_intranode.py ($INTRANODE_ARGS; SWEEP=1 adds --sms 4,8,12,16,24) on $BENCH_RANKS (4),
 #                bench_low_latency.py --profile ($LL_ARGS) on $LL_RANKS (4),
 #                bench_internode.py ($INTERNODE_BENCH_ARGS) for N:P in $INTERNODE_BENCH_LAYOUTS ("4:2 4:1")
@@ -20,7 +21,7 @@
 #                and bench_low_latency.py ($AB_LL_ARGS) on $BENCH_RANKS ranks, $AB_ROUNDS (4) rounds in
 #                ABBA order, then scripts/ab_compare.py's medians and spreads (not part of "all")
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
-#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (60, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
+#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
@@ -151,8 +152,10 @@ run_soak() {
   local n=${SOAK_RANKS:-4}
   [[ -f scripts/soak.py ]] || { skip soak "scripts/soak.py missing"; return; }
   fits "$n" || { skip soak "only $ngpu GPUs"; return; }
-  step soak "${SOAK_TIMEOUT:-60}" $MPIEXEC -n "$n" $PY scripts/soak.py ${SOAK_ARGS:-}
-  step soak_chaos "${SOAK_TIMEOUT:-60}" $MPIEXEC -n "$n" $PY scripts/soak.py --chaos ${SOAK_ARGS:-}
+  # shellcheck disable=SC2086  # argument list
+  step soak "${SOAK_TIMEOUT:-80}" $MPIEXEC -n "$n" $PY scripts/soak.py ${SOAK_ARGS:---time-budget 40}
+  # shellcheck disable=SC2086
+  step soak_chaos "${SOAK_TIMEOUT:-80}" $MPIEXEC -n "$n" $PY scripts/soak.py --chaos ${SOAK_ARGS:---time-budget 40}
 }
 
 run_bench() {
