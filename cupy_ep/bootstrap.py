@@ -183,17 +183,19 @@ def _agree(comm, what: str, error: BaseException | None, keep_own: bool = False)
         raise CupyEpError(f"{what} failed on rank(s) {sorted(failed)}: {detail}") from error
 
 
-def run_agreed(comm, what: str, step) -> None:
-    """Runs ``step()`` on every rank of ``comm``, then agrees on the outcome (collective). When it
-    raised on any rank, that rank raises its own error and every other rank raises CupyEpError
-    naming the failed ranks: a failure leaves all ranks at the same point, so that they can
-    release what they made together instead of some waiting in a collective the others left."""
-    error = None
+def run_agreed(comm, what: str, step):
+    """Runs ``step()`` on every rank of ``comm``, then agrees on the outcome (collective), and
+    returns what ``step`` returned. When it raised on any rank, that rank raises its own error
+    and every other rank raises CupyEpError naming the failed ranks: a failure leaves all ranks
+    at the same point, so that they can release what they made together instead of some
+    waiting in a collective the others left."""
+    result, error = None, None
     try:
-        step()
+        result = step()
     except Exception as e:  # noqa: BLE001 -- agreed on below
         error = e
     _agree(comm, what, error, keep_own=True)
+    return result
 
 
 # ---------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Buffer:
         self.topology = bootstrap.discover(comm, num_nvl_peers)
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
-        self._config = Config(num_sms=num_sms) if num_sms is not None else default_config(self.num_nvl_ranks)
+        self._config = Config(num_sms=int(num_sms)) if num_sms is not None else default_config(self.num_nvl_ranks)
         try:
             self._create(num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport)
         except Exception:
@@ -86,6 +86,9 @@ class Buffer:
         rank or raises on every rank (:func:`cupy_ep.bootstrap.run_agreed`), so that no rank is
         left waiting in a collective that a failed rank never reaches."""
         comm = self.comm
+        validation.check_same_on_every_rank(comm, low_latency_mode=self.low_latency_mode, num_nvl_bytes=num_nvl_bytes,
+                                            num_rdma_bytes=num_rdma_bytes,
+                                            ll_transport=ll_transport if self.low_latency_mode else None)
         validation.check_buffer_topology(num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, self.num_ranks,
                                          self.num_nvl_ranks)
         bootstrap.run_agreed(comm, "allocating the Buffer", lambda: self._create_local(num_nvl_bytes))

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import limits
+from .bootstrap import run_agreed
 from .engine import Engine
 
 __all__ = ["LowLatencyEngine", "LLHandlePrivate"]
@@ -132,6 +133,12 @@ class LLHandlePrivate:
     m: int
 
 
+def _sm_count() -> int:
+    import cupy
+
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+
 class LowLatencyEngine(Engine):
     """Low-latency dispatch/combine over a symmetric buffer (see the module docstring).
 
@@ -160,7 +167,7 @@ class LowLatencyEngine(Engine):
         if transport == "rdma":
             peers = [p if r == self.rank else 0 for r, p in enumerate(peers)]
         unmapped = [r for r, p in enumerate(peers) if p == 0] if transport == "nvlink" else []
-        sm_count = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+        sm_count = run_agreed(comm, "reading the SM count", _sm_count)   # agreed before the grid's allgather
         blocks = sm_count if num_sms is None else max(1, min(int(num_sms), sm_count))
         # Agreed by every rank: the grid (a receiver counts its senders' blocks) and whether
         # 'nvlink' reaches every peer from every rank.

@@ -141,15 +141,17 @@ class NVLinkBuffer:
             return
         from cupy.cuda import runtime
 
-        runtime.deviceSynchronize()
         if self.peer_ptrs is None:
             runtime.free(self.local_ptr)
             self.local_ptr = 0
             return
         from .bootstrap import close_ipc_handles
 
-        close_ipc_handles(self.peer_ptrs, self.rank)
-        self._free_after_barrier()
+        try:
+            runtime.deviceSynchronize()
+            close_ipc_handles(self.peer_ptrs, self.rank)
+        finally:   # the peers wait in the barrier: reach it whatever failed here
+            self._free_after_barrier()
 
     def _free_after_barrier(self) -> None:
         from cupy.cuda import runtime
@@ -205,8 +207,10 @@ class SymmetricBuffer:
 
             from .bootstrap import release_nvshmem
 
-            cupy.cuda.runtime.deviceSynchronize()
-            comm.Barrier()
-            nvcupy.free_array(self.array)
-            self.array = None
-            release_nvshmem(self.num_bytes)
+            try:
+                cupy.cuda.runtime.deviceSynchronize()
+            finally:   # the peers wait in the barrier and in NVSHMEM's collective free
+                comm.Barrier()
+                nvcupy.free_array(self.array)
+                self.array = None
+                release_nvshmem(self.num_bytes)

@@ -324,13 +324,9 @@ class Buffer:
                 nvl = local if all(s == local for s in sizes) and self.group_size % local == 0 else self.group_size
             else:
                 nvl = num_nvl_peers
-            settings = dup.allgather((nvl, self.low_latency_mode, self.num_nvl_bytes, self.num_rdma_bytes))
-            for i, (arg, what) in enumerate((("num_nvl_peers", "NVLink domain size"),
-                                             ("low_latency_mode", "value"), ("num_nvl_bytes", "value"),
-                                             ("num_rdma_bytes", "value"))):
-                vals = [st[i] for st in settings]
-                if any(v != vals[0] for v in vals):
-                    raise ValueError(f"{arg}: {what} must be the same on every rank, got {vals} (by rank)")
+            V.check_same_on_every_rank(dup, num_nvl_peers=nvl, low_latency_mode=self.low_latency_mode,
+                                       num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
+                                       ll_transport=ll_transport if self.low_latency_mode else None)
             V.check_buffer_topology(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
                                     self.group_size, nvl)
         except BaseException:

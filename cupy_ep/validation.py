@@ -23,6 +23,7 @@ exactly what the GPU would.
 This module imports NumPy, ml_dtypes and cupy_ep's pure-Python modules only (never CuPy).
 """
 
+import math
 import numbers
 
 import ml_dtypes
@@ -37,7 +38,7 @@ __all__ = [
     "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
     "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
-    "check_ll_combine_args", "check_out", "check_buffer_args", "check_internode_args", "check_layout_call",
+    "check_ll_combine_args", "check_out", "check_buffer_args", "check_same_on_every_rank", "check_internode_args", "check_layout_call",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
     "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
     "nvl_buffer_size_hint", "rdma_buffer_size_hint", "ll_rdma_size_hint",
@@ -461,15 +462,25 @@ def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s
     if low_latency_mode and num_rdma_bytes == 0:
         raise ValueError("num_rdma_bytes: low_latency_mode needs an NVSHMEM buffer (num_rdma_bytes > 0)")
     try:
-        timeout_ok = bool(timeout_s > 0)
+        timeout_ok = bool(0 < timeout_s < math.inf)
     except TypeError:
         timeout_ok = False
     if not timeout_ok:
-        raise ValueError(f"timeout_s: expected a positive number of seconds, got {timeout_s!r}")
+        raise ValueError(f"timeout_s: expected a positive, finite number of seconds, got {timeout_s!r}")
     if low_latency_mode and ll_transport not in LL_TRANSPORTS:
         raise ValueError(f"ll_transport: expected one of {', '.join(map(repr, LL_TRANSPORTS))}, got {ll_transport!r}")
     if num_sms is not None:
         check_int(num_sms, "num_sms", 2, 128)
+
+
+def check_same_on_every_rank(comm, **values):
+    """Raises ValueError on every rank (collective over ``comm``) when one of ``values`` differs
+    between ranks, naming it: a Buffer's ranks must agree on its arguments."""
+    gathered = comm.allgather(tuple(values.values()))
+    for i, name in enumerate(values):
+        by_rank = [g[i] for g in gathered]
+        if any(v != by_rank[0] for v in by_rank):
+            raise ValueError(f"{name}: must be the same on every rank, got {by_rank} (by rank)")
 
 
 def check_internode_args(num_rdma_ranks, num_rdma_bytes):
