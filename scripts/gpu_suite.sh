@@ -57,7 +57,7 @@ export CUPY_EP_CACHE_DIR=${CUPY_EP_CACHE_DIR:-$PWD/.cache/kernels}
 # tests that ran and every rank's Python stack at the hang in its log.
 export PYTHONUNBUFFERED=1
 [[ ${SHARE_GPU:-} == 1 ]] && export CUPY_EP_TEST_SHARE_GPU=1
-PYTEST="$PY -m pytest -q -p no:cacheprovider -o faulthandler_timeout=${STACK_DUMP_S:-60}"
+PYTEST="$PY -m pytest -q -p no:cacheprovider --durations=8 -o faulthandler_timeout=${STACK_DUMP_S:-60}"
 MPIEXEC=${MPIEXEC:-mpiexec}
 if $MPIEXEC --version 2>/dev/null | grep -qi "open mpi" && [[ $(id -u) == 0 ]]; then
   MPIEXEC="$MPIEXEC --allow-run-as-root"
