@@ -73,7 +73,8 @@ class Buffer:
         self.topology = bootstrap.discover(comm, num_nvl_peers)
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
-        self._config = Config(num_sms=int(num_sms)) if num_sms is not None else default_config(self.num_nvl_ranks)
+        self._config = Config(num_sms=validation.check_num_sms(num_sms)) if num_sms is not None \
+            else default_config(self.num_nvl_ranks)
         try:
             self._create(num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport)
         except Exception:
@@ -280,7 +281,7 @@ class Buffer:
     def set_num_sms(self, num_sms: int) -> None:
         """Sets the SMs (blocks) of the normal-mode kernels used when no ``config`` is given
         (receivers: half of them)."""
-        self._config = Config(num_sms=num_sms, num_threads=self._config.num_threads)
+        self._config = Config(num_sms=validation.check_num_sms(num_sms), num_threads=self._config.num_threads)
 
     @staticmethod
     def get_nvl_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 9,

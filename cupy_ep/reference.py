@@ -393,7 +393,7 @@ class Buffer:
     @staticmethod
     def set_num_sms(new_num_sms):
         """Set the default SM count (kept for API compatibility; unused here)."""
-        Buffer.num_sms = V.check_int(new_num_sms, "new_num_sms", 1)
+        Buffer.num_sms = V.check_num_sms(new_num_sms, "new_num_sms")
 
     @staticmethod
     def capture():

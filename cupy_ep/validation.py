@@ -38,7 +38,8 @@ __all__ = [
     "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
     "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
-    "check_ll_combine_args", "check_out", "check_buffer_args", "check_same_on_every_rank", "check_internode_args", "check_layout_call",
+    "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_same_on_every_rank",
+    "check_internode_args", "check_layout_call",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
     "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
     "nvl_buffer_size_hint", "rdma_buffer_size_hint", "ll_rdma_size_hint",
@@ -470,7 +471,13 @@ def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s
     if low_latency_mode and ll_transport not in LL_TRANSPORTS:
         raise ValueError(f"ll_transport: expected one of {', '.join(map(repr, LL_TRANSPORTS))}, got {ll_transport!r}")
     if num_sms is not None:
-        check_int(num_sms, "num_sms", 2, 128)
+        check_num_sms(num_sms)
+
+
+def check_num_sms(num_sms, name="num_sms"):
+    """An SM count of the normal-mode kernels: an int in [2, 128] (the range
+    :class:`cupy_ep.Config` takes); returned as int."""
+    return check_int(num_sms, name, 2, 128)
 
 
 def check_same_on_every_rank(comm, **values):

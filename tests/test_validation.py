@@ -316,6 +316,16 @@ def test_check_buffer_args_and_topology():
         V.check_buffer_args(-1, 0, False)
     with raises(TypeError, "num_rdma_bytes"):
         V.check_buffer_args(0, 1.5, False)
+    for bad in (1, 129):
+        with raises(ValueError, "num_sms"):
+            V.check_buffer_args(0, 0, False, num_sms=bad)
+    assert V.check_num_sms(np.int64(24)) == 24
+    from cupy_ep import reference
+
+    with raises(ValueError, "new_num_sms"):          # the same range as the GPU Buffer's
+        reference.Buffer.set_num_sms(1)
+    with raises(ValueError, "timeout_s: expected a positive, finite number"):
+        V.check_buffer_args(0, 0, False, timeout_s=float("nan"))
     V.check_buffer_topology(1 << 20, 0, False, 8, 8)
     V.check_buffer_topology(0, 0, False, 16, 16)                 # no normal mode: any domain size
     with raises(ValueError, "num_nvl_peers: the normal mode serves NVLink domains of at most"):
