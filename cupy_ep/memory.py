@@ -55,9 +55,13 @@ class StatusRecord:
 
         self._mirror = HostMapped(limits.STATUS_RECORD_INTS * 4)
         self.fields = self._mirror.view(np.int32, limits.STATUS_RECORD_INTS)
-        self._device = cupy.zeros(2, dtype=cupy.uint64)  # (claimed, status), host mirror address
-        self._device[1] = self._mirror.ptr
-        cupy.cuda.get_current_stream().synchronize()
+        try:
+            self._device = cupy.zeros(2, dtype=cupy.uint64)  # (claimed, status), host mirror address
+            self._device[1] = self._mirror.ptr
+            cupy.cuda.get_current_stream().synchronize()
+        except Exception:
+            self._mirror.free()
+            raise
 
     @property
     def ptr(self) -> int:

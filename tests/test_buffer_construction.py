@@ -342,3 +342,28 @@ def test_nvlink_buffer_reaches_the_barrier_when_its_sync_fails(runtime_calls, mo
     with pytest.raises(RuntimeError, match="sticky"):
         buf.free()
     assert runtime_calls[-2:] == ["barrier", "free 0x200"]
+
+
+def test_status_record_frees_its_pinned_page_when_the_device_half_fails(monkeypatch):
+    freed = []
+
+    class Pinned:
+        ptr = 0x10
+
+        def __init__(self, nbytes):
+            self.host = np.zeros(nbytes, np.uint8)
+
+        def view(self, dtype, count, offset=0):
+            return self.host[:count * np.dtype(dtype).itemsize].view(dtype)
+
+        def free(self):
+            freed.append(True)
+
+    def zeros(*args, **kwargs):
+        raise cupy.cuda.memory.OutOfMemoryError(16, 0, 0)
+
+    monkeypatch.setattr(memory, "HostMapped", Pinned)
+    monkeypatch.setattr(cupy, "zeros", zeros)
+    with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+        memory.StatusRecord()
+    assert freed == [True]
