@@ -69,12 +69,10 @@ class Buffer:
         self._broken: Optional[CommTimeoutError] = None
         self._status = self._streams = self._layout = self._nvl = self._sym = None
         self._normal = self._low_latency = None
-        self._engines = []
         self.topology = bootstrap.discover(comm, num_nvl_peers)
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
-        self._config = Config(num_sms=validation.check_num_sms(num_sms)) if num_sms is not None \
-            else default_config(self.num_nvl_ranks)
+        self._config = Config(num_sms=int(num_sms)) if num_sms is not None else default_config(self.num_nvl_ranks)
         try:
             self._create(num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport)
         except Exception:
@@ -98,7 +96,6 @@ class Buffer:
         if num_rdma_bytes > 0:
             bootstrap.run_agreed(comm, "creating the NVSHMEM buffer", lambda: self._create_symmetric(num_rdma_bytes))
         bootstrap.run_agreed(comm, "creating the engines", lambda: self._create_engines(num_sms, ll_transport))
-        self._engines = [e for e in (self._layout, self._normal, self._low_latency) if e is not None]
 
     def _create_local(self, num_nvl_bytes) -> None:
         """This rank's GPU, status record, stream, layout engine and NVLink memory (no peer)."""
@@ -135,6 +132,11 @@ class Buffer:
                                            self._timeout_ns, self.chaos)
 
     @property
+    def _engines(self) -> list:
+        """The engines made so far (none after destroy)."""
+        return [e for e in (self._layout, self._normal, self._low_latency) if e is not None]
+
+    @property
     def _timeout_ns(self) -> int:
         return int(self.timeout_s * 1e9)
 
@@ -157,8 +159,8 @@ class Buffer:
 
     def _release(self) -> None:
         """Frees what exists of the Buffer (collective; after a failed construction too)."""
-        for engine in (self._layout, self._normal, self._low_latency):
-            if engine is not None and hasattr(engine, "destroy"):
+        for engine in self._engines:
+            if hasattr(engine, "destroy"):
                 engine.destroy()
         if self._nvl is not None:
             self._nvl.free()
@@ -167,8 +169,7 @@ class Buffer:
         if self._status is not None:
             self._status.free()
         self.topology.free()
-        self._engines, self._layout, self._normal, self._low_latency = [], None, None, None
-        self._nvl = self._sym = self._status = None
+        self._layout = self._normal = self._low_latency = self._nvl = self._sym = self._status = None
 
     def __enter__(self):
         return self
