@@ -34,6 +34,29 @@ __device__ __forceinline__ int group_barrier(int* const* peer_arrivals, int* my_
 }
 
 // ---------------------------------------------------------------------------------------------
+// After the block has written data into its domain peers' buffers: tells each of the
+// num_peers peers (threads 0..num_peers-1, one each) that this rank's writes of this epoch are
+// complete, by setting flag my_slot of the int[MAX_NVL_PEERS] at flags_off in that peer's buffer,
+// and waits for every peer's flag in this rank's own buffer. peer_ranks_from: the global rank of
+// peer 0, for the timeout report. Returns the same value in every thread (false: a wait timed
+// out, error recorded); all threads must call it.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ bool signal_peers_and_wait(char* const* peers, char* me, int flags_off, int my_slot,
+                                                      int num_peers, int epoch, const WaitCtx& w,
+                                                      int peer_ranks_from) {
+    __syncthreads();   // every thread's writes for the peers come before the signal
+    bool ok = true;
+    if (threadIdx.x < num_peers) {
+        fence_sys();
+        chaos_pause();
+        st_release_sys(reinterpret_cast<int*>(peers[threadIdx.x] + flags_off) + my_slot, epoch);
+        ok = wait_geq_sys(reinterpret_cast<int*>(me + flags_off) + threadIdx.x, epoch, w,
+                          peer_ranks_from + threadIdx.x);
+    }
+    return !__syncthreads_or(!ok);
+}
+
+// ---------------------------------------------------------------------------------------------
 // "Last block out" of a grid. Every thread's prior memory operations are ordered before the
 // counter increment (bar.sync, then a fence by thread 0), and the block that sees
 // count == gridDim.x - 1 orders its later operations after all of them. SYS: system scope (the

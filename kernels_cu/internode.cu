@@ -161,25 +161,20 @@ __device__ __forceinline__ int find_source(const int* s_list, int idx) {
 // ---------------------------------------------------------------------------------------------
 __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, const WaitCtx& w) {
     __shared__ int* s_arrivals[P];
-    __shared__ int s_ok;
     if (threadIdx.x < P) s_arrivals[threadIdx.x] = reinterpret_cast<int*>(peers.nvl[threadIdx.x] + OFF_ARRIVALS);
-    if (threadIdx.x == 0) {
-        s_ok = 1;
-        xport::quiet();   // every put this rank issued is delivered before its peers go on
-    }
+    if (threadIdx.x == 0) xport::quiet();   // every put this rank issued is delivered before its peers go on
     __syncthreads();
     const int epoch = group_barrier(s_arrivals, reinterpret_cast<int*>(peers.nvl[l] + OFF_ARRIVALS),
                                     reinterpret_cast<int*>(peers.nvl[l] + OFF_EPOCH), l, P, w);
     if (epoch == 0) return 0;
     for (int d = threadIdx.x; d < N; d += blockDim.x)
         xport::signal_set(r_u64(peers.sym, R_OFF_BARRIER, dom), (u64)epoch, column_pe(d, l));
+    bool column_in = true;
     for (int d = threadIdx.x; d < N; d += blockDim.x) {
         u64 seen;
-        if (!xport::wait_signal_geq(r_u64(peers.sym, R_OFF_BARRIER, d), (u64)epoch, &seen, w, column_pe(d, l)))
-            s_ok = 0;
+        column_in &= xport::wait_signal_geq(r_u64(peers.sym, R_OFF_BARRIER, d), (u64)epoch, &seen, w, column_pe(d, l));
     }
-    __syncthreads();
-    return s_ok ? epoch : 0;
+    return __syncthreads_or(!column_in) ? 0 : epoch;
 }
 
 }  // namespace inter
@@ -229,77 +224,26 @@ __device__ __forceinline__ void count_channels(int num_tokens, const u8* __restr
     __syncthreads();
 }
 
-// The checks the reference backend makes on the host; reports the first problem; true if any.
+// The checks the reference backend makes on the host; reports the first problem; true in a
+// thread that found one.
 __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i64* __restrict__ topk_idx,
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_rank,
                                                const int* __restrict__ per_rdma_rank,
                                                const int* __restrict__ per_expert, const int* __restrict__ send_chan,
                                                const int* __restrict__ rdma_chan, ErrorRecord* err) {
-    __shared__ int s_bad;
-    if (threadIdx.x == 0) s_bad = 0;
-    __syncthreads();
+    bool bad = false;
     for (int r = threadIdx.x; r < R; r += NT)
         if (send_chan[r * (C + 1) + C] != per_rank[r]) {
             record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 0, r);
-            s_bad = 1;
+            bad = true;
         }
     if (per_rdma_rank != nullptr)
         for (int d = threadIdx.x; d < N; d += NT)
             if (rdma_chan[d * (C + 1) + C] != per_rdma_rank[d]) {
                 record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 3, d);
-                s_bad = 1;
+                bad = true;
             }
-#if TOPK == 0
-    for (int e = threadIdx.x; e < E; e += NT)
-        if (per_expert[e] < 0) {
-            record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 2, e);
-            s_bad = 1;
-        }
-#else
-    __shared__ int s_expert[E];
-    for (int e = threadIdx.x; e < E; e += NT) s_expert[e] = 0;
-    __syncthreads();
-    for (int t = threadIdx.x; t < num_tokens; t += NT) {
-        int ranks[K];
-        int num_ranks = 0;
-        for (int k = 0; k < K; ++k) {
-            const i64 e = (i64)topk_idx[(i64)t * K + k];
-            ranks[k] = -1;
-            if (e == -1) continue;
-            if (e < -1 || e >= E) {
-                record_error(err, ST_BAD_EXPERT, KID_INTERNODE_NOTIFY, rank, -1, (int)e, t);
-                s_bad = 1;
-                continue;
-            }
-            atomicAdd(&s_expert[e], 1);
-            const int r = (int)e / E_LOCAL;
-            bool seen = false;
-            for (int k2 = 0; k2 < k; ++k2) seen |= ranks[k2] == r;
-            if (!seen) {
-                ranks[k] = r;
-                ++num_ranks;
-                if (!in_rank[(i64)t * R + r]) {
-                    record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 1, t);
-                    s_bad = 1;
-                }
-            }
-        }
-        int set = 0;
-        for (int r = 0; r < R; ++r) set += in_rank[(i64)t * R + r] ? 1 : 0;
-        if (set != num_ranks) {
-            record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 1, t);
-            s_bad = 1;
-        }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += NT)
-        if (s_expert[e] != per_expert[e]) {
-            record_error(err, ST_BAD_LAYOUT, KID_INTERNODE_NOTIFY, rank, -1, 2, e);
-            s_bad = 1;
-        }
-#endif
-    __syncthreads();
-    return s_bad != 0;
+    return topk_disagrees(KID_INTERNODE_NOTIFY, rank, num_tokens, topk_idx, in_rank, per_expert, err) || bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -322,7 +266,7 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
                  int* __restrict__ call_status, volatile int* host_out, ErrorRecord* err, u64 timeout_ns,
                  int ready_value) {
     __shared__ Peers s_peers;
-    __shared__ int s_ok, s_bad_rank, s_over_rank;
+    __shared__ int s_bad_rank, s_over_rank;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int dom = rank / P, l = rank % P;
     if (tid == 0) *call_status = 1;   // until this notify completes: a dispatch after a failed notify sends nothing
@@ -331,7 +275,6 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
     char* const me_nvl = s_peers.nvl[l];
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_NOTIFY, rank);
     if (tid == 0) {
-        s_ok = 1;
         s_bad_rank = R;
         s_over_rank = R;
     }
@@ -361,12 +304,12 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
     for (int d = warp; d < N; d += NW)
         xport::put_signal_warp(r_vec(me_sym, R_OFF_VEC_RECV, dom), r_vec(me_sym, R_OFF_VEC_SEND, d), V_INTS * 4,
                                r_u64(me_sym, R_OFF_VEC_SIG, dom), (u64)epoch, column_pe(d, l));
+    bool vectors_in = true;
     for (int s = tid; s < N; s += NT) {
         u64 seen;
-        if (!xport::wait_signal_geq(r_u64(me_sym, R_OFF_VEC_SIG, s), (u64)epoch, &seen, w, column_pe(s, l))) s_ok = 0;
+        vectors_in &= xport::wait_signal_geq(r_u64(me_sym, R_OFF_VEC_SIG, s), (u64)epoch, &seen, w, column_pe(s, l));
     }
-    __syncthreads();
-    if (!s_ok) return;
+    if (__syncthreads_or(!vectors_in)) return;
 
     // 4) as forwarder of column l in this domain: what each local rank m gets from the column
     for (int i = tid; i < N * (C + 1); i += NT) fwd_rchan[i] = r_vec(me_sym, R_OFF_VEC_RECV, i / (C + 1))[V_RCHAN + i % (C + 1)];
@@ -412,15 +355,7 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
             for (int m = 0; m < P; ++m) total += r_vec(me_sym, R_OFF_VEC_RECV, s)[V_CNT + m];
         if (total > NVL_ROWS) record_error(err, ST_OVERFLOW, KID_INTERNODE_NOTIFY, rank, -1, total, NVL_ROWS);
     }
-    __syncthreads();
-    if (tid < P) {
-        fence_sys();
-        chaos_pause();
-        st_release_sys(reinterpret_cast<int*>(s_peers.nvl[tid] + OFF_SLOT_FLAGS) + l, epoch);
-        if (!wait_geq_sys(reinterpret_cast<int*>(me_nvl + OFF_SLOT_FLAGS) + tid, epoch, w, dom * P + tid)) s_ok = 0;
-    }
-    __syncthreads();
-    if (!s_ok) return;
+    if (!signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_SLOT_FLAGS, l, P, epoch, w, dom * P)) return;
 
     // 5) as receiver: sources q = (s, l') in rank order; their rows come through forwarder l'
     if (tid == 0) {
@@ -453,38 +388,22 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
         const int lp = i / N, s = i % N;
         n_fwd(s_peers.nvl[lp], l)[s] = rank_prefix[s * P + lp];
     }
-    __syncthreads();
-    if (tid < P) {
-        fence_sys();
-        chaos_pause();
-        st_release_sys(reinterpret_cast<int*>(s_peers.nvl[tid] + OFF_FWD_FLAGS) + l, epoch);
-        if (!wait_geq_sys(reinterpret_cast<int*>(me_nvl + OFF_FWD_FLAGS) + tid, epoch, w, dom * P + tid)) s_ok = 0;
-    }
-    __syncthreads();
-    if (!s_ok) return;
+    if (!signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_FWD_FLAGS, l, P, epoch, w, dom * P)) return;
 
     // 6) as forwarder: where the rows of (s, l) start at each local rank m
     for (int i = tid; i < N * P; i += NT) fwd_base[i] = n_fwd(me_nvl, i % P)[i / P];   // [s][m]
     __syncthreads();
     if (tid == 0) {
-        const bool cancelled = s_bad_rank < R;
-        const int total = rank_prefix[R];
-        *call_status = cancelled ? 1 : 0;
-        host_out[HO_ROWS] = total;
-        host_out[HO_CANCELLED] = cancelled ? 1 : 0;
-        host_out[HO_BAD_RANK] = cancelled ? s_bad_rank : -1;
-        if (num_worst_tokens > 0 && cancelled && s_bad_rank != rank)
-            record_error(err, ST_PEER_BAD_INPUT, KID_INTERNODE_NOTIFY, rank, s_bad_rank, 0);
-        if (!cancelled && s_over_rank < R) {
-            int over_total = 0;
+        const int rows = rank_prefix[R];
+        int over_total = 0, over_allowed = 0;
+        if (s_over_rank < R) {
             for (int lp = 0; lp < P; ++lp) over_total += n_slot(me_nvl, lp)[S_TOT + s_over_rank];
-            record_error(err, ST_OVERFLOW, KID_INTERNODE_NOTIFY, s_over_rank, -1, over_total,
-                         n_slot(me_nvl, s_over_rank % P)[S_WORST + s_over_rank / P]);
-        } else if (!cancelled && total > NVL_ROWS) {
-            record_error(err, ST_OVERFLOW, KID_INTERNODE_NOTIFY, rank, -1, total, NVL_ROWS);
+            over_allowed = n_slot(me_nvl, s_over_rank % P)[S_WORST + s_over_rank / P];
+        } else if (s_bad_rank == R && rows > NVL_ROWS) {
+            record_error(err, ST_OVERFLOW, KID_INTERNODE_NOTIFY, rank, -1, rows, NVL_ROWS);
         }
-        __threadfence_system();
-        host_out[HO_READY] = ready_value;
+        publish_notify_outcome(KID_INTERNODE_NOTIFY, rank, rows, s_bad_rank, s_over_rank, over_total, over_allowed,
+                               num_worst_tokens, call_status, host_out, err, ready_value);
     }
 }
 #endif

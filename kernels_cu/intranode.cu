@@ -106,61 +106,20 @@ typedef int idx_t;
 #endif
 
 // Checks this rank's routing arrays against each other and against topk_idx (when given), as
-// the reference backend does on the host. Reports the first problem found; returns true if any.
+// the reference backend does on the host. Reports the first problem found; true in a thread that
+// found one.
 __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const idx_t* __restrict__ topk_idx,
                                                const u8* __restrict__ is_token_in_rank,
                                                const int* __restrict__ num_tokens_per_rank,
                                                const int* __restrict__ num_tokens_per_expert,
                                                const int (*s_chan)[NUM_CHANNELS + 1], ErrorRecord* err) {
-    constexpr int E = E_LOCAL * NUM_RANKS;
-    __shared__ int s_bad;
-    if (threadIdx.x == 0) s_bad = 0;
-    __syncthreads();
+    bool bad = false;
     if (threadIdx.x < NUM_RANKS && s_chan[threadIdx.x][NUM_CHANNELS] != num_tokens_per_rank[threadIdx.x]) {
         record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 0, threadIdx.x);
-        s_bad = 1;
+        bad = true;
     }
-#if IDX_BYTES > 0
-    __shared__ int s_expert[E];
-    for (int e = threadIdx.x; e < E; e += NUM_THREADS) s_expert[e] = 0;
-    __syncthreads();
-    for (int t = threadIdx.x; t < num_tokens; t += NUM_THREADS) {
-        u32 ranks = 0;
-        for (int k = 0; k < TOPK; ++k) {
-            const i64 e = (i64)topk_idx[(i64)t * TOPK + k];
-            if (e == -1) continue;
-            if (e < -1 || e >= E) {
-                record_error(err, ST_BAD_EXPERT, KID_NOTIFY_DISPATCH, rank, -1, (int)e, t);
-                s_bad = 1;
-                continue;
-            }
-            atomicAdd(&s_expert[e], 1);
-            ranks |= 1u << ((int)e / E_LOCAL);
-        }
-        for (int r = 0; r < NUM_RANKS; ++r) {
-            if (((ranks >> r) & 1u) != (u32)(is_token_in_rank[(i64)t * NUM_RANKS + r] != 0)) {
-                record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 1, t);
-                s_bad = 1;
-            }
-        }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += NUM_THREADS) {
-        if (s_expert[e] != num_tokens_per_expert[e]) {
-            record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 2, e);
-            s_bad = 1;
-        }
-    }
-#else
-    for (int e = threadIdx.x; e < E; e += NUM_THREADS) {
-        if (num_tokens_per_expert[e] < 0) {
-            record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 2, e);
-            s_bad = 1;
-        }
-    }
-#endif
-    __syncthreads();
-    return s_bad != 0;
+    return topk_disagrees(KID_NOTIFY_DISPATCH, rank, num_tokens, topk_idx, is_token_in_rank, num_tokens_per_expert,
+                          err) || bad;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,7 +140,6 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
                 int ready_value) {
     __shared__ char* s_peer[NUM_RANKS];
     __shared__ int s_chan[NUM_RANKS][NUM_CHANNELS + 1];
-    __shared__ int s_ok;
     __shared__ int s_bad_rank, s_over_rank;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int CP = NUM_CHANNELS + 1;
@@ -231,19 +189,10 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
         slot[NS_WORST] = num_worst_tokens;
     }
     if (tid == 0) {
-        s_ok = 1;
         s_bad_rank = NUM_RANKS;
         s_over_rank = NUM_RANKS;
     }
-    __syncthreads();
-    if (tid < NUM_RANKS) {
-        fence_sys();
-        chaos_pause();
-        st_release_sys(reinterpret_cast<int*>(s_peer[tid] + OFF_NOTIFY_FLAGS) + rank, epoch);
-        if (!wait_geq_sys(reinterpret_cast<int*>(me + OFF_NOTIFY_FLAGS) + tid, epoch, w, tid)) s_ok = 0;
-    }
-    __syncthreads();
-    if (!s_ok) return;
+    if (!signal_peers_and_wait(s_peer, me, OFF_NOTIFY_FLAGS, rank, NUM_RANKS, epoch, w, 0)) return;
 
     // Every rank's totals: rank d receives the sum over sources s of s's row entry d.
     if (tid < NUM_RANKS) {
@@ -255,7 +204,6 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
         if (allowed > 0 && total > allowed) atomicMin(&s_over_rank, tid);
     }
     __syncthreads();
-    const bool cancelled = s_bad_rank < NUM_RANKS;
     if (tid == 0) {
         int total = 0;
         for (int s = 0; s < NUM_RANKS; ++s) {
@@ -263,19 +211,6 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
             total += notify_slot(me, s)[NS_COUNT];
         }
         rank_prefix[NUM_RANKS] = total;
-        *call_status = cancelled ? 1 : 0;
-        host_out[HO_ROWS] = total;
-        host_out[HO_CANCELLED] = cancelled ? 1 : 0;
-        host_out[HO_BAD_RANK] = cancelled ? s_bad_rank : -1;
-        // Without a host wait (num_worst_tokens), the report is how the host learns.
-        if (num_worst_tokens > 0 && cancelled && s_bad_rank != rank)
-            record_error(err, ST_PEER_BAD_INPUT, KID_NOTIFY_DISPATCH, rank, s_bad_rank, 0);
-        if (!cancelled && s_over_rank < NUM_RANKS) {
-            int over_total = 0;
-            for (int s = 0; s < NUM_RANKS; ++s) over_total += notify_slot(me, s)[NOTIFY_ROW + s_over_rank];
-            record_error(err, ST_OVERFLOW, KID_NOTIFY_DISPATCH, s_over_rank, -1, over_total,
-                         notify_slot(me, s_over_rank)[NS_WORST]);
-        }
     }
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS)
         recv_chan_prefix[i] = notify_slot(me, i / CP)[NOTIFY_CHAN + i % CP];
@@ -286,8 +221,13 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     }
     __syncthreads();
     if (tid == 0) {
-        __threadfence_system();
-        host_out[HO_READY] = ready_value;
+        int over_total = 0, over_allowed = 0;
+        if (s_over_rank < NUM_RANKS) {
+            for (int s = 0; s < NUM_RANKS; ++s) over_total += notify_slot(me, s)[NOTIFY_ROW + s_over_rank];
+            over_allowed = notify_slot(me, s_over_rank)[NS_WORST];
+        }
+        publish_notify_outcome(KID_NOTIFY_DISPATCH, rank, rank_prefix[NUM_RANKS], s_bad_rank, s_over_rank, over_total,
+                               over_allowed, num_worst_tokens, call_status, host_out, err, ready_value);
     }
 }
 #endif

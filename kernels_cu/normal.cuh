@@ -8,6 +8,66 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
     return (int)(((i64)num_tokens * c) / NUM_CHANNELS);
 }
 
+// The checks of topk_idx the reference backend makes on the host, shared by both notify kernels
+// (kernel: their id for the report): every expert id in [-1, E); the ranks holding a token's
+// experts are exactly the ranks is_token_in_rank marks (detail 1); the selections per expert match
+// num_tokens_per_expert (detail 2). Without topk_idx (TOPK == 0) only that those counts are not
+// negative. Reports the first problem found; true in a thread that found one. All threads must call it.
+template <typename Idx>
+__device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const Idx* __restrict__ topk_idx,
+                                               const u8* __restrict__ in_rank, const int* __restrict__ per_expert,
+                                               ErrorRecord* err) {
+    constexpr int E = E_LOCAL * NUM_RANKS;
+    bool bad = false;
+#if TOPK == 0
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS)
+        if (per_expert[e] < 0) {
+            record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 2, e);
+            bad = true;
+        }
+#else
+    __shared__ int s_expert[E];
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS) s_expert[e] = 0;
+    __syncthreads();
+    for (int t = threadIdx.x; t < num_tokens; t += NUM_THREADS) {
+        int token_ranks[TOPK];   // the distinct ranks of the token's experts, in top-k order
+        int num_token_ranks = 0;
+        for (int k = 0; k < TOPK; ++k) {
+            const i64 e = (i64)topk_idx[(i64)t * TOPK + k];
+            if (e == -1) continue;
+            if (e < -1 || e >= E) {
+                record_error(err, ST_BAD_EXPERT, kernel, rank, -1, (int)e, t);
+                bad = true;
+                continue;
+            }
+            atomicAdd(&s_expert[e], 1);
+            const int r = (int)e / E_LOCAL;
+            bool seen = false;
+            for (int i = 0; i < num_token_ranks; ++i) seen |= token_ranks[i] == r;
+            if (seen) continue;
+            token_ranks[num_token_ranks++] = r;
+            if (!in_rank[(i64)t * NUM_RANKS + r]) {
+                record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
+                bad = true;
+            }
+        }
+        int num_marked = 0;
+        for (int r = 0; r < NUM_RANKS; ++r) num_marked += in_rank[(i64)t * NUM_RANKS + r] ? 1 : 0;
+        if (num_marked != num_token_ranks) {
+            record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
+            bad = true;
+        }
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += NUM_THREADS)
+        if (s_expert[e] != per_expert[e]) {
+            record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 2, e);
+            bad = true;
+        }
+#endif
+    return bad;
+}
+
 // host_out (host-mapped int32, cupy_ep/normal.py): [HO_READY] = the call's ready value once the
 // rest is written, [HO_ROWS] rows received, [HO_CANCELLED] 1 when bad input on some rank cancelled
 // the call, [HO_BAD_RANK] the first such rank (or -1), [HOST_EXPERT + j] rows of local expert j
@@ -17,6 +77,28 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
 #define HO_CANCELLED 2
 #define HO_BAD_RANK 3
 #define HOST_EXPERT 4
+
+// Thread 0 of a notify kernel, once everything else the host reads is written: the call's outcome
+// to the dispatch kernel (call_status) and to the host (host_out, ready last). bad_rank: the
+// first rank whose input was bad, which cancels the call on every rank; over_rank: the first rank
+// to receive more rows (over_total) than its num_worst_tokens (over_allowed). NUM_RANKS: none.
+__device__ __forceinline__ void publish_notify_outcome(int kernel, int rank, int rows, int bad_rank, int over_rank,
+                                                       int over_total, int over_allowed, int num_worst_tokens,
+                                                       int* call_status, volatile int* host_out, ErrorRecord* err,
+                                                       int ready_value) {
+    const bool cancelled = bad_rank < NUM_RANKS;
+    *call_status = cancelled ? 1 : 0;
+    host_out[HO_ROWS] = rows;
+    host_out[HO_CANCELLED] = cancelled ? 1 : 0;
+    host_out[HO_BAD_RANK] = cancelled ? bad_rank : -1;
+    // Without a host wait (num_worst_tokens), the report is how the host learns.
+    if (num_worst_tokens > 0 && cancelled && bad_rank != rank)
+        record_error(err, ST_PEER_BAD_INPUT, kernel, rank, bad_rank, 0);
+    if (!cancelled && over_rank < NUM_RANKS)
+        record_error(err, ST_OVERFLOW, kernel, over_rank, -1, over_total, over_allowed);
+    __threadfence_system();
+    host_out[HO_READY] = ready_value;
+}
 
 // Where the receivers write: the arrays given at launch, or (non-worst-token dispatch, whose
 // outputs are allocated once the host knows their size) the ones the host publishes in a
