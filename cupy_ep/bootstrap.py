@@ -385,6 +385,7 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
     try:
         nvshmem.core.init(device=device, uid=uid, rank=rank, nranks=comm.Get_size(),
                           initializer_method="uid")
+        _check_initialised()
     except Exception as e:  # noqa: BLE001 -- agreed on below
         error = e
     _agree(comm, "nvshmem.core.init", error)
@@ -393,6 +394,19 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
         atexit.register(_finalize_at_exit)
         _watch_mpi4py_abort()
         _nvshmem["exit_hook"] = True
+
+
+def _check_initialised() -> None:
+    """Raises when ``nvshmem.core.init`` returned but NVSHMEM does not count itself initialised:
+    its next call (the symmetric allocation) would end the process with "nvshmem API called before
+    nvshmem_init" instead of raising. Seen now and then with several ranks sharing one GPU."""
+    import nvshmem.bindings
+
+    status = nvshmem.bindings.init_status()
+    if status == nvshmem.bindings.Init_status.STATUS_NOT_INITIALIZED:
+        raise CupyEpError("nvshmem.core.init returned, but NVSHMEM reports itself not initialised "
+                          "(nvshmemx_init_status() == NOT_INITIALIZED); NVSHMEM cannot be used in "
+                          "this job any more")
 
 
 def release_nvshmem(heap_bytes: int = 0) -> None:

@@ -168,6 +168,29 @@ def test_nvshmem_heap_size(monkeypatch):
     assert bootstrap._heap_bytes_for(3 << 30) == (3 << 30) + bootstrap._HEAP_SLACK
 
 
+@pytest.mark.parametrize("status, fails", [("STATUS_NOT_INITIALIZED", True), ("STATUS_IS_INITIALIZED", False),
+                                           ("STATUS_LIMITED_MPG", False)])
+def test_an_init_that_left_nvshmem_uninitialised_raises(monkeypatch, status, fails):
+    """NVSHMEM's next call would end the process: the check after nvshmem.core.init raises instead."""
+    import enum
+    import types
+
+    codes = enum.IntEnum("Init_status", "STATUS_NOT_INITIALIZED STATUS_IS_BOOTSTRAPPED STATUS_IS_INITIALIZED "
+                                        "STATUS_LIMITED_MPG STATUS_FULL_MPG", start=0)
+    bindings = types.ModuleType("nvshmem.bindings")
+    bindings.Init_status = codes
+    bindings.init_status = lambda: int(codes[status])
+    package = types.ModuleType("nvshmem")
+    package.bindings = bindings
+    monkeypatch.setitem(sys.modules, "nvshmem", package)
+    monkeypatch.setitem(sys.modules, "nvshmem.bindings", bindings)
+    if fails:
+        with pytest.raises(CupyEpError, match="not initialised"):
+            bootstrap._check_initialised()
+    else:
+        bootstrap._check_initialised()
+
+
 @pytest.mark.parametrize("failing", [False, True])
 def test_idle_nvshmem_is_finalised_at_exit_unless_the_exit_fails(monkeypatch, failing):
     finalised = []
