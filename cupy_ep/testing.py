@@ -11,6 +11,7 @@ every element. Used by ``tests/gpu``, ``scripts/soak.py`` and the benchmarks.
 * :func:`normal_round_trip` / :func:`low_latency_round_trip` run a layout + dispatch + combine on
   both backends and raise :class:`Mismatch` naming the first difference;
 * :func:`agree` turns a per-rank result into the same outcome on every rank;
+* :func:`run_or_abort` runs an MPI script's ``main`` and ends the whole job when a rank raises;
 * :func:`gpu_bytes_in_use` measures device memory for leak checks.
 
 The GPU parts import CuPy lazily; with ``gpu=None`` the helpers drive the reference alone.
@@ -27,7 +28,7 @@ from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 BF16 = ml_dtypes.bfloat16
 
 __all__ = ["Mismatch", "agree", "gpu_bytes_in_use", "make_x", "make_routing", "make_weights", "poison_pool",
-           "to_device", "to_host",
+           "run_or_abort", "to_device", "to_host",
            "normal_round_trip", "low_latency_round_trip", "RoundTrip"]
 
 
@@ -61,6 +62,39 @@ def agreed(comm, context: str, fn):
 
 
 # ---- inputs ----------------------------------------------------------------------------------
+def run_or_abort(main, note: str = ""):
+    """Runs an MPI script's ``main()`` and returns its result. When it raises (anything but
+    ``SystemExit``), prints the error with this rank (and ``note``, e.g. the seed to repeat the
+    run) and aborts the whole MPI job, so that no rank is left waiting in a collective and
+    mpiexec exits non-zero."""
+    import os
+    import sys
+    import traceback
+
+    try:
+        return main()
+    except SystemExit:
+        raise
+    except BaseException:  # noqa: BLE001 -- report, then abort every rank
+        rank = "?"
+        try:
+            from mpi4py import MPI
+
+            rank = MPI.COMM_WORLD.Get_rank()
+        except Exception:  # noqa: BLE001
+            pass
+        sys.stdout.flush()
+        sys.stderr.write(f"\nFAILED on rank {rank}{note}:\n")
+        traceback.print_exc()
+        sys.stderr.flush()
+        try:
+            from mpi4py import MPI
+
+            MPI.COMM_WORLD.Abort(1)
+        finally:
+            os._exit(1)
+
+
 def make_x(rng, num_tokens: int, hidden: int):
     """bf16 ``[N, H]``: normal values, some large tokens, all-zero 128-blocks, scattered zeros."""
     x = rng.standard_normal((num_tokens, hidden), dtype=np.float32)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import time
-import traceback
 
 import numpy as np
 
@@ -39,33 +37,6 @@ def set_env_defaults() -> None:
     """Environment every GPU run of this project keeps (NVLink multicast off)."""
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-
-
-def run_main(main) -> None:
-    """Runs ``main()``; on an exception prints it with the rank and aborts the whole MPI job
-    (no rank is left waiting in a collective), so mpiexec exits non-zero."""
-    try:
-        main()
-    except SystemExit:
-        raise
-    except BaseException:  # noqa: BLE001 -- report, then abort every rank
-        rank = "?"
-        try:
-            from mpi4py import MPI
-
-            rank = MPI.COMM_WORLD.Get_rank()
-        except Exception:  # noqa: BLE001
-            pass
-        sys.stdout.flush()
-        sys.stderr.write(f"\n[rank {rank}] benchmark failed:\n")
-        traceback.print_exc()
-        sys.stderr.flush()
-        try:
-            from mpi4py import MPI
-
-            MPI.COMM_WORLD.Abort(1)
-        finally:
-            os._exit(1)
 
 
 def device_name() -> str:

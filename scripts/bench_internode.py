@@ -284,4 +284,6 @@ def print_summary(ops, traffic, base, args, r, n_dom, p_nvl) -> None:
 
 
 if __name__ == "__main__":
-    bc.run_main(main)
+    from cupy_ep.testing import run_or_abort
+
+    run_or_abort(main)

@@ -380,4 +380,6 @@ def main():
 
 
 if __name__ == "__main__":
-    bc.run_main(main)
+    from cupy_ep.testing import run_or_abort
+
+    run_or_abort(main)

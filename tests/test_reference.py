@@ -1,5 +1,6 @@
 """Tests of cupy_ep.reference: multi-rank runs under mpiexec (tests/mpi/check_reference.py,
-checked against a brute-force oracle), and import hygiene (no CuPy, no GPU needed)."""
+checked against a brute-force oracle), import hygiene (no CuPy, no GPU needed), and the guard
+those scripts run under (cupy_ep.testing.run_or_abort)."""
 
 import ast
 import os
@@ -55,6 +56,22 @@ def _run_ranks(num_ranks, *args, extra_env=None):
         f"{num_ranks} ranks: exit code {proc.returncode}\n{proc.stdout[-8000:]}")
     assert f"ranks={num_ranks}" in ok_lines[0]
     return ok_lines[0]
+
+
+def test_a_rank_that_raises_ends_the_whole_job(tmp_path):
+    """run_or_abort: rank 1 raises while rank 0 waits in a barrier; the job ends non-zero, naming
+    the rank and the note, instead of hanging (_mpirun fails the test on its timeout)."""
+    script = tmp_path / "raise_on_rank_1.py"
+    script.write_text("from mpi4py import MPI\n"
+                      "from cupy_ep.testing import run_or_abort\n\n"
+                      "def main():\n"
+                      "    if MPI.COMM_WORLD.Get_rank() == 1:\n"
+                      "        raise RuntimeError('injected on rank 1')\n"
+                      "    MPI.COMM_WORLD.Barrier()\n\n"
+                      "run_or_abort(main, note=' (seed 7)')\n")
+    proc = _mpirun(2, script)
+    assert proc.returncode != 0, proc.stdout
+    assert "FAILED on rank 1 (seed 7)" in proc.stdout and "RuntimeError: injected on rank 1" in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4])

@@ -10,7 +10,6 @@ prints one line per failing case and, when all pass, "OK misuse ranks=R cases=C"
 import argparse
 import os
 import sys
-import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -21,7 +20,7 @@ from misuse_cases import (ll_buffer_kwargs, misuse_cases, normal_buffer_kwargs, 
                           reference_ll_round_trip, still_works)
 
 from cupy_ep import reference  # noqa: E402
-from cupy_ep.testing import Mismatch  # noqa: E402
+from cupy_ep.testing import Mismatch, run_or_abort  # noqa: E402
 
 comm = MPI.COMM_WORLD
 
@@ -61,12 +60,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        rc = main()
-    except BaseException:  # noqa: BLE001
-        sys.stdout.flush()
-        sys.stderr.write(f"FAILED on rank {comm.Get_rank()}:\n")
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
-    sys.exit(rc)
+    sys.exit(run_or_abort(main))

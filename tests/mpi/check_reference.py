@@ -16,7 +16,6 @@ starting with "OK"; any failure prints the seed and a traceback and aborts all r
 import math
 import os
 import sys
-import traceback
 
 import ml_dtypes
 import numpy as np
@@ -24,6 +23,7 @@ from mpi4py import MPI
 
 from cupy_ep import limits, reference
 from cupy_ep.errors import CupyEpError, TokenOverflowError
+from cupy_ep.testing import run_or_abort
 
 BF16 = ml_dtypes.bfloat16
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -51,6 +51,15 @@ def check(cond, what):
     NUM_CHECKS += 1
     if not cond:
         raise CheckFailed(what)
+
+
+def run_hook(hook, hook_mode, what):
+    """Calls the receive hook a low-latency call returned under return_recv_hook; without it, none."""
+    if hook_mode:
+        check(callable(hook), f"{what} hook must be callable")
+        hook()
+    else:
+        check(hook is None, f"{what} hook must be None without return_recv_hook")
 
 
 def shared_rng(case):
@@ -432,11 +441,7 @@ def case_low_latency(case, label, use_fp8=False, round_scale=False, use_ue8m0=Fa
         recv_x, recv_count, handle, ev, hook = buf.low_latency_dispatch(
             x, ti, m, num_experts, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
             return_recv_hook=hook_mode, cumulative_local_expert_recv_stats=stats)
-        if hook_mode:
-            check(callable(hook), f"{tag} hook must be callable")
-            hook()
-        else:
-            check(hook is None, f"{tag} hook must be None without return_recv_hook")
+        run_hook(hook, hook_mode, f"{tag} dispatch")
         check(isinstance(handle, tuple) and len(handle) >= 5, f"{tag} handle is a tuple of >= 5")
         src_info, layout_range, hm, hh, he = handle[:5]
         check((hm, hh, he) == (m, hidden, num_experts), f"{tag} handle scalars")
@@ -498,11 +503,7 @@ def case_low_latency(case, label, use_fp8=False, round_scale=False, use_ue8m0=Fa
             x_in = y
         got, ev, chook = buf.low_latency_combine(x_in, ti, tw, handle, zero_copy=zero_copy,
                                                  return_recv_hook=hook_mode, out=out)
-        if hook_mode:
-            check(callable(chook), f"{tag} combine hook callable")
-            chook()
-        else:
-            check(chook is None, f"{tag} combine hook None")
+        run_hook(chook, hook_mode, f"{tag} combine")
         if use_out:
             check(got is out, f"{tag} out= must be returned")
         exp = np.zeros((n, hidden), dtype=np.float64)
@@ -779,11 +780,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:  # noqa: BLE001
-        sys.stdout.flush()
-        sys.stderr.write(f"FAILED on rank {ME} (seed {SEED}, rerun with CUPY_EP_TEST_SEED={SEED}):\n")
-        traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+    run_or_abort(main, note=f" (seed {SEED}, rerun with CUPY_EP_TEST_SEED={SEED})")
