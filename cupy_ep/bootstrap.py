@@ -330,7 +330,8 @@ def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
     too small for ``heap_bytes`` is finalised and made again when ``comm`` has the same ranks.
     A Buffer that does not fit beside live ones raises ``ValueError`` (``num_rdma_bytes``), and
     one over other ranks needs :func:`finalize_nvshmem` on the old ranks first. Idle NVSHMEM is
-    finalised at interpreter exit.
+    finalised at interpreter exit. After an initialisation that failed (on any rank), every later
+    call raises ``CupyEpError`` at once, without a collective.
 
     A fresh initialisation: rank 0 creates a unique id and broadcasts it over ``comm``; every rank
     then calls ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent).
@@ -338,6 +339,9 @@ def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
     otherwise, and the symmetric heap is sized for ``heap_bytes`` plus 256 MiB (at least NVSHMEM's
     default 1 GiB) unless the user set ``NVSHMEM_SYMMETRIC_SIZE``.
     """
+    if _nvshmem.get("unusable"):
+        raise CupyEpError(f"NVSHMEM cannot be used in this process after its failed initialisation "
+                          f"({_nvshmem['unusable']}); start a new job")
     world = _world_ranks(comm)
     plans = set(comm.allgather(nvshmem_plan(_nvshmem, device_id, world, heap_bytes)))
     if plans <= {"count", "reuse"}:
@@ -388,7 +392,13 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
         _check_initialised()
     except Exception as e:  # noqa: BLE001 -- agreed on below
         error = e
-    _agree(comm, "nvshmem.core.init", error)
+    try:
+        _agree(comm, "nvshmem.core.init", error)
+    except CupyEpError as e:
+        # Some ranks may now hold an initialised NVSHMEM and others not, and no collective can
+        # bring them back together: every later initialisation in this process fails at once.
+        _nvshmem["unusable"] = str(e)
+        raise
     _nvshmem.update(refs=1, device=device_id, world=world, heap_bytes=heap, in_use=heap_bytes)
     if not _nvshmem.get("exit_hook"):
         atexit.register(_finalize_at_exit)

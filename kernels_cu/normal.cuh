@@ -12,7 +12,8 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
 // (kernel: their id for the report): every expert id in [-1, E); the ranks holding a token's
 // experts are exactly the ranks is_token_in_rank marks (detail 1); the selections per expert match
 // num_tokens_per_expert (detail 2). Without topk_idx (TOPK == 0) only that those counts are not
-// negative. Reports the first problem found; true in a thread that found one. All threads must call it.
+// negative. Reports the first problem found; true in a thread that found one. It holds block
+// barriers: every thread must call it (first in an ||, never after a per-thread condition).
 template <typename Idx>
 __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const Idx* __restrict__ topk_idx,
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_expert,

@@ -191,6 +191,42 @@ def test_an_init_that_left_nvshmem_uninitialised_raises(monkeypatch, status, fai
         bootstrap._check_initialised()
 
 
+def test_a_failed_initialisation_makes_later_ones_fail_at_once(monkeypatch):
+    """nvshmem.core.init returns but NVSHMEM is not initialised: the agreed error, then every later
+    init_nvshmem raises before any collective (its ranks may now disagree about NVSHMEM's state)."""
+    import enum
+    import os
+    import types
+
+    import numpy as np
+    from mpi4py import MPI
+
+    codes = enum.IntEnum("Init_status", "STATUS_NOT_INITIALIZED STATUS_IS_BOOTSTRAPPED STATUS_IS_INITIALIZED",
+                         start=0)
+    inits = []
+    fakes = {
+        "cupy": types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda i: types.SimpleNamespace(use=lambda: None))),
+        "cuda": types.ModuleType("cuda"),
+        "cuda.core": types.SimpleNamespace(Device=lambda i: types.SimpleNamespace(set_current=lambda: None)),
+        "nvshmem": types.ModuleType("nvshmem"),
+        "nvshmem.core": types.SimpleNamespace(
+            get_unique_id=lambda empty=False: types.SimpleNamespace(_data=np.zeros(128, np.uint8)),
+            init=lambda **kw: inits.append(kw)),
+        "nvshmem.bindings": types.SimpleNamespace(Init_status=codes, init_status=lambda: 0),
+    }
+    fakes["cuda"].core = fakes["cuda.core"]
+    fakes["nvshmem"].core, fakes["nvshmem"].bindings = fakes["nvshmem.core"], fakes["nvshmem.bindings"]
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(os, "environ", dict(os.environ))   # _initialise sets NVSHMEM_* variables
+    monkeypatch.setattr(bootstrap, "_nvshmem", _state(0, world=None))
+    with pytest.raises(CupyEpError, match="not initialised"):
+        bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)
+    with pytest.raises(CupyEpError, match="cannot be used in this process"):
+        bootstrap.init_nvshmem(MPI.COMM_SELF, 0, 1 << 20)
+    assert len(inits) == 1 and bootstrap._nvshmem["world"] is None
+
+
 @pytest.mark.parametrize("failing", [False, True])
 def test_idle_nvshmem_is_finalised_at_exit_unless_the_exit_fails(monkeypatch, failing):
     finalised = []
