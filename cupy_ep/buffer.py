@@ -387,7 +387,7 @@ class Buffer:
                 receives more rows, the rows past the limit are dropped and :meth:`check` (or else
                 the next non-cached dispatch) raises :class:`cupy_ep.TokenOverflowError` on every rank.
             config: :class:`Config` (default: tuned for this rank count).
-            previous_event, async_finish, allocate_on_comm_stream: see the README's "Streams and events".
+            previous_event, async_finish, allocate_on_comm_stream: see docs/api.md, "Streams and events".
 
         Returns:
             ``(recv_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event)``:

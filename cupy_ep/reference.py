@@ -1,4 +1,4 @@
-"""The cupy_ep contract (docs: SPEC.md) in NumPy over mpi4py: the CPU backend and the oracle.
+"""The cupy_ep contract (docs/api.md) in NumPy over mpi4py: the CPU backend and the oracle.
 
 ``cupy_ep.reference.Buffer`` has the same constructor, methods, arguments and returned
 tuples as the GPU ``cupy_ep.Buffer``, with NumPy arrays in and out:
@@ -52,6 +52,7 @@ import numpy as np
 from . import fp8 as _fp8
 from . import limits
 from . import validation as V
+from .config import Config
 from .errors import CupyEpError, TokenOverflowError
 from .event import EventOverlap   # the public placeholder/event class; with event=None it does nothing
 
@@ -287,8 +288,8 @@ class Buffer:
         chaos: the GPU's test-only chaos mode (unused).
     """
 
-    #: Default SM count of the GPU Buffer (kept for API compatibility).
-    num_sms = 20
+    #: The SM count of the GPU Buffer's default Config (kept for API compatibility, unused here).
+    num_sms = Config.num_sms
 
     def __init__(self, comm=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
                  num_nvl_peers=None, num_sms=None, timeout_s=limits.DEFAULT_TIMEOUT_S, ll_transport="auto",
@@ -391,9 +392,10 @@ class Buffer:
         return self.group_size
 
     @staticmethod
-    def set_num_sms(new_num_sms):
-        """Set the default SM count (kept for API compatibility; unused here)."""
-        Buffer.num_sms = V.check_num_sms(new_num_sms, "new_num_sms")
+    def set_num_sms(num_sms):
+        """Checks and keeps the default SM count, as the GPU Buffer does (unused here; class-wide,
+        as in DeepEP)."""
+        Buffer.num_sms = V.check_num_sms(num_sms)
 
     @staticmethod
     def capture():

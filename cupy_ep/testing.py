@@ -69,6 +69,7 @@ def run_or_abort(main, note: str = ""):
     mpiexec exits non-zero."""
     import os
     import sys
+    import time
     import traceback
 
     try:
@@ -84,9 +85,10 @@ def run_or_abort(main, note: str = ""):
         except Exception:  # noqa: BLE001
             pass
         sys.stdout.flush()
-        sys.stderr.write(f"\nFAILED on rank {rank}{note}:\n")
-        traceback.print_exc()
+        sys.stderr.write(f"\nFAILED on rank {rank}{note}:\n{traceback.format_exc()}")
         sys.stderr.flush()
+        # mpiexec forwards output asynchronously: aborting at once can lose the traceback.
+        time.sleep(1.0)
         try:
             from mpi4py import MPI
 

@@ -322,7 +322,7 @@ def test_check_buffer_args_and_topology():
     assert V.check_num_sms(np.int64(24)) == 24
     from cupy_ep import reference
 
-    with raises(ValueError, "new_num_sms"):          # the same range as the GPU Buffer's
+    with raises(ValueError, "num_sms"):              # the same range as the GPU Buffer's
         reference.Buffer.set_num_sms(1)
     with raises(ValueError, "timeout_s: expected a positive, finite number"):
         V.check_buffer_args(0, 0, False, timeout_s=float("nan"))
