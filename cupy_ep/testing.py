@@ -61,7 +61,6 @@ def agreed(comm, context: str, fn):
     return result
 
 
-# ---- inputs ----------------------------------------------------------------------------------
 def run_or_abort(main, note: str = ""):
     """Runs an MPI script's ``main()`` and returns its result. When it raises (anything but
     ``SystemExit``), prints the error with this rank (and ``note``, e.g. the seed to repeat the
@@ -77,26 +76,25 @@ def run_or_abort(main, note: str = ""):
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 -- report, then abort every rank
-        rank = "?"
         try:
             from mpi4py import MPI
 
             rank = MPI.COMM_WORLD.Get_rank()
         except Exception:  # noqa: BLE001
-            pass
+            MPI, rank = None, "?"
         sys.stdout.flush()
         sys.stderr.write(f"\nFAILED on rank {rank}{note}:\n{traceback.format_exc()}")
         sys.stderr.flush()
         # mpiexec forwards output asynchronously: aborting at once can lose the traceback.
         time.sleep(1.0)
         try:
-            from mpi4py import MPI
-
-            MPI.COMM_WORLD.Abort(1)
+            if MPI is not None:
+                MPI.COMM_WORLD.Abort(1)
         finally:
             os._exit(1)
 
 
+# ---- inputs ----------------------------------------------------------------------------------
 def make_x(rng, num_tokens: int, hidden: int):
     """bf16 ``[N, H]``: normal values, some large tokens, all-zero 128-blocks, scattered zeros."""
     x = rng.standard_normal((num_tokens, hidden), dtype=np.float32)

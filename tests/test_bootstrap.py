@@ -168,18 +168,23 @@ def test_nvshmem_heap_size(monkeypatch):
     assert bootstrap._heap_bytes_for(3 << 30) == (3 << 30) + bootstrap._HEAP_SLACK
 
 
-@pytest.mark.parametrize("status, fails", [("STATUS_NOT_INITIALIZED", True), ("STATUS_IS_INITIALIZED", False),
-                                           ("STATUS_LIMITED_MPG", False)])
-def test_an_init_that_left_nvshmem_uninitialised_raises(monkeypatch, status, fails):
-    """NVSHMEM's next call would end the process: the check after nvshmem.core.init raises instead."""
+def _fake_nvshmem_bindings(status: str):
+    """An ``nvshmem.bindings`` whose ``init_status()`` reports ``status`` (nvshmem4py's enum names)."""
     import enum
     import types
 
     codes = enum.IntEnum("Init_status", "STATUS_NOT_INITIALIZED STATUS_IS_BOOTSTRAPPED STATUS_IS_INITIALIZED "
                                         "STATUS_LIMITED_MPG STATUS_FULL_MPG", start=0)
-    bindings = types.ModuleType("nvshmem.bindings")
-    bindings.Init_status = codes
-    bindings.init_status = lambda: int(codes[status])
+    return types.SimpleNamespace(Init_status=codes, init_status=lambda: int(codes[status]))
+
+
+@pytest.mark.parametrize("status, fails", [("STATUS_NOT_INITIALIZED", True), ("STATUS_IS_INITIALIZED", False),
+                                           ("STATUS_LIMITED_MPG", False)])
+def test_an_init_that_left_nvshmem_uninitialised_raises(monkeypatch, status, fails):
+    """NVSHMEM's next call would end the process: the check after nvshmem.core.init raises instead."""
+    import types
+
+    bindings = _fake_nvshmem_bindings(status)
     package = types.ModuleType("nvshmem")
     package.bindings = bindings
     monkeypatch.setitem(sys.modules, "nvshmem", package)
@@ -194,15 +199,12 @@ def test_an_init_that_left_nvshmem_uninitialised_raises(monkeypatch, status, fai
 def test_a_failed_initialisation_makes_later_ones_fail_at_once(monkeypatch):
     """nvshmem.core.init returns but NVSHMEM is not initialised: the agreed error, then every later
     init_nvshmem raises before any collective (its ranks may now disagree about NVSHMEM's state)."""
-    import enum
     import os
     import types
 
     import numpy as np
     from mpi4py import MPI
 
-    codes = enum.IntEnum("Init_status", "STATUS_NOT_INITIALIZED STATUS_IS_BOOTSTRAPPED STATUS_IS_INITIALIZED",
-                         start=0)
     inits = []
     fakes = {
         "cupy": types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda i: types.SimpleNamespace(use=lambda: None))),
@@ -212,7 +214,7 @@ def test_a_failed_initialisation_makes_later_ones_fail_at_once(monkeypatch):
         "nvshmem.core": types.SimpleNamespace(
             get_unique_id=lambda empty=False: types.SimpleNamespace(_data=np.zeros(128, np.uint8)),
             init=lambda **kw: inits.append(kw)),
-        "nvshmem.bindings": types.SimpleNamespace(Init_status=codes, init_status=lambda: 0),
+        "nvshmem.bindings": _fake_nvshmem_bindings("STATUS_NOT_INITIALIZED"),
     }
     fakes["cuda"].core = fakes["cuda.core"]
     fakes["nvshmem"].core, fakes["nvshmem"].bindings = fakes["nvshmem.core"], fakes["nvshmem.bindings"]
