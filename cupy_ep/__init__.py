@@ -7,13 +7,13 @@ this package needs no GPU: GPU-only parts fail when used, saying why.
 from .bootstrap import finalize_nvshmem, gpu_available
 from .buffer import Buffer
 from .config import Config
-from .errors import CommTimeoutError, CompileError, CupyEpError, GPUUnavailableError, TokenOverflowError
+from .errors import CallMismatchError, CommTimeoutError, CompileError, CupyEpError, GPUUnavailableError, TokenOverflowError
 from .event import EventOverlap
 from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 
 __all__ = [
     "Buffer", "Config", "EventOverlap",
-    "CupyEpError", "CommTimeoutError", "CompileError", "GPUUnavailableError", "TokenOverflowError",
+    "CupyEpError", "CallMismatchError", "CommTimeoutError", "CompileError", "GPUUnavailableError", "TokenOverflowError",
     "finalize_nvshmem", "gpu_available", "per_token_cast_to_fp8", "per_token_cast_back",
 ]
 __version__ = "0.1.0"

@@ -12,23 +12,56 @@ class CupyEpError(RuntimeError):
 
 
 class CommTimeoutError(CupyEpError):
-    """A kernel gave up waiting for a peer rank (crashed, or skipped a collective call).
+    """A wait for a peer rank (crashed, late, or it skipped a collective call) passed ``timeout_s``.
 
-    The Buffer is unusable afterwards: destroy it and create another.
+    Raised by a kernel (then the Buffer is unusable: destroy it and create another) or by a
+    host-side step of a call (:mod:`cupy_ep.collective`: then nothing was sent and the Buffer
+    stays usable).
 
     Attributes:
-        kernel: name of the kernel that gave up.
+        kernel: name of the kernel or call that gave up.
         rank: the rank that gave up.
         peer: the rank it was waiting for (-1 when the wait was not on one peer).
         channel: the channel (block) that waited, or -1.
+        peers: the ranks it was waiting for (``[peer]`` for a kernel's wait; for a host step,
+            every rank that did not arrive, or the ranks that gave up waiting for this one).
     """
 
-    def __init__(self, kernel: str, rank: int, peer: int, detail: str = "", channel: int = -1):
+    def __init__(self, kernel: str, rank: int, peer: int, detail: str = "", channel: int = -1, peers=None):
         self.kernel, self.rank, self.peer, self.channel = kernel, rank, peer, channel
-        who = f"peer rank {peer}" if peer >= 0 else "other blocks or ranks"
+        self.peers = list(peers) if peers is not None else ([peer] if peer >= 0 else [])
+        if len(self.peers) > 1:
+            who = "peer ranks " + ", ".join(map(str, self.peers))
+        else:
+            who = f"peer rank {peer}" if peer >= 0 else "other blocks or ranks"
         where = f" in channel {channel}" if channel >= 0 else ""
         msg = f"{kernel} on rank {rank} timed out{where} waiting for {who}"
         super().__init__(msg + (f" ({detail})" if detail else ""))
+
+
+class CallMismatchError(CupyEpError):
+    """The ranks made different collective calls at the same point (the call was cancelled).
+
+    Every rank must make the same calls of a Buffer in the same order; a rank that skipped a
+    call finds the others' next call here instead of its own.
+    """
+
+
+def peers_gave_up(call: str, rank: int, ranks, timeout_s: float) -> CommTimeoutError:
+    """The error of a rank that arrived in ``call`` after ``ranks`` had stopped waiting for it."""
+    ranks = sorted(ranks)
+    error = CommTimeoutError(call, rank, ranks[0], peers=ranks)
+    error.args = (f"{call} on rank {rank}: rank(s) {', '.join(map(str, ranks))} gave up waiting for this rank "
+                  f"(timeout_s={timeout_s:g} s) before it arrived; the call was cancelled on every rank",)
+    return error
+
+
+def cancelled_by_peers(call: str, ranks, rank: int) -> ValueError:
+    """The error of a rank whose own input was fine, when ``ranks`` refused theirs in ``call``."""
+    ranks = sorted(ranks)
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
+    return ValueError(f"{who} passed invalid input to {call}; the call was cancelled on every rank "
+                      f"(seen on rank {rank})")
 
 
 class TokenOverflowError(CupyEpError, ValueError):
@@ -75,6 +108,5 @@ def status_error(status: int, kernel: str, rank: int, peer: int, detail: int, de
         return ValueError(f"{what} (seen by {kernel} on rank {rank}; use get_dispatch_layout; that call's "
                           "outputs are invalid)")
     if status == limits.ST_PEER_BAD_INPUT:
-        return ValueError(f"rank {peer} passed invalid routing to {kernel}; the call was cancelled on every rank "
-                          f"(seen on rank {rank})")
+        return cancelled_by_peers(kernel, [peer], rank)
     return CupyEpError(f"{kernel} on rank {rank}: device status {status}")

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import limits
 from .engine import Engine
-from .errors import CommTimeoutError
+from .errors import CommTimeoutError, cancelled_by_peers
 from .memory import HostMapped
 
 HOST_EXPERT = 4
@@ -168,9 +168,7 @@ class NormalEngine(Engine):
             if time.monotonic() > deadline:
                 raise CommTimeoutError("notify_dispatch", self.rank, -1, "host wait for the receive counts")
         if out[2]:
-            raise self.status.take() or ValueError(
-                f"topk_idx / layout arrays: rank {int(out[3])} passed invalid routing to dispatch; the call was "
-                "cancelled on every rank")
+            raise self.status.take() or cancelled_by_peers("dispatch", [int(out[3])], self.rank)
         return int(out[1]), out[HOST_EXPERT:HOST_EXPERT + num_local_experts].tolist()
 
 

@@ -7,8 +7,8 @@ tuples as the GPU ``cupy_ep.Buffer``, with NumPy arrays in and out:
   bit patterns are accepted too, and kept as given); FP8 scales are float32 ``[N, H/128]``.
 - Every call is collective over the Buffer's communicator (a ``Dup`` of the one given),
   like the GPU calls: all ranks must make the same calls in the same order.
-- Data moves with ``Alltoallv`` of packed byte rows; metadata with small pickled
-  collectives. Results are deterministic: normal-mode rows come ordered by source rank,
+- Metadata and packed byte rows move as pickled point-to-point messages of the Buffer's
+  :class:`cupy_ep.collective.Channel` (each round bounded by ``timeout_s``). Results are deterministic: normal-mode rows come ordered by source rank,
   then source token; low-latency rows per expert by source rank, then source token.
 - Streams and events do not exist here: ``previous_event``, ``async_finish`` and
   ``allocate_on_comm_stream`` are accepted and ignored (``config`` is checked as on the GPU,
@@ -23,16 +23,22 @@ although the reference reserves no memory. Size the buffers with the static size
 
 Errors:
 
-- Bad input (wrong dtype, shape, contiguity, sizes) raises ``TypeError`` / ``ValueError``
-  naming the argument, before any communication, on every rank that sees it, and leaves the
-  Buffer usable. When only some ranks get such input, those raise while the others block in
-  the call's first collective (the reference has no timeouts): give all ranks the same
-  arguments, or abort the job on an exception.
-- Bad routing values (expert ids outside ``[-1, E)``, layout arrays that disagree with each
-  other or with ``topk_idx``) are found on the host before anything is sent, and cancel the
-  call on every rank, as on the GPU: the rank with the bad input raises ``ValueError`` naming
-  the argument, the others ``ValueError("rank r passed invalid routing to ...")``.
-  ``get_dispatch_layout`` (no communication) raises at once on the rank that sees them.
+- Every call (and the constructor) is one step of the Buffer's :class:`cupy_ep.collective.Channel`:
+  its first round agrees on the arguments, each round is bounded by ``timeout_s``. Bad input
+  (wrong dtype, shape, contiguity, sizes, expert ids outside ``[-1, E)``, layout arrays that
+  disagree with each other or with ``topk_idx``) is found on the host before anything is sent and
+  cancels the call on every rank, as on the GPU: the rank with the bad input raises its own
+  ``TypeError`` / ``ValueError`` naming the argument, the others
+  ``ValueError("rank r passed invalid input to <call>; the call was cancelled on every rank ...")``
+  (:func:`cupy_ep.errors.cancelled_by_peers`). The Buffer stays usable.
+- A rank that does not arrive within ``timeout_s`` makes the others raise
+  :class:`cupy_ep.errors.CommTimeoutError` naming the call (``.peers``: the absent ranks); when
+  it arrives, it learns that they gave up and raises ``CommTimeoutError`` too. A rank that makes
+  another call than its peers at the same point raises :class:`cupy_ep.errors.CallMismatchError`,
+  as they do. In every case nothing was sent and the Buffer stays usable.
+- ``get_dispatch_layout`` is local, as on the GPU: expert ids outside ``[-1, E)`` select nothing
+  and are reported by :meth:`Buffer.check` or the next ``get_dispatch_layout`` of that rank, at
+  once, else by the next non-cached dispatch, which is cancelled on every rank.
 - Arguments that must agree between ranks (hidden size, FP8 or not, number of experts, top-k
   width, M, ...) are compared in the call's first collective; a disagreement raises
   ``ValueError`` on every rank.
@@ -53,6 +59,7 @@ from . import fp8 as _fp8
 from . import limits
 from . import validation as V
 from .config import Config
+from .collective import Channel, dup_bounded
 from .errors import CupyEpError, TokenOverflowError
 from .event import EventOverlap   # the public placeholder/event class; with event=None it does nothing
 
@@ -145,53 +152,28 @@ def _unpack(buf, spec):
     return out
 
 
-def _alltoallv_rows(comm, fields, send_counts, recv_counts):
-    """Exchange rows: ``fields`` (arrays of equal row count, grouped by destination rank with
-    ``send_counts[r]`` rows for rank r) -> the same fields received, grouped by source rank."""
-    from mpi4py import MPI
+def _alltoallv_rows(step, fields, send_counts, recv_counts):
+    """The second round of ``step``: exchange rows. ``fields`` (arrays of equal row count, grouped
+    by destination rank with ``send_counts[r]`` rows for rank r) -> the same fields received,
+    grouped by source rank (``recv_counts[r]`` rows from rank r, as agreed in the first round)."""
     nsend = int(np.sum(send_counts))
     sendbuf, spec = _pack(fields, nsend)
-    rb = sendbuf.shape[1]
-    sc = np.asarray(send_counts, dtype=np.int64) * rb
-    rc = np.asarray(recv_counts, dtype=np.int64) * rb
-    sd = np.concatenate([[0], np.cumsum(sc)[:-1]]).astype(np.int64)
-    rd = np.concatenate([[0], np.cumsum(rc)[:-1]]).astype(np.int64)
-    nrecv = int(np.sum(recv_counts))
-    recvbuf = np.empty((nrecv, rb), dtype=np.uint8)
-    comm.Alltoallv([sendbuf.reshape(-1), (sc.tolist(), sd.tolist()), MPI.BYTE],
-                   [recvbuf.reshape(-1), (rc.tolist(), rd.tolist()), MPI.BYTE])
-    return _unpack(recvbuf, spec)
+    bounds = np.concatenate([[0], np.cumsum(send_counts)]).astype(np.int64)
+    got = step.exchange([sendbuf[bounds[r]:bounds[r + 1]] for r in range(len(send_counts))])
+    for r, (rows, want) in enumerate(zip(got, recv_counts)):
+        if rows.shape[0] != int(want):
+            raise CupyEpError(f"{step.call}: rank {r} sent {rows.shape[0]} rows, {int(want)} were agreed")
+    recvbuf = np.concatenate(got) if got else sendbuf[:0]
+    return _unpack(recvbuf.reshape(-1, sendbuf.shape[1]), spec)
 
 
-def _meta_alltoall(comm, common, private, payloads, bad=None, call="dispatch"):
-    """One collective for a call's metadata, and the point where a call is cancelled everywhere.
-
-    Args:
-        common: list of ``(arg, what, value)`` that must be equal on every rank.
-        private: a picklable object every rank gets from every rank.
-        payloads: list (one per destination rank) of picklable objects.
-        bad: None, or the message of this rank's bad routing (the call is cancelled).
-        call: the call's name, for the other ranks' message.
-    Returns:
-        ``(privates, received_payloads)``, both lists indexed by rank.
-    Raises:
-        ValueError on every rank when some rank has ``bad`` input (that rank: its own message;
-        the others name the first such rank), or when a ``common`` value differs between ranks.
-    """
-    mine = tuple(v for _, _, v in common)
-    items = comm.alltoall([(mine, private, p, bad) for p in payloads])
-    if bad is not None:
-        raise ValueError(bad)
-    bad_ranks = [r for r, it in enumerate(items) if it[3] is not None]
-    if bad_ranks:
-        raise ValueError(f"rank {bad_ranks[0]} passed invalid routing to {call}; the call was cancelled on every "
-                         f"rank (seen on rank {comm.Get_rank()})")
-    commons = [it[0] for it in items]
-    for i, (arg, what, _) in enumerate(common):
-        vals = [c[i] for c in commons]
-        if any(v != vals[0] for v in vals):
-            raise ValueError(f"{arg}: {what} must be the same on every rank, got {vals} (by rank)")
-    return [it[1] for it in items], [it[2] for it in items]
+def _local_checks(checks):
+    """Runs this rank's argument checks ``checks()``; returns ``(result, None)``, or ``(None, error)``
+    when they raised TypeError / ValueError (the call's first round then cancels it everywhere)."""
+    try:
+        return checks(), None
+    except (TypeError, ValueError) as e:
+        return None, e
 
 
 def _ceil_div(a, b):
@@ -283,7 +265,7 @@ class Buffer:
             ``limits.MAX_NVL_PEERS`` ranks, like the GPU: with more ranks on one host, give
             ``num_nvl_peers`` (and ``num_rdma_bytes``) as a GPU cluster would need.
         num_sms: SMs the GPU kernels may use (kept, unused).
-        timeout_s: the GPU Buffer's wait bound (checked, unused: the reference has none).
+        timeout_s: the bound of each round of a call's exchange (:mod:`cupy_ep.collective`).
         ll_transport: the GPU's low-latency transport (checked with ``low_latency_mode``, unused).
         chaos: the GPU's test-only chaos mode (unused).
     """
@@ -300,14 +282,41 @@ class Buffer:
             comm = MPI.COMM_WORLD
         if not isinstance(comm, MPI.Comm):
             raise TypeError(f"comm: expected an mpi4py communicator, got {type(comm).__name__}")
+        self.rank = comm.Get_rank()
+        self.group_size = comm.Get_size()
+        _, refusal = _local_checks(lambda: self._check_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode,
+                                                            num_nvl_peers, num_sms, timeout_s, ll_transport))
+        self.timeout_s = limits.DEFAULT_TIMEOUT_S if refusal is not None else float(timeout_s)
+        self.chaos = bool(chaos)
+        dup = dup_bounded(comm, self.timeout_s, "Buffer")
+        try:
+            self._chan = Channel(dup, self.timeout_s)
+            step = self._chan.step("Buffer")
+            common = [] if refusal is not None else [
+                ("low_latency_mode", "value", self.low_latency_mode), ("num_nvl_bytes", "value", self.num_nvl_bytes),
+                ("num_rdma_bytes", "value", self.num_rdma_bytes), ("num_nvl_peers", "value", num_nvl_peers),
+                ("ll_transport", "value", ll_transport if self.low_latency_mode else None)]
+            hosts, _ = step.agree(common, private=MPI.Get_processor_name(), refusal=refusal)
+            nvl = num_nvl_peers if num_nvl_peers is not None else self._ranks_per_host(hosts)
+            V.check_buffer_topology(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
+                                    self.group_size, nvl)
+            step.finish()
+        except BaseException:
+            dup.Free()
+            raise
+        self.comm = dup
+        self._ll_combine_buffers = {}
+        self._layout_error = None      # bad expert ids seen by get_dispatch_layout, reported later
+        self.num_nvl_ranks = nvl
+        self.num_rdma_ranks = self.group_size // nvl
+
+    def _check_args(self, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_nvl_peers, num_sms, timeout_s,
+                    ll_transport):
+        """The constructor's local checks; keeps the sizes and modes."""
         V.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport, num_sms)
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = bool(low_latency_mode)
-        self.timeout_s = float(timeout_s)
-        self.chaos = bool(chaos)
-        self.rank = comm.Get_rank()
-        self.group_size = comm.Get_size()
         if num_nvl_peers is not None:
             num_nvl_peers = V.check_int(num_nvl_peers, "num_nvl_peers", 1)
             if self.group_size % num_nvl_peers != 0:
@@ -315,28 +324,13 @@ class Buffer:
                                  f"got {num_nvl_peers}")
         if num_sms is not None:
             self.num_sms = int(num_sms)
-        dup = comm.Dup()
-        try:
-            if num_nvl_peers is None:
-                shared = dup.Split_type(MPI.COMM_TYPE_SHARED)
-                local = shared.Get_size()
-                shared.Free()
-                sizes = dup.allgather(local)
-                nvl = local if all(s == local for s in sizes) and self.group_size % local == 0 else self.group_size
-            else:
-                nvl = num_nvl_peers
-            V.check_same_on_every_rank(dup, num_nvl_peers=nvl, low_latency_mode=self.low_latency_mode,
-                                       num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes,
-                                       ll_transport=ll_transport if self.low_latency_mode else None)
-            V.check_buffer_topology(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
-                                    self.group_size, nvl)
-        except BaseException:
-            dup.Free()
-            raise
-        self.comm = dup
-        self._ll_combine_buffers = {}
-        self.num_nvl_ranks = nvl
-        self.num_rdma_ranks = self.group_size // nvl
+
+    def _ranks_per_host(self, hosts):
+        """The NVLink domain size when none is given: the ranks sharing this host, when every host
+        has as many and they divide the ranks; else all ranks (one domain)."""
+        local = hosts.count(hosts[self.rank])
+        same = all(hosts.count(h) == local for h in hosts)
+        return local if same and self.group_size % local == 0 else self.group_size
 
     # ----------------------------------------------------------------- lifetime
     def destroy(self):
@@ -365,13 +359,25 @@ class Buffer:
     def check(self, synchronize=True):
         """Raise what the GPU Buffer would report since the last call (API parity).
 
-        The reference raises every error in the call that causes it, so there is never
-        anything pending: this only raises ``CupyEpError`` on a destroyed Buffer.
+        The only report the reference keeps for later is the GPU's: bad expert ids given to
+        :meth:`get_dispatch_layout` (raised here, by the next ``get_dispatch_layout`` on this
+        rank, or by the next non-cached dispatch on every rank). Raises ``CupyEpError`` on a
+        destroyed Buffer.
 
         Args:
             synchronize: accepted for parity (nothing runs asynchronously here).
         """
         self._check_alive()
+        self._raise_layout_error()
+
+    def _take_layout_error(self):
+        error, self._layout_error = self._layout_error, None
+        return error
+
+    def _raise_layout_error(self):
+        error = self._take_layout_error()
+        if error is not None:
+            raise error
 
     def _check_low_latency(self):
         if not self.low_latency_mode:
@@ -473,18 +479,19 @@ class Buffer:
             is_token_in_rank: bool ``[N, R]``.
             event: :class:`EventOverlap` placeholder.
 
-        Raises:
-            ValueError naming ``topk_idx`` for an expert id outside ``[-1, E)``, at once (the
-            GPU reports it at the next dispatch or :meth:`check`).
+        Expert ids outside ``[-1, E)`` select nothing here and are reported later, as on the GPU:
+        :meth:`check` or the next ``get_dispatch_layout`` of this rank raise ``ValueError`` naming
+        ``topk_idx`` at once, else the next non-cached dispatch is cancelled on every rank.
         """
         self._check_alive()
+        self._raise_layout_error()
         _require_numpy(topk_idx, "topk_idx")
         R = self.group_size
         n, _ = V.check_layout_call(topk_idx, num_experts, R)
-        V.check_topk_range(topk_idx, num_experts)
+        _, self._layout_error = _local_checks(lambda: V.check_topk_range(topk_idx, num_experts))
         e_local = num_experts // R
         idx = topk_idx.astype(np.int64)
-        valid = idx >= 0
+        valid = (idx >= 0) & (idx < num_experts)
         num_tokens_per_expert = np.bincount(idx[valid], minlength=num_experts).astype(np.int32)
         is_token_in_rank = np.zeros((n, R), dtype=bool)
         rows = np.nonzero(valid)[0]
@@ -548,44 +555,43 @@ class Buffer:
         self._check_alive()
         self._check_normal()
         R = self.group_size
-        _require_numpy_items(x, "x")
-        for a, nm in ((num_tokens_per_rank, "num_tokens_per_rank"), (is_token_in_rank, "is_token_in_rank"),
-                      (num_tokens_per_expert, "num_tokens_per_expert"),
-                      (num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
-                      (topk_idx, "topk_idx"), (topk_weights, "topk_weights")):
-            _require_numpy(a, nm)
-        V.check_config(config, self.num_nvl_ranks)
-        is_fp8, n, h = V.check_x(x)
-        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
         if handle is not None:
-            self._check_handle(handle)
-            V.check_cached_dispatch(handle, n, h, topk_idx, topk_weights, num_worst_tokens)
-            num_topk = handle.num_topk
-        else:
+            return self._cached_dispatch(x, handle, topk_idx, topk_weights, num_worst_tokens, config)
+        step = self._chan.step("dispatch")
+
+        def checks():
+            _require_numpy_items(x, "x")
+            for a, nm in ((num_tokens_per_rank, "num_tokens_per_rank"), (is_token_in_rank, "is_token_in_rank"),
+                          (num_tokens_per_expert, "num_tokens_per_expert"),
+                          (num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank"),
+                          (topk_idx, "topk_idx"), (topk_weights, "topk_weights")):
+                _require_numpy(a, nm)
+            V.check_config(config, self.num_nvl_ranks)
+            is_fp8, n, h = V.check_x(x)
             num_experts = V.check_normal_dispatch(
                 n, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
                 topk_idx, topk_weights, expert_alignment, num_worst_tokens, R, self.num_rdma_ranks)
-            num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
-        V.check_normal_capacity(n, h, num_topk, self.num_nvl_bytes, R, self.num_nvl_ranks, self.num_rdma_bytes)
-        if handle is not None:
-            return self._cached_dispatch(data, scales, is_fp8, h, handle)
+            k = 0 if topk_idx is None else int(topk_idx.shape[1])
+            V.check_normal_capacity(n, h, k, self.num_nvl_bytes, R, self.num_nvl_ranks, self.num_rdma_bytes)
+            layout_error = self._take_layout_error()
+            if layout_error is not None:
+                raise layout_error
+            bad = _routing_error(n, R, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                                 num_experts, num_tokens_per_rdma_rank, self.num_nvl_ranks)
+            if bad is not None:
+                raise ValueError(bad)
+            return is_fp8, n, h, k, num_experts
 
+        is_fp8, n, h, k, num_experts = step.validated(checks)
+        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
         e_local = num_experts // R
-        k = num_topk
-        bad = _routing_error(n, R, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                             num_experts, num_tokens_per_rdma_rank, self.num_nvl_ranks)
-        if bad is None:
-            send_counts = num_tokens_per_rank.astype(np.int64)
-            payloads = [(int(send_counts[r]), num_tokens_per_expert[r * e_local:(r + 1) * e_local].astype(np.int64))
-                        for r in range(R)]
-        else:
-            send_counts = np.zeros(R, dtype=np.int64)
-            payloads = [None] * R
+        send_counts = num_tokens_per_rank.astype(np.int64)
+        payloads = [(int(send_counts[r]), num_tokens_per_expert[r * e_local:(r + 1) * e_local].astype(np.int64))
+                    for r in range(R)]
         common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h),
                   ("num_tokens_per_expert", "length (num_experts)", num_experts),
                   ("topk_idx", "presence", topk_idx is not None), ("topk_idx", "number of columns", k)]
-        privates, got = _meta_alltoall(self.comm, common, (int(num_worst_tokens), send_counts.tolist()), payloads,
-                                       bad=bad, call="dispatch")
+        privates, got = step.agree(common, (int(num_worst_tokens), send_counts.tolist()), payloads)
         recv_totals = np.sum([c for _, c in privates], axis=0)
         for r, (w, _) in enumerate(privates):
             if w > 0 and recv_totals[r] > w:
@@ -609,7 +615,7 @@ class Buffer:
             keep = (sel >= 0) & (local >= 0) & (local < e_local)
             fields.append(np.where(keep, local, -1).astype(np.int64))
             fields.append(np.where(keep, topk_weights[send_order], np.float32(0)).astype(_F32))
-        recv = _alltoallv_rows(self.comm, fields, send_counts, recv_counts)
+        recv = _alltoallv_rows(step, fields, send_counts, recv_counts)
 
         num_recv = int(recv_counts.sum())
         rows = num_worst_tokens if num_worst_tokens > 0 else num_recv
@@ -648,13 +654,28 @@ class Buffer:
         if handle.num_ranks != self.group_size:
             raise ValueError(f"handle: made for {handle.num_ranks} ranks, this Buffer has {self.group_size}")
 
-    def _cached_dispatch(self, data, scales, is_fp8, h, handle):
-        common = [("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h)]
-        _meta_alltoall(self.comm, common, None, [None] * self.group_size)
+    def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, config):
+        step = self._chan.step("dispatch")
+
+        def checks():
+            _require_numpy_items(x, "x")
+            _require_numpy(topk_idx, "topk_idx")
+            _require_numpy(topk_weights, "topk_weights")
+            V.check_config(config, self.num_nvl_ranks)
+            is_fp8, n, h = V.check_x(x)
+            self._check_handle(handle)
+            V.check_cached_dispatch(handle, n, h, topk_idx, topk_weights, num_worst_tokens)
+            V.check_normal_capacity(n, h, handle.num_topk, self.num_nvl_bytes, self.group_size, self.num_nvl_ranks,
+                                    self.num_rdma_bytes)
+            return is_fp8, h
+
+        is_fp8, h = step.validated(checks)
+        data, scales = (x[0], x[1]) if is_fp8 else (x, None)
+        step.agree([("x", "FP8 or bf16", is_fp8), ("x", "hidden size", h)])
         fields = [data[handle.send_order]]
         if is_fp8:
             fields.append(scales[handle.send_order])
-        recv = _alltoallv_rows(self.comm, fields, handle.send_counts, handle.recv_counts)
+        recv = _alltoallv_rows(step, fields, handle.send_counts, handle.recv_counts)
         nr, rows = handle.num_recv_tokens, handle.num_rows
         recv_data = np.zeros((rows, h), dtype=data.dtype)
         recv_data[:nr] = recv[0]
@@ -690,21 +711,26 @@ class Buffer:
         """
         self._check_alive()
         self._check_normal()
-        _require_numpy_items(x, "x")
-        _require_numpy(topk_weights, "topk_weights")
-        _require_numpy_items(bias, "bias")
-        self._check_handle(handle)
-        V.check_config(config, self.num_nvl_ranks)
-        biases = V.check_normal_combine(x, handle, topk_weights, bias)
+        step = self._chan.step("combine")
+
+        def checks():
+            _require_numpy_items(x, "x")
+            _require_numpy(topk_weights, "topk_weights")
+            _require_numpy_items(bias, "bias")
+            self._check_handle(handle)
+            V.check_config(config, self.num_nvl_ranks)
+            return V.check_normal_combine(x, handle, topk_weights, bias)
+
+        biases = step.validated(checks)
         h, k = handle.hidden, (handle.num_topk if topk_weights is not None else 0)
         common = [("x", "hidden size", h), ("topk_weights", "presence", topk_weights is not None),
                   ("topk_weights", "number of columns", k)]
-        _meta_alltoall(self.comm, common, None, [None] * self.group_size)
+        step.agree(common)
         nr = handle.num_recv_tokens
         fields = [x[:nr]]
         if topk_weights is not None:
             fields.append(topk_weights[:nr])
-        back = _alltoallv_rows(self.comm, fields, handle.recv_counts, handle.send_counts)
+        back = _alltoallv_rows(step, fields, handle.recv_counts, handle.send_counts)
         n = handle.num_tokens
         acc = np.zeros((n, h), dtype=_F32)
         for b in biases:
@@ -729,7 +755,7 @@ class Buffer:
         Args:
             x: bf16 ``[N, H]``, ``H % 128 == 0``, ``N <= M``.
             topk_idx: int64/int32 ``[N, K]``, values in ``[-1, E)`` (checked on the host: a bad
-                id cancels the call on every rank). A token that names an expert in several
+                id cancels the call on every rank; the GPU does not check them). A token that names an expert in several
                 slots is sent to it once.
             num_max_dispatch_tokens_per_rank: M, the same on every rank; ``num_rdma_bytes`` must
                 hold it (:meth:`get_low_latency_rdma_size_hint`).
@@ -760,33 +786,32 @@ class Buffer:
         self._check_alive()
         self._check_low_latency()
         R = self.group_size
-        _require_numpy(x, "x")
-        _require_numpy(topk_idx, "topk_idx")
         stats = cumulative_local_expert_recv_stats
-        _require_numpy(stats, "cumulative_local_expert_recv_stats")
-        n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, R,
-                                                    check_values=False)
+        step = self._chan.step("low_latency_dispatch")
+
+        def checks():
+            _require_numpy(x, "x")
+            _require_numpy(topk_idx, "topk_idx")
+            _require_numpy(stats, "cumulative_local_expert_recv_stats")
+            n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                                        R, check_values=False)
+            V.check_ll_capacity(self.num_rdma_bytes, R, int(num_experts), int(num_max_dispatch_tokens_per_rank), h)
+            V.check_cumulative_stats(stats, e_local)
+            V.check_topk_range(topk_idx, num_experts)
+            return n, h, k, e_local
+
+        n, h, k, e_local = step.validated(checks)
         m = int(num_max_dispatch_tokens_per_rank)
         num_experts = int(num_experts)
-        V.check_ll_capacity(self.num_rdma_bytes, R, num_experts, m, h)
-        V.check_cumulative_stats(stats, e_local)
         use_fp8 = bool(use_fp8)
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
 
-        try:
-            V.check_topk_range(topk_idx, num_experts)
-            bad = None
-        except ValueError as e:
-            bad = str(e)
-        if bad is None:
-            idx = topk_idx.astype(np.int64)
-            chosen = np.zeros((n, num_experts), dtype=bool)
-            tok = np.nonzero(idx >= 0)[0]
-            chosen[tok, idx[idx >= 0]] = True
-            t_of, e_of = np.nonzero(chosen)                      # sorted by token, then expert
-        else:
-            t_of = e_of = np.zeros(0, dtype=np.int64)
+        idx = topk_idx.astype(np.int64)
+        chosen = np.zeros((n, num_experts), dtype=bool)
+        tok = np.nonzero(idx >= 0)[0]
+        chosen[tok, idx[idx >= 0]] = True
+        t_of, e_of = np.nonzero(chosen)                      # sorted by token, then expert
         sent = (t_of.astype(np.int64) * num_experts + e_of)      # sorted keys (token-major)
         d_of = e_of // e_local
         order = np.lexsort((e_of, t_of, d_of))               # by destination, token, expert
@@ -796,8 +821,7 @@ class Buffer:
         common = [("num_max_dispatch_tokens_per_rank", "value", m), ("num_experts", "value", num_experts),
                   ("x", "hidden size", h), ("use_fp8", "value", use_fp8), ("round_scale", "value", round_scale),
                   ("use_ue8m0", "value", use_ue8m0)]
-        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts], bad=bad,
-                                call="low_latency_dispatch")
+        _, got = step.agree(common, payloads=[int(c) for c in send_counts])
         recv_counts = np.array(got, dtype=np.int64)
         meta = np.stack([(e_of - d_of * e_local), t_of], axis=1).astype(np.int32)
         if use_fp8:
@@ -805,7 +829,7 @@ class Buffer:
             fields = [meta, q[t_of], s[t_of]]
         else:
             fields = [meta, x[t_of]]
-        recv = _alltoallv_rows(self.comm, fields, send_counts, recv_counts)
+        recv = _alltoallv_rows(step, fields, send_counts, recv_counts)
 
         rm = R * m
         if use_fp8:
@@ -886,58 +910,17 @@ class Buffer:
         self._check_alive()
         self._check_low_latency()
         R, rank = self.group_size, self.rank
-        if zero_copy:
-            V.check_ll_handle(handle, R)
-            x = self.get_next_low_latency_combine_buffer(handle)
-        for a, nm in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (out, "out")):
-            _require_numpy(a, nm)
-        n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out, check_values=False)
-        src_info, layout_range, m, _, num_experts = V.check_ll_handle(handle, R)
-        info = handle[5]
-        e_local = num_experts // R
-        if out is not None and not out.flags.writeable:
-            raise ValueError("out: must be writeable")
-        begins = (layout_range >> 32).astype(np.int64)
-        counts = (layout_range & 0xFFFFFFFF).astype(np.int64)
-        if (begins < 0).any() or (begins + counts > R * m).any():
-            raise ValueError("handle: layout_range is out of bounds")
-        try:
-            V.check_topk_range(topk_idx, num_experts)
-            bad = None
-        except ValueError as e:
-            bad = str(e)
+        step = self._chan.step("low_latency_combine")
+        x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts = step.validated(
+            lambda: self._ll_combine_plan(x, topk_idx, topk_weights, handle, zero_copy, out))
         idx = topk_idx.astype(np.int64)
-        if bad is None and isinstance(info, LowLatencyHandleInfo):
-            t_sel, k_sel = np.nonzero(idx >= 0)
-            want = t_sel * num_experts + idx[t_sel, k_sel]
-            p = np.searchsorted(info.sent, want)
-            ok = (p < info.sent.size) & (info.sent[np.minimum(p, max(info.sent.size - 1, 0))] == want) \
-                if info.sent.size else np.zeros(want.size, bool)
-            if not ok.all():
-                i = int(np.flatnonzero(~ok)[0])
-                bad = (f"topk_idx: token {int(t_sel[i])} selects expert {int(idx[t_sel[i], k_sel[i]])} in slot "
-                       f"{int(k_sel[i])}, which the dispatch that made handle did not send it to")
-        sel_j, sel_s, sel_row = [], [], []
-        for s in range(R):
-            for j in range(e_local):
-                b, c = int(begins[j, s]), int(counts[j, s])
-                sel_j.append(np.full(c, j, np.int64))
-                sel_s.append(np.full(c, s, np.int64))
-                sel_row.append(np.arange(b, b + c, dtype=np.int64))
-        sel_j = np.concatenate(sel_j) if sel_j else np.zeros(0, np.int64)
-        sel_row = np.concatenate(sel_row) if sel_row else np.zeros(0, np.int64)
-        sel_s = np.concatenate(sel_s) if sel_s else np.zeros(0, np.int64)
-        tokens = src_info[sel_j, sel_row]
-        if (tokens < 0).any():
-            raise ValueError("handle: src_info has -1 inside a layout_range")
-        send_counts = np.bincount(sel_s, minlength=R).astype(np.int64)
+        e_local = num_experts // R
         common = [("handle", "num_max_dispatch_tokens_per_rank", m), ("x", "hidden size", h),
                   ("handle", "num_experts", num_experts)]
-        _, got = _meta_alltoall(self.comm, common, None, [int(c) for c in send_counts], bad=bad,
-                                call="low_latency_combine")
+        _, got = step.agree(common, payloads=[int(c) for c in send_counts])
         recv_counts = np.array(got, dtype=np.int64)
         meta = np.stack([sel_j + rank * e_local, tokens.astype(np.int64)], axis=1)
-        recv = _alltoallv_rows(self.comm, [meta, x[sel_j, sel_row]], send_counts, recv_counts)
+        recv = _alltoallv_rows(step, [meta, x[sel_j, sel_row]], send_counts, recv_counts)
         result = out if out is not None else np.zeros((n, h), dtype=BF16_DTYPE)
 
         def finish():
@@ -966,8 +949,55 @@ class Buffer:
         hook = _make_hook(finish, return_recv_hook)
         return result, EventOverlap(), hook
 
+    def _ll_combine_plan(self, x, topk_idx, topk_weights, handle, zero_copy, out):
+        """low_latency_combine's local checks, and the rows it sends: ``(x, N, H, K, M, E, expert of
+        each row, row in x, its source token, rows per destination rank)``."""
+        R = self.group_size
+        if zero_copy:
+            V.check_ll_handle(handle, R)
+            x = self.get_next_low_latency_combine_buffer(handle)
+        for a, nm in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (out, "out")):
+            _require_numpy(a, nm)
+        n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out, check_values=False)
+        src_info, layout_range, m, _, num_experts = V.check_ll_handle(handle, R)
+        info = handle[5]
+        e_local = num_experts // R
+        if out is not None and not out.flags.writeable:
+            raise ValueError("out: must be writeable")
+        begins = (layout_range >> 32).astype(np.int64)
+        counts = (layout_range & 0xFFFFFFFF).astype(np.int64)
+        if (begins < 0).any() or (begins + counts > R * m).any():
+            raise ValueError("handle: layout_range is out of bounds")
+        V.check_topk_range(topk_idx, num_experts)
+        idx = topk_idx.astype(np.int64)
+        if isinstance(info, LowLatencyHandleInfo):
+            t_sel, k_sel = np.nonzero(idx >= 0)
+            want = t_sel * num_experts + idx[t_sel, k_sel]
+            p = np.searchsorted(info.sent, want)
+            ok = (p < info.sent.size) & (info.sent[np.minimum(p, max(info.sent.size - 1, 0))] == want) \
+                if info.sent.size else np.zeros(want.size, bool)
+            if not ok.all():
+                i = int(np.flatnonzero(~ok)[0])
+                raise ValueError(f"topk_idx: token {int(t_sel[i])} selects expert {int(idx[t_sel[i], k_sel[i]])} "
+                                 f"in slot {int(k_sel[i])}, which the dispatch that made handle did not send it to")
+        sel_j, sel_s, sel_row = [], [], []
+        for s in range(R):
+            for j in range(e_local):
+                b, c = int(begins[j, s]), int(counts[j, s])
+                sel_j.append(np.full(c, j, np.int64))
+                sel_s.append(np.full(c, s, np.int64))
+                sel_row.append(np.arange(b, b + c, dtype=np.int64))
+        sel_j = np.concatenate(sel_j) if sel_j else np.zeros(0, np.int64)
+        sel_row = np.concatenate(sel_row) if sel_row else np.zeros(0, np.int64)
+        sel_s = np.concatenate(sel_s) if sel_s else np.zeros(0, np.int64)
+        tokens = src_info[sel_j, sel_row]
+        if (tokens < 0).any():
+            raise ValueError("handle: src_info has -1 inside a layout_range")
+        send_counts = np.bincount(sel_s, minlength=R).astype(np.int64)
+        return x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts
+
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
-        """Reset the low-latency signalling state (collective; a barrier here).
+        """Reset the low-latency signalling state (collective; an agreement and nothing else here).
 
         Args:
             num_max_dispatch_tokens_per_rank: M.
@@ -976,7 +1006,13 @@ class Buffer:
         """
         self._check_alive()
         self._check_low_latency()
-        V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
-        V.check_int(hidden, "hidden", 1)
-        V.check_num_experts(num_experts, self.group_size)
-        self.comm.Barrier()
+        step = self._chan.step("clean_low_latency_buffer")
+
+        def checks():
+            V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+            V.check_int(hidden, "hidden", 1)
+            V.check_num_experts(num_experts, self.group_size)
+
+        step.validated(checks)
+        step.agree()
+        step.finish()

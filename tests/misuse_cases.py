@@ -120,7 +120,7 @@ class MisuseCases(list):
         return False
 
 
-def _converter(array):
+def array_converter(array):
     name = getattr(array, "__name__", None)
     if name == "numpy":
         return lambda a: a
@@ -148,7 +148,7 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
     Returns:
         a :class:`MisuseCases` list (close it, or use it as a context manager).
     """
-    A = _converter(array)
+    A = array_converter(array)
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     nvl_peers, multi_domain = buf.num_nvl_ranks, buf.num_rdma_ranks > 1
     rng = np.random.default_rng(seed)
@@ -309,7 +309,7 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
         Case("dispatch: num_tokens_per_expert disagrees with topk_idx", ValueError, ("num_tokens_per_expert",),
              dispatch_with(num_tokens_per_expert=layout[2] + 1)),
         Case("dispatch: expert id out of range on rank 0 only", ValueError,
-             ("topk_idx",) if rank == 0 else ("rank 0", "invalid routing"),
+             ("topk_idx",) if rank == 0 else ("rank 0", "invalid input"),
              dispatch_with(topk_idx=bad_ids(e) if rank == 0 else idx)),
         # ---- dispatch: sizes
         Case("dispatch: more tokens than the buffers hold", ValueError,
@@ -490,6 +490,34 @@ def reference_ll_round_trip(comm, ll_buf, rng, num_tokens=None) -> None:
                                          f"for {sent} sent, values ok={ok}")
 
 
+def run_reference_cases(comm, cases, run, buf, ll_buf, rng, ok_line: str) -> int:
+    """Runs each case on every rank (``run(case)``: None, or what went wrong on this rank), then a
+    checked round trip on the Buffer of the case's mode (``buf`` or ``ll_buf``, reference Buffers).
+    Rank 0 prints ``FAIL ...`` per failing case, or ``ok_line`` when all passed; returns the exit
+    code (0: all passed)."""
+    from cupy_ep.testing import Mismatch
+
+    failures = []
+    for case in cases:
+        outcome = run(case)
+        bad = [f"rank {r}: {o}" for r, o in enumerate(comm.allgather(outcome)) if o is not None]
+        if bad:
+            failures.append(f"{case.name}: {'; '.join(bad)}")
+        try:
+            if case.mode == "low_latency":
+                reference_ll_round_trip(comm, ll_buf, rng)
+            else:
+                still_works(comm, rng, buf)
+        except Mismatch as e:
+            failures.append(f"{case.name}: the Buffer no longer works: {e}")
+    if comm.Get_rank() == 0:
+        for f in failures:
+            print(f"FAIL {f}", flush=True)
+        if not failures:
+            print(ok_line, flush=True)
+    return 1 if failures else 0
+
+
 __all__ = ["Case", "MisuseCases", "misuse_cases", "normal_buffer_kwargs", "ll_buffer_kwargs", "still_works",
-           "reference_ll_round_trip",
+           "reference_ll_round_trip", "run_reference_cases",
            "NORMAL_TOKENS", "NORMAL_HIDDEN", "NORMAL_TOPK", "LL_M", "LL_HIDDEN", "LL_EXPERTS_PER_RANK"]

@@ -16,11 +16,10 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from misuse_cases import (ll_buffer_kwargs, misuse_cases, normal_buffer_kwargs,  # noqa: E402
-                          reference_ll_round_trip, still_works)
+from misuse_cases import ll_buffer_kwargs, misuse_cases, normal_buffer_kwargs, run_reference_cases  # noqa: E402
 
 from cupy_ep import reference  # noqa: E402
-from cupy_ep.testing import Mismatch, run_or_abort  # noqa: E402
+from cupy_ep.testing import run_or_abort  # noqa: E402
 
 comm = MPI.COMM_WORLD
 
@@ -34,29 +33,12 @@ def main():
     rng = np.random.default_rng([seed, me])
     buf = reference.Buffer(comm, **normal_buffer_kwargs(reference.Buffer, R, args.nvl_peers))
     ll = reference.Buffer(comm, **ll_buffer_kwargs(reference.Buffer, R))
-    failures = []
     with misuse_cases(reference.Buffer, buf, np, comm, ll_buf=ll, seed=seed) as cases:
-        for case in cases:
-            outcome = case.run()
-            bad = [f"rank {r}: {o}" for r, o in enumerate(comm.allgather(outcome)) if o is not None]
-            if bad:
-                failures.append(f"{case.name}: {'; '.join(bad)}")
-            try:
-                if case.mode == "low_latency":
-                    reference_ll_round_trip(comm, ll, rng)
-                else:
-                    still_works(comm, rng, buf)
-            except Mismatch as e:
-                failures.append(f"{case.name}: the Buffer no longer works: {e}")
-        num_cases = len(cases)
+        ok_line = f"OK misuse ranks={R} nvl_peers={args.nvl_peers} cases={len(cases)} seed={seed}"
+        code = run_reference_cases(comm, cases, lambda case: case.run(), buf, ll, rng, ok_line)
     ll.destroy()
     buf.destroy()
-    if me == 0:
-        for f in failures:
-            print(f"FAIL {f}", flush=True)
-        if not failures:
-            print(f"OK misuse ranks={R} nvl_peers={args.nvl_peers} cases={num_cases} seed={seed}", flush=True)
-    return 1 if failures else 0
+    return code
 
 
 if __name__ == "__main__":

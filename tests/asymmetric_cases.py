@@ -1,0 +1,217 @@
+"""Asymmetric cases, backend-neutral: one rank (the last) passes bad input or is absent, the
+others are valid. Every rank's call must raise (the odd rank its own error, the others the
+error of a cancelled call, or of a timeout when the odd rank does not arrive), in bounded time,
+and the same Buffer must then make a correct round trip (issue 21; docs/api.md, "Errors").
+
+Run on the reference by ``tests/mpi/check_asymmetric.py`` (``tests/test_asymmetric.py``, 2 and 4
+ranks) and on the GPU by ``tests/gpu/test_asymmetric_gpu.py``::
+
+    with asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s) as cases:
+        for case in cases:
+            outcome = case.run(comm.Get_rank() == case.odd_rank)   # None: as expected
+            comm.Barrier()                                          # the harness's own sync
+            ... round trip on the case's Buffer (case.mode) ...
+
+The Buffers must be made with ``timeout_s`` (small: the absent cases wait for it) and
+:func:`misuse_cases.normal_buffer_kwargs` / :func:`misuse_cases.ll_buffer_kwargs`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from cupy_ep.errors import CallMismatchError, CommTimeoutError
+from cupy_ep.testing import make_routing, make_weights, make_x
+from misuse_cases import LL_EXPERTS_PER_RANK, LL_HIDDEN, LL_M, NORMAL_HIDDEN, NORMAL_TOPK, MisuseCases, array_converter
+
+#: A prompt call (cancelled by a peer's bad input) takes at most this share of timeout_s.
+PROMPT_SHARE = 0.5
+#: An absent rank arrives this many timeout_s late.
+ABSENT_DELAY = 1.5
+
+
+@dataclass
+class Expect:
+    """What one side of a case must raise: ``exc`` with every needle in its message, after about
+    ``timeout_s`` (``waits``) or promptly; ``peers``: the ``CommTimeoutError.peers`` it must name."""
+
+    exc: type
+    needles: tuple
+    waits: bool = False
+    peers: Optional[Callable[[list], bool]] = None
+
+
+@dataclass
+class AsymmetricCase:
+    """One asymmetric case.
+
+    Attributes:
+        name: what the odd rank does.
+        odd: the odd rank's call. good: the other ranks' call.
+        odd_expect, good_expect: what each side must raise.
+        odd_delay_s: the odd rank arrives this late (an absent rank), not counted in its time.
+        mode: "normal", "low_latency" or "buffer" (the Buffer the round trip after it exercises).
+        gpu: whether the GPU backend keeps this case's contract yet (docs/api.md, "Errors").
+        prepare: valid calls every rank makes first (for example the dispatch whose handle the
+            odd rank's call uses).
+    """
+
+    name: str
+    odd: Callable[[], object]
+    good: Callable[[], object]
+    odd_expect: Expect
+    good_expect: Expect
+    odd_rank: int
+    timeout_s: float
+    odd_delay_s: float = 0.0
+    mode: str = "normal"
+    gpu: bool = True
+    prepare: Optional[Callable[[], object]] = None
+
+    def run(self, is_odd: bool) -> Optional[str]:
+        """Runs ``prepare`` (every rank, valid calls, not timed), then this rank's side; None when
+        it raised as expected in the expected time."""
+        if self.prepare is not None:
+            self.prepare()
+        call, expect = (self.odd, self.odd_expect) if is_odd else (self.good, self.good_expect)
+        if is_odd and self.odd_delay_s:
+            time.sleep(self.odd_delay_s)
+        start = time.monotonic()
+        try:
+            call()
+        except expect.exc as e:
+            took = time.monotonic() - start
+            return _judge(e, expect, took, self.timeout_s)
+        except Exception as e:  # noqa: BLE001 - report the wrong type
+            return f"expected {expect.exc.__name__}, got {type(e).__name__}: {e}"
+        return f"expected {expect.exc.__name__}, nothing raised"
+
+
+def _judge(e, expect: Expect, took: float, timeout_s: float) -> Optional[str]:
+    missing = [w for w in expect.needles if w not in str(e)]
+    if missing:
+        return f"{type(e).__name__} without {missing} in its message: {e}"
+    if expect.waits and not 0.9 * timeout_s <= took <= 2 * timeout_s + 2:
+        return f"raised after {took:.2f} s, expected about timeout_s={timeout_s} s: {e}"
+    if not expect.waits and took > PROMPT_SHARE * timeout_s:
+        return f"raised after {took:.2f} s, expected promptly (timeout_s={timeout_s} s): {e}"
+    if expect.peers is not None and not expect.peers(list(getattr(e, "peers", []))):
+        return f"peers {getattr(e, 'peers', None)} unexpected: {e}"
+    return None
+
+
+def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: int = 4321) -> MisuseCases:
+    """The asymmetric cases for one backend (the odd rank is the last).
+
+    Args:
+        buffer_cls: the backend's Buffer class.
+        buf: a normal-mode Buffer (``misuse_cases.normal_buffer_kwargs``, ``timeout_s``).
+        ll: a low-latency Buffer (``misuse_cases.ll_buffer_kwargs``, ``timeout_s``).
+        array: ``numpy``, ``cupy`` or a callable turning NumPy arrays into the backend's.
+        comm: their communicator. timeout_s: the Buffers' ``timeout_s``.
+        seed: seed of the inputs.
+    Returns:
+        a list of :class:`AsymmetricCase` (a context manager, like the misuse cases).
+    """
+    A = array_converter(array)
+    rank, num_ranks = comm.Get_rank(), comm.Get_size()
+    odd = num_ranks - 1
+    others = [r for r in range(num_ranks) if r != odd]
+    rng = np.random.default_rng([seed, rank])
+    n, h, k, e = 8, NORMAL_HIDDEN, NORMAL_TOPK, 2 * num_ranks
+    x_np = make_x(rng, n, h)
+    idx_np = make_routing(rng, n, e, k, "random", num_ranks)
+    w_np = make_weights(rng, n, k)
+    x, idx, w = A(x_np), A(idx_np), A(w_np)
+
+    def layout_of(topk_idx):
+        got = buf.get_dispatch_layout(topk_idx, e)
+        return dict(num_tokens_per_rank=got[0], num_tokens_per_rdma_rank=got[1], is_token_in_rank=got[3],
+                    num_tokens_per_expert=got[2])
+
+    def dispatch(x_arg=None, weights=None):
+        return lambda: buf.dispatch(x if x_arg is None else x_arg, **layout_of(idx), topk_idx=idx,
+                                    topk_weights=w if weights is None else weights)
+
+    def layout_then_dispatch(bad):
+        def call():
+            ids = idx_np.copy()
+            if bad:
+                ids[0, 0] = e
+            ids = A(ids)
+            buf.dispatch(x, **layout_of(ids), topk_idx=ids, topk_weights=w)
+        return call
+
+    def combine(change=None):
+        def call():
+            recv_x, _, _, _, handle, _ = buf.dispatch(x, **layout_of(idx), topk_idx=idx, topk_weights=w)
+            kw = {} if change is None else change(recv_x)
+            return buf.combine(kw.pop("x", recv_x), handle, **kw)
+        return call
+
+    m, lh = LL_M, LL_HIDDEN
+    le = LL_EXPERTS_PER_RANK * num_ranks
+    lx_np = make_x(rng, 5, lh)
+    lidx_np = make_routing(rng, 5, le, 3, "holes", num_ranks)
+    lw_np = make_weights(rng, 5, 3)
+    lx, lidx, lw = A(lx_np), A(lidx_np), A(lw_np)
+
+    def ll_dispatch(x_arg=None, ids=None):
+        return lambda: ll.low_latency_dispatch(lx if x_arg is None else x_arg, lidx if ids is None else ids, m, le,
+                                               use_fp8=False)
+
+    def ll_combine(bad):
+        def call():
+            recv_x, _, handle, _, _ = ll.low_latency_dispatch(lx, lidx, m, le, use_fp8=False)
+            y = A(np.zeros(recv_x.shape, np.float32)) if bad else recv_x
+            return ll.low_latency_combine(y, lidx, lw, handle)
+        return call
+
+    cancelled = Expect(ValueError, (f"rank {odd}", "invalid input"))
+    timed_out = Expect(CommTimeoutError, ("timed out", f"peer rank {odd}"), waits=True,
+                       peers=lambda p: p == [odd])
+    gave_up = Expect(CommTimeoutError, ("gave up",), peers=lambda p: bool(p) and set(p) <= set(others))
+    big_ll_np = make_x(rng, m + 1, lh)
+
+    def case(name, odd_call, good_call, odd_expect, good_expect=cancelled, **kw):
+        return AsymmetricCase(name, odd_call, good_call, odd_expect, good_expect, odd, timeout_s, **kw)
+
+    cases = [
+        case("get_dispatch_layout with an id >= num_experts, then dispatch", layout_then_dispatch(True),
+             layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id"))),
+        case("dispatch: x float32", dispatch(A(x_np.astype(np.float32))), dispatch(), Expect(TypeError, ("x",))),
+        case("dispatch: topk_weights of the wrong shape", dispatch(weights=A(w_np[:, :-1].copy())), dispatch(),
+             Expect(ValueError, ("topk_weights",))),
+        case("combine: one row fewer", combine(lambda rx: dict(x=rx[:-1])), combine(), Expect(ValueError, ("x",))),
+        case("combine: bias of the wrong shape", combine(lambda rx: dict(bias=A(make_x(rng, n, h + 8)))),
+             combine(), Expect(ValueError, ("bias",))),
+        case("absent from dispatch (arrives after timeout_s)", dispatch(), dispatch(), gave_up, timed_out,
+             odd_delay_s=ABSENT_DELAY * timeout_s),
+        case("low_latency_dispatch: x float32", ll_dispatch(A(lx_np.astype(np.float32))), ll_dispatch(),
+             Expect(TypeError, ("x",)), mode="low_latency", gpu=False),
+        case("low_latency_dispatch: N > M", ll_dispatch(A(big_ll_np), A(np.full((m + 1, 3), -1, np.int64))),
+             ll_dispatch(), Expect(ValueError, ("x", "num_max_dispatch_tokens_per_rank")), mode="low_latency",
+             gpu=False),
+        case("low_latency_combine: y float32", ll_combine(True), ll_combine(False), Expect(TypeError, ("x",)),
+             mode="low_latency", gpu=False),
+        case("absent from low_latency_dispatch (arrives after timeout_s)", ll_dispatch(), ll_dispatch(), gave_up,
+             timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency", gpu=False),
+        case("Buffer: num_sms 1", lambda: buffer_cls(comm, timeout_s=timeout_s, num_sms=1).destroy(),
+             lambda: buffer_cls(comm, timeout_s=timeout_s).destroy(), Expect(ValueError, ("num_sms",)),
+             mode="buffer", gpu=False),
+    ]
+    if buffer_cls.__module__.startswith("cupy_ep.reference"):
+        # the GPU's cached-shape calls have no host step that would see another call
+        earlier = {}
+
+        def keep_a_handle():
+            recv_x, _, _, _, earlier["handle"], _ = buf.dispatch(x, **layout_of(idx), topk_idx=idx, topk_weights=w)
+            earlier["y"] = recv_x
+
+        mismatch = Expect(CallMismatchError, ("dispatch", "combine"))
+        cases.append(case("combine where the others dispatch", lambda: buf.combine(earlier["y"], earlier["handle"]),
+                          dispatch(), mismatch, mismatch, gpu=False, prepare=keep_a_handle))
+    return MisuseCases(cases, {})
