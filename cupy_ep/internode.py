@@ -17,8 +17,8 @@ and a combine run ``internode_barrier`` and then their kernel.
 
 Every buffer holds whole streams (no rings): the symmetric buffer holds ``2 * N * T`` records
 (received and staged, T tokens per rank), the NVLink buffer the rows a rank receives (and, at a
-forwarder, the rows its domain sends back). Sizes: :func:`rdma_buffer_size_hint`,
-:func:`nvl_buffer_size_hint`.
+forwarder, the rows its domain sends back). Offsets and sizes: :mod:`cupy_ep.geometry`
+(``rdma_control``, ``nvl_rows``, ``internode_rdma_size_hint``, ``internode_nvl_size_hint``).
 """
 from __future__ import annotations
 
@@ -26,93 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import limits
+from . import geometry, limits
 from .config import Config
 from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
-
-
-def _align(v: int, a: int) -> int:
-    return (int(v) + a - 1) // a * a
-
-
-# ---- the symmetric buffer ----------------------------------------------------------------------
-def _vec_stride(num_ranks: int, num_nvl_ranks: int) -> int:
-    n = num_ranks // num_nvl_ranks
-    c1 = limits.MAX_CHANNELS + 1
-    return _align(2 + num_nvl_ranks + num_nvl_ranks * c1 + c1 + limits.MAX_EXPERTS // n + num_ranks, 64)
-
-
-def rdma_control(num_ranks: int, num_nvl_ranks: int) -> dict:
-    """Offsets of the control areas of the symmetric buffer (kernels_cu/internode.cu)."""
-    n = num_ranks // num_nvl_ranks
-    vec = _vec_stride(num_ranks, num_nvl_ranks)
-    tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
-    off = dict(R_OFF_BARRIER=0, R_OFF_VEC_SIG=8 * limits.MAX_RDMA_RANKS, R_OFF_DTAIL=16 * limits.MAX_RDMA_RANKS)
-    off["R_OFF_CTAIL"] = off["R_OFF_DTAIL"] + tails
-    off["R_OFF_VEC_RECV"] = off["R_OFF_CTAIL"] + tails
-    off["R_OFF_VEC_SEND"] = off["R_OFF_VEC_RECV"] + n * vec * 4
-    off["R_OFF_DATA"] = _align(off["R_OFF_VEC_SEND"] + n * vec * 4, 4096)
-    off["VEC_STRIDE"] = vec
-    return off
-
-
-def rdma_record_bytes(hidden: int, num_topk: int, num_nvl_ranks: int) -> int:
-    """Bytes per record: the largest of a dispatch record (bf16 or FP8 row, scales, top-k,
-    positions) and a combine record (bf16 partial sum, weight sums)."""
-    return _align(2 * hidden + 4 * (hidden // limits.FP8_BLOCK) + 8 * num_topk + 4 * num_nvl_ranks, 16)
-
-
-def rdma_capacity(num_rdma_bytes: int, hidden: int, num_ranks: int, num_nvl_ranks: int, num_topk: int) -> int:
-    """Tokens per rank the symmetric buffer holds for rows of this shape."""
-    n = num_ranks // num_nvl_ranks
-    data = num_rdma_bytes - rdma_control(num_ranks, num_nvl_ranks)["R_OFF_DATA"]
-    return max(0, data // (2 * n * rdma_record_bytes(hidden, num_topk, num_nvl_ranks)))
-
-
-def rdma_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_nvl_ranks: int,
-                          num_topk: int = 9) -> int:
-    """Bytes of symmetric buffer for up to ``num_max_tokens_per_rank`` tokens per rank."""
-    n = num_ranks // num_nvl_ranks
-    need = rdma_control(num_ranks, num_nvl_ranks)["R_OFF_DATA"] + \
-        2 * n * num_max_tokens_per_rank * rdma_record_bytes(hidden, num_topk, num_nvl_ranks)
-    return _align(need, 1 << 20)
-
-
-# ---- the NVLink buffer ---------------------------------------------------------------------------
-def _nvl_row_bytes(hidden: int, num_topk: int) -> int:
-    return 2 * hidden + 4 * (hidden // limits.FP8_BLOCK) + 12 * num_topk
-
-
-def nvl_control(num_ranks: int, num_nvl_ranks: int) -> dict:
-    n = num_ranks // num_nvl_ranks
-    slot = _align(1 + n + n * (limits.MAX_CHANNELS + 1) + limits.MAX_EXPERTS // num_ranks + num_ranks + 2 * n, 64)
-    tails = limits.MAX_CHANNELS * num_ranks * 8
-    off = dict(OFF_ARRIVALS=0, OFF_EPOCH=64, OFF_SLOT_FLAGS=128, OFF_FWD_FLAGS=192, OFF_DTAIL=256)
-    off["OFF_CTAIL"] = off["OFF_DTAIL"] + tails
-    off["OFF_SLOT"] = off["OFF_CTAIL"] + tails
-    off["OFF_FWD"] = off["OFF_SLOT"] + num_nvl_ranks * slot * 4
-    off["OFF_NX"] = _align(off["OFF_FWD"] + num_nvl_ranks * n * 4, 1 << 20)
-    off["SLOT_STRIDE"] = slot
-    return off
-
-
-def nvl_layout(num_nvl_bytes: int, num_ranks: int, num_nvl_ranks: int, hidden: int, num_topk: int) -> dict:
-    """The NVLink buffer's constants for rows of this shape (NVL_ROWS rows and their regions)."""
-    off = nvl_control(num_ranks, num_nvl_ranks)
-    rows = max(0, (num_nvl_bytes - off["OFF_NX"] - 64) // _nvl_row_bytes(hidden, num_topk))
-    off["OFF_NS"] = off["OFF_NX"] + _align(rows * 2 * hidden, 16)
-    off["OFF_NI"] = off["OFF_NS"] + _align(rows * 4 * (hidden // limits.FP8_BLOCK), 16)
-    off["OFF_NW"] = off["OFF_NI"] + _align(rows * 8 * num_topk, 16)
-    off["NVL_ROWS"] = rows
-    return off
-
-
-def nvl_buffer_size_hint(num_max_recv_tokens: int, hidden: int, num_ranks: int, num_nvl_ranks: int,
-                         num_topk: int = 9) -> int:
-    """Bytes of NVLink buffer for up to ``num_max_recv_tokens`` rows received by a rank (and sent
-    back through it as forwarder)."""
-    need = nvl_control(num_ranks, num_nvl_ranks)["OFF_NX"] + 64 + num_max_recv_tokens * _nvl_row_bytes(hidden, num_topk)
-    return _align(need + 48, 1 << 20)
 
 
 @dataclass
@@ -160,13 +76,9 @@ class InternodeEngine(NormalEngine):
         key = (hidden, num_topk, x_bytes, num_scales, num_experts, c, num_threads, chunk_tokens)
         fns = self._functions.get(key)
         if fns is None:
-            r, p = self.num_ranks, self.num_nvl_ranks
-            consts = dict(rdma_control(r, p), **nvl_layout(self.nvl.num_bytes, r, p, hidden, num_topk),
-                          KERNEL_NOTIFY=1, KERNEL_DISPATCH=1, KERNEL_COMBINE=1, NUM_RANKS=r, NUM_NVL_RANKS=p,
-                          NUM_CHANNELS=c, NUM_THREADS=num_threads, E_LOCAL=num_experts // r, TOPK=num_topk,
-                          HIDDEN=hidden, X_BYTES=x_bytes, NUM_SCALES=num_scales, CHUNK=chunk_tokens,
-                          CAP=rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk),
-                          REC_BYTES=rdma_record_bytes(hidden, num_topk, p))
+            consts = geometry.internode_constants(self.nvl.num_bytes, self.sym.num_bytes, self.num_ranks,
+                                                  self.num_nvl_ranks, hidden, num_topk, x_bytes, num_scales,
+                                                  num_experts, c, num_threads, chunk_tokens)
             module = self._module("internode.cu", consts, nvshmem=True)
             fns = self._functions[key] = tuple(module.get_function(name) for name in (
                 "internode_notify", "internode_dispatch", "internode_combine", "internode_barrier"))
@@ -223,7 +135,7 @@ class InternodeEngine(NormalEngine):
         import cupy
 
         r, n, p = self.num_ranks, self.num_rdma_ranks, self.num_nvl_ranks
-        cap = rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk)
+        cap = geometry.rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk)
         i32 = cupy.int32
         with call.alloc:
             return InternodeHandle(

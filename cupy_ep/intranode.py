@@ -24,68 +24,9 @@ from typing import Optional
 
 import numpy as np
 
-from . import limits
+from . import geometry, limits
 from .config import Config
 from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
-
-# Offsets inside the NVLink buffer (see the header of kernels_cu/intranode.cu).
-NOTIFY_ROW = 8           # int index of the sender's rows for every rank in a notify slot
-NOTIFY_CHAN = 16         # int index of the channel prefix
-NOTIFY_EXPERT = 128      # int index of the per-expert counts
-NOTIFY_SLOT_BYTES = (4 * (NOTIFY_EXPERT + limits.MAX_EXPERTS) + 4095) // 4096 * 4096
-BUFFER_OFFSETS = dict(
-    OFF_ARRIVALS=0,
-    OFF_EPOCH=64,
-    OFF_NOTIFY_FLAGS=128,
-    OFF_DISPATCH_TAILS=4096,
-    OFF_COMBINE_TAILS=4096 + limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8,
-    OFF_NOTIFY=16384,
-    OFF_DATA=1 << 20,
-)
-assert BUFFER_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= BUFFER_OFFSETS["OFF_DATA"]
-
-
-def _align16(n: int) -> int:
-    return (n + 15) // 16 * 16
-
-
-def _row_bytes(hidden: int, num_topk: int) -> int:
-    """Staging bytes per row: bf16 data (FP8 uses half), FP8 scales, top-k ids and weights."""
-    return hidden * 2 + (hidden // limits.FP8_BLOCK) * 4 + num_topk * 12
-
-
-@dataclass(frozen=True)
-class SlotLayout:
-    """Where rows, scales and top-k live inside one source's staging slot."""
-
-    capacity: int      # rows a slot holds
-    slot_bytes: int
-    off_scales: int
-    off_idx: int
-    off_w: int
-    coff_w: int        # combine: weights after bf16 rows
-
-
-def slot_layout(num_nvl_bytes: int, num_ranks: int, hidden: int, num_topk: int) -> SlotLayout:
-    """The staging layout for rows of ``hidden`` channels and ``num_topk`` experts.
-
-    One capacity serves dispatch (bf16 or FP8 rows with scales) and combine (bf16 rows and
-    weights), so that a dispatch that fits always has a combine that fits.
-    """
-    data_bytes = num_nvl_bytes - BUFFER_OFFSETS["OFF_DATA"]
-    slot_bytes = max(0, data_bytes // num_ranks // 16 * 16)
-    capacity = max(0, (slot_bytes - 64) // _row_bytes(hidden, num_topk))
-    off_scales = capacity * hidden * 2
-    off_idx = _align16(off_scales + capacity * (hidden // limits.FP8_BLOCK) * 4)
-    off_w = _align16(off_idx + capacity * num_topk * 8)
-    return SlotLayout(capacity, slot_bytes, off_scales, off_idx, off_w, off_scales)
-
-
-def nvl_buffer_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_topk: int = 9) -> int:
-    """Bytes of NVLink buffer needed to dispatch up to ``num_max_tokens_per_rank`` tokens."""
-    slot = _align16(num_max_tokens_per_rank * _row_bytes(hidden, num_topk) + 64 + 64)
-    return BUFFER_OFFSETS["OFF_DATA"] + num_ranks * slot
-
 
 @dataclass
 class IntranodeHandle(NormalHandle):
@@ -115,17 +56,13 @@ class IntranodeEngine(NormalEngine):
         self.nvl = nvl
 
     # -- kernels ----------------------------------------------------------------------------
-    def _function(self, name: str, num_channels: int, num_threads: int, **constants):
-        key = (name, num_channels, num_threads, tuple(sorted(constants.items())))
+    def _function(self, name: str, num_channels: int, num_threads: int, **kernel):
+        """Kernel ``name`` of the module with these channels, threads and kernel constants
+        (:func:`cupy_ep.geometry.intranode_constants`)."""
+        key = (name, num_channels, num_threads, tuple(sorted(kernel.items())))
         fn = self._functions.get(key)
         if fn is None:
-            consts = dict(BUFFER_OFFSETS, NUM_RANKS=self.num_ranks, NUM_CHANNELS=num_channels, NUM_THREADS=num_threads,
-                          NOTIFY_SLOT_BYTES=NOTIFY_SLOT_BYTES, NOTIFY_ROW=NOTIFY_ROW, NOTIFY_CHAN=NOTIFY_CHAN,
-                          NOTIFY_EXPERT=NOTIFY_EXPERT, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0,
-                          NUM_RECEIVERS=1, E_LOCAL=1, IDX_BYTES=0, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0,
-                          SLOT_OFF_SCALES=0, SLOT_OFF_IDX=0, SLOT_OFF_W=0, HIDDEN_INT4=0, NUM_BIAS=0, CSLOT_OFF_W=0,
-                          CHUNK=num_threads // 32)
-            consts.update(constants)
+            consts = geometry.intranode_constants(self.num_ranks, num_channels, num_threads, **kernel)
             fn = self._functions[key] = self._module("intranode.cu", consts).get_function(name)
         return fn
 
@@ -160,8 +97,8 @@ class IntranodeEngine(NormalEngine):
             call_status = cupy.empty(1, dtype=cupy.int32)
         seq = self._next_seq()
         e_local = num_experts // r
-        notify = self._function("notify_dispatch", c, config.num_threads, KERNEL_NOTIFY=1, E_LOCAL=e_local,
-                                TOPK=num_topk, IDX_BYTES=0 if topk_idx is None else topk_idx.dtype.itemsize)
+        notify = self._function("notify_dispatch", c, config.num_threads, **geometry.intranode_notify_kernel(
+            e_local, num_topk, 0 if topk_idx is None else topk_idx.dtype.itemsize))
         self._launch(notify, 1, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
                       _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,
@@ -196,31 +133,26 @@ class IntranodeEngine(NormalEngine):
         return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
     def _dispatch_kernel(self, data, scales, handle: IntranodeHandle, config: Config, cached: bool = False):
-        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
+        slots = geometry.slot_geometry(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         c = handle.num_channels
         receivers = min(config.num_receivers, c)
-        fn = self._function("intranode_dispatch", c, config.num_threads, KERNEL_DISPATCH=1, NUM_RECEIVERS=receivers,
-                            E_LOCAL=handle.num_experts // self.num_ranks,
-                            X_ROW_INT4=data.shape[1] * data.dtype.itemsize // 16,
-                            NUM_SCALES=0 if scales is None else scales.shape[1],
-                            TOPK=0 if cached else handle.num_topk, SLOT_BYTES=layout.slot_bytes,
-                            SLOT_OFF_SCALES=layout.off_scales, SLOT_OFF_IDX=layout.off_idx, SLOT_OFF_W=layout.off_w,
-                            CHUNK=config.chunk_tokens)
+        fn = self._function("intranode_dispatch", c, config.num_threads, **geometry.intranode_dispatch_kernel(
+            slots, data.shape[1] * data.dtype.itemsize, 0 if scales is None else scales.shape[1],
+            0 if cached else handle.num_topk, receivers, handle.num_experts // self.num_ranks, config.chunk_tokens))
         return fn, c + receivers
 
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
         marks = self._begin_marks("combine", call.stream)
-        layout = slot_layout(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
+        slots = geometry.slot_geometry(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         c = handle.num_channels
         self._barrier("intranode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
         receivers = min(config.num_receivers, c)
-        fn = self._function("intranode_combine", c, config.num_threads, KERNEL_COMBINE=1, NUM_RECEIVERS=receivers,
-                            HIDDEN_INT4=handle.hidden * 2 // 16, TOPK=num_topk, NUM_BIAS=len(biases),
-                            SLOT_BYTES=layout.slot_bytes, CSLOT_OFF_W=layout.coff_w)
+        fn = self._function("intranode_combine", c, config.num_threads, **geometry.intranode_combine_kernel(
+            slots, handle.hidden, num_topk, len(biases), receivers))
         self._launch(fn, c + receivers, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
                       _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,

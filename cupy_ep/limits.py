@@ -17,6 +17,7 @@ MAX_CHANNELS = 64          # sending blocks of a normal-mode kernel
 MAX_RDMA_RANKS = 64        # NVLink domains of an internode Buffer
 MAX_NORMAL_TOPK = 32       # top-k columns the normal-mode kernels carry (one warp lane each)
 MAX_EXPERTS = 8192         # experts of a layout / normal dispatch (shared-memory counters)
+HOST_EXPERT = 4            # host_out int index of the per-expert counts (cupy_ep.geometry, normal.cuh)
 
 # ---- low-latency mode ---------------------------------------------------------------------
 LL_MAX_RANKS = 1024         # rank lists, not masks (kernels_cu/low_latency.cu); compile-checked up to here
@@ -66,7 +67,7 @@ def device_constants() -> dict:
         ST_TIMEOUT=ST_TIMEOUT, ST_OVERFLOW=ST_OVERFLOW, ST_BAD_EXPERT=ST_BAD_EXPERT,
         ST_BAD_LAYOUT=ST_BAD_LAYOUT, ST_PEER_BAD_INPUT=ST_PEER_BAD_INPUT,
         FP8_BLOCK=FP8_BLOCK, FP8_MAX=FP8_MAX, FP8_AMAX_FLOOR=FP8_AMAX_FLOOR,
-        MAX_NVL_PEERS=MAX_NVL_PEERS, MAX_CHANNELS=MAX_CHANNELS, MAX_RDMA_RANKS=MAX_RDMA_RANKS,
+        MAX_NVL_PEERS=MAX_NVL_PEERS, MAX_CHANNELS=MAX_CHANNELS, MAX_RDMA_RANKS=MAX_RDMA_RANKS, HOST_EXPERT=HOST_EXPERT,
         PROF_SLOTS=PROF_SLOTS, PROF_END=PROF_END, CHAOS_MAX_PAUSE_NS=CHAOS_MAX_PAUSE_NS,
     )
     return consts

@@ -52,7 +52,7 @@ waits cannot help there). ``clean`` is collective too.
 
 Limits (cupy_ep.limits): ``H % 128 == 0``; ``1 <= K <= LL_MAX_TOPK``; ``1 <= M <= LL_MAX_TOKENS``;
 ``E % R == 0``, ``E <= LL_MAX_EXPERTS``; ``R <= LL_MAX_RANKS``; ``E_local * R * M < 2**31``; symmetric
-buffer per :meth:`LowLatencyEngine.size_hint`. Kernels: ``LL_THREADS`` threads per block, one block per
+buffer per :func:`cupy_ep.geometry.ll_size_hint`. Kernels: ``LL_THREADS`` threads per block, one block per
 SM, grid = every SM unless ``num_sms`` is given. Measured numbers: docs/performance.md.
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import limits
+from . import geometry, limits
 from .bootstrap import run_agreed
 from .engine import Engine
 
@@ -74,51 +74,6 @@ DISPATCH_PHASES = {1: "send: tokens stored", 2: "send: signals sent", 3: "recv: 
                    4: "recv: bases", 5: "recv: rows copied", limits.PROF_END: "end"}
 COMBINE_PHASES = {1: "A: weights sent", 2: "B: partials stored", 3: "B: signals (last block)",
                   4: "C: signals seen", 5: "C: reduced", limits.PROF_END: "end"}
-
-_SIG_KINDS = 3             # dispatch, combine weights, combine partials
-_SIG_STRIDE = 16           # u64 signals per (half, kind): room for 16 ranks per 128 bytes...
-_CTRL_ALIGN = 4096
-
-
-def _align(v: int, a: int) -> int:
-    return (int(v) + a - 1) // a * a
-
-
-def _sig_stride(num_ranks: int) -> int:
-    return _align(max(num_ranks, 1), _SIG_STRIDE)
-
-
-def _ctrl_bytes(num_ranks: int) -> int:
-    return _align(2 * _SIG_KINDS * _sig_stride(num_ranks) * 8, _CTRL_ALIGN)
-
-
-# ---- layout formulas (mirrored by kernels_cu/low_latency.cu, checked there at compile time) ----
-def slot_bytes(hidden: int, topk: int, use_fp8: bool) -> int:
-    x = hidden if use_fp8 else 2 * hidden
-    scales = _align(hidden // 128 * 4, 16) if use_fp8 else 0
-    return x + scales + _align(4 * (1 + topk), 16)
-
-
-def dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8) -> int:
-    return _align(num_ranks * m * slot_bytes(hidden, topk, use_fp8), 256)
-
-
-def combine_recv_bytes(num_ranks, m, hidden, topk) -> int:
-    wstride = _align(m * topk * 4, 256)
-    return _align(num_ranks * wstride + num_ranks * m * 2 * hidden, 256)
-
-
-def dispatch_quarter_bytes(num_ranks, m, hidden, topk, use_fp8, rdma) -> int:
-    recv = dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8)
-    return 2 * recv if rdma else recv          # staging has the recv area's layout
-
-
-def combine_quarter_bytes(num_ranks, m, hidden, topk, rdma) -> int:
-    recv = combine_recv_bytes(num_ranks, m, hidden, topk)
-    if not rdma:
-        return recv
-    return recv + num_ranks * _align(m * topk * 4, 256) + num_ranks * m * 2 * hidden
-
 
 @dataclass
 class LLHandlePrivate:
@@ -181,8 +136,7 @@ class LowLatencyEngine(Engine):
         self.rdma = any(p == 0 for p in peers)
         self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
 
-        self.ctrl_bytes = _ctrl_bytes(self.num_ranks)
-        self.quarter = (max(self.num_bytes - self.ctrl_bytes, 0) // 4) // 256 * 256
+        self.geom = geometry.LLGeometry(self.num_ranks, self.num_bytes)
         self._functions: dict = {}
         # dispatch counters: [R] slots per destination, [E] per (destination, local expert), 2 done
         # counters; sized for the largest E so that it never has to grow under a running kernel.
@@ -192,27 +146,11 @@ class LowLatencyEngine(Engine):
         self._d_half = 0
         self._c_half = 0
 
-    # ------------------------------------------------------------------ sizes
-    @staticmethod
-    def size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks) -> int:
-        """Bytes of symmetric buffer the low-latency mode needs for these sizes (any number of
-        experts, any top-k up to LL_MAX_TOPK, bf16 or FP8, NVLink or RDMA transport)."""
-        m, h, r = (int(v) for v in (num_max_dispatch_tokens_per_rank, hidden, num_ranks))
-        d = dispatch_quarter_bytes(r, m, h, limits.LL_MAX_TOPK, False, True)
-        c = combine_quarter_bytes(r, m, h, limits.LL_MAX_TOPK, True)
-        return _align(_ctrl_bytes(r) + 4 * _align(max(d, c), 256), 1 << 20)
-
-    def _sig_off(self, half: int, kind: int) -> int:
-        return (half * _SIG_KINDS + kind) * _sig_stride(self.num_ranks) * 8
-
-    def _quarter_off(self, index: int) -> int:
-        return self.ctrl_bytes + index * self.quarter
-
     def _check_fits(self, need: int, what: str) -> None:
-        if need > self.quarter:
+        if need > self.geom.quarter_bytes:
             raise ValueError(
                 f"num_rdma_bytes: the symmetric buffer ({self.num_bytes} bytes) is too small for this {what} "
-                f"(needs {need} bytes per quarter, has {self.quarter}); use "
+                f"(needs {need} bytes per quarter, has {self.geom.quarter_bytes}); use "
                 "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, "
                 "num_experts)")
 
@@ -222,15 +160,8 @@ class LowLatencyEngine(Engine):
         key = (num_experts, hidden, topk, m, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
         fns = self._functions.get(key)
         if fns is None:
-            r = self.num_ranks
-            consts = {
-                "NUM_RANKS": r, "NUM_EXPERTS": num_experts, "HIDDEN": hidden, "TOPK": topk, "MAX_TOKENS": m,
-                "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)),
-                "USE_UE8M0": int(bool(use_ue8m0)), "LL_THREADS": NUM_THREADS,
-                "LAYOUT_SLOT_BYTES": slot_bytes(hidden, topk, use_fp8),
-                "LAYOUT_D_RECV_BYTES": dispatch_recv_bytes(r, m, hidden, topk, use_fp8),
-                "LAYOUT_C_RECV_BYTES": combine_recv_bytes(r, m, hidden, topk),
-            }
+            consts = geometry.ll_constants(self.num_ranks, num_experts, hidden, topk, m, use_fp8, round_scale,
+                                           use_ue8m0, NUM_THREADS)
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
             fns = self._functions[key] = (module.get_function("ll_dispatch"), module.get_function("ll_combine"))
         return fns
@@ -263,13 +194,13 @@ class LowLatencyEngine(Engine):
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
         self._check_dispatch_args(N, H, K, M, E)
-        self._check_fits(dispatch_quarter_bytes(R, M, H, K, use_fp8, self.rdma), "dispatch")
+        self._check_fits(geometry.ll_dispatch_quarter_bytes(R, M, H, K, use_fp8, self.rdma), "dispatch")
         EL = E // R
         kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
         half = self._d_half
         self._d_half ^= 1
-        sig_off = self._sig_off(half, 0)
-        data_off = self._quarter_off(half)
+        sig_off = self.geom.signal_offset(half, 0)
+        data_off = self.geom.quarter_offset(half)
 
         if use_fp8:
             data = cupy.empty((EL, R * M, H), dtype=np.uint8)
@@ -358,12 +289,12 @@ class LowLatencyEngine(Engine):
         priv: LLHandlePrivate = handle[5]
         R = self.num_ranks
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
-        self._check_fits(combine_quarter_bytes(R, M, H, K, self.rdma), "combine")
+        self._check_fits(geometry.ll_combine_quarter_bytes(R, M, H, K, self.rdma), "combine")
         kernel = self._get_kernels(E, H, K, M, False, False, False)[1]
         half = self._c_half
         self._c_half ^= 1
-        wsig_off, psig_off = self._sig_off(half, 1), self._sig_off(half, 2)
-        data_off = self._quarter_off(2 + half)
+        wsig_off, psig_off = self.geom.signal_offset(half, 1), self.geom.signal_offset(half, 2)
+        data_off = self.geom.quarter_offset(2 + half)
         result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
 
         def launch(phases, on_stream):
@@ -396,7 +327,7 @@ class LowLatencyEngine(Engine):
 
         cupy.cuda.runtime.deviceSynchronize()
         self.comm.Barrier()
-        cupy.cuda.runtime.memset(self.base, 0, self.ctrl_bytes)
+        cupy.cuda.runtime.memset(self.base, 0, self.geom.ctrl_bytes)
         self._scratch_d.fill(0)
         self._scratch_c.fill(0)
         self._d_half = self._c_half = 0

@@ -3,11 +3,11 @@
 A non-cached dispatch queues its notify and dispatch kernels without waiting; the notify kernel
 writes its counts into host-mapped memory (``host_out``); the host waits for them, allocates
 the outputs at their exact size and publishes their addresses in a host-mapped descriptor,
-which the dispatch kernel's receiving blocks wait for. Layout of both (int32 / uint64), as in
-the kernels:
+which the dispatch kernel's receiving blocks wait for. The two records (int32 / uint64; sizes in
+:mod:`cupy_ep.geometry`), as in the kernels:
 
 * host_out: [0] ready value, [1] rows received, [2] 1 when the call was cancelled (bad input on
-  some rank), [3] the first rank whose input was bad, [4 + j] rows of local expert j rounded up
+  some rank), [3] the first rank whose input was bad, [HOST_EXPERT + j] rows of local expert j rounded up
   to ``expert_alignment``;
 * descriptor: [0] sequence number (written last), [1] recv_x, [2] recv_scales, [3]
   recv_topk_idx, [4] recv_topk_weights, [5] rows (-1: drop every row).
@@ -23,11 +23,8 @@ import numpy as np
 from . import limits
 from .engine import Engine
 from .errors import CommTimeoutError, cancelled_by_peers
+from .geometry import DESC_WORDS, HOST_OUT_INTS
 from .memory import HostMapped
-
-HOST_EXPERT = 4
-HOST_OUT_INTS = HOST_EXPERT + limits.MAX_EXPERTS
-DESC_WORDS = 6
 
 
 @dataclass
@@ -169,7 +166,7 @@ class NormalEngine(Engine):
                 raise CommTimeoutError("notify_dispatch", self.rank, -1, "host wait for the receive counts")
         if out[2]:
             raise self.status.take() or cancelled_by_peers("dispatch", [int(out[3])], self.rank)
-        return int(out[1]), out[HOST_EXPERT:HOST_EXPERT + num_local_experts].tolist()
+        return int(out[1]), out[limits.HOST_EXPERT:limits.HOST_EXPERT + num_local_experts].tolist()
 
 
 def _ptr(a):

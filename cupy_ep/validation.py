@@ -16,11 +16,12 @@ with a message that starts with the argument's name, e.g.
 ``"topk_idx: expected int64 or int32, got float32"``. Checks return what they found
 (sizes, flags) so that callers need not read it again.
 
-Checks that depend on a buffer layout (``check_normal_capacity``, ``check_ll_capacity``) read
-the layout formulas of the GPU engines (pure Python), so that the reference backend refuses
-exactly what the GPU would.
+Checks that depend on a buffer's geometry (``check_normal_capacity``, ``check_ll_capacity``) and
+the size hints read :mod:`cupy_ep.geometry`, the formulas the GPU engines use, so that the
+reference backend refuses exactly what the GPU would.
 
-This module imports NumPy, ml_dtypes and cupy_ep's pure-Python modules only (never CuPy).
+This module imports NumPy, ml_dtypes and cupy_ep's pure-Python modules only (never CuPy, never
+an engine).
 """
 
 import math
@@ -29,7 +30,7 @@ import numbers
 import ml_dtypes
 import numpy as np
 
-from . import limits
+from . import geometry, limits
 
 __all__ = [
     "BF16_DTYPE", "FP8_DTYPE", "FP8_BLOCK",
@@ -570,57 +571,47 @@ def check_normal_combine(x, handle, topk_weights, bias):
 
 
 def check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes):
-    """The buffers hold ``num_tokens`` tokens of ``hidden`` channels per rank (the GPU's layouts)."""
-    from .intranode import slot_layout
-
-    if num_nvl_ranks == num_ranks:
-        capacity = slot_layout(num_nvl_bytes, num_ranks, hidden, num_topk).capacity
-        if num_tokens > capacity:
-            raise ValueError(f"x: {num_tokens} tokens do not fit the NVLink buffer (room for {capacity} per rank at "
-                             f"hidden {hidden}); raise num_nvl_bytes (get_nvl_buffer_size_hint)")
+    """The buffers hold ``num_tokens`` tokens of ``hidden`` channels per rank (the GPU's geometry)."""
+    capacity = geometry.normal_send_capacity(num_nvl_bytes, num_rdma_bytes, num_ranks, num_nvl_ranks, hidden,
+                                             num_topk)
+    if num_tokens <= capacity:
         return
-    from .internode import rdma_capacity
+    if num_nvl_ranks == num_ranks:
+        raise ValueError(f"x: {num_tokens} tokens do not fit the NVLink buffer (room for {capacity} per rank at "
+                         f"hidden {hidden}); raise num_nvl_bytes (get_nvl_buffer_size_hint)")
+    raise ValueError(f"x: {num_tokens} tokens do not fit the NVSHMEM buffer (room for {capacity} per rank at "
+                     f"hidden {hidden}); raise num_rdma_bytes (get_rdma_buffer_size_hint)")
 
-    capacity = rdma_capacity(num_rdma_bytes, hidden, num_ranks, num_nvl_ranks, num_topk)
-    if num_tokens > capacity:
-        raise ValueError(f"x: {num_tokens} tokens do not fit the NVSHMEM buffer (room for {capacity} per rank at "
-                         f"hidden {hidden}); raise num_rdma_bytes (get_rdma_buffer_size_hint)")
 
-
-def nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers=None,
-                         num_max_recv_tokens=None):
-    """``num_nvl_bytes`` the normal mode needs (``Buffer.get_nvl_buffer_size_hint`` of both
-    backends): the intranode slots for one NVLink domain, else the internode receive rows
-    (``num_max_recv_tokens``, by default every token of every rank)."""
+def _check_hint_shape(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers):
+    """The arguments of the normal-mode size hints, as ints; ``num_nvl_peers`` divides ``num_ranks``."""
     n = check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
     h = check_int(hidden, "hidden", 1)
     r = check_int(num_ranks, "num_ranks", 1)
     k = check_int(num_topk, "num_topk", 0)
     nvl = r if num_nvl_peers is None else check_int(num_nvl_peers, "num_nvl_peers", 1)
-    if nvl >= r:
-        from .intranode import nvl_buffer_size_hint as intranode_hint
-        return int(intranode_hint(n, h, r, k))
-    if r % nvl != 0:
+    if nvl < r and r % nvl != 0:
         raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
-    from .internode import nvl_buffer_size_hint as internode_hint
-    rows = r * n if num_max_recv_tokens is None else check_int(num_max_recv_tokens, "num_max_recv_tokens", 0)
-    return int(internode_hint(rows, h, r, nvl, k))
+    return n, h, r, k, min(nvl, r)
+
+
+def nvl_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers=None,
+                         num_max_recv_tokens=None):
+    """``num_nvl_bytes`` the normal mode needs (``Buffer.get_nvl_buffer_size_hint`` of both
+    backends): :func:`cupy_ep.geometry.normal_nvl_size_hint` of checked arguments."""
+    n, h, r, k, nvl = _check_hint_shape(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers)
+    rows = None if num_max_recv_tokens is None or nvl == r else \
+        check_int(num_max_recv_tokens, "num_max_recv_tokens", 0)
+    return int(geometry.normal_nvl_size_hint(n, h, r, k, nvl, rows))
 
 
 def rdma_buffer_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_peers, num_topk):
     """``num_rdma_bytes`` the normal mode needs across NVLink domains, 0 for one domain
     (``Buffer.get_rdma_buffer_size_hint`` of both backends)."""
-    n = check_int(num_max_tokens_per_rank, "num_max_tokens_per_rank", 0)
-    h = check_int(hidden, "hidden", 1)
-    r = check_int(num_ranks, "num_ranks", 1)
-    nvl = check_int(num_nvl_peers, "num_nvl_peers", 1)
-    k = check_int(num_topk, "num_topk", 0)
-    if nvl >= r:
-        return 0
-    if r % nvl != 0:
-        raise ValueError(f"num_nvl_peers: must divide num_ranks ({r}), got {nvl}")
-    from .internode import rdma_buffer_size_hint as internode_hint
-    return int(internode_hint(n, h, r, nvl, k))
+    if num_nvl_peers is None:
+        check_int(num_nvl_peers, "num_nvl_peers", 1)   # required here: raises
+    n, h, r, k, nvl = _check_hint_shape(num_max_tokens_per_rank, hidden, num_ranks, num_topk, num_nvl_peers)
+    return int(geometry.normal_rdma_size_hint(n, h, r, nvl, k))
 
 
 def ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts):
@@ -629,16 +620,13 @@ def ll_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_e
     m = check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
     h = check_int(hidden, "hidden", 1)
     check_num_experts(num_experts, num_ranks)
-    from .low_latency import LowLatencyEngine
-    return int(LowLatencyEngine.size_hint(m, h, int(num_ranks)))
+    return int(geometry.ll_size_hint(m, h, int(num_ranks)))
 
 
 def check_ll_capacity(num_rdma_bytes, num_ranks, num_experts, m, hidden):
     """The low-latency buffer holds ``m`` tokens per rank of ``hidden`` channels for ``num_experts``
-    experts (the GPU's layout, whatever the transport)."""
-    from .low_latency import LowLatencyEngine
-
-    need = LowLatencyEngine.size_hint(m, hidden, num_ranks)
+    experts (the GPU's geometry, whatever the transport)."""
+    need = geometry.ll_size_hint(m, hidden, num_ranks)
     if num_rdma_bytes < need:
         raise ValueError(f"num_rdma_bytes: {num_rdma_bytes} bytes are too small for {m} tokens per rank of hidden "
                          f"{hidden} and {num_experts} experts ({need} needed: get_low_latency_rdma_size_hint)")
@@ -675,14 +663,8 @@ def check_config(config, num_nvl_ranks):
 
 
 def normal_recv_capacity(num_nvl_bytes, num_ranks, num_nvl_ranks, hidden, num_topk):
-    """Rows a rank can receive in one normal-mode dispatch, None when unbounded by the layout.
-
-    Inside one NVLink domain the staging slots bound what each rank sends
-    (:func:`check_normal_capacity`), not what it receives: None. Across domains every row a rank
-    receives lands in its NVLink buffer (``cupy_ep.internode.nvl_layout``); more rows make the
-    GPU drop the excess and report :class:`cupy_ep.errors.TokenOverflowError`."""
-    if num_nvl_ranks == num_ranks:
-        return None
-    from .internode import nvl_layout
-
-    return int(nvl_layout(num_nvl_bytes, num_ranks, num_nvl_ranks, hidden, num_topk)["NVL_ROWS"])
+    """Rows a rank can receive in one normal-mode dispatch, None when the geometry does not bound
+    them (:func:`cupy_ep.geometry.normal_recv_capacity`); more rows make the GPU drop the excess
+    and report :class:`cupy_ep.errors.TokenOverflowError`."""
+    rows = geometry.normal_recv_capacity(num_nvl_bytes, num_ranks, num_nvl_ranks, hidden, num_topk)
+    return None if rows is None else int(rows)

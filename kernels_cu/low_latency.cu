@@ -5,7 +5,7 @@
 // low_latency_rdma.cu) the same kernels send to peers without a mapping (peers[r] == 0)
 // through NVSHMEM puts from a local staging area instead.
 //
-// Compile-time constants (cupy_ep/low_latency.py passes them; derived sizes are recomputed here
+// Compile-time constants (cupy_ep/geometry.py ll_constants; derived sizes are recomputed here
 // and, when the host passes them as LAYOUT_*, checked against the host's numbers):
 //   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..32),
 //   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..65535), USE_FP8, ROUND_SCALE, USE_UE8M0,

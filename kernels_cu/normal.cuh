@@ -69,15 +69,16 @@ __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tok
     return bad;
 }
 
-// host_out (host-mapped int32, cupy_ep/normal.py): [HO_READY] = the call's ready value once the
-// rest is written, [HO_ROWS] rows received, [HO_CANCELLED] 1 when bad input on some rank cancelled
-// the call, [HO_BAD_RANK] the first such rank (or -1), [HOST_EXPERT + j] rows of local expert j
-// rounded up to expert_alignment.
+// host_out (host-mapped int32, cupy_ep/normal.py; its size: cupy_ep/geometry.py): [HO_READY] =
+// the call's ready value once the rest is written, [HO_ROWS] rows received, [HO_CANCELLED] 1 when
+// bad input on some rank cancelled the call, [HO_BAD_RANK] the first such rank (or -1),
+// [HOST_EXPERT + j] rows of local expert j rounded up to expert_alignment (HOST_EXPERT: a JIT
+// constant of cupy_ep/limits.py).
 #define HO_READY 0
 #define HO_ROWS 1
 #define HO_CANCELLED 2
 #define HO_BAD_RANK 3
-#define HOST_EXPERT 4
+static_assert(HOST_EXPERT > HO_BAD_RANK, "host_out: the per-expert counts follow the outcome");
 
 // Thread 0 of a notify kernel, once everything else the host reads is written: the call's outcome
 // to the dispatch kernel (call_status) and to the host (host_out, ready last). bad_rank: the

@@ -16,6 +16,8 @@ import time
 
 import numpy as np
 
+from cupy_ep.geometry import row_bytes   # the byte basis of every benchmark (pure Python)
+
 # DeepEP v1 (567632d) measured on the 4 x H200 test host with its own tests (../shared/PLATFORM.md,
 # 2026-11-28): normal mode, 4096 tokens/rank, hidden 7168, top-8 of 256 experts, 24 SMs, kernel times.
 DEEPEP_V1_H200_4RANKS = {
@@ -408,12 +410,6 @@ def _as_list(a):
 def round_experts(num_experts: int, num_ranks: int) -> int:
     """Experts rounded down to a multiple of the ranks (3 ranks: 255 of 256)."""
     return num_experts - num_experts % num_ranks
-
-
-def row_bytes(hidden: int, fp8: bool) -> int:
-    """Logical bytes of one row as DeepEP's tests count them: bf16 data, or FP8 data plus one
-    float32 scale per 128 channels."""
-    return hidden + hidden // 128 * 4 if fp8 else 2 * hidden
 
 
 def ranks_of_tokens(topk_idx: np.ndarray, num_experts: int, num_ranks: int) -> np.ndarray:

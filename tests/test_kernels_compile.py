@@ -1,67 +1,23 @@
-"""Every kernel file compiles for sm_90 with NVRTC, without a GPU.
+"""Every kernel specialisation of tests/kernel_cases.py compiles for sm_90 with NVRTC, without a GPU.
 
-Each ``kernels_cu/*.cu`` file (and the user-kernel example in ``scripts/kernels``) documents at its top the compile-time constants it needs, one
-configuration per line::
-
-    // @constants NUM_RANKS=4 HIDDEN=7168 USE_FP8=true
-    // @constants NUM_RANKS=8 HIDDEN=4096 USE_FP8=false
-
-and is compiled once per such line (once with no constants when it has none). A file with a
-``// @needs nvshmem`` line is compiled with the NVSHMEM headers (jit's NVRTC route for NVSHMEM
-device code). ``common.cuh`` and the headers it includes are checked by a generated file that
-takes the address of every non-template device function they declare, which makes NVRTC and
-ptxas generate code for all of them.
+The cases come from ``// @constants`` lines at the top of the kernel files (one configuration
+per line, annotated as ``// @constants NUM_RANKS=4 HIDDEN=7168 USE_FP8=true``) and, for the
+normal-mode files, from shapes turned into constants by :mod:`cupy_ep.geometry`, the code the
+engines use (no offset is typed by hand). A file with a ``// @needs nvshmem`` line is compiled
+with the NVSHMEM headers (jit's NVRTC route for NVSHMEM device code). ``common.cuh`` and the
+headers it includes are checked by a generated file that takes the address of every
+non-template device function they declare, which makes NVRTC and ptxas generate code for all
+of them.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 
 from cupy_ep import jit
+from kernel_cases import KERNEL_DIR, kernel_cases, parse_annotations
 
-KERNEL_DIR = jit.builtin_kernel_dir()
-EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "scripts" / "kernels"  # user-kernel example
 ARCH = "sm_90"
-
-
-def parse_value(text: str):
-    """'4' -> 4, '0.5' -> 0.5, 'true'/'false' -> bool, anything else stays text."""
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_annotations(source: str):
-    """([constants dict per '// @constants' line], needs_nvshmem) of a kernel file."""
-    configs = []
-    for line in re.findall(r"^\s*//\s*@constants\b(.*)$", source, re.MULTILINE):
-        consts = {}
-        for token in line.split():
-            name, sep, value = token.partition("=")
-            if not sep or not name:
-                raise ValueError(f"bad @constants token {token!r} (want NAME=VALUE)")
-            consts[name] = parse_value(value)
-        configs.append(consts)
-    needs = set()
-    for line in re.findall(r"^\s*//\s*@needs\b(.*)$", source, re.MULTILINE):
-        needs.update(line.split())
-    return configs or [{}], "nvshmem" in needs
-
-
-def kernel_cases():
-    cases = []
-    for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(EXAMPLE_DIR.glob("*.cu")):
-        configs, nvshmem = parse_annotations(path.read_text())
-        for i, consts in enumerate(configs):
-            cases.append(pytest.param(path, consts, nvshmem, id=f"{path.name}[{i}]"))
-    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +25,8 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CUPY_EP_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "kernel-cache"))
 
 
-@pytest.mark.parametrize("path, constants, nvshmem", kernel_cases())
+@pytest.mark.parametrize("path, constants, nvshmem",
+                         [pytest.param(c.path, c.constants, c.nvshmem, id=c.id) for c in kernel_cases()])
 def test_kernel_compiles(path, constants, nvshmem):
     if nvshmem:
         try:

@@ -114,12 +114,11 @@ def test_handles_carry_what_the_shared_checks_need(suite):
 
 @pytest.mark.parametrize("backend", ["reference", "gpu"])
 def test_size_hints_match_the_gpu_formulas(backend):
-    """Both Buffers' static size hints give the GPU layouts' values (pure-Python formulas, no GPU)."""
+    """Both Buffers' static size hints give the geometry's values (pure-Python formulas, no GPU)."""
     import cupy_ep
     from cupy_ep import reference
-    from cupy_ep.internode import nvl_buffer_size_hint as inter_nvl, rdma_buffer_size_hint
-    from cupy_ep.intranode import nvl_buffer_size_hint
-    from cupy_ep.low_latency import LowLatencyEngine
+    from cupy_ep.geometry import (internode_nvl_size_hint as inter_nvl, internode_rdma_size_hint as rdma_buffer_size_hint,
+                                  intranode_nvl_size_hint as nvl_buffer_size_hint, ll_size_hint)
 
     if backend == "gpu":
         pytest.importorskip("cupy", reason="the GPU Buffer needs the cuda13 extra")
@@ -131,7 +130,7 @@ def test_size_hints_match_the_gpu_formulas(backend):
         inter_nvl(300, 7168, 16, 8, 8)
     assert B.get_rdma_buffer_size_hint(128, 7168, 8, 8) == 0
     assert B.get_rdma_buffer_size_hint(128, 7168, 16, 8, 8) == rdma_buffer_size_hint(128, 7168, 16, 8, 8)
-    assert B.get_low_latency_rdma_size_hint(128, 7168, 16, 288) == LowLatencyEngine.size_hint(128, 7168, 16)
+    assert B.get_low_latency_rdma_size_hint(128, 7168, 16, 288) == ll_size_hint(128, 7168, 16)
     with pytest.raises(ValueError, match="^num_nvl_peers"):
         B.get_rdma_buffer_size_hint(128, 7168, 16, 3, 8)
     with pytest.raises(ValueError, match="^num_experts"):

@@ -411,24 +411,22 @@ def test_check_normal_dispatch():
 
 def test_capacity_checks():
     """The buffer sizes the size hints give hold what they were computed for, and no more."""
-    from cupy_ep.intranode import nvl_buffer_size_hint
-    from cupy_ep.internode import nvl_buffer_size_hint as inter_nvl, rdma_buffer_size_hint, rdma_capacity
-    from cupy_ep.low_latency import LowLatencyEngine
+    from cupy_ep import geometry as G
 
-    nvl = nvl_buffer_size_hint(64, 256, 4, 4)
+    nvl = G.intranode_nvl_size_hint(64, 256, 4, 4)
     V.check_normal_capacity(64, 256, 4, nvl, 4, 4, 0)
     with raises(ValueError, "x: 65 tokens do not fit the NVLink buffer"):
         V.check_normal_capacity(65, 256, 4, nvl, 4, 4, 0)
-    rdma = rdma_buffer_size_hint(64, 256, 4, 2, 4)
-    cap = rdma_capacity(rdma, 256, 4, 2, 4)
+    rdma = G.internode_rdma_size_hint(64, 256, 4, 2, 4)
+    cap = G.rdma_capacity(rdma, 256, 4, 2, 4)
     assert cap >= 64
     V.check_normal_capacity(cap, 256, 4, nvl, 4, 2, rdma)
     with raises(ValueError, "x: "):
         V.check_normal_capacity(cap + 1, 256, 4, nvl, 4, 2, rdma)
     assert V.normal_recv_capacity(nvl, 4, 4, 256, 4) is None
-    assert V.normal_recv_capacity(inter_nvl(100, 256, 4, 2, 4), 4, 2, 256, 4) >= 100
+    assert V.normal_recv_capacity(G.internode_nvl_size_hint(100, 256, 4, 2, 4), 4, 2, 256, 4) >= 100
 
-    need = LowLatencyEngine.size_hint(8, 256, 4)
+    need = G.ll_size_hint(8, 256, 4)
     V.check_ll_capacity(need, 4, 16, 8, 256)
     with raises(ValueError, "num_rdma_bytes"):
         V.check_ll_capacity(need - 1, 4, 16, 8, 256)

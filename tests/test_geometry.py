@@ -1,43 +1,43 @@
-"""The normal mode's buffer layouts, size hints and configuration, checked without a GPU."""
+"""The buffers' geometry (cupy_ep.geometry), size hints and configuration, checked without a GPU."""
 import pytest
 
 from cupy_ep import Config, limits
-from cupy_ep.internode import (nvl_buffer_size_hint as internode_nvl_hint, nvl_control, nvl_layout,
-                               rdma_buffer_size_hint, rdma_capacity, rdma_control, rdma_record_bytes)
-from cupy_ep.intranode import BUFFER_OFFSETS, NOTIFY_SLOT_BYTES, nvl_buffer_size_hint, slot_layout
+from cupy_ep.geometry import (INTRANODE_OFFSETS, NOTIFY_SLOT_BYTES, internode_nvl_size_hint, internode_rdma_size_hint,
+                              intranode_nvl_size_hint, nvl_control, nvl_rows, rdma_capacity, rdma_control,
+                              rdma_record_bytes, slot_geometry)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (128, 1), (256, 0)])
 @pytest.mark.parametrize("num_tokens", [1, 77, 4096])
 def test_intranode_size_hint_holds_the_tokens(num_ranks, hidden, num_topk, num_tokens):
-    nbytes = nvl_buffer_size_hint(num_tokens, hidden, num_ranks, num_topk)
-    layout = slot_layout(nbytes, num_ranks, hidden, num_topk)
-    assert layout.capacity >= num_tokens
+    nbytes = intranode_nvl_size_hint(num_tokens, hidden, num_ranks, num_topk)
+    slots = slot_geometry(nbytes, num_ranks, hidden, num_topk)
+    assert slots.capacity >= num_tokens
     # The hint is not over-provisioned: 16 bf16 rows less per slot no longer holds the tokens.
-    assert slot_layout(nbytes - num_ranks * 16 * (hidden * 2), num_ranks, hidden, num_topk).capacity < num_tokens
+    assert slot_geometry(nbytes - num_ranks * 16 * (hidden * 2), num_ranks, hidden, num_topk).capacity < num_tokens
 
 
 @pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (4096, 0)])
 def test_intranode_slot_areas_are_aligned_and_disjoint(hidden, num_topk):
-    layout = slot_layout(1 << 30, 4, hidden, num_topk)
-    cap = layout.capacity
-    ends = [(0, cap * hidden * 2), (layout.off_scales, layout.off_scales + cap * (hidden // 128) * 4),
-            (layout.off_idx, layout.off_idx + cap * num_topk * 8), (layout.off_w, layout.off_w + cap * num_topk * 4)]
+    slots = slot_geometry(1 << 30, 4, hidden, num_topk)
+    cap = slots.capacity
+    ends = [(0, cap * hidden * 2), (slots.off_scales, slots.off_scales + cap * (hidden // 128) * 4),
+            (slots.off_idx, slots.off_idx + cap * num_topk * 8), (slots.off_w, slots.off_w + cap * num_topk * 4)]
     for begin, end in ends:
-        assert begin % 16 == 0 and end <= layout.slot_bytes
+        assert begin % 16 == 0 and end <= slots.slot_bytes
     for (b0, e0), (b1, e1) in zip(ends, ends[1:]):
         assert e0 <= b1
-    assert layout.slot_bytes % 16 == 0
-    assert BUFFER_OFFSETS["OFF_DATA"] + 4 * layout.slot_bytes <= 1 << 30
+    assert slots.slot_bytes % 16 == 0
+    assert INTRANODE_OFFSETS["OFF_DATA"] + 4 * slots.slot_bytes <= 1 << 30
 
 
 def test_intranode_control_areas_do_not_overlap():
     tails = limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8
-    assert BUFFER_OFFSETS["OFF_NOTIFY_FLAGS"] + 4 * limits.MAX_NVL_PEERS <= BUFFER_OFFSETS["OFF_DISPATCH_TAILS"]
-    assert BUFFER_OFFSETS["OFF_DISPATCH_TAILS"] + tails <= BUFFER_OFFSETS["OFF_COMBINE_TAILS"]
-    assert BUFFER_OFFSETS["OFF_COMBINE_TAILS"] + tails <= BUFFER_OFFSETS["OFF_NOTIFY"]
-    assert BUFFER_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= BUFFER_OFFSETS["OFF_DATA"]
+    assert INTRANODE_OFFSETS["OFF_NOTIFY_FLAGS"] + 4 * limits.MAX_NVL_PEERS <= INTRANODE_OFFSETS["OFF_DISPATCH_TAILS"]
+    assert INTRANODE_OFFSETS["OFF_DISPATCH_TAILS"] + tails <= INTRANODE_OFFSETS["OFF_COMBINE_TAILS"]
+    assert INTRANODE_OFFSETS["OFF_COMBINE_TAILS"] + tails <= INTRANODE_OFFSETS["OFF_NOTIFY"]
+    assert INTRANODE_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= INTRANODE_OFFSETS["OFF_DATA"]
     assert NOTIFY_SLOT_BYTES >= 4 * (128 + limits.MAX_EXPERTS)   # the per-expert counts of any E
 
 
@@ -48,17 +48,17 @@ DOMAINS = [(4, 2), (4, 1), (2, 1), (16, 8), (64, 8), (128, 8), (24, 3), (512, 8)
 @pytest.mark.parametrize("hidden,num_topk", [(7168, 8), (2880, 9), (256, 1)])
 @pytest.mark.parametrize("num_tokens", [1, 333, 4096])
 def test_internode_hints_hold_the_tokens(num_ranks, num_nvl_ranks, hidden, num_topk, num_tokens):
-    rdma = rdma_buffer_size_hint(num_tokens, hidden, num_ranks, num_nvl_ranks, num_topk)
+    rdma = internode_rdma_size_hint(num_tokens, hidden, num_ranks, num_nvl_ranks, num_topk)
     assert rdma_capacity(rdma, hidden, num_ranks, num_nvl_ranks, num_topk) >= num_tokens
     assert rdma % (1 << 20) == 0 and rdma < (num_tokens + 64) * 2 * (num_ranks // num_nvl_ranks) * \
         rdma_record_bytes(hidden, num_topk, num_nvl_ranks) + (16 << 20)
     rows = num_ranks * num_tokens
-    nvl = internode_nvl_hint(rows, hidden, num_ranks, num_nvl_ranks, num_topk)
-    assert nvl_layout(nvl, num_ranks, num_nvl_ranks, hidden, num_topk)["NVL_ROWS"] >= rows
+    nvl = internode_nvl_size_hint(rows, hidden, num_ranks, num_nvl_ranks, num_topk)
+    assert nvl_rows(nvl, num_ranks, num_nvl_ranks, hidden, num_topk)["NVL_ROWS"] >= rows
 
 
 @pytest.mark.parametrize("num_ranks,num_nvl_ranks", DOMAINS)
-def test_internode_layouts_are_aligned_and_disjoint(num_ranks, num_nvl_ranks):
+def test_internode_geometry_is_aligned_and_disjoint(num_ranks, num_nvl_ranks):
     n = num_ranks // num_nvl_ranks
     r = rdma_control(num_ranks, num_nvl_ranks)
     tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
@@ -77,10 +77,10 @@ def test_internode_layouts_are_aligned_and_disjoint(num_ranks, num_nvl_ranks):
     assert v["OFF_NX"] >= v["OFF_FWD"] + 4 * num_nvl_ranks * n
     for hidden, num_topk in ((7168, 8), (2880, 9)):
         nbytes = 1 << 30
-        layout = nvl_layout(nbytes, num_ranks, num_nvl_ranks, hidden, num_topk)
-        rows = layout["NVL_ROWS"]
-        regions = [(layout["OFF_NX"], rows * 2 * hidden), (layout["OFF_NS"], rows * 4 * (hidden // 128)),
-                   (layout["OFF_NI"], rows * 8 * num_topk), (layout["OFF_NW"], rows * 4 * num_topk)]
+        rows_geom = nvl_rows(nbytes, num_ranks, num_nvl_ranks, hidden, num_topk)
+        rows = rows_geom["NVL_ROWS"]
+        regions = [(rows_geom["OFF_NX"], rows * 2 * hidden), (rows_geom["OFF_NS"], rows * 4 * (hidden // 128)),
+                   (rows_geom["OFF_NI"], rows * 8 * num_topk), (rows_geom["OFF_NW"], rows * 4 * num_topk)]
         for (b0, s0), (b1, _) in zip(regions, regions[1:]):
             assert b0 % 16 == 0 and b0 + s0 <= b1
         assert regions[-1][0] + regions[-1][1] <= nbytes
@@ -108,3 +108,29 @@ def test_limits_reach_the_kernels_and_the_errors():
                  limits.ST_PEER_BAD_INPUT):
         err = status_error(code, "some_kernel", 3, 1, 7, 9, 2)
         assert "some_kernel" in str(err) and "rank 3" in str(err)
+
+
+PURE_MODULES = {"geometry": {"limits"}, "validation": {"limits", "geometry", "config"},
+                "reference": {"limits", "geometry", "validation", "config", "errors", "event", "fp8"}}
+
+
+@pytest.mark.parametrize("module", sorted(PURE_MODULES))
+def test_pure_modules_import_no_engine(module):
+    """The geometry, the checks and the reference import (anywhere, function bodies included)
+    neither CuPy nor a GPU engine module: only the pure modules listed here."""
+    import ast
+    from pathlib import Path
+
+    import cupy_ep
+
+    tree = ast.parse((Path(cupy_ep.__file__).parent / f"{module}.py").read_text())
+    relative, absolute = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            relative |= {node.module} if node.module else {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            absolute.add(node.module)
+        elif isinstance(node, ast.Import):
+            absolute |= {a.name for a in node.names}
+    assert not {m for m in absolute if m.split(".")[0] in ("cupy", "cupy_ep")}, absolute
+    assert relative <= PURE_MODULES[module], relative - PURE_MODULES[module]
