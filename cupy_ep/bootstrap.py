@@ -102,6 +102,17 @@ def _domain_size(leaders: list[int], num_nvl_peers: int | None) -> int:
     return num_nvl_peers
 
 
+def _split_host(comm, key: int):
+    """The ranks of ``comm`` on this host, ordered by ``key``. A communicator that is not mpi4py's
+    (:class:`cupy_ep.torch_comm.TorchComm`) says so itself, through ``split_host``."""
+    split_host = getattr(comm, "split_host", None)
+    if split_host is not None:
+        return split_host(key)
+    from mpi4py import MPI
+
+    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=key)
+
+
 def discover(comm, num_nvl_peers: int | None = None) -> Topology:
     """Finds this rank's NVLink domain and host-local index (collective over ``comm``).
 
@@ -112,13 +123,11 @@ def discover(comm, num_nvl_peers: int | None = None) -> Topology:
 
     Raises ValueError on every rank when the layout does not fit.
     """
-    from mpi4py import MPI
-
     rank, size = comm.Get_rank(), comm.Get_size()
     if num_nvl_peers is not None and (isinstance(num_nvl_peers, bool)
                                       or not isinstance(num_nvl_peers, (int, np.integer))):
         raise TypeError(f"num_nvl_peers must be an int or None, not {type(num_nvl_peers).__name__}")
-    host_comm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    host_comm = _split_host(comm, rank)
     try:
         local_rank, num_local = host_comm.Get_rank(), host_comm.Get_size()
         host_leader = host_comm.bcast(rank, root=0)  # lowest rank of the host (key=rank)
@@ -276,7 +285,11 @@ _DEFAULT_HEAP = 1 << 30     # NVSHMEM's own default NVSHMEM_SYMMETRIC_SIZE
 
 def _world_ranks(comm) -> tuple:
     """The ranks of ``comm`` in MPI.COMM_WORLD, in ``comm``'s order: the PEs of an NVSHMEM
-    world made over ``comm`` (PE = rank in ``comm``)."""
+    world made over ``comm`` (PE = rank in ``comm``). A communicator that is not mpi4py's
+    (:class:`cupy_ep.torch_comm.TorchComm`) gives them through ``world_ranks``."""
+    world_ranks = getattr(comm, "world_ranks", None)
+    if world_ranks is not None:
+        return tuple(world_ranks())
     from mpi4py import MPI
 
     group, world_group = comm.Get_group(), MPI.COMM_WORLD.Get_group()
