@@ -525,8 +525,9 @@ class Buffer:
         event = self._streams.finish(call, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy: bool = False,
-                            async_finish: bool = False, return_recv_hook: bool = False, out=None):
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
+                            zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
+                            out=None):
         """Low-latency combine: ``out[t] = sum_k topk_weights[t, k] * y_k(t)`` (float32 accumulation).
 
         Args:
@@ -534,6 +535,8 @@ class Buffer:
                 ``zero_copy=True``: then they were written into :meth:`get_next_low_latency_combine_buffer`).
             topk_idx: int64 ``[N, K]`` and topk_weights float32 ``[N, K]``: the routing of the dispatch.
             handle: from :meth:`low_latency_dispatch`.
+            use_logfmt: the partial sums cross the link as LogFMT-10 rows (164 bytes per 128
+                channels instead of 256; :mod:`cupy_ep.logfmt`, bit-identical to the reference).
             out: optional bf16 ``[N, H]`` written in place.
             async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
 
@@ -549,7 +552,8 @@ class Buffer:
             topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, on_comm_stream=async_finish or return_recv_hook)
         with call.alloc:
-            combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream)
+            combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream,
+                                            use_logfmt=bool(use_logfmt))
         event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights))
         return combined, event, self._wrap_hook(hook)
 

@@ -11,7 +11,8 @@ One home for the arrangement of
 with their size hints and capacities. The engines build their kernels' constants here, the
 validation and the reference backend read the same capacities, and the compile check
 (``tests/kernel_cases.py``) builds its specialisations with the same functions, so a formula
-exists once. Pure Python: imports :mod:`cupy_ep.limits` only (no CuPy, no engine).
+exists once. Pure Python: imports :mod:`cupy_ep.limits` and :mod:`cupy_ep.logfmt` (its row size)
+only (no CuPy, no engine).
 
 Vocabulary: "geometry" is the arrangement of a buffer; "layout" is kept for
 ``get_dispatch_layout``'s routing counts.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import limits
+from . import limits, logfmt
 
 
 def align(value: int, alignment: int) -> int:
@@ -296,9 +297,14 @@ def ll_dispatch_recv_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_f
     return align(num_ranks * m * ll_slot_bytes(hidden, topk, use_fp8), 256)
 
 
-def ll_combine_recv_bytes(num_ranks: int, m: int, hidden: int, topk: int) -> int:
+def ll_partial_row_bytes(hidden: int, use_logfmt: bool = False) -> int:
+    """Bytes of one combine partial row: bf16, or LogFMT-10 (:func:`cupy_ep.logfmt.row_bytes`)."""
+    return logfmt.row_bytes(hidden) if use_logfmt else 2 * hidden
+
+
+def ll_combine_recv_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_logfmt: bool = False) -> int:
     wstride = align(m * topk * 4, 256)
-    return align(num_ranks * wstride + num_ranks * m * 2 * hidden, 256)
+    return align(num_ranks * wstride + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt), 256)
 
 
 def ll_dispatch_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_fp8: bool, rdma: bool) -> int:
@@ -307,12 +313,13 @@ def ll_dispatch_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, us
     return 2 * recv if rdma else recv
 
 
-def ll_combine_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, rdma: bool) -> int:
+def ll_combine_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, rdma: bool,
+                             use_logfmt: bool = False) -> int:
     """Bytes a combine needs of its quarter (RDMA: plus staged weights and partial sums)."""
-    recv = ll_combine_recv_bytes(num_ranks, m, hidden, topk)
+    recv = ll_combine_recv_bytes(num_ranks, m, hidden, topk, use_logfmt)
     if not rdma:
         return recv
-    return recv + num_ranks * align(m * topk * 4, 256) + num_ranks * m * 2 * hidden
+    return recv + num_ranks * align(m * topk * 4, 256) + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt)
 
 
 def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int) -> int:
@@ -351,14 +358,15 @@ class LLGeometry:
 
 
 def ll_constants(num_ranks: int, num_experts: int, hidden: int, topk: int, m: int, use_fp8: bool,
-                 round_scale: bool, use_ue8m0: bool, num_threads: int = limits.LL_THREADS) -> dict:
+                 round_scale: bool, use_ue8m0: bool, num_threads: int = limits.LL_THREADS,
+                 use_logfmt: bool = False) -> dict:
     """JIT constants of a ``low_latency*.cu`` module (``LAYOUT_*``: the host's sizes, which the
     kernels check against their own)."""
     return {
         "NUM_RANKS": num_ranks, "NUM_EXPERTS": num_experts, "HIDDEN": hidden, "TOPK": topk, "MAX_TOKENS": m,
         "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)),
-        "USE_UE8M0": int(bool(use_ue8m0)), "LL_THREADS": num_threads,
+        "USE_UE8M0": int(bool(use_ue8m0)), "USE_LOGFMT": int(bool(use_logfmt)), "LL_THREADS": num_threads,
         "LAYOUT_SLOT_BYTES": ll_slot_bytes(hidden, topk, use_fp8),
         "LAYOUT_D_RECV_BYTES": ll_dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8),
-        "LAYOUT_C_RECV_BYTES": ll_combine_recv_bytes(num_ranks, m, hidden, topk),
+        "LAYOUT_C_RECV_BYTES": ll_combine_recv_bytes(num_ranks, m, hidden, topk, use_logfmt),
     }

@@ -155,13 +155,14 @@ class LowLatencyEngine(Engine):
                 "num_experts)")
 
     # ------------------------------------------------------------------ kernels
-    def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0):
-        """(ll_dispatch, ll_combine) of this specialisation."""
-        key = (num_experts, hidden, topk, m, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+    def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0, use_logfmt=False):
+        """(ll_dispatch, ll_combine) of this specialisation (``use_logfmt``: the combine's partial
+        rows in LogFMT-10; the dispatch of that module is not used)."""
+        key = (num_experts, hidden, topk, m, bool(use_fp8), bool(round_scale), bool(use_ue8m0), bool(use_logfmt))
         fns = self._functions.get(key)
         if fns is None:
             consts = geometry.ll_constants(self.num_ranks, num_experts, hidden, topk, m, use_fp8, round_scale,
-                                           use_ue8m0, NUM_THREADS)
+                                           use_ue8m0, NUM_THREADS, use_logfmt)
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
             fns = self._functions[key] = (module.get_function("ll_dispatch"), module.get_function("ll_combine"))
         return fns
@@ -276,21 +277,22 @@ class LowLatencyEngine(Engine):
             buf = self._combine_buffers[shape] = cupy.zeros(shape, dtype=ml_dtypes.bfloat16)
         return buf
 
-    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream):
+    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream, use_logfmt=False):
         """Low-latency combine. Returns ``(combined_x bf16 [N, H], hook_or_None)``; with
         ``return_recv_hook`` the result is complete only after ``hook(stream)`` ran. Outputs are
         allocated on the current stream, kernels run on ``stream``.
 
-        Partial sums cross the link as bf16 (one extra rounding per expert rank); every
-        accumulation is float32."""
+        Partial sums cross the link as bf16 (one extra rounding per expert rank) or, with
+        ``use_logfmt``, as LogFMT-10 rows (:mod:`cupy_ep.logfmt`, bit-identical to the reference);
+        every accumulation is float32."""
         import cupy
         import ml_dtypes
 
         priv: LLHandlePrivate = handle[5]
         R = self.num_ranks
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
-        self._check_fits(geometry.ll_combine_quarter_bytes(R, M, H, K, self.rdma), "combine")
-        kernel = self._get_kernels(E, H, K, M, False, False, False)[1]
+        self._check_fits(geometry.ll_combine_quarter_bytes(R, M, H, K, self.rdma, use_logfmt), "combine")
+        kernel = self._get_kernels(E, H, K, M, False, False, False, use_logfmt)[1]
         half = self._c_half
         self._c_half ^= 1
         wsig_off, psig_off = self.geom.signal_offset(half, 1), self.geom.signal_offset(half, 2)

@@ -56,6 +56,7 @@ GPU or a CUDA driver.
 import numpy as np
 
 from . import fp8 as _fp8
+from . import logfmt as _logfmt
 from . import limits
 from . import validation as V
 from .config import Config
@@ -245,6 +246,25 @@ def _routing_error(n, num_ranks, num_tokens_per_rank, is_token_in_rank, num_toke
 
 
 # --------------------------------------------------------------------------- Buffer
+def _logfmt_partial_sums(idx, topk_weights, y, slots, e_local, num_ranks, hidden):
+    """The GPU's LogFMT combine of one rank's tokens (float32 [N, H]): per expert rank d
+    ascending, the partial row ``sum_k w * y`` over the token's slots on d (unfused, slot order)
+    goes through the LogFMT-10 round trip and is added to the result."""
+    n = idx.shape[0]
+    acc = np.zeros((n, hidden), dtype=_F32)
+    for d in range(num_ranks):
+        part = np.zeros((n, hidden), dtype=_F32)
+        has = np.zeros(n, dtype=bool)
+        for kk, (valid, rows) in enumerate(slots):
+            on_d = idx[valid, kk] // e_local == d
+            t, r = valid[on_d], rows[on_d]
+            part[t] = part[t] + topk_weights[t, kk].astype(_F32)[:, None] * y[r]
+            has[t] = True
+        if has.any():
+            acc[has] = acc[has] + _logfmt.round_trip(part[has])
+    return acc
+
+
 class Buffer:
     """Expert-parallel communication buffer, NumPy reference backend.
 
@@ -883,8 +903,8 @@ class Buffer:
             buf = self._ll_combine_buffers[shape] = np.zeros(shape, dtype=BF16_DTYPE)
         return buf
 
-    def low_latency_combine(self, x, topk_idx, topk_weights, handle, zero_copy=False, async_finish=False,
-                            return_recv_hook=False, out=None):
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None):
         """Bring the expert outputs back and reduce them with the top-k weights.
 
         Args:
@@ -895,6 +915,11 @@ class Buffer:
                 the dispatch did not send the token to).
             topk_weights: float32 ``[N, K]``.
             handle: the handle low_latency_dispatch returned.
+            use_logfmt: the partial sums cross in LogFMT-10 (:mod:`cupy_ep.logfmt`), modelled as
+                the GPU computes them: per token and expert rank (ascending), the float32 sum over
+                the token's slots (ascending) on that rank of ``weight * y`` (a product, then an
+                add, unfused), encoded and decoded; the decoded partials summed in float32. The
+                result is bit-identical to the GPU's.
             zero_copy: the expert outputs were written into the combine buffer.
             async_finish: ignored.
             return_recv_hook: return at once; the result is written when ``hook()`` is called.
@@ -903,7 +928,7 @@ class Buffer:
         Returns:
             combined_x: bf16 ``[N, H]`` (``out`` when given): ``sum_k topk_weights[t, k] *
                 y_k(t)`` over the slots with ``topk_idx[t, k] >= 0`` (a duplicated expert counts
-                once per slot), float32 accumulation in slot order.
+                once per slot), float32 accumulation in slot order (``use_logfmt``: see there).
             event: :class:`EventOverlap` placeholder.
             hook: a callable with ``return_recv_hook=True``, else None.
         """
@@ -930,6 +955,7 @@ class Buffer:
             skeys = keys[order]
             y = recv[1].astype(_F32)
             acc = np.zeros((n, h), dtype=_F32)
+            slots = []   # per k: (tokens, rows of y) of the slots with an expert
             for kk in range(k):
                 e = idx[:, kk]
                 valid = np.flatnonzero(e >= 0)
@@ -941,9 +967,12 @@ class Buffer:
                     miss = int(np.flatnonzero(~found)[0])
                     raise ValueError(f"topk_idx: token {int(valid[miss])} selects expert {int(e[valid[miss]])}, "
                                      f"which did not receive it in the dispatch that made handle")
-                rows = order[p]
-                w = topk_weights[valid, kk].astype(_F32)[:, None]
-                acc[valid] += w * y[rows]
+                slots.append((valid, order[p]))
+            if use_logfmt:
+                acc = _logfmt_partial_sums(idx, topk_weights, y, slots, e_local, R, h)
+            else:
+                for kk, (valid, rows) in enumerate(slots):
+                    acc[valid] += topk_weights[valid, kk].astype(_F32)[:, None] * y[rows]
             result[...] = acc.astype(BF16_DTYPE)
 
         hook = _make_hook(finish, return_recv_hook)

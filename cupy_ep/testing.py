@@ -391,12 +391,13 @@ def _ll_rows(recv_count, layout_range, src_info):
 def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidden: int, num_topk: int,
                            num_experts: int, m: int, use_fp8: bool = True, round_scale: bool = False,
                            use_ue8m0: bool = False, kind: str = "random", hook: bool = False,
-                           zero_copy: bool = False, overlap=None, stats=None) -> None:
+                           zero_copy: bool = False, overlap=None, stats=None, use_logfmt: bool = False) -> None:
     """Low-latency dispatch and combine on both backends with the same inputs. Rows of an expert
     may come in another order on the GPU (the contract allows it): they are matched by (expert,
     source rank, source token) through the handles; data bit for bit; combine within the design's
     bound (partial sums cross as bf16: one rounding per expert rank). ``overlap()`` runs between a
     hook call's send and receive; ``stats`` = (reference, GPU) ``cumulative_local_expert_recv_stats``.
+    ``use_logfmt``: LogFMT combine on both, results bit for bit (the reference models the GPU's sums).
     ``gpu_buf`` None: the reference alone."""
 
     num_ranks = comm.Get_size()
@@ -450,7 +451,7 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
     y_gpu = np.full(y_ref.shape, np.nan, dtype=BF16)   # rows past recv_count must never be read
     for key, row in ref_rows.items():
         y_gpu[key[0], got_rows[key]] = y_ref[key[0], row]
-    out_ref = ref_buf.low_latency_combine(y_ref, topk_idx, weights, r_handle)[0]
+    out_ref = ref_buf.low_latency_combine(y_ref, topk_idx, weights, r_handle, use_logfmt=use_logfmt)[0]
     # magnitude of the terms, for the bound: the same combine of |y| with |w|
     mag = ref_buf.low_latency_combine(np.abs(y_ref.astype(np.float32)).astype(BF16), topk_idx, np.abs(weights),
                                       r_handle)[0].astype(np.float64)
@@ -462,11 +463,15 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
     else:
         y_arg = to_device(y_gpu)
     def gpu_combine():
-        out = gpu_buf.low_latency_combine(y_arg, d_idx, d_w, g_handle, zero_copy=zero_copy, return_recv_hook=hook)
+        out = gpu_buf.low_latency_combine(y_arg, d_idx, d_w, g_handle, zero_copy=zero_copy, return_recv_hook=hook,
+                                          use_logfmt=use_logfmt)
         _run_hook(out[2], overlap)
         return _synchronized(out)
 
     out_gpu = agreed(comm, "GPU low_latency_combine", gpu_combine)[0]
+    if use_logfmt:
+        agreed(comm, "low_latency_combine (LogFMT)", lambda: _same_bits(to_host(out_gpu), out_ref, "combined_x"))
+        return
     exp = out_ref.astype(np.float64)
     # partial sums cross as bf16 (one rounding each, at most |mag| * 2^-8 together), and both
     # results are rounded to bf16 once

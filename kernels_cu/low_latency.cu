@@ -9,7 +9,8 @@
 // and, when the host passes them as LAYOUT_*, checked against the host's numbers):
 //   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..32),
 //   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..65535), USE_FP8, ROUND_SCALE, USE_UE8M0,
-//   LL_THREADS (threads per block, multiple of 32, default 512).
+//   LL_THREADS (threads per block, multiple of 32, default 512), USE_LOGFMT (combine partial
+//   rows as LogFMT-10, logfmt.cuh; default 0: bf16).
 // No limit on R of its own: the receive phase's R + E + E/R ints of shared memory must fit in
 // 48 KB (static_asserts below say which bound a configuration breaks).
 // Every launch of one call must use the same grid size on every rank (<= SM count).
@@ -22,6 +23,8 @@
 // @constants NUM_RANKS=256 NUM_EXPERTS=1024 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
 // @constants NUM_RANKS=1024 NUM_EXPERTS=2048 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=1 USE_UE8M0=1
 // @constants NUM_RANKS=1024 NUM_EXPERTS=8192 HIDDEN=7168 TOPK=32 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
+// @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 USE_LOGFMT=1
+// @constants NUM_RANKS=3 NUM_EXPERTS=96 HIDDEN=1152 TOPK=9 MAX_TOKENS=64 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 USE_LOGFMT=1 LL_THREADS=1024
 //
 // ----------------------------------------------------------------------------------------------
 // Symmetric buffer (identical offsets on every rank; the host computes the half offsets):
@@ -37,7 +40,8 @@
 //     staging (RDMA only): same layout indexed by destination instead of source.
 //   combine quarter (one per half):
 //     weights  [R src][WSTRIDE]       f32 [M][K] token owner's weights (SKIP bits: masked slot)
-//     partials [R expert rank][M][H]  bf16 partial sums per (token, expert rank)
+//     partials [R expert rank][M][ROW_BYTES]  partial sums per (token, expert rank): bf16, or
+//              LogFMT-10 (USE_LOGFMT: H/128 groups of 164 bytes, logfmt.cuh)
 //     staging (RDMA only): weights [R dst][WSTRIDE], partials [R owner][M][H].
 // Handle (device arrays the dispatch fills and the combine reads):
 //   slot_count [R]                per source, slots received
@@ -45,6 +49,7 @@
 //   dest_ranks [M][min(K, R)]     per own token, its destination ranks ascending, -1 padded
 // ----------------------------------------------------------------------------------------------
 #include "common.cuh"
+#include "logfmt.cuh"
 
 #ifndef LL_RDMA
 #define LL_RDMA 0
@@ -57,6 +62,9 @@
 #endif
 #ifndef USE_UE8M0
 #define USE_UE8M0 0
+#endif
+#ifndef USE_LOGFMT
+#define USE_LOGFMT 0
 #endif
 
 namespace ll {
@@ -72,6 +80,7 @@ constexpr int NW = NT / 32;
 constexpr bool FP8 = USE_FP8 != 0;
 constexpr bool ROUND = (ROUND_SCALE != 0) || (USE_UE8M0 != 0);
 constexpr bool UE8M0 = USE_UE8M0 != 0;
+constexpr bool LOGFMT = USE_LOGFMT != 0;
 constexpr int MAX_DESTS = K < R ? K : R;   // destination ranks of one token, at most
 
 __host__ __device__ constexpr long long align_up(long long v, long long a) { return (v + a - 1) / a * a; }
@@ -105,7 +114,11 @@ constexpr long long D_STAGE_OFF = D_RECV_BYTES;
 constexpr long long WSTRIDE = align_up((long long)M * K * 4, 256);
 constexpr long long C_W_OFF = 0;
 constexpr long long C_P_OFF = R * WSTRIDE;
-constexpr long long ROW_BYTES = 2LL * H;
+constexpr long long ROW_BYTES = LOGFMT ? (long long)(H / logfmt::GROUP) * logfmt::GROUP_BYTES : 2LL * H;
+// Byte offset of channel ch (a multiple of 8) in a partial row.
+__host__ __device__ constexpr long long row_byte_of(int ch) {
+    return LOGFMT ? (long long)(ch / logfmt::GROUP) * logfmt::GROUP_BYTES : 2LL * ch;
+}
 constexpr long long C_RECV_BYTES = align_up(C_P_OFF + (long long)R * M * ROW_BYTES, 256);
 constexpr long long C_STAGE_W_OFF = C_RECV_BYTES;
 constexpr long long C_STAGE_P_OFF = C_RECV_BYTES + R * WSTRIDE;
@@ -785,7 +798,9 @@ __device__ __forceinline__ void weighted_sum_unit(const u16* __restrict__ x, con
                 float f[8];
                 bf16x8_to_f32(v[kk][gg], f);
 #pragma unroll
-                for (int q = 0; q < 8; ++q) acc[gg][q] = fmaf(wk[kk], f[q], acc[gg][q]);
+                for (int q = 0; q < 8; ++q)   // LogFMT: unfused, as the reference computes it (bit-exact)
+                    acc[gg][q] = LOGFMT ? __fadd_rn(acc[gg][q], __fmul_rn(wk[kk], f[q]))
+                                        : fmaf(wk[kk], f[q], acc[gg][q]);
             }
         }
     }
@@ -827,17 +842,23 @@ __device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const
 #pragma unroll
         for (int gg = 0; gg < COMB_G; ++gg) {
             const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
-            if (ch < H) st_v4(dstrow + 2LL * ch, f32x8_to_bf16x8(acc[gg]));
+            if constexpr (LOGFMT) {
+                if ((cu * COMB_G + gg) * 256 < H)   // warp-uniform: the group's lanes shuffle
+                    logfmt::encode_store(acc[gg], dstrow + logfmt::byte_of(ch), ch < H);
+            } else if (ch < H) {
+                st_v4(dstrow + 2LL * ch, f32x8_to_bf16x8(acc[gg]));
+            }
         }
 #if LL_RDMA
         if (peer == 0) {
             const int ch0 = cu * COMB_UW;
-            const int nbytes = 2 * ((H - ch0) < COMB_UW ? (H - ch0) : COMB_UW);
+            const int ch1 = (H - ch0) < COMB_UW ? H : ch0 + COMB_UW;
+            const int nbytes = (int)(row_byte_of(ch1) - row_byte_of(ch0));
             __syncwarp();
             if (lane == 0) fence_sys();
             __syncwarp();
-            nvshmemx_putmem_nbi_warp(sym_at(own, data_off + partial_off(rank, t) + 2LL * ch0),
-                                     sym_at(own, data_off + stage_partial_off(s, t) + 2LL * ch0), nbytes, s);
+            nvshmemx_putmem_nbi_warp(sym_at(own, data_off + partial_off(rank, t) + row_byte_of(ch0)),
+                                     sym_at(own, data_off + stage_partial_off(s, t) + row_byte_of(ch0)), nbytes, s);
         }
 #endif
         chaos_pause();
@@ -869,7 +890,7 @@ __device__ __forceinline__ bool signal_owners(const u64* s_peer, u64 own, long l
 }
 
 // C) Every token's output: the sum of the partial rows of its destination ranks, in ascending
-// rank order, in float32.
+// rank order, in float32 (LogFMT rows decoded first).
 __device__ __forceinline__ void sum_partials(const int* __restrict__ h_dest_ranks, int num_tokens, const char* own_q,
                                              u16* __restrict__ out) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -890,14 +911,21 @@ __device__ __forceinline__ void sum_partials(const int* __restrict__ h_dest_rank
                 for (int gg = 0; gg < COMB_G; ++gg) {
                     const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
                     v[ii][gg] = int4v{0, 0, 0, 0};
-                    if (rr[ii] >= 0 && ch < H) v[ii][gg] = ld_cg_v4(own_q + partial_off(rr[ii], t) + 2LL * ch);
+                    if (!LOGFMT && rr[ii] >= 0 && ch < H) v[ii][gg] = ld_cg_v4(own_q + partial_off(rr[ii], t) + 2LL * ch);
                 }
             }
 #pragma unroll
             for (int ii = 0; ii < RB; ++ii) {
                 if (rr[ii] < 0) continue;
 #pragma unroll
-                for (int gg = 0; gg < COMB_G; ++gg) add_bf16x8(acc[gg], v[ii][gg]);
+                for (int gg = 0; gg < COMB_G; ++gg) {
+                    const int ch = (cu * COMB_G + gg) * 256 + lane * 8;
+                    if constexpr (LOGFMT) {
+                        if (ch < H) logfmt::load_decode_add(own_q + partial_off(rr[ii], t) + logfmt::byte_of(ch), acc[gg]);
+                    } else {
+                        add_bf16x8(acc[gg], v[ii][gg]);
+                    }
+                }
             }
         }
 #pragma unroll
@@ -955,7 +983,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
 // ==============================================================================================
 // ll_combine
 //   phases & 1: A) send my topk weights to every rank; B) as expert rank, reduce my local
-//               experts' rows of each received token into one bf16 partial row and store it
+//               experts' rows of each received token into one partial row (bf16 or LogFMT) and store it
 //               into the token owner's buffer; the last block signals every owner.
 //   phases & 2: C) wait for every rank's partials and sum them into out (float32 -> bf16).
 // ==============================================================================================

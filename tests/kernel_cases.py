@@ -68,7 +68,8 @@ def _ll_constants(line: dict) -> dict:
     """A low-latency @constants line completed by the geometry (the line's values win)."""
     geom = geometry.ll_constants(line["NUM_RANKS"], line["NUM_EXPERTS"], line["HIDDEN"], line["TOPK"],
                                  line["MAX_TOKENS"], line["USE_FP8"], line.get("ROUND_SCALE", 0),
-                                 line.get("USE_UE8M0", 0), line.get("LL_THREADS", limits.LL_THREADS))
+                                 line.get("USE_UE8M0", 0), line.get("LL_THREADS", limits.LL_THREADS),
+                                 line.get("USE_LOGFMT", 0))
     return {**geom, **line}
 
 

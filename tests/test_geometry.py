@@ -110,8 +110,9 @@ def test_limits_reach_the_kernels_and_the_errors():
         assert "some_kernel" in str(err) and "rank 3" in str(err)
 
 
-PURE_MODULES = {"geometry": {"limits"}, "validation": {"limits", "geometry", "config"},
-                "reference": {"limits", "geometry", "validation", "config", "errors", "event", "fp8"}}
+PURE_MODULES = {"geometry": {"limits", "logfmt"}, "validation": {"limits", "geometry", "config"},
+                "reference": {"limits", "geometry", "validation", "config", "errors", "event", "fp8", "logfmt"},
+                "logfmt": set()}
 
 
 @pytest.mark.parametrize("module", sorted(PURE_MODULES))

@@ -66,6 +66,29 @@ def test_round_trip(comm, rng, buffers, case):
                                m=m, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, kind=kind)
 
 
+LOGFMT_CASES = [
+    # name,               fp8,   kind,     k, h,      m,   zero_copy, hook
+    ("logfmt_bf16",       False, "random", 8, HIDDEN, M,   False,     False),
+    ("logfmt_fp8_hook",   True,  "holes",  8, HIDDEN, M,   False,     True),
+    ("logfmt_k9_dups_zc", False, "dups",   9, 2048,   256, True,      False),
+    ("logfmt_h1152",      True,  "skewed", 4, 1152,   512, False,     True),
+]
+
+
+@pytest.mark.parametrize("case", LOGFMT_CASES, ids=[c[0] for c in LOGFMT_CASES])
+def test_logfmt_combine_bit_exact(comm, rng, buffers, case):
+    """use_logfmt=True: the GPU's LogFMT-10 combine equals the reference's bit for bit (same
+    encoding, same unfused float32 partial sums, same order)."""
+    _, use_fp8, kind, k, h, m, zero_copy, hook = case
+    gpu, ref = buffers
+    r = comm.Get_size()
+    num_experts = experts_for(r) if h == HIDDEN else small_experts(r)
+    for rep in range(2):
+        low_latency_round_trip(comm, ref, gpu, rng, num_tokens=int(rng.integers(m // 2, m + 1)), hidden=h,
+                               num_topk=k, num_experts=num_experts, m=m, use_fp8=use_fp8, kind=kind,
+                               zero_copy=zero_copy, hook=hook, use_logfmt=True)
+
+
 def test_hooks_zero_copy_and_stats(comm, rng, buffers):
     """return_recv_hook with a matmul between send and receive; zero_copy; cumulative stats."""
     import cupy
