@@ -67,6 +67,7 @@ class Buffer:
         self.timeout_s = float(timeout_s)
         self.chaos = os.environ.get("CUPY_EP_CHAOS", "0") == "1" if chaos is None else bool(chaos)
         self._broken: Optional[CommTimeoutError] = None
+        self._owner = validation.HandleOwner()
         self._status = self._streams = self._layout = self._nvl = self._sym = None
         self._normal = self._low_latency = None
         self.topology = bootstrap.discover(comm, num_nvl_peers)
@@ -413,6 +414,7 @@ class Buffer:
         if handle is not None:
             if not isinstance(handle, engine.handle_type):
                 raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+            validation.check_handle_owner(handle, self._owner)
             validation.check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
         else:
             num_experts = validation.check_normal_dispatch(
@@ -434,6 +436,7 @@ class Buffer:
         out_x = (result.recv_x, result.recv_scales) if is_fp8 else result.recv_x
         if handle is not None:   # as DeepEP: a cached dispatch returns only the data
             return out_x, None, None, None, None, event
+        self._owner.stamp(result.handle)
         return (out_x, result.recv_topk_idx, result.recv_topk_weights, result.num_recv_tokens_per_expert_list,
                 result.handle, event)
 
@@ -459,6 +462,7 @@ class Buffer:
         self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
         if not isinstance(handle, engine.handle_type):
             raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+        validation.check_handle_owner(handle, self._owner)
         config = self._check_config(config)
         biases = validation.check_normal_combine(x, handle, topk_weights, bias)
         call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream)
@@ -522,6 +526,7 @@ class Buffer:
             recv_x, recv_count, handle, hook = engine.dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
                 return_recv_hook, cumulative_local_expert_recv_stats, call.stream)
+        self._owner.stamp(handle[5])
         event = self._streams.finish(call, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
 
@@ -544,6 +549,8 @@ class Buffer:
             ``(combined_x bf16 [N, H], event, hook)``.
         """
         engine = self._require_low_latency()
+        validation.check_ll_handle(handle, self.num_ranks)
+        validation.check_handle_owner(handle, self._owner)
         if zero_copy:
             x = self.get_next_low_latency_combine_buffer(handle)
         self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
@@ -573,6 +580,7 @@ class Buffer:
         """The bf16 ``[E_local, R*M, H]`` array to write expert outputs into for ``zero_copy=True``."""
         engine = self._require_low_latency()
         validation.check_ll_handle(handle, self.num_ranks)
+        validation.check_handle_owner(handle, self._owner)
         return engine.next_combine_buffer(handle)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:

@@ -89,14 +89,16 @@ class DispatchHandle:
         recv_src_idx: int64 ``[num_recv_tokens]``: source token index of each received row.
         num_recv_tokens: rows received (valid rows of ``recv_x``).
         num_rows: rows of ``recv_x`` (``num_worst_tokens`` in worst-token mode).
+        owner: the Buffer and dispatch that made it (:class:`cupy_ep.validation.HandleOwner`).
     """
 
     __slots__ = ("num_ranks", "num_tokens", "hidden", "num_topk", "num_experts", "is_token_in_rank",
                  "send_counts", "recv_counts", "send_order", "recv_src_rank", "recv_src_idx", "num_recv_tokens",
-                 "num_rows")
+                 "num_rows", "owner")
 
     def __init__(self, **kw):
-        for k in self.__slots__:
+        self.owner = None
+        for k in self.__slots__[:-1]:
             setattr(self, k, kw[k])
 
     def __repr__(self):
@@ -114,13 +116,15 @@ class LowLatencyHandleInfo:
         hidden, num_experts, m: H, E and M of the dispatch.
         sent: sorted int64 keys ``token * E + expert`` of the (token, expert) pairs the dispatch
             sent (a combine may only name those).
+        owner: the Buffer and dispatch that made it (:class:`cupy_ep.validation.HandleOwner`).
     """
 
-    __slots__ = ("num_tokens", "topk", "hidden", "num_experts", "m", "sent")
+    __slots__ = ("num_tokens", "topk", "hidden", "num_experts", "m", "sent", "owner")
 
     def __init__(self, num_tokens, topk, hidden, num_experts, m, sent):
         self.num_tokens, self.topk, self.hidden = int(num_tokens), int(topk), int(hidden)
         self.num_experts, self.m, self.sent = int(num_experts), int(m), sent
+        self.owner = None
 
     def __repr__(self):
         return (f"LowLatencyHandleInfo(num_tokens={self.num_tokens}, topk={self.topk}, hidden={self.hidden}, "
@@ -327,6 +331,7 @@ class Buffer:
         self.comm = dup
         self._ll_combine_buffers = {}
         self._layout_error = None      # bad expert ids seen by get_dispatch_layout, reported later
+        self._owner = V.HandleOwner()
         self.num_nvl_ranks = nvl
         self.num_rdma_ranks = self.group_size // nvl
 
@@ -665,14 +670,14 @@ class Buffer:
             is_token_in_rank=is_token_in_rank.copy(), send_counts=send_counts, recv_counts=recv_counts,
             send_order=send_order, recv_src_rank=np.repeat(np.arange(R, dtype=np.int32), recv_counts),
             recv_src_idx=recv_src_idx, num_recv_tokens=num_recv, num_rows=rows)
+        self._owner.stamp(new_handle)
         return recv_x, recv_topk_idx, recv_topk_weights, counts_list, new_handle, EventOverlap()
 
     def _check_handle(self, handle):
         if not isinstance(handle, DispatchHandle):
             raise TypeError(f"handle: expected the handle returned by this Buffer's dispatch, got "
                             f"{type(handle).__name__}")
-        if handle.num_ranks != self.group_size:
-            raise ValueError(f"handle: made for {handle.num_ranks} ranks, this Buffer has {self.group_size}")
+        V.check_handle_owner(handle, self._owner)
 
     def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, config):
         step = self._chan.step("dispatch")
@@ -883,6 +888,7 @@ class Buffer:
 
         hook = _make_hook(finish, return_recv_hook)
         info = LowLatencyHandleInfo(n, k, h, num_experts, m, sent)
+        self._owner.stamp(info)
         handle = (src_info, layout_range, m, h, num_experts, info)
         return recv_x, recv_count, handle, EventOverlap(), hook
 
@@ -897,6 +903,7 @@ class Buffer:
         self._check_alive()
         self._check_low_latency()
         _, _, m, h, e = V.check_ll_handle(handle, self.group_size)
+        V.check_handle_owner(handle, self._owner)
         shape = (e // self.group_size, self.group_size * m, h)
         buf = self._ll_combine_buffers.get(shape)
         if buf is None:
@@ -987,6 +994,8 @@ class Buffer:
             x = self.get_next_low_latency_combine_buffer(handle)
         for a, nm in ((x, "x"), (topk_idx, "topk_idx"), (topk_weights, "topk_weights"), (out, "out")):
             _require_numpy(a, nm)
+        V.check_ll_handle(handle, R)
+        V.check_handle_owner(handle, self._owner)
         n, h, k = V.check_ll_combine_args(x, topk_idx, topk_weights, handle, R, out, check_values=False)
         src_info, layout_range, m, _, num_experts = V.check_ll_handle(handle, R)
         info = handle[5]

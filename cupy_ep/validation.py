@@ -40,7 +40,7 @@ __all__ = [
     "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
     "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_same_on_every_rank",
-    "check_internode_args", "check_layout_call",
+    "check_internode_args", "check_layout_call", "HandleOwner", "check_handle_owner",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
     "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
     "nvl_buffer_size_hint", "rdma_buffer_size_hint", "ll_rdma_size_hint",
@@ -395,6 +395,36 @@ def _check_ll_kernel_fit(num_ranks, num_experts, m, hidden, num_topk):
     if num_ranks * m * max(num_topk, -(-hidden // unit)) >= 2 ** 31:
         raise ValueError(f"num_max_dispatch_tokens_per_rank: num_ranks * M * max(top-k, hidden / {unit}) must "
                          f"stay below 2**31 for the low-latency kernels")
+
+
+class HandleOwner:
+    """The Buffer that handles belong to (one per Buffer, on both backends). :meth:`stamp` marks
+    each handle its dispatch makes with ``(owner, dispatch number)``; :func:`check_handle_owner`
+    refuses the handles of other Buffers, whose slots and shapes may look the same."""
+
+    def __init__(self):
+        self.dispatches = 0
+
+    def stamp(self, record) -> None:
+        """Marks ``record`` (a normal-mode handle, or ``handle[5]`` of a low-latency one) as made
+        by the next dispatch of this Buffer."""
+        self.dispatches += 1
+        record.owner = (self, self.dispatches)
+
+
+def check_handle_owner(handle, owner: HandleOwner, name="handle"):
+    """ValueError unless ``handle`` (normal-mode, or a low-latency tuple whose ``handle[5]`` is
+    stamped) was made by a dispatch of the Buffer that ``owner`` belongs to."""
+    record = handle
+    if isinstance(handle, (tuple, list)):
+        if len(handle) < 6:
+            raise TypeError(f"{name}: expected the 6 items of a handle returned by low_latency_dispatch, got "
+                            f"{len(handle)}")
+        record = handle[5]
+    made = getattr(record, "owner", None)
+    if not (isinstance(made, tuple) and made and made[0] is owner):
+        raise ValueError(f"{name}: not made by a dispatch of this Buffer (another Buffer's handle, even of the "
+                         "same shapes, would let the kernels use its slots); pass each Buffer its own handles")
 
 
 def check_ll_handle(handle, num_ranks, name="handle"):

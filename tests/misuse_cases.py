@@ -161,6 +161,12 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
             owned["ll"] = buffer_cls(comm, **ll_buffer_kwargs(buffer_cls, num_ranks))
         return owned["ll"]
 
+    def twin():
+        """A second normal-mode Buffer of the same sizes (its handles have the same shapes)."""
+        if "twin" not in owned:
+            owned["twin"] = buffer_cls(comm, **normal_buffer_kwargs(buffer_cls, num_ranks, nvl_peers))
+        return owned["twin"]
+
     def dead():
         if "dead" not in owned:
             b = buffer_cls(comm, **normal_buffer_kwargs(buffer_cls, num_ranks, nvl_peers))
@@ -205,6 +211,14 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
             args = make_args(recv_x, recv_w, handle)
             return buf.combine(args.pop("x", recv_x), args.pop("handle", handle), **args)
         return call
+
+    def twin_dispatch():
+        recv_x, _, recv_w, _, handle, _ = twin().dispatch(x, **lay, **topk)
+        return recv_x, recv_w, handle
+
+    def twin_combine():
+        recv_x, _, handle = twin_dispatch()
+        return buf.combine(recv_x, handle)
 
     def bad_ids(value):
         bad = idx_np.copy()
@@ -327,6 +341,11 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
              cached(num_worst_tokens=10 ** 6)),
         Case("cached dispatch with a foreign handle", TypeError, ("handle",),
              lambda: buf.dispatch(x, handle=(1, 2, 3))),
+        Case("cached dispatch with another Buffer's handle of the same shapes", ValueError,
+             ("handle", "not made by a dispatch of this Buffer"), lambda: buf.dispatch(x, handle=twin_dispatch()[2])),
+        Case("combine with another Buffer's handle of the same shapes", ValueError,
+             ("handle", "not made by a dispatch of this Buffer"),
+             twin_combine),
         # ---- combine
         Case("combine: topk_weights with another K", ValueError, ("topk_weights",),
              combine(lambda rx, rw, hd: dict(topk_weights=A(np.zeros((rx.shape[0], k + 1), np.float32))))),
@@ -372,12 +391,17 @@ def misuse_cases(buffer_cls, buf, array, comm, ll_buf=None, seed: int = 1234) ->
         cases.append(Case("Buffer: across NVLink domains without num_rdma_bytes", ValueError, ("num_rdma_bytes",),
                           no_rdma_bytes, mode="buffer"))
 
-    cases += _ll_cases(ll, A, rng, num_ranks, x, idx, e)
+    def ll_twin():
+        if "ll_twin" not in owned:
+            owned["ll_twin"] = buffer_cls(comm, **ll_buffer_kwargs(buffer_cls, num_ranks))
+        return owned["ll_twin"]
+
+    cases += _ll_cases(ll, ll_twin, A, rng, num_ranks, x, idx, e)
     cases += _destroyed_cases(dead, A, x_np, idx_np, e)
     return MisuseCases(cases, owned)
 
 
-def _ll_cases(ll, A, rng, num_ranks, x_normal, idx_normal, e_normal):
+def _ll_cases(ll, ll_twin, A, rng, num_ranks, x_normal, idx_normal, e_normal):
     m, h = LL_M, LL_HIDDEN
     e = LL_EXPERTS_PER_RANK * num_ranks
     n, k = 5, 3
@@ -433,6 +457,9 @@ def _ll_cases(ll, A, rng, num_ranks, x_normal, idx_normal, e_normal):
              combine(lambda rx, hd: dict(out=A(np.zeros((n, h), np.float32))))),
         Case("low_latency_combine: a truncated handle", TypeError, ("handle",),
              combine(lambda rx, hd: dict(handle=hd[:3]))),
+        Case("low_latency_combine with another Buffer's handle of the same shapes", ValueError,
+             ("handle", "not made by a dispatch of this Buffer"),
+             combine(lambda rx, hd: dict(handle=ll_twin().low_latency_dispatch(x, idx, m, e, use_fp8=False)[2]))),
     ]
     if num_ranks > 1:
         cases.append(Case("low_latency_dispatch: num_experts not a multiple of the ranks", ValueError,

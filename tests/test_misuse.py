@@ -72,7 +72,8 @@ def test_cases_cover_the_issue(suite):
                   "low_latency_combine: topk_idx with fewer rows", "destroyed Buffer: dispatch",
                   "more rows than num_worst_tokens", "x float32", "x not C-contiguous", "expert id == num_experts",
                   "num_tokens_per_expert disagrees", "cached dispatch with topk_idx", "combine: topk_weights with another K",
-                  "layout: more top-k columns"):
+                  "layout: more top-k columns", "combine with another Buffer's handle",
+                  "low_latency_combine with another Buffer's handle"):
         assert words in names, words
 
 
