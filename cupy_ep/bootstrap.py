@@ -27,6 +27,7 @@ __all__ = [
     "exchange_ipc_handles",
     "finalize_nvshmem",
     "gpu_available",
+    "gpu_unavailable_reason",
     "init_nvshmem",
     "nvshmem_bind_module",
     "nvshmem_peer_ptrs",
@@ -150,21 +151,66 @@ def discover(comm, num_nvl_peers: int | None = None) -> Topology:
 # ---------------------------------------------------------------------------
 # GPUs
 # ---------------------------------------------------------------------------
+NO_GPU = "no NVIDIA driver/GPU found"
+
+
 def _device_count() -> tuple[int, str]:
-    """(number of GPUs CuPy sees, why none when 0), never raising."""
+    """(number of GPUs CuPy sees, why none when 0, in words), never raising.
+
+    CuPy and its runtime are looked up at each call, never at import, so that tests which
+    replace or reload them see their own."""
     try:
         import cupy
-
+    except ImportError:
+        return 0, 'CuPy is not installed (pip install "cupy_ep[cuda13]")'
+    try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # noqa: BLE001 -- no driver, no CUDA runtime, broken install
-        return 0, f"{type(e).__name__}: {e}"
-    return n, "" if n else "no CUDA device"
+        return 0, _no_device_reason(e)
+    return n, "" if n else f"{NO_GPU} (the driver lists no device{_visible_devices()})"
+
+
+def _no_device_reason(error: BaseException) -> str:
+    """Why the CUDA runtime found no device. Without a driver it reports
+    cudaErrorInsufficientDriver ("driver version is insufficient"), which reads as if a driver
+    were there: that case, and cudaErrorNoDevice, are told as what they are."""
+    text = f"{type(error).__name__}: {error}"
+    if "cudaErrorNoDevice" in text:
+        return f"{NO_GPU} (the driver lists no device{_visible_devices()})"
+    if "cudaErrorInsufficientDriver" in text and not _driver_library_loads():
+        return f"{NO_GPU} (libcuda.so.1, the NVIDIA driver's library, cannot be loaded)"
+    return text
+
+
+def _driver_library_loads() -> bool:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
+
+
+def _visible_devices() -> str:
+    v = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return "" if v is None else f"; CUDA_VISIBLE_DEVICES={v!r}"
+
+
+def gpu_unavailable_reason(comm=None) -> str | None:
+    """None when this rank (with ``comm``: every rank, collective) has a usable GPU, else why not:
+    the first failing rank's reason, prefixed with its rank when ``comm`` is given."""
+    why = _device_count()[1] or None
+    if comm is None:
+        return why
+    reasons = comm.allgather(why)
+    bad = [(r, w) for r, w in enumerate(reasons) if w is not None]
+    return None if not bad else f"rank {bad[0][0]}: {bad[0][1]}"
 
 
 def gpu_available(comm=None) -> bool:
     """True when this rank (and, with ``comm``, every rank: collective) sees a usable GPU."""
-    ok = _device_count()[0] > 0
-    return all(comm.allgather(ok)) if comm is not None else ok
+    return gpu_unavailable_reason(comm) is None
 
 
 def select_device(topology: Topology) -> int:
@@ -172,7 +218,7 @@ def select_device(topology: Topology) -> int:
     and returns its id. Raises GPUUnavailableError when there is no GPU or driver."""
     n, why = _device_count()
     if n == 0:
-        raise GPUUnavailableError(f"rank {topology.rank}: no usable GPU ({why})")
+        raise GPUUnavailableError(f"rank {topology.rank}: no usable GPU: {why}")
     import cupy
 
     device_id = topology.local_rank % n

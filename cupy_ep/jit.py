@@ -194,10 +194,12 @@ def _normalize_arch(arch) -> str:
         try:
             arch = cupy.cuda.Device().compute_capability
         except Exception as e:  # no driver, no device
+            from cupy_ep.bootstrap import gpu_unavailable_reason
             from cupy_ep.errors import GPUUnavailableError
 
+            why = gpu_unavailable_reason() or f"{type(e).__name__}: {e}"
             raise GPUUnavailableError(
-                f"no usable GPU to compile for ({e}); pass arch= or use compile_check()") from e
+                f"no usable GPU to compile for ({why}); pass arch= or use compile_check()") from e
     a = str(arch).strip()
     if a.isdigit():
         a = f"sm_{a}"

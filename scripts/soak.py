@@ -1,6 +1,6 @@
 """Soak / chaos run: many randomized round trips, every result checked, Buffers reused and recreated.
 
-    mpiexec -n 4 python scripts/soak.py --iters 500 [--backend auto|cpu|gpu] [--chaos]
+    mpiexec -n 4 python scripts/soak.py --iters 500 [--backend auto|reference|gpu] [--chaos]
     mpiexec -n 4 python scripts/soak.py --num-nvl-peers 4 2 1 --iters 200     # internode layouts too
     mpiexec -n 3 python scripts/soak.py --iters 20                            # CPU: the reference alone
 
@@ -15,10 +15,11 @@ cumulative receive statistics.
 * GPU backend (``--backend gpu``, or ``auto`` when every rank has a GPU): every call runs on the
   GPU Buffer and on the reference with the same inputs, compared element by element
   (``cupy_ep.testing.normal_round_trip``, ``cached_round_trip``, ``low_latency_round_trip``).
-* CPU backend: the reference alone (``normal_round_trip`` with ``gpu_buf=None``) plus invariants
-  checked here: identity experts (combine of the received rows gives each token times the number
-  of ranks that received it, bit for bit; the low-latency combine gives ``sum_k w_k * x``),
-  cached dispatch = the same rows, received counts = sent (token, expert) pairs, statistics.
+* Reference backend (``--backend reference``): the reference alone (``normal_round_trip`` with
+  ``gpu_buf=None``) plus invariants checked here: identity experts (combine of the received rows
+  gives each token times the number of ranks that received it, bit for bit; the low-latency
+  combine gives ``sum_k w_k * x``), cached dispatch = the same rows, received counts = sent
+  (token, expert) pairs, statistics.
 
 Buffers are reused across iterations and recreated every ``--recreate-every`` iterations (and
 after a failure); after each recreate the memory in use is recorded (GPU: device memory with the
@@ -66,7 +67,7 @@ BF16 = ml_dtypes.bfloat16
 # is each rank's own (0 included). On GPUs every new (hidden, top-k, experts, M, FP8 mode) is a new
 # kernel specialisation (compiled once, then cached on disk), hence shorter lists there.
 SHAPES = {
-    "cpu": dict(max_tokens=24, hidden=(128, 256, 136, 384), topk=tuple(range(1, 10)), experts_per_rank=(1, 2, 3, 4, 6),
+    "reference": dict(max_tokens=24, hidden=(128, 256, 136, 384), topk=tuple(range(1, 10)), experts_per_rank=(1, 2, 3, 4, 6),
                 ll_m=tuple(range(1, 17)), ll_hidden=(128, 256), ll_topk=tuple(range(1, 10))),
     "gpu": dict(max_tokens=256, hidden=(256, 2880, 7168), topk=(1, 4, 9), experts_per_rank=(2, 8),
                 ll_m=(128,), ll_hidden=(256, 7168), ll_topk=(1, 8, 9)),
@@ -80,9 +81,9 @@ def parse_args(argv=None):
     ap.add_argument("--iters", type=int, default=None,
                     help="round trips per NVLink layout (default: 50 on CPU, 500 on GPU)")
     ap.add_argument("--seed", type=int, default=None, help="shared seed (default: fresh, printed)")
-    ap.add_argument("--backend", choices=("auto", "cpu", "gpu"), default="auto",
-                    help="gpu: GPU Buffer checked against the reference; cpu: the reference alone; "
-                         "auto: gpu when every rank has a GPU")
+    ap.add_argument("--backend", choices=("auto", "reference", "gpu", "cpu"), default="auto",
+                    help="gpu: GPU Buffer checked against the reference; reference: the reference alone "
+                         "('cpu' is an old name for it); auto (default): gpu when every rank has a GPU")
     ap.add_argument("--recreate-every", type=int, default=None,
                     help="destroy and recreate the Buffers every this many iterations (default 10 CPU, 50 GPU)")
     ap.add_argument("--create-destroy-cycles", type=int, default=None,
@@ -110,12 +111,12 @@ def parse_args(argv=None):
 
 
 def resolve_backend(comm, choice):
-    if choice == "cpu":
-        return "cpu"
+    if choice in ("reference", "cpu"):
+        return "reference"
     ok = cupy_ep.gpu_available(comm)
     if choice == "gpu" and not ok:
         raise SystemExit("soak: --backend gpu, but not every rank has a usable GPU")
-    return "gpu" if ok else "cpu"
+    return "gpu" if ok else "reference"
 
 
 def nvl_layouts(comm, values):
@@ -485,11 +486,11 @@ def run(args):
     if args.max_tokens is not None:
         shapes["max_tokens"] = args.max_tokens
     if args.iters is None:
-        args.iters = 50 if backend == "cpu" else 500
+        args.iters = 50 if backend == "reference" else 500
     if args.recreate_every is None:
-        args.recreate_every = 10 if backend == "cpu" else 50
+        args.recreate_every = 10 if backend == "reference" else 50
     if args.create_destroy_cycles is None:
-        args.create_destroy_cycles = 20 if backend == "cpu" else 200
+        args.create_destroy_cycles = 20 if backend == "reference" else 200
     if args.seed is None:
         args.seed = comm.bcast(int(np.random.SeedSequence().entropy % (2 ** 31)) if rank == 0 else None)
     modes = ["normal"] if args.normal else ["low_latency"] if args.low_latency else ["normal", "low_latency"]

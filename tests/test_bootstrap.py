@@ -109,6 +109,65 @@ def test_no_gpu_here():
         topo.free()
 
 
+def _fake_cupy(monkeypatch, get_device_count):
+    """A stand-in ``cupy`` whose runtime's getDeviceCount is ``get_device_count`` (undone after the test)."""
+    import types
+
+    fake = types.ModuleType("cupy")
+    fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=get_device_count))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+
+
+def _raise(text):
+    def get_device_count():
+        raise RuntimeError(text)
+    return get_device_count
+
+
+@pytest.mark.parametrize("case, driver_loads, expected", [
+    ("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version", False,
+     "no NVIDIA driver/GPU found (libcuda.so.1, the NVIDIA driver's library, cannot be loaded)"),
+    ("cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version", True,
+     "RuntimeError: cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"),
+    ("cudaErrorNoDevice: no CUDA-capable device is detected", True, "no NVIDIA driver/GPU found (the driver lists "
+     "no device; CUDA_VISIBLE_DEVICES='')"),
+    (0, True, "no NVIDIA driver/GPU found (the driver lists no device; CUDA_VISIBLE_DEVICES='')"),
+    ("cudaErrorUnknown: unknown error", True, "RuntimeError: cudaErrorUnknown: unknown error"),
+])
+def test_no_gpu_reason_says_what_is_missing(monkeypatch, case, driver_loads, expected):
+    """A missing driver is not told as "driver version insufficient" (what the CUDA runtime says)."""
+    _fake_cupy(monkeypatch, (lambda: case) if isinstance(case, int) else _raise(case))
+    monkeypatch.setattr(bootstrap, "_driver_library_loads", lambda: driver_loads)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert bootstrap.gpu_unavailable_reason() == expected
+    assert bootstrap.gpu_available() is False
+    topo = bootstrap.Topology(rank=3, num_ranks=4, nvl_rank=3, num_nvl_ranks=4, rdma_rank=0, num_rdma_ranks=1,
+                              local_rank=3, num_local_ranks=4, nvl_comm=None)
+    with pytest.raises(GPUUnavailableError) as info:
+        bootstrap.select_device(topo)
+    assert str(info.value) == f"rank 3: no usable GPU: {expected}"
+
+
+def test_no_gpu_reason_without_cupy_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    assert bootstrap.gpu_unavailable_reason() == 'CuPy is not installed (pip install "cupy_ep[cuda13]")'
+
+
+def test_no_gpu_reason_with_a_gpu_is_none(monkeypatch):
+    _fake_cupy(monkeypatch, lambda: 2)
+    assert bootstrap.gpu_unavailable_reason() is None and bootstrap.gpu_available() is True
+
+
+def test_no_gpu_reason_over_ranks_names_the_first_failing_rank(monkeypatch):
+    class TwoRanks:
+        def allgather(self, mine):
+            return [None, mine]
+    _fake_cupy(monkeypatch, lambda: 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert bootstrap.gpu_unavailable_reason(TwoRanks()) == "rank 1: no NVIDIA driver/GPU found (the driver lists no device)"
+    assert bootstrap.gpu_available(TwoRanks()) is False
+
+
 def test_nvshmem_finalize_without_init_is_a_noop():
     bootstrap.finalize_nvshmem()
 

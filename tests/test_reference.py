@@ -98,14 +98,14 @@ def test_soak_on_the_reference(num_ranks, extra, tmp_path):
     """scripts/soak.py with the reference alone: randomized round trips checked with invariants, a
     deliberate worst-token overflow now and then, Buffers recreated, create/destroy cycles."""
     out = tmp_path / "soak.json"
-    proc = _mpirun(num_ranks, REPO / "scripts" / "soak.py", "--backend", "cpu", "--iters", "40",
+    proc = _mpirun(num_ranks, REPO / "scripts" / "soak.py", "--backend", "reference", "--iters", "40",
                    "--recreate-every", "15", "--create-destroy-cycles", "6", "--overflow-prob", "0.15",
                    "--time-budget", "30", "--stall-timeout", "120", "--json", str(out), *extra)
     assert proc.returncode == 0 and "RESULT: OK" in proc.stdout, proc.stdout[-8000:]
     import json
 
     summary = json.loads(out.read_text())
-    assert summary["backend"] == "cpu" and summary["ranks"] == num_ranks and summary["failures"] == 0
+    assert summary["backend"] == "reference" and summary["ranks"] == num_ranks and summary["failures"] == 0
     assert summary["iterations"] > 0 and summary["create_destroy_cycles"] == 6
     assert summary["buffers_made"] >= 6 + 2
     assert any(k.startswith("normal") for k in summary["runs"]) and any(k.startswith("low_latency")
