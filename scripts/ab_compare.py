@@ -60,7 +60,7 @@ def table(before: list, after: list) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--before", required=True, help="glob of the old tree's JSON files")
     ap.add_argument("--after", required=True, help="glob of the new tree's JSON files")
     args = ap.parse_args(argv)

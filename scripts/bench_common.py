@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -39,6 +40,21 @@ def set_env_defaults() -> None:
     """Environment every GPU run of this project keeps (NVLink multicast off)."""
     os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+
+CPU_ALTERNATIVE = "on CPUs, run: mpiexec -n 4 python scripts/moe_example.py --backend reference"
+
+
+def exit_unless_gpus(comm, script: str) -> None:
+    """Ends the job with one line on rank 0 (no traceback) when some rank has no usable GPU
+    (collective). Call it before anything imports CuPy."""
+    from cupy_ep.bootstrap import gpu_unavailable_reason
+
+    why = gpu_unavailable_reason(comm)
+    if why is not None:
+        if comm.Get_rank() == 0:
+            print(f"{script} needs a GPU on every rank ({why}); {CPU_ALTERNATIVE}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def device_name() -> str:

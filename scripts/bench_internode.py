@@ -114,12 +114,13 @@ def main():
     bc.set_env_defaults()
     from mpi4py import MPI
 
+    comm = MPI.COMM_WORLD
+    bc.exit_unless_gpus(comm, "bench_internode.py")
     import cupy
 
     import cupy_ep
     from cupy_ep import testing
 
-    comm = MPI.COMM_WORLD
     rank, r = comm.Get_rank(), comm.Get_size()
     p_nvl = args.num_nvl_peers
     if r % p_nvl:

@@ -306,11 +306,12 @@ def main():
     bc.set_env_defaults()
     from mpi4py import MPI
 
+    comm = MPI.COMM_WORLD
+    bc.exit_unless_gpus(comm, "bench_intranode.py")
     import cupy
 
     import cupy_ep
 
-    comm = MPI.COMM_WORLD
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     configs, main_cfg = make_configs(args.config_specs, num_ranks)
     h, k = args.hidden, args.topk

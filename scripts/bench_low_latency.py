@@ -257,11 +257,12 @@ def main():
     bc.set_env_defaults()
     from mpi4py import MPI
 
+    comm = MPI.COMM_WORLD
+    bc.exit_unless_gpus(comm, "bench_low_latency.py")
     import cupy
 
     import cupy_ep
 
-    comm = MPI.COMM_WORLD
     rank, r = comm.Get_rank(), comm.Get_size()
     experts = expert_counts(args.expert_list, r)
     if not experts:

@@ -41,7 +41,7 @@ def reference(topk_idx, num_experts, num_ranks):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=4096, help="tokens on each rank")

@@ -77,7 +77,7 @@ KINDS = ("random", "skewed", "holes", "dups")
 
 # ---------------------------------------------------------------------------------------- setup
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=None,
                     help="round trips per NVLink layout (default: 50 on CPU, 500 on GPU)")
     ap.add_argument("--seed", type=int, default=None, help="shared seed (default: fresh, printed)")
