@@ -12,6 +12,7 @@
 #     chaos      CUPY_EP_CHAOS=1 re-run of $CHAOS_TESTS on $CHAOS_RANKS (4) ranks (+ $CHAOS_PYTEST_ARGS)
 #     soak       scripts/soak.py $SOAK_ARGS ("--time-budget 40": iterations for 40 s, then 200 create/destroy
 #                cycles) on $SOAK_RANKS (4) ranks, without and with --chaos
+#     example    scripts/moe_example.py --backend gpu (the README's example) on $EXAMPLE_RANKS ("1 2") ranks
 #     bench      bench_intranode.py ($INTRANODE_ARGS; SWEEP=1 adds --sms 4,8,12,16,24) on $BENCH_RANKS (4),
 #                bench_low_latency.py --profile ($LL_ARGS) on $LL_RANKS (4),
 #                bench_internode.py ($INTERNODE_BENCH_ARGS) for N:P in $INTERNODE_BENCH_LAYOUTS ("4:2 4:1")
@@ -22,7 +23,7 @@
 #                ABBA order, then scripts/ab_compare.py's medians and spreads (not part of "all")
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
 #     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
-#     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each).
+#     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each), EXAMPLE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
 #   SHARE_GPU=1: run more ranks than GPUs (ranks share GPUs, time-sliced: correctness only; the
@@ -148,6 +149,15 @@ run_chaos() {
     ${CHAOS_PYTEST_ARGS:-} ${targets:-tests/gpu}
 }
 
+run_example() {
+  # The README's example on the GPU backend (--backend gpu: no silent fallback to the reference).
+  for n in ${EXAMPLE_RANKS:-1 2}; do
+    fits "$n" || { skip "example_${n}ranks" "only $ngpu GPUs"; continue; }
+    # shellcheck disable=SC2086  # $MPIEXEC is a word list
+    step "example_${n}ranks" "${EXAMPLE_TIMEOUT:-120}" $MPIEXEC -n "$n" $PY scripts/moe_example.py --backend gpu
+  done
+}
+
 run_soak() {
   local n=${SOAK_RANKS:-4}
   [[ -f scripts/soak.py ]] || { skip soak "scripts/soak.py missing"; return; }
@@ -241,10 +251,11 @@ for s in "${expanded[@]}"; do
     internode) run_internode ;;
     chaos) run_chaos ;;
     soak) run_soak ;;
+    example) run_example ;;
     bench) run_bench ;;
     baseline) run_baseline ;;
     ab) run_ab ;;
-    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak bench baseline ab all)")"
+    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak example bench baseline ab all)")"
        failed=1 ;;
   esac
 done

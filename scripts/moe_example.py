@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=64, help="tokens per rank (default 64)")
     ap.add_argument("--hidden", type=int, default=256, help="hidden size, a multiple of 128 (default 256)")
     ap.add_argument("--experts-per-rank", type=int, default=2, help="experts on each rank (default 2)")
-    ap.add_argument("--topk", type=int, default=3, help="experts per token (default 3)")
+    ap.add_argument("--topk", type=int, default=3, help="experts per token (default 3, at most all experts)")
     args = ap.parse_args()
 
     comm = MPI.COMM_WORLD
@@ -90,8 +90,8 @@ def main():
     else:
         from cupy_ep.reference import Buffer
         xp = np
-    n, h, k = args.tokens, args.hidden, args.topk
     num_experts = args.experts_per_rank * num_ranks
+    n, h, k = args.tokens, args.hidden, min(args.topk, num_experts)
 
     rng = np.random.default_rng(rank)
     x_host = rng.standard_normal((n, h)).astype(BF16)
