@@ -143,7 +143,9 @@ class Buffer:
 
     @property
     def comm_stream(self):
-        """The stream the communication kernels run on."""
+        """The stream the communication kernels of asynchronous calls run on (``async_finish``,
+        ``previous_event`` or ``allocate_on_comm_stream``); synchronous calls launch on the
+        caller's stream."""
         return self._streams.comm_stream
 
     # -- life cycle -----------------------------------------------------------------------
@@ -247,11 +249,16 @@ class Buffer:
         if self._destroyed:
             raise CupyEpError("this Buffer was destroyed")
 
-    def _begin(self, previous_event=None, on_comm_stream: bool = True, allocate_on_comm_stream: bool = False,
+    def _begin(self, previous_event=None, async_finish: bool = False, allocate_on_comm_stream: bool = False,
                layout_reports: bool = False):
+        """The call's streams. A synchronous call (no ``async_finish``, ``previous_event`` or
+        ``allocate_on_comm_stream``) launches on the caller's stream itself: the same order as
+        the Buffer's stream would give, without two event records and two cross-stream waits."""
         self._require_alive()
         self._raise_reports(layout_reports=layout_reports)
-        return self._streams.begin(previous_event, on_comm_stream, allocate_on_comm_stream)
+        has_event = previous_event is not None and previous_event.event is not None
+        on_comm_stream = async_finish or has_event or allocate_on_comm_stream
+        return self._streams.begin(previous_event if has_event else None, on_comm_stream, allocate_on_comm_stream)
 
     def _guarded(self, fn):
         """Runs engine code that may wait for kernels; a timeout makes the Buffer unusable."""
@@ -345,7 +352,7 @@ class Buffer:
             ``[-1, E)`` select nothing and are reported without a host synchronisation: the next
             dispatch raises ``ValueError`` on every rank (or :meth:`check` does).
         """
-        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream, layout_reports=True)
+        call = self._begin(previous_event, async_finish, allocate_on_comm_stream, layout_reports=True)
         self._check_arrays(topk_idx=topk_idx)
         validation.check_layout_call(topk_idx, num_experts, self.num_ranks)
         with call.alloc:
@@ -427,7 +434,7 @@ class Buffer:
                                          self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
         if topk_idx is not None and topk_idx.dtype != np.int64:
             topk_idx = topk_idx.astype(np.int64)
-        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream)
+        call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
                                                        num_worst_tokens, expert_alignment, config, call))
         event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights, result.recv_x,
@@ -465,7 +472,7 @@ class Buffer:
         validation.check_handle_owner(handle, self._owner)
         config = self._check_config(config)
         biases = validation.check_normal_combine(x, handle, topk_weights, bias)
-        call = self._begin(previous_event, allocate_on_comm_stream=allocate_on_comm_stream)
+        call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         combined_x, combined_w = self._guarded(lambda: engine.combine(x, handle, topk_weights, biases, config, call))
         event = self._streams.finish(call, async_finish, (x, topk_weights, *biases, combined_x, combined_w))
         return combined_x, combined_w, event
@@ -496,10 +503,10 @@ class Buffer:
             use_fp8: cast to FP8 e4m3 on the fly (per token, per 128 channels); else bf16.
             round_scale: scales are powers of two. use_ue8m0: scales as UE8M0 bytes (implies round_scale).
             async_finish: run on the Buffer's stream and return an event instead of making the
-                current stream wait. Without it (and without a hook) the kernel runs on the current
-                stream itself, which orders it the same way at less cost.
-            return_recv_hook: only issue the sends (on the Buffer's stream); the returned hook
-                receives. Call the hook of dispatch n before issuing dispatch n + 1.
+                current stream wait. Without it the kernel runs on the current stream itself, which
+                orders it the same way at less cost.
+            return_recv_hook: only issue the sends; the returned hook receives (both on the current
+                stream, as in DeepEP). Call the hook of dispatch n before issuing dispatch n + 1.
             cumulative_local_expert_recv_stats: int32 ``[E_local]``, increased by the received counts.
 
         Returns:
@@ -520,8 +527,7 @@ class Buffer:
         validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
         if topk_idx.dtype != np.int64:
             topk_idx = topk_idx.astype(np.int64)
-        on_comm = async_finish or return_recv_hook
-        call = self._begin(None, on_comm_stream=on_comm)
+        call = self._begin(None, async_finish)
         with call.alloc:
             recv_x, recv_count, handle, hook = engine.dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
@@ -557,7 +563,7 @@ class Buffer:
         validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
         if topk_idx.dtype != np.int64:
             topk_idx = topk_idx.astype(np.int64)
-        call = self._begin(None, on_comm_stream=async_finish or return_recv_hook)
+        call = self._begin(None, async_finish)
         with call.alloc:
             combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream,
                                             use_logfmt=bool(use_logfmt))

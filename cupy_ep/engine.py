@@ -8,8 +8,6 @@ and the layout kernel :class:`cupy_ep.layout.LayoutEngine`.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import numpy as np
 
 from . import jit
@@ -35,9 +33,11 @@ class Engine:
         self.rank = comm.Get_rank()
         self.num_ranks = comm.Get_size()
         self.status = status
+        self.status_arg = np.uint64(status.ptr)   # kernel argument (the record never moves)
         self.timeout_ns = np.uint64(timeout_ns)
         self.chaos = bool(chaos)
         self.profile = None   # a cupy_ep.profiling.Profile while Buffer.profile() runs
+        self._memo = {}       # per-call lookups by call shape (see _memoised)
 
     def _module(self, filename: str, constants: dict, nvshmem: bool = False):
         constants = dict(constants, CHAOS=int(self.chaos))
@@ -55,10 +55,28 @@ class Engine:
             nvshmem_bind_module(module)
         return module
 
+    def _memoised(self, key, build):
+        """``build()`` once per ``key`` (a tuple of the call's shapes): the kernels and launch
+        constants of a call shape, so that a repeated call builds no constant dict and looks up
+        no function."""
+        value = self._memo.get(key)
+        if value is None:
+            value = self._memo[key] = build()
+        return value
+
+    @staticmethod
+    def _entry(module, name: str):
+        """Kernel ``name`` of a loaded module as the ``cupy.cuda.Function`` that launches it on a
+        given stream (no stream context switch per launch)."""
+        return module.get_function(name).kernel
+
     def _launch(self, kernel, grid: int, block: int, args, stream, name: str = "") -> None:
-        timed = self.profile.kernel(name, stream) if (name and self.profile is not None) else nullcontext()
-        with stream, timed:
-            kernel((grid,), (block,), args)
+        """Launches ``kernel`` (from :meth:`_entry`) on ``stream``; timed when profiling and named."""
+        if name and self.profile is not None:
+            with self.profile.kernel(name, stream):
+                kernel((grid,), (block,), args, stream=stream)
+        else:
+            kernel((grid,), (block,), args, stream=stream)
 
     def _phase_buffer(self, kernel: str, num_blocks: int, names: dict):
         """Pointer (np.uint64) of a checkpoint buffer for this launch, 0 when not profiling."""

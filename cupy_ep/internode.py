@@ -80,7 +80,7 @@ class InternodeEngine(NormalEngine):
                                                   self.num_nvl_ranks, hidden, num_topk, x_bytes, num_scales,
                                                   num_experts, c, num_threads, chunk_tokens)
             module = self._module("internode.cu", consts, nvshmem=True)
-            fns = self._functions[key] = tuple(module.get_function(name) for name in (
+            fns = self._functions[key] = tuple(self._entry(module, name) for name in (
                 "internode_notify", "internode_dispatch", "internode_combine", "internode_barrier"))
         return fns
 
@@ -88,7 +88,7 @@ class InternodeEngine(NormalEngine):
         return self.nvl.peer_table, np.uint64(self.sym.ptr), np.int32(self.rank)
 
     def _barrier(self, fn, kernel_name: str, stream) -> None:
-        self._launch(fn, 1, 32, (*self._common_args(), np.uint64(self.status.ptr), self.timeout_ns,
+        self._launch(fn, 1, 32, (*self._common_args(), self.status_arg, self.timeout_ns,
                                  np.int32(limits.KERNEL_IDS[kernel_name])), stream)
 
     # -- dispatch ---------------------------------------------------------------------------
@@ -121,7 +121,7 @@ class InternodeEngine(NormalEngine):
                      (*self._common_args(), np.int32(num_tokens), per_rank, _ptr(per_rdma), per_expert, in_rank,
                       _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), h.send_chan,
                       h.rdma_chan, h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb,
-                      h.fwd_base, h.call_status, self._host_out_arg(), np.uint64(self.status.ptr), self.timeout_ns,
+                      h.fwd_base, h.call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
         _mark(self.profile, marks, "notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
@@ -153,7 +153,7 @@ class InternodeEngine(NormalEngine):
                      (*self._common_args(), np.int32(h.num_tokens), data, _ptr(scales), _ptr(topk_idx),
                       _ptr(topk_weights), h.is_token_in_rank, h.send_chan, h.rdma_chan, h.send_rdma_pos,
                       h.rank_prefix, h.recv_chan, h.fwd_rchan, h.fwd_base, h.fwd_pos, h.call_status, *out_args,
-                      np.uint64(self.status.ptr), self.timeout_ns), stream, "dispatch")
+                      self.status_arg, self.timeout_ns), stream, "dispatch")
 
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: InternodeHandle, topk_weights, biases, config: Config, call):
@@ -168,6 +168,6 @@ class InternodeEngine(NormalEngine):
                      (*self._common_args(), np.int32(h.num_tokens), x, np.int32(x.shape[0]), _ptr(topk_weights),
                       h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb, h.fwd_pos,
                       h.rdma_chan, h.send_rdma_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
-                      np.uint64(self.status.ptr), self.timeout_ns), call.stream, "combine")
+                      self.status_arg, self.timeout_ns), call.stream, "combine")
         _mark(self.profile, marks, "combine launched", call.stream)
         return combined_x, combined_w

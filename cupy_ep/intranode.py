@@ -28,6 +28,9 @@ from . import geometry, limits
 from .config import Config
 from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
 
+_KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   # launch arguments
+
+
 @dataclass
 class IntranodeHandle(NormalHandle):
     """What combine and a cached dispatch need from an intranode dispatch."""
@@ -63,13 +66,13 @@ class IntranodeEngine(NormalEngine):
         fn = self._functions.get(key)
         if fn is None:
             consts = geometry.intranode_constants(self.num_ranks, num_channels, num_threads, **kernel)
-            fn = self._functions[key] = self._module("intranode.cu", consts).get_function(name)
+            fn = self._functions[key] = self._entry(self._module("intranode.cu", consts), name)
         return fn
 
     def _barrier(self, kernel_name: str, stream) -> None:
-        fn = self._function("group_barrier_kernel", 1, 32)
-        self._launch(fn, 1, 32, (self.nvl.peer_table, np.int32(self.rank), np.uint64(self.status.ptr),
-                                 self.timeout_ns, np.int32(limits.KERNEL_IDS[kernel_name])), stream)
+        fn = self._memoised(("barrier",), lambda: self._function("group_barrier_kernel", 1, 32))
+        self._launch(fn, 1, 32, (self.nvl.peer_table, np.int32(self.rank), self.status_arg,
+                                 self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],
@@ -97,12 +100,13 @@ class IntranodeEngine(NormalEngine):
             call_status = cupy.empty(1, dtype=cupy.int32)
         seq = self._next_seq()
         e_local = num_experts // r
-        notify = self._function("notify_dispatch", c, config.num_threads, **geometry.intranode_notify_kernel(
-            e_local, num_topk, 0 if topk_idx is None else topk_idx.dtype.itemsize))
+        idx_bytes = 0 if topk_idx is None else topk_idx.dtype.itemsize
+        notify = self._memoised(("notify", c, config.num_threads, e_local, num_topk, idx_bytes), lambda: self._function(
+            "notify_dispatch", c, config.num_threads, **geometry.intranode_notify_kernel(e_local, num_topk, idx_bytes)))
         self._launch(notify, 1, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
                       _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,
-                      send_chan, call_status, self._host_out_arg(), np.uint64(self.status.ptr), self.timeout_ns,
+                      send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
         _mark(self.profile, marks, "notify launched", call.stream)
         handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
@@ -112,7 +116,7 @@ class IntranodeEngine(NormalEngine):
         self._launch(kernel, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, _ptr(scales),
                       _ptr(topk_idx), _ptr(topk_weights), in_rank, send_chan, recv_chan, rank_prefix, send_pos,
-                      call_status, *out_args, np.uint64(self.status.ptr), self.timeout_ns), call.stream, "dispatch")
+                      call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
         _mark(self.profile, marks, "dispatch launched", call.stream)
         if outputs is not None:   # num_worst_tokens: nothing waits for the host
             return DispatchResult(*outputs, [], handle)
@@ -127,37 +131,51 @@ class IntranodeEngine(NormalEngine):
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, _ptr(scales), null,
                       null, handle.is_token_in_rank, handle.send_chan_prefix, handle.recv_chan_prefix,
                       handle.rank_prefix, handle.send_pos, handle.call_status,
-                      *self._given_outputs(outputs, handle.num_rows, False), np.uint64(self.status.ptr),
+                      *self._given_outputs(outputs, handle.num_rows, False), self.status_arg,
                       self.timeout_ns), call.stream, "dispatch")
         _mark(self.profile, marks, "dispatch launched", call.stream)
         return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
     def _dispatch_kernel(self, data, scales, handle: IntranodeHandle, config: Config, cached: bool = False):
+        """(kernel, grid) of a dispatch of this shape (memoised per shape and config)."""
+        row_bytes = data.shape[1] * data.dtype.itemsize
+        num_scales = 0 if scales is None else scales.shape[1]
+        key = ("dispatch", handle.hidden, handle.num_topk, handle.num_experts, handle.num_channels, row_bytes,
+               num_scales, cached, config)
+        return self._memoised(key, lambda: self._build_dispatch_kernel(handle, row_bytes, num_scales, cached, config))
+
+    def _build_dispatch_kernel(self, handle: IntranodeHandle, row_bytes: int, num_scales: int, cached: bool,
+                               config: Config):
         slots = geometry.slot_geometry(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         c = handle.num_channels
         receivers = min(config.num_receivers, c)
         fn = self._function("intranode_dispatch", c, config.num_threads, **geometry.intranode_dispatch_kernel(
-            slots, data.shape[1] * data.dtype.itemsize, 0 if scales is None else scales.shape[1],
-            0 if cached else handle.num_topk, receivers, handle.num_experts // self.num_ranks, config.chunk_tokens))
+            slots, row_bytes, num_scales, 0 if cached else handle.num_topk, receivers,
+            handle.num_experts // self.num_ranks, config.chunk_tokens))
         return fn, c + receivers
 
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
         marks = self._begin_marks("combine", call.stream)
-        slots = geometry.slot_geometry(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
-        c = handle.num_channels
         self._barrier("intranode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
-        receivers = min(config.num_receivers, c)
-        fn = self._function("intranode_combine", c, config.num_threads, **geometry.intranode_combine_kernel(
-            slots, handle.hidden, num_topk, len(biases), receivers))
-        self._launch(fn, c + receivers, config.num_threads,
+        key = ("combine", handle.hidden, handle.num_topk, handle.num_channels, num_topk, len(biases), config)
+        fn, grid = self._memoised(key, lambda: self._build_combine_kernel(handle, num_topk, len(biases), config))
+        self._launch(fn, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
                       _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
                       handle.send_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
-                      np.uint64(self.status.ptr), self.timeout_ns), call.stream, "combine")
+                      self.status_arg, self.timeout_ns), call.stream, "combine")
         _mark(self.profile, marks, "combine launched", call.stream)
         return combined_x, combined_w
+
+    def _build_combine_kernel(self, handle: IntranodeHandle, num_topk: int, num_bias: int, config: Config):
+        slots = geometry.slot_geometry(self.nvl.num_bytes, self.num_ranks, handle.hidden, handle.num_topk)
+        c = handle.num_channels
+        receivers = min(config.num_receivers, c)
+        fn = self._function("intranode_combine", c, config.num_threads, **geometry.intranode_combine_kernel(
+            slots, handle.hidden, num_topk, num_bias, receivers))
+        return fn, c + receivers
 

@@ -31,9 +31,9 @@ class LayoutEngine(Engine):
         self._scratch = {}   # num_experts -> zeroed int32 [R + N + E + 1] (the last: block counter)
 
     def _kernel(self, num_experts: int, num_topk: int, idx_bytes: int):
-        return self._module("layout.cu", dict(NUM_RANKS=self.num_ranks, NUM_NVL_RANKS=self.num_nvl_ranks,
-                                              NUM_EXPERTS=num_experts, TOPK=num_topk, NUM_THREADS=LAYOUT_THREADS,
-                                              IDX_BYTES=idx_bytes)).get_function("dispatch_layout")
+        return self._memoised(("layout", num_experts, num_topk, idx_bytes), lambda: self._entry(self._module(
+            "layout.cu", dict(NUM_RANKS=self.num_ranks, NUM_NVL_RANKS=self.num_nvl_ranks, NUM_EXPERTS=num_experts,
+                              TOPK=num_topk, NUM_THREADS=LAYOUT_THREADS, IDX_BYTES=idx_bytes)), "dispatch_layout"))
 
     def run(self, topk_idx, num_experts: int, stream):
         """Returns ``(per_rank int32 [R], per_rdma_rank int32 [N] or None, per_expert int32 [E],
@@ -47,10 +47,11 @@ class LayoutEngine(Engine):
         scratch = self._scratch.get(num_experts)
         if scratch is None:
             scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
-        per_rank, per_rdma, per_expert = counts[:r], counts[r:r + n], counts[r + n:]
+        per_rank, per_expert = counts[:r], counts[r + n:]
+        per_rdma = counts[r:r + n] if n > 1 else None   # one NVLink domain: none (a view costs a µs)
         blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
         kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)
         self._launch(kernel, blocks, LAYOUT_THREADS,
-                     (topk_idx, np.int32(num_tokens), scratch, per_rank, per_rdma if n > 1 else np.uint64(0),
-                      per_expert, in_rank, np.uint64(self.status.ptr), np.int32(self.rank)), stream, "layout")
-        return per_rank, (per_rdma if n > 1 else None), per_expert, in_rank
+                     (topk_idx, np.int32(num_tokens), scratch, per_rank, np.uint64(0) if per_rdma is None else per_rdma,
+                      per_expert, in_rank, self.status_arg, np.int32(self.rank)), stream, "layout")
+        return per_rank, per_rdma, per_expert, in_rank

@@ -164,7 +164,7 @@ class LowLatencyEngine(Engine):
             consts = geometry.ll_constants(self.num_ranks, num_experts, hidden, topk, m, use_fp8, round_scale,
                                            use_ue8m0, NUM_THREADS, use_logfmt)
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
-            fns = self._functions[key] = (module.get_function("ll_dispatch"), module.get_function("ll_combine"))
+            fns = self._functions[key] = (self._entry(module, "ll_dispatch"), self._entry(module, "ll_combine"))
         return fns
 
     @staticmethod
@@ -224,7 +224,7 @@ class LowLatencyEngine(Engine):
                          (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
                           np.int64(data_off), self._scratch_d, data, self._ptr(scales), src_info, layout_range,
                           recv_count, self._ptr(stats), slot_count, slot_map, dest_ranks, prof,
-                          np.uint64(self.status.ptr), self.timeout_ns, np.int32(self.rank)),
+                          self.status_arg, self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
                                      "low_latency_dispatch_recv")[phases % 3])
 
@@ -304,7 +304,7 @@ class LowLatencyEngine(Engine):
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table,
                           np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
-                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, prof, np.uint64(self.status.ptr),
+                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, prof, self.status_arg,
                           self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_combine", "low_latency_combine_send",
                                      "low_latency_combine_recv")[phases % 3])

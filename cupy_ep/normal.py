@@ -59,6 +59,8 @@ class NormalEngine(Engine):
         self._desc_mem = HostMapped(DESC_WORDS * 8)
         self.host_out = self._host_out_mem.view(np.int32, HOST_OUT_INTS)
         self.desc = self._desc_mem.view(np.uint64, DESC_WORDS)
+        self.host_out_arg = np.uint64(self.host_out.ctypes.data)   # kernel arguments (fixed addresses)
+        self.desc_arg = np.uint64(self.desc.ctypes.data)
         self._seq = 0
         self._functions = {}
 
@@ -89,9 +91,6 @@ class NormalEngine(Engine):
         """The two bias pointers of the combine kernels (null where absent)."""
         return tuple(_ptr(biases[i] if i < len(biases) else None) for i in range(2))
 
-    def _host_out_arg(self) -> np.uint64:
-        return np.uint64(self.host_out.ctypes.data)
-
     @staticmethod
     def _given_outputs(outputs, rows: int, fill_padding: bool) -> list:
         """Dispatch kernel arguments for outputs allocated before the launch (worst-token and
@@ -101,7 +100,7 @@ class NormalEngine(Engine):
 
     def _described_outputs(self, seq: int) -> list:
         """Dispatch kernel arguments for outputs the host publishes later in the descriptor."""
-        return [np.uint64(0)] * 4 + [np.int32(0), np.int32(0), np.uint64(self.desc.ctypes.data), np.uint64(seq)]
+        return [*_NO_OUTPUTS, self.desc_arg, np.uint64(seq)]
 
     def _dispatch_outputs(self, seq: int, data, scales, num_topk: int, num_worst_tokens: int, call):
         """(outputs, kernel arguments) of a non-cached dispatch: with ``num_worst_tokens`` the
@@ -167,6 +166,9 @@ class NormalEngine(Engine):
         if out[2]:
             raise self.status.take() or cancelled_by_peers("dispatch", [int(out[3])], self.rank)
         return int(out[1]), out[limits.HOST_EXPERT:limits.HOST_EXPERT + num_local_experts].tolist()
+
+
+_NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows, padding flag: from the descriptor
 
 
 def _ptr(a):
