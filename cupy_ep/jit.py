@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cupy_ep import log
 from cupy_ep.errors import CompileError
 from cupy_ep.limits import device_constants
 
@@ -311,8 +312,15 @@ def _build_nvrtc(main: Path, constants, options: tuple, arch: str, include_dirs,
     out = cache_dir() / f"{main.stem}-{key[:40]}.cubin"
     if not out.is_file():
         nvrtc_options = [f"-arch={arch}", *options, *defines, *(f"-I{d}" for d in search)]
-        _atomic_write(out, _nvrtc_cubin(_full_source(main, constants_text), main.name, nvrtc_options))
+        with log.compile_notice(main.name, "NVRTC", arch, _user_constants(constants), out):
+            _atomic_write(out, _nvrtc_cubin(_full_source(main, constants_text), main.name, nvrtc_options))
     return out
+
+
+def _user_constants(constants) -> dict:
+    """The constants that make a specialisation (without cupy_ep's own), for messages."""
+    library = device_constants()
+    return {k: v for k, v in (constants or {}).items() if k not in library}
 
 
 # ---------------------------------------------------------------------------
@@ -532,7 +540,8 @@ def _build_nvcc_nvshmem(main: Path, constants, options: tuple, arch: str, includ
     out = cache_dir() / f"{main.stem}-{key[:40]}.nvcc.cubin"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent, prefix="nvcc-") as tmp:
+        with log.compile_notice(main.name, "nvcc", arch, _user_constants(constants), out), \
+                tempfile.TemporaryDirectory(dir=out.parent, prefix="nvcc-") as tmp:
             src, obj, linked = Path(tmp, main.name), Path(tmp, "rdc.cubin"), Path(tmp, "out.cubin")
             src.write_text(_full_source(main, constants_text))
             includes = [f"-I{d}" for d in [*search, nvshmem_include_dir()]]
