@@ -19,8 +19,7 @@ import numpy as np
 
 from cupy_ep.geometry import row_bytes   # the byte basis of every benchmark (pure Python)
 
-# DeepEP v1 (567632d) measured on the 4 x H200 test host with its own tests (../shared/PLATFORM.md,
-# 2026-11-28): normal mode, 4096 tokens/rank, hidden 7168, top-8 of 256 experts, 24 SMs, kernel times.
+# DeepEP v1 (567632d) measured on a 4 x H200 host with its own tests (2026-11-28): normal mode, 4096 tokens/rank, hidden 7168, top-8 of 256 experts, 24 SMs, kernel times.
 DEEPEP_V1_H200_4RANKS = {
     "dispatch_fp8": {"GBps": 255.0, "us": 428.0},
     "dispatch_bf16": {"GBps": 262.0, "us": 810.0},

@@ -280,7 +280,7 @@ def print_summary(points, baselines, ranks) -> None:
                     "NCCL fp8/bf16/comb"], table, [7, 18, 11, 11, 11, 11, 10, 18])
     if ranks == 4:
         ref = bc.DEEPEP_V1_H200_4RANKS
-        print(f"DeepEP v1, 4 x H200, 4096 tokens, 24 SMs (PLATFORM.md): FP8 {ref['dispatch_fp8']['GBps']:.0f}, "
+        print(f"DeepEP v1, 4 x H200, 4096 tokens, 24 SMs (its own tests, 2026-11-28): FP8 {ref['dispatch_fp8']['GBps']:.0f}, "
               f"bf16 {ref['dispatch_bf16']['GBps']:.0f}, combine {ref['combine']['GBps']:.0f} GB/s (kernel); whole "
               f"call: layout {ref['call_us']['layout']:.0f} us, bf16 dispatch {ref['call_us']['dispatch_bf16']:.0f} us, "
               f"cached {ref['call_us']['dispatch_bf16_cached']:.0f} us, combine {ref['call_us']['combine']:.0f} us")

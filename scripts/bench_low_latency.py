@@ -247,7 +247,7 @@ def print_summary(results, ranks, transport) -> None:
                    table, [7, 13, 13, 8, 8, 20, 16])
     if ranks == 4:
         ref = bc.DEEPEP_V1_H200_4RANKS
-        print(f"DeepEP v1, 4 x H200, 288 experts, NVLink (PLATFORM.md, kernel times): dispatch "
+        print(f"DeepEP v1, 4 x H200, 288 experts, NVLink (its own tests, 2026-11-28, kernel times): dispatch "
               f"{ref['ll_dispatch_us'][0]}-{ref['ll_dispatch_us'][1]} us, combine {ref['ll_combine_us'][0]:.0f}-"
               f"{ref['ll_combine_us'][1]:.0f} us, dispatch + combine {ref['ll_both_us']} us")
 

@@ -2,7 +2,8 @@
 
     python scripts/plot_bench.py RESULTS.json [RESULTS2.json ...] [--out DIR]
 
-``bench_intranode.py --json`` output gives two PNGs in DIR (default: the repository's docs/):
+``bench_intranode.py --json`` output gives two PNGs in DIR (default: a new temporary directory,
+printed; nothing is written into the source tree unless DIR says so):
 
 * ``bench_intranode_sms.png``: logical GB/s (worst rank) of FP8 dispatch, bf16 dispatch and
   combine against the SM count (points at the largest token count; one marker per
@@ -10,8 +11,8 @@
 * ``bench_intranode_tokens.png``: the same against tokens per rank (main Config);
 
 both with the NCCL all-to-all baseline of the same run (dash-dot) and, for 4 ranks, DeepEP
-v1's kernel numbers on the 4 x H200 host (dotted; ../shared/PLATFORM.md: 255 / 262 / 358 GB/s
-at 24 SMs, 4096 tokens). Other rank counts get a ``_<R>ranks`` suffix. A plot with a single
+v1's kernel numbers on a 4 x H200 host (dotted; 255 / 262 / 358 GB/s at 24 SMs, 4096 tokens,
+measured 2026-11-28 with DeepEP's own tests). Other rank counts get a ``_<R>ranks`` suffix. A plot with a single
 x value is skipped. Other benches' JSON files are accepted and ignored (nothing to plot).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
@@ -143,14 +145,18 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="+", help="JSON written by a bench's --json")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"),
-                   help="output directory (default: docs/ of this repository)")
+    p.add_argument("--out", default=None, help="output directory (default: a new temporary directory)")
     args = p.parse_args(argv)
+    temporary = args.out is None
+    if temporary:
+        args.out = tempfile.mkdtemp(prefix="cupy_ep_plots_")
     for path in args.json:
         with open(path) as f:
             data = json.load(f)
         for written in plot(data, args.out):
             print(written)
+    if temporary and not os.listdir(args.out):
+        os.rmdir(args.out)          # nothing was plotted: leave no empty directory behind
 
 
 if __name__ == "__main__":
