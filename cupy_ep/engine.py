@@ -8,6 +8,8 @@ and the layout kernel :class:`cupy_ep.layout.LayoutEngine`.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import jit
@@ -16,6 +18,13 @@ from . import jit
 # The first use of a specialisation compiles it collectively (every rank of the engine's
 # communicator must make that call); later engines of the process reuse it without talking.
 _MODULES: dict = {}
+
+
+def signal_amo() -> int:
+    """1 when ``CUPY_EP_SIGNAL_AMO=1``: the NVSHMEM kernels signal with remote atomics
+    (nvshmemx_signal_op, put-with-signal) instead of fenced 8-byte puts, for comparison; the
+    atomics need a transport that has them (P2P, IBGDA; not UCX without GDRCopy)."""
+    return int(os.environ.get("CUPY_EP_SIGNAL_AMO", "0") == "1")
 
 
 class Engine:
@@ -41,6 +50,8 @@ class Engine:
 
     def _module(self, filename: str, constants: dict, nvshmem: bool = False):
         constants = dict(constants, CHAOS=int(self.chaos))
+        if nvshmem:
+            constants["SIGNAL_AMO"] = signal_amo()
         key = (filename, tuple(sorted(constants.items())), nvshmem)
         module = _MODULES.get(key)
         if module is None:

@@ -164,7 +164,7 @@ __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, 
                                     reinterpret_cast<int*>(peers.nvl[l] + OFF_EPOCH), l, P, w);
     if (epoch == 0) return 0;
     for (int d = threadIdx.x; d < N; d += blockDim.x)
-        xport::signal_set(r_u64(peers.sym, R_OFF_BARRIER, dom), (u64)epoch, column_pe(d, l));
+        xport::signal_put(r_u64(peers.sym, R_OFF_BARRIER, dom), (u64)epoch, column_pe(d, l));
     bool column_in = true;
     for (int d = threadIdx.x; d < N; d += blockDim.x) {
         u64 seen;
@@ -549,7 +549,7 @@ __device__ __forceinline__ bool dispatch_forwarder(int c, int rank, int epoch, c
                     const u64 seen = xport::signal_read(r_u64(peers.sym, R_OFF_DTAIL, c * MAX_RDMA_RANKS + s));
                     const int arrived = seen >= tagged(epoch, 0) ? (int)(u32)seen : 0;
                     if (arrived > s_done[s]) {
-                        fence_sys();
+                        xport::signal_acquire();
                         s_src = s;
                         s_from = s_done[s];
                         s_to = min(arrived, s_from + NW);

@@ -253,11 +253,15 @@ __device__ __forceinline__ char* partial_dst(u64 peer, char* own_q, long long da
 // ------------------------------------------------------------------------------------------
 // Signals. The caller has fenced (system scope) the data a signal publishes.
 // ------------------------------------------------------------------------------------------
-// Adds v to this rank's word of rank d's signal array at sig_off.
+// Adds v to this rank's word of rank d's signal array at sig_off. An RDMA destination gets
+// per-block adds only with SIGNAL_AMO=1; otherwise the send phase's last block puts the total
+// (signal_rdma_totals).
 __device__ __forceinline__ void signal_add(u64 peer, u64 own, long long sig_off, int d, int rank, int v) {
 #if LL_RDMA
     if (peer == 0) {
+#if SIGNAL_AMO
         nvshmemx_signal_op((uint64_t*)signal_at(own, sig_off, rank), (uint64_t)v, NVSHMEM_SIGNAL_ADD, d);
+#endif
         return;
     }
 #endif
@@ -268,12 +272,19 @@ __device__ __forceinline__ void signal_add(u64 peer, u64 own, long long sig_off,
 __device__ __forceinline__ void signal_set(u64 peer, u64 own, long long sig_off, int d, int rank, int v) {
 #if LL_RDMA
     if (peer == 0) {
-        nvshmemx_signal_op((uint64_t*)signal_at(own, sig_off, rank), (uint64_t)v, NVSHMEM_SIGNAL_SET, d);
+        xport::signal_put(signal_at(own, sig_off, rank), (u64)(u32)v, d);
         nvshmem_quiet();
         return;
     }
 #endif
     st_release_sys((int*)signal_at(peer, sig_off, rank), v);
+}
+
+// After a wait saw a signal: the data it guards is visible (RDMA: also what NVSHMEM delivered).
+__device__ __forceinline__ void signal_acquire() {
+#if LL_RDMA
+    xport::signal_acquire();
+#endif
 }
 
 // Every block has passed its waits on the signals at sig_off: zero them for the next use of
@@ -293,6 +304,7 @@ __device__ __forceinline__ bool wait_all_nonzero(u64 own, long long sig_off, con
         int v;
         ok = wait_nonzero_sys((const int*)signal_at(own, sig_off, r), &v, w, r);
     }
+    if (ok) signal_acquire();
     return !__syncthreads_or(!ok);
 }
 
@@ -543,7 +555,18 @@ __device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i
     prof_mark(prof, 2);
     if (last_block_done<false>(scratch + SD_SEND_DONE, s_flag)) {
         for (int i = threadIdx.x; i < E; i += NT) atomicExch(exp_cnt + i, 0);
-        for (int d = threadIdx.x; d < R; d += NT) atomicExch(slot_cnt + d, 0);
+        for (int d = threadIdx.x; d < R; d += NT) {
+            const int total = atomicExch(slot_cnt + d, 0);   // every block's slots for d
+#if LL_RDMA && !SIGNAL_AMO
+            // every block's puts are complete (its quiet precedes its count in last_block_done)
+            if (s.peer[d] == 0) xport::signal_put(signal_at(own, sig_off, rank), (u64)(((int)gridDim.x << SIG_BLOCK_SHIFT) | total), d);
+#else
+            (void)total;
+#endif
+        }
+#if LL_RDMA && !SIGNAL_AMO
+        nvshmem_quiet();
+#endif
     }
 }
 
@@ -559,6 +582,7 @@ __device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_of
         ok = wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, w, s);
         if (ok) pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
     }
+    if (ok) signal_acquire();
     return !__syncthreads_or(!ok);
 }
 
@@ -739,10 +763,16 @@ __device__ __forceinline__ void send_weights(const i64* __restrict__ topk_idx, c
             chaos_pause();
 #if LL_RDMA
             if (s_peer[d] == 0) {
+#if SIGNAL_AMO
                 nvshmem_putmem_signal_nbi(sym_at(own, data_off + weights_off(rank)),
                                           sym_at(own, data_off + stage_weights_off(d)), (size_t)num_tokens * K * 4,
                                           (uint64_t*)signal_at(own, wsig_off, rank), (uint64_t)(num_tokens + 1),
                                           NVSHMEM_SIGNAL_SET, d);
+#else
+                nvshmem_putmem_nbi(sym_at(own, data_off + weights_off(rank)),
+                                   sym_at(own, data_off + stage_weights_off(d)), (size_t)num_tokens * K * 4, d);
+                xport::signal_put(signal_at(own, wsig_off, rank), (u64)(num_tokens + 1), d);
+#endif
                 nvshmem_quiet();
             } else
 #endif
@@ -822,7 +852,10 @@ __device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const
         const int i = g - s_pfx[s];
         if (s != waited) {
             int ok = 1, v;
-            if (lane == 0) ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s) ? 1 : 0;
+            if (lane == 0) {
+                ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s) ? 1 : 0;
+                if (ok) signal_acquire();
+            }
             ok = __shfl_sync(FULL, ok, 0);
             __syncwarp();
             if (!ok) {

@@ -126,6 +126,8 @@ def kernel_cases() -> list[KernelCase]:
             configs = [internode_case(*shape) for shape in INTERNODE_SHAPES]
         elif path.name in LL_FILES:
             configs = [_ll_constants(line) for line in configs]
+        if nvshmem:   # the remote-atomic signals too (CUPY_EP_SIGNAL_AMO=1), with and without chaos
+            configs = configs + [{**configs[0], "SIGNAL_AMO": 1}, {**configs[0], "SIGNAL_AMO": 1, "CHAOS": 1}]
         for i, consts in enumerate(configs):
             cases.append(KernelCase(path, consts, nvshmem, f"{path.name}[{i}]"))
     return cases
