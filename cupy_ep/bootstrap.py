@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cupy_ep.collective import failures
 from cupy_ep.errors import CupyEpError, GPUUnavailableError
 
 __all__ = [
@@ -229,8 +230,7 @@ def select_device(topology: Topology) -> int:
 def _agree(comm, what: str, error: BaseException | None, keep_own: bool = False) -> None:
     """Raises CupyEpError on every rank when ``error`` is set on any rank (collective); with
     ``keep_own`` a rank that has an ``error`` raises that error itself instead."""
-    messages = comm.allgather(None if error is None else f"{type(error).__name__}: {error}")
-    failed = {r: m for r, m in enumerate(messages) if m is not None}
+    failed = failures(comm, None if error is None else f"{type(error).__name__}: {error}")
     if failed:
         if keep_own and error is not None:
             raise error

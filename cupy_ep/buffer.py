@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from . import bootstrap, limits, validation
+from .collective import CallSteps
 from .config import Config, default_config
 from .errors import CommTimeoutError, CupyEpError
 from .event import EventOverlap, StreamOrder
@@ -49,7 +50,8 @@ class Buffer:
         num_sms: SMs of the normal-mode kernels (default: tuned per rank count) and of the
             low-latency kernels (default: every SM).
         timeout_s: bound of every wait on another rank; past it the waiting ranks raise
-            :class:`cupy_ep.CommTimeoutError` (the Buffer must then be destroyed).
+            :class:`cupy_ep.CommTimeoutError` (after a kernel's wait the Buffer must then be
+            destroyed; after a host step's, ``.host`` is True and the Buffer stays usable).
         ll_transport: low-latency transport, ``"auto"`` (NVLink stores to peers mapped over
             NVLink/P2P, NVSHMEM puts to the others), ``"nvlink"`` or ``"rdma"``.
         chaos: tests only: compile the kernels with random pauses before signals and between
@@ -70,6 +72,7 @@ class Buffer:
         self._owner = validation.HandleOwner()
         self._status = self._streams = self._layout = self._nvl = self._sym = None
         self._normal = self._low_latency = None
+        self._calls: Optional[CallSteps] = None   # the host steps of the collective calls
         self.topology = bootstrap.discover(comm, num_nvl_peers)
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
@@ -86,6 +89,7 @@ class Buffer:
         rank or raises on every rank (:func:`cupy_ep.bootstrap.run_agreed`), so that no rank is
         left waiting in a collective that a failed rank never reaches."""
         comm = self.comm
+        self._calls = CallSteps.over(comm, self.timeout_s, "Buffer")
         validation.check_same_on_every_rank(comm, low_latency_mode=self.low_latency_mode, num_nvl_bytes=num_nvl_bytes,
                                             num_rdma_bytes=num_rdma_bytes,
                                             ll_transport=ll_transport if self.low_latency_mode else None)
@@ -131,6 +135,12 @@ class Buffer:
 
             self._normal = InternodeEngine(self.comm, self.topology, self._nvl, self._sym, self._status,
                                            self._timeout_ns, self.chaos)
+        # The first call of a kernel shape compiles it: the collective calls' kernels agree through
+        # the Buffer's bounded host steps; get_dispatch_layout is local and compiles alone.
+        self._layout.compile_comm = None
+        for engine in (self._normal, self._low_latency):
+            if engine is not None:
+                engine.compile_comm = self._calls
 
     @property
     def _engines(self) -> list:
@@ -171,8 +181,10 @@ class Buffer:
             self._sym.free(self.comm)
         if self._status is not None:
             self._status.free()
+        if self._calls is not None:
+            self._calls.free()
         self.topology.free()
-        self._layout = self._normal = self._low_latency = self._nvl = self._sym = self._status = None
+        self._layout = self._normal = self._low_latency = self._nvl = self._sym = self._status = self._calls = None
 
     def __enter__(self):
         return self
@@ -261,11 +273,13 @@ class Buffer:
         return self._streams.begin(previous_event if has_event else None, on_comm_stream, allocate_on_comm_stream)
 
     def _guarded(self, fn):
-        """Runs engine code that may wait for kernels; a timeout makes the Buffer unusable."""
+        """Runs engine code that may wait for kernels; a kernel's timeout makes the Buffer unusable
+        (a host step's does not: nothing of the call was sent)."""
         try:
             return fn()
         except CommTimeoutError as e:
-            self._broken = e
+            if not e.host:
+                self._broken = e
             raise
 
     def _check_arrays(self, **arrays) -> None:
@@ -411,29 +425,31 @@ class Buffer:
             :meth:`check` or the next non-cached dispatch).
         """
         engine = self._require_normal()
-        self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,
-                           num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
-                           num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx, topk_weights=topk_weights)
-        config = self._check_config(config)
-        is_fp8, num_tokens, hidden = validation.check_x(x)
-        data, scales = (x if is_fp8 else (x, None))
-        routing = None
-        if handle is not None:
-            if not isinstance(handle, engine.handle_type):
-                raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
-            validation.check_handle_owner(handle, self._owner)
-            validation.check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
-        else:
-            num_experts = validation.check_normal_dispatch(
-                num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                topk_idx, topk_weights, expert_alignment, num_worst_tokens, self.num_ranks, self.num_rdma_ranks)
-            routing = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts,
-                       num_tokens_per_rdma_rank)
-        num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else topk_idx.shape[1])
-        validation.check_normal_capacity(num_tokens, hidden, num_topk, self._nvl.num_bytes, self.num_ranks,
-                                         self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
-        if topk_idx is not None and topk_idx.dtype != np.int64:
-            topk_idx = topk_idx.astype(np.int64)
+        with self._calls.begin("dispatch"):
+            self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,
+                               num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
+                               num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
+                               topk_weights=topk_weights)
+            config = self._check_config(config)
+            is_fp8, num_tokens, hidden = validation.check_x(x)
+            data, scales = (x if is_fp8 else (x, None))
+            routing = None
+            if handle is not None:
+                if not isinstance(handle, engine.handle_type):
+                    raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+                validation.check_handle_owner(handle, self._owner)
+                validation.check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
+            else:
+                num_experts = validation.check_normal_dispatch(
+                    num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                    topk_idx, topk_weights, expert_alignment, num_worst_tokens, self.num_ranks, self.num_rdma_ranks)
+                routing = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts,
+                           num_tokens_per_rdma_rank)
+            num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else topk_idx.shape[1])
+            validation.check_normal_capacity(num_tokens, hidden, num_topk, self._nvl.num_bytes, self.num_ranks,
+                                             self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
+            if topk_idx is not None and topk_idx.dtype != np.int64:
+                topk_idx = topk_idx.astype(np.int64)
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
                                                        num_worst_tokens, expert_alignment, config, call))
@@ -466,12 +482,13 @@ class Buffer:
             once before it crosses).
         """
         engine = self._require_normal()
-        self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
-        if not isinstance(handle, engine.handle_type):
-            raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
-        validation.check_handle_owner(handle, self._owner)
-        config = self._check_config(config)
-        biases = validation.check_normal_combine(x, handle, topk_weights, bias)
+        with self._calls.begin("combine"):
+            self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
+            if not isinstance(handle, engine.handle_type):
+                raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+            validation.check_handle_owner(handle, self._owner)
+            config = self._check_config(config)
+            biases = validation.check_normal_combine(x, handle, topk_weights, bias)
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         combined_x, combined_w = self._guarded(lambda: engine.combine(x, handle, topk_weights, biases, config, call))
         event = self._streams.finish(call, async_finish, (x, topk_weights, *biases, combined_x, combined_w))
@@ -519,14 +536,16 @@ class Buffer:
         next call or, at once, by :meth:`check`.
         """
         engine = self._require_low_latency()
-        self._check_arrays(x=x, topk_idx=topk_idx, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
-        validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, self.num_ranks,
-                                          check_values=False)
-        validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
-                                     num_max_dispatch_tokens_per_rank, x.shape[1])
-        validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
-        if topk_idx.dtype != np.int64:
-            topk_idx = topk_idx.astype(np.int64)
+        with self._calls.begin("low_latency_dispatch"):
+            self._check_arrays(x=x, topk_idx=topk_idx,
+                               cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
+            validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                              self.num_ranks, check_values=False)
+            validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
+                                         num_max_dispatch_tokens_per_rank, x.shape[1])
+            validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
+            if topk_idx.dtype != np.int64:
+                topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
         with call.alloc:
             recv_x, recv_count, handle, hook = engine.dispatch(
@@ -555,14 +574,15 @@ class Buffer:
             ``(combined_x bf16 [N, H], event, hook)``.
         """
         engine = self._require_low_latency()
-        validation.check_ll_handle(handle, self.num_ranks)
-        validation.check_handle_owner(handle, self._owner)
-        if zero_copy:
-            x = self.get_next_low_latency_combine_buffer(handle)
-        self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
-        validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
-        if topk_idx.dtype != np.int64:
-            topk_idx = topk_idx.astype(np.int64)
+        with self._calls.begin("low_latency_combine"):
+            validation.check_ll_handle(handle, self.num_ranks)
+            validation.check_handle_owner(handle, self._owner)
+            if zero_copy:
+                x = self.get_next_low_latency_combine_buffer(handle)
+            self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
+            validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
+            if topk_idx.dtype != np.int64:
+                topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
         with call.alloc:
             combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream,
@@ -592,7 +612,8 @@ class Buffer:
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
         """Resets the low-latency signalling state (collective)."""
         engine = self._require_low_latency()
-        validation.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
-        validation.check_int(hidden, "hidden", 1)
-        validation.check_num_experts(num_experts, self.num_ranks)
-        engine.clean()
+        with self._calls.begin("clean_low_latency_buffer"):
+            validation.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
+            validation.check_int(hidden, "hidden", 1)
+            validation.check_num_experts(num_experts, self.num_ranks)
+        engine.clean(lambda: self._calls.allgather(None, "barrier"))

@@ -24,15 +24,18 @@ call's sequence number in its tag and in its body: a message of an abandoned cal
 taken for another call's, only dropped when it is found. The channel needs a communicator no
 one else sends on (a ``Dup``).
 
+The GPU Buffer's calls make no host step unless they compile: :class:`CallSteps` numbers the
+steps after the call (counted on every rank, valid or not) instead of after the steps made.
+
 This module imports mpi4py lazily and nothing of the GPU side.
 """
 from __future__ import annotations
 
 import time
 
-from .errors import CallMismatchError, CommTimeoutError, cancelled_by_peers, peers_gave_up
+from .errors import CallMismatchError, CommTimeoutError, CupyEpError, cancelled_by_peers, peers_gave_up
 
-__all__ = ["Channel", "Step", "dup_bounded"]
+__all__ = ["CallSteps", "Channel", "Step", "dup_bounded", "failures"]
 
 _HEADER, _SECOND = 0, 1          # the two rounds' message kinds (the low bit of the tag)
 _OK, _GAVE_UP = "ok", "gave up"  # what a rank sends in the second round
@@ -52,6 +55,13 @@ def _wait(test, deadline: float) -> bool:
     return True
 
 
+def failures(comm, message) -> dict:
+    """``{rank: message}`` of the ranks whose ``message`` is not None (collective): every rank
+    learns which ranks failed a step, and why. Over a :class:`CallSteps`, the gather is a step
+    bounded by ``timeout_s``; over an mpi4py communicator, an ``allgather``."""
+    return {r: m for r, m in enumerate(comm.allgather(message)) if m is not None}
+
+
 def dup_bounded(comm, timeout_s: float, what: str):
     """``comm.Idup()`` waited for at most ``timeout_s`` (collective over ``comm``).
 
@@ -60,7 +70,8 @@ def dup_bounded(comm, timeout_s: float, what: str):
     """
     dup, request = comm.Idup()
     if not _wait(request.Test, time.monotonic() + timeout_s):
-        raise CommTimeoutError(what, comm.Get_rank(), -1, f"not every rank arrived within timeout_s={timeout_s:g} s")
+        raise CommTimeoutError(what, comm.Get_rank(), -1, f"not every rank arrived within timeout_s={timeout_s:g} s",
+                               host=True)
     return dup
 
 
@@ -89,6 +100,12 @@ class Channel:
         self._seq += 1
         self._sends = [r for r in self._sends if not r.Test()]
         return Step(self, call, self._seq)
+
+    def step_at(self, call: str, seq: int, name: str = "") -> "Step":
+        """The step numbered ``seq`` (> every number :meth:`step` gave), for the call named
+        ``call``; errors name it ``name`` (default: ``call``)."""
+        self._sends = [r for r in self._sends if not r.Test()]
+        return Step(self, call, seq, name)
 
     # -- messages ---------------------------------------------------------------------------
     def _tag(self, seq: int, kind: int) -> int:
@@ -132,8 +149,9 @@ class Channel:
 class Step:
     """One call's exchange on a :class:`Channel` (made by :meth:`Channel.step`)."""
 
-    def __init__(self, channel: Channel, call: str, seq: int):
+    def __init__(self, channel: Channel, call: str, seq: int, name: str = ""):
         self.channel, self.call, self.seq = channel, call, seq
+        self.name = name or call   # the step in error messages
 
     def validated(self, checks):
         """Runs this rank's argument checks ``checks()`` and returns what they returned. When they
@@ -144,6 +162,13 @@ class Step:
         except (TypeError, ValueError) as e:
             self.agree(refusal=e)
             raise AssertionError("unreachable: agree raises a refusal")  # pragma: no cover
+
+    def refuse_now(self) -> None:
+        """Tells every peer that this rank refused the call, without waiting for theirs: both
+        rounds' messages of a refusal, so that a peer in this step raises at once."""
+        ch = self.channel
+        ch._send_all(self.seq, _HEADER, [(self.call, True, (), None, None)] * ch.size)
+        ch._send_all(self.seq, _SECOND, [(_GAVE_UP, None)] * ch.size)
 
     def agree(self, common=(), private=None, payloads=None, refusal: BaseException | None = None):
         """The first round: every rank learns every rank's arguments and whether it refused them.
@@ -170,21 +195,21 @@ class Step:
         absent = ch._absent(got)
         if absent:
             ch._send_all(self.seq, _SECOND, [(_GAVE_UP, None)] * ch.size)
-            raise CommTimeoutError(self.call, me, absent[0], f"did not arrive within timeout_s={ch.timeout_s:g} s; "
-                                   "the call was cancelled on this rank", peers=absent)
+            raise CommTimeoutError(self.name, me, absent[0], f"did not arrive within timeout_s={ch.timeout_s:g} s; "
+                                   "the call was cancelled on this rank", peers=absent, host=True)
         got[me] = mine + (payloads[me],)
         headers = [got[r] for r in range(ch.size)]
         other = [(r, h[0]) for r, h in enumerate(headers) if h[0] != self.call]
         if other:
             r, theirs = other[0]
-            raise CallMismatchError(f"{self.call}: rank {r} made {theirs} as call {self.seq} of this Buffer while "
+            raise CallMismatchError(f"{self.name}: rank {r} made {theirs} as call {self.seq} of this Buffer while "
                                     f"rank {me} made {self.call}; every rank must make the same calls in the same "
                                     "order (the call was cancelled on this rank)")
         refused = [r for r, h in enumerate(headers) if h[1]]
         if refused:
             if refusal is not None:
                 raise refusal
-            raise cancelled_by_peers(self.call, refused, me)
+            raise cancelled_by_peers(self.name, refused, me)
         for i, (arg, what, _) in enumerate(common):
             by_rank = [h[2][i] for h in headers]
             if any(v != by_rank[0] for v in by_rank):
@@ -199,13 +224,103 @@ class Step:
         got = ch._receive_all(self.seq, _SECOND, ch.timeout_s)
         gave_up = [r for r, m in got.items() if m[0] == _GAVE_UP]
         if gave_up:
-            raise peers_gave_up(self.call, me, gave_up, ch.timeout_s)
+            raise peers_gave_up(self.name, me, gave_up, ch.timeout_s)
         absent = ch._absent(got)
         if absent:
-            raise CommTimeoutError(self.call, me, absent[0], f"did not send its data within timeout_s="
-                                   f"{ch.timeout_s:g} s", peers=absent)
+            raise CommTimeoutError(self.name, me, absent[0], f"did not send its data within timeout_s="
+                                   f"{ch.timeout_s:g} s", peers=absent, host=True)
         return [bodies[r] if r == me else got[r][1] for r in range(ch.size)]
 
     def finish(self) -> None:
         """The second round without data: every rank confirms it got through the first."""
         self.exchange([None] * self.channel.size)
+
+
+class CallSteps:
+    """The host steps inside the collective calls of a GPU Buffer, on a :class:`Channel`.
+
+    A GPU call makes a host step only when it compiles a kernel shape new to the process, so the
+    steps cannot be numbered in the order they are made: a rank whose arguments were refused
+    makes none. Instead every rank counts the Buffer's collective calls (:meth:`begin`, valid or
+    not: every rank makes the same calls) and numbers the steps of call n after n. A rank whose
+    arguments fail validation tells the peers at once (:meth:`refuse`), in the place of the
+    call's first step: a peer that makes a step in that call raises ``ValueError`` naming it,
+    a peer that makes none never reads the message.
+
+    Quacks like a communicator for :func:`failures` and :func:`cupy_ep.jit.compile_module`'s
+    ``comm`` (``allgather``, ``Get_rank``, ``Get_size``).
+
+    Args:
+        channel: the steps' :class:`Channel`, or None: a communicator without point-to-point
+            messages (``cupy_ep.torch_comm.TorchComm``), whose ``allgather`` makes the steps
+            (bounded by its own timeout, not ``timeout_s``; refusals are not told).
+        comm: that communicator, when ``channel`` is None.
+    """
+
+    STEPS_PER_CALL = 64   # host steps one call may make (compile agreements)
+
+    def __init__(self, channel: Channel | None, comm=None):
+        self.channel, self._comm = channel, comm
+        self.call, self._calls, self._steps = "", 0, 0
+
+    @classmethod
+    def over(cls, comm, timeout_s: float, what: str) -> "CallSteps":
+        """The host steps of an object that spans ``comm`` (collective): over a ``Dup`` of an
+        mpi4py communicator, made within ``timeout_s`` (:func:`dup_bounded`; ``what`` names it
+        in the error), else over ``comm`` itself."""
+        if not hasattr(comm, "Idup"):
+            return cls(None, comm)
+        return cls(Channel(dup_bounded(comm, timeout_s, what), timeout_s))
+
+    def free(self) -> None:
+        """Frees the channel's communicator (collective)."""
+        if self.channel is not None:
+            self.channel.comm.Free()
+
+    def Get_rank(self) -> int:  # noqa: N802 -- the mpi4py name
+        return self._comm.Get_rank() if self.channel is None else self.channel.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self._comm.Get_size() if self.channel is None else self.channel.size
+
+    def begin(self, call: str) -> "CallSteps":
+        """Counts a collective call named ``call`` (at its start, before its arguments are checked)
+        and returns this object, a context manager for the call's argument checks: when the
+        ``with`` block raises TypeError / ValueError, :meth:`refuse` tells the peers first."""
+        self.call, self._calls, self._steps = call, self._calls + 1, 0
+        return self
+
+    def __enter__(self) -> "CallSteps":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        if kind is not None and issubclass(kind, (TypeError, ValueError)):
+            self.refuse()
+        return False
+
+    def _next(self, what: str) -> Step:
+        if self._steps == self.STEPS_PER_CALL:
+            raise CupyEpError(f"{self.call}: more than {self.STEPS_PER_CALL} host steps in one call")
+        seq = self._calls * self.STEPS_PER_CALL + self._steps
+        self._steps += 1
+        return self.channel.step_at(self.call, seq, f"{self.call} ({what})" if what else self.call)
+
+    def refuse(self) -> None:
+        """Tells the peers that this rank refused the current call's arguments (no wait; before
+        any step of the call)."""
+        if self.channel is not None:
+            self._next("").refuse_now()
+
+    def allgather(self, obj, what: str = "compile agreement") -> list:
+        """Every rank's ``obj`` (a step of two rounds, each bounded by ``timeout_s``).
+
+        Raises:
+            ``ValueError`` naming the rank(s) that refused the call; :class:`CommTimeoutError`
+            (``.peers``: the ranks that did not arrive) when a peer did not arrive in time.
+        """
+        if self.channel is None:
+            return self._comm.allgather(obj)
+        step = self._next(what)
+        privates, _ = step.agree(private=obj)
+        step.finish()
+        return privates

@@ -15,8 +15,9 @@ import numpy as np
 from . import jit
 
 # Loaded kernel modules of this process (one GPU per process), by file, constants and kind.
-# The first use of a specialisation compiles it collectively (every rank of the engine's
-# communicator must make that call); later engines of the process reuse it without talking.
+# The first use of a specialisation compiles it collectively (over the engine's compile_comm:
+# every rank must make that call); later engines of the process reuse it without talking. A
+# module whose agreement failed is not kept, so that every rank compiles it again next time.
 _MODULES: dict = {}
 
 
@@ -31,7 +32,7 @@ class Engine:
     """Base of the engines.
 
     Args:
-        comm: the communicator the engine's kernels span (compilation agrees over it).
+        comm: the communicator the engine's kernels span.
         status: the Buffer's :class:`cupy_ep.memory.StatusRecord`.
         timeout_ns: bound of every wait inside the kernels.
         chaos: compile the kernels with the test-only chaos pauses.
@@ -46,6 +47,9 @@ class Engine:
         self.timeout_ns = np.uint64(timeout_ns)
         self.chaos = bool(chaos)
         self.profile = None   # a cupy_ep.profiling.Profile while Buffer.profile() runs
+        # What compilation agrees over: the Buffer's cupy_ep.collective.CallSteps (bounded by
+        # timeout_s), or None for a local call's kernels (compiled without talking).
+        self.compile_comm = comm
         self._memo = {}       # per-call lookups by call shape (see _memoised)
 
     def _module(self, filename: str, constants: dict, nvshmem: bool = False):
@@ -56,9 +60,9 @@ class Engine:
         module = _MODULES.get(key)
         if module is None:
             if nvshmem:
-                module = jit.compile_module_nvshmem(filename, constants, comm=self.comm)
+                module = jit.compile_module_nvshmem(filename, constants, comm=self.compile_comm)
             else:
-                module = jit.compile_module(filename, constants, comm=self.comm)
+                module = jit.compile_module(filename, constants, comm=self.compile_comm)
             _MODULES[key] = module
         if nvshmem:
             from .bootstrap import nvshmem_bind_module

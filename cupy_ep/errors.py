@@ -25,10 +25,12 @@ class CommTimeoutError(CupyEpError):
         channel: the channel (block) that waited, or -1.
         peers: the ranks it was waiting for (``[peer]`` for a kernel's wait; for a host step,
             every rank that did not arrive, or the ranks that gave up waiting for this one).
+        host: True when a host-side step gave up (the Buffer stays usable).
     """
 
-    def __init__(self, kernel: str, rank: int, peer: int, detail: str = "", channel: int = -1, peers=None):
-        self.kernel, self.rank, self.peer, self.channel = kernel, rank, peer, channel
+    def __init__(self, kernel: str, rank: int, peer: int, detail: str = "", channel: int = -1, peers=None,
+                 host: bool = False):
+        self.kernel, self.rank, self.peer, self.channel, self.host = kernel, rank, peer, channel, host
         self.peers = list(peers) if peers is not None else ([peer] if peer >= 0 else [])
         if len(self.peers) > 1:
             who = "peer ranks " + ", ".join(map(str, self.peers))
@@ -50,7 +52,7 @@ class CallMismatchError(CupyEpError):
 def peers_gave_up(call: str, rank: int, ranks, timeout_s: float) -> CommTimeoutError:
     """The error of a rank that arrived in ``call`` after ``ranks`` had stopped waiting for it."""
     ranks = sorted(ranks)
-    error = CommTimeoutError(call, rank, ranks[0], peers=ranks)
+    error = CommTimeoutError(call, rank, ranks[0], peers=ranks, host=True)
     error.args = (f"{call} on rank {rank}: rank(s) {', '.join(map(str, ranks))} gave up waiting for this rank "
                   f"(timeout_s={timeout_s:g} s) before it arrived; the call was cancelled on every rank",)
     return error

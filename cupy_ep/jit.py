@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cupy_ep import log
+from cupy_ep.collective import failures
 from cupy_ep.errors import CompileError
 from cupy_ep.limits import device_constants
 
@@ -340,8 +341,9 @@ def _load(cubin: Path, cooperative: bool):
 
 
 def _agree(comm, what: str, fn):
-    """Runs ``fn()``; with ``comm``, all ranks learn whether it failed anywhere and every rank
-    raises :class:`CompileError` naming the failing ranks (with their messages) if so."""
+    """Runs ``fn()``; with ``comm`` (a communicator or a Buffer's
+    :class:`cupy_ep.collective.CallSteps`), all ranks learn whether it failed anywhere and every
+    rank raises :class:`CompileError` naming the failing ranks (with their messages) if so."""
     if comm is None:
         return fn()
     result, error, message = None, None, None
@@ -349,18 +351,17 @@ def _agree(comm, what: str, fn):
         result = fn()
     except Exception as e:  # noqa: BLE001 -- reported to every rank below
         error, message = e, f"{type(e).__name__}: {e}"
-    messages = comm.allgather(message)
-    failed = [r for r, m in enumerate(messages) if m is not None]
+    failed = failures(comm, message)
     if not failed:
         return result
     groups: dict[str, list[int]] = {}
-    for r in failed:
-        groups.setdefault(messages[r], []).append(r)
+    for r, m in failed.items():
+        groups.setdefault(m, []).append(r)
     text = "\n".join(f"--- rank(s) {', '.join(map(str, rs))} ---\n{m}" for m, rs in groups.items())
     err = CompileError(f"{what} failed on rank(s) {', '.join(map(str, failed))} "
-                       f"of {len(messages)}:\n{text}")
-    err.ranks = failed
-    err.logs = {r: messages[r] for r in failed}
+                       f"of {comm.Get_size()}:\n{text}")
+    err.ranks = list(failed)
+    err.logs = failed
     raise err from error
 
 

@@ -45,10 +45,10 @@ when, between the two, each rank waited for a signal the peer sent after finishi
 * CUDA graphs replay the captured halves: capture dispatch and combine together (a graph that
   holds a dispatch and its combine, or two dispatches, is safe to replay back to back).
 
-Collectives on the host: the engine's constructor (grid size agreement) and the first call of
-each specialisation (collective compilation, ``jit.compile_module(comm=...)``) talk over ``comm``;
-a rank that skips such a first call leaves the others in an MPI collective (the kernels' bounded
-waits cannot help there). ``clean`` is collective too.
+Collectives on the host: the engine's constructor (grid size agreement) talks over ``comm``; the
+first call of each specialisation (collective compilation) and ``clean`` talk through the
+Buffer's :class:`cupy_ep.collective.CallSteps` (``compile_comm``, ``barrier``), bounded by
+``timeout_s``: a rank that skips such a call makes the others raise CommTimeoutError.
 
 Limits (cupy_ep.limits): ``H % 128 == 0``; ``1 <= K <= LL_MAX_TOPK``; ``1 <= M <= LL_MAX_TOKENS``;
 ``E % R == 0``, ``E <= LL_MAX_EXPERTS``; ``R <= LL_MAX_RANKS``; ``E_local * R * M < 2**31``; symmetric
@@ -322,19 +322,20 @@ class LowLatencyEngine(Engine):
         return result, None
 
     # ------------------------------------------------------------------ reset
-    def clean(self) -> None:
+    def clean(self, barrier) -> None:
         """Zeroes every signal of both halves and the engine's counters, and resets the half
-        toggles (collective: every rank must call it; synchronises the device and ``comm``)."""
+        toggles (collective: every rank must call it; synchronises the device and the ranks,
+        through ``barrier()``: the Buffer's bounded host step)."""
         import cupy
 
         cupy.cuda.runtime.deviceSynchronize()
-        self.comm.Barrier()
+        barrier()
         cupy.cuda.runtime.memset(self.base, 0, self.geom.ctrl_bytes)
         self._scratch_d.fill(0)
         self._scratch_c.fill(0)
         self._d_half = self._c_half = 0
         cupy.cuda.runtime.deviceSynchronize()
-        self.comm.Barrier()
+        barrier()
 
     def destroy(self) -> None:
         self._functions.clear()

@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from . import reference
+from .collective import failures
 from .fp8 import per_token_cast_back, per_token_cast_to_fp8
 
 BF16 = ml_dtypes.bfloat16
@@ -38,10 +39,9 @@ class Mismatch(AssertionError):
 
 def agree(comm, ok: bool, message: str = "") -> None:
     """Raises :class:`Mismatch` on every rank when ``ok`` is false on any rank."""
-    bad = comm.allgather(None if ok else str(message))
-    failures = [f"rank {r}: {m}" for r, m in enumerate(bad) if m is not None]
-    if failures:
-        raise Mismatch("; ".join(failures))
+    failed = failures(comm, None if ok else str(message))
+    if failed:
+        raise Mismatch("; ".join(f"rank {r}: {m}" for r, m in failed.items()))
 
 
 def check(ok: bool, message) -> None:

@@ -36,6 +36,21 @@ class Group:
         self.name = name
         self.meet = threading.Barrier(RANKS, timeout=5)
         self.slots = [None] * RANKS
+        self.dups = []   # the groups of the ranks' first, second... Idup
+        self.lock = threading.Lock()
+
+    def dup(self, n):
+        with self.lock:
+            while len(self.dups) <= n:
+                self.dups.append(Group(f"{self.name} dup {len(self.dups)}"))
+            return self.dups[n]
+
+
+class Done:
+    """A request that is complete."""
+
+    def Test(self):
+        return True
 
 
 class Comm:
@@ -43,6 +58,7 @@ class Comm:
 
     def __init__(self, group, rank, log):
         self.group, self.rank, self.log = group, rank, log
+        self.num_dups = 0
 
     def Get_rank(self):
         return self.rank
@@ -65,6 +81,14 @@ class Comm:
     def Free(self):
         self.log.append((self.group.name, "free"))
         self.group.meet.wait()
+
+    def Idup(self):   # the Buffer's own communicator (for its host steps; no message in these tests)
+        self.log.append((self.group.name, "idup"))
+        self.num_dups += 1
+        return Comm(self.group.dup(self.num_dups - 1), self.rank, self.log), Done()
+
+    def Get_attr(self, key):
+        return 1 << 20
 
 
 class Fakes:
