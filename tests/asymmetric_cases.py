@@ -68,7 +68,7 @@ class AsymmetricCase:
     timeout_s: float
     odd_delay_s: float = 0.0
     mode: str = "normal"
-    gpu: bool = True
+    gpu: bool = False
     prepare: Optional[Callable[[], object]] = None
 
     def run(self, is_odd: bool) -> Optional[str]:
@@ -181,7 +181,7 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
 
     cases = [
         case("get_dispatch_layout with an id >= num_experts, then dispatch", layout_then_dispatch(True),
-             layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id"))),
+             layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id")), gpu=True),
         case("dispatch: x float32", dispatch(A(x_np.astype(np.float32))), dispatch(), Expect(TypeError, ("x",))),
         case("dispatch: topk_weights of the wrong shape", dispatch(weights=A(w_np[:, :-1].copy())), dispatch(),
              Expect(ValueError, ("topk_weights",))),
@@ -191,17 +191,16 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         case("absent from dispatch (arrives after timeout_s)", dispatch(), dispatch(), gave_up, timed_out,
              odd_delay_s=ABSENT_DELAY * timeout_s),
         case("low_latency_dispatch: x float32", ll_dispatch(A(lx_np.astype(np.float32))), ll_dispatch(),
-             Expect(TypeError, ("x",)), mode="low_latency", gpu=False),
+             Expect(TypeError, ("x",)), mode="low_latency"),
         case("low_latency_dispatch: N > M", ll_dispatch(A(big_ll_np), A(np.full((m + 1, 3), -1, np.int64))),
-             ll_dispatch(), Expect(ValueError, ("x", "num_max_dispatch_tokens_per_rank")), mode="low_latency",
-             gpu=False),
+             ll_dispatch(), Expect(ValueError, ("x", "num_max_dispatch_tokens_per_rank")), mode="low_latency"),
         case("low_latency_combine: y float32", ll_combine(True), ll_combine(False), Expect(TypeError, ("x",)),
-             mode="low_latency", gpu=False),
+             mode="low_latency"),
         case("absent from low_latency_dispatch (arrives after timeout_s)", ll_dispatch(), ll_dispatch(), gave_up,
-             timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency", gpu=False),
+             timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency"),
         case("Buffer: num_sms 1", lambda: buffer_cls(comm, timeout_s=timeout_s, num_sms=1).destroy(),
              lambda: buffer_cls(comm, timeout_s=timeout_s).destroy(), Expect(ValueError, ("num_sms",)),
-             mode="buffer", gpu=False),
+             mode="buffer"),
     ]
     if buffer_cls.__module__.startswith("cupy_ep.reference"):
         # the GPU's cached-shape calls have no host step that would see another call
@@ -213,5 +212,5 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
 
         mismatch = Expect(CallMismatchError, ("dispatch", "combine"))
         cases.append(case("combine where the others dispatch", lambda: buf.combine(earlier["y"], earlier["handle"]),
-                          dispatch(), mismatch, mismatch, gpu=False, prepare=keep_a_handle))
+                          dispatch(), mismatch, mismatch, prepare=keep_a_handle))
     return MisuseCases(cases, {})
