@@ -14,6 +14,12 @@ ranks) and on the GPU by ``tests/gpu/test_asymmetric_gpu.py``::
 
 The Buffers must be made with ``timeout_s`` (small: the absent cases wait for it) and
 :func:`misuse_cases.normal_buffer_kwargs` / :func:`misuse_cases.ll_buffer_kwargs`.
+
+The "new shape" cases make a call of shapes no earlier case used; on the GPU its first call
+compiles, and the compile agreement is the host step where the peers learn of a refusal or an
+absence. ``as_new_shape(call)`` (the GPU runner's) runs ``call`` on every rank, then makes the
+process forget the kernels it compiled (not the compiler's disk cache), so that the timed call
+agrees again without the minutes of compilation in its time.
 """
 from __future__ import annotations
 
@@ -103,7 +109,8 @@ def _judge(e, expect: Expect, took: float, timeout_s: float) -> Optional[str]:
     return None
 
 
-def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: int = 4321) -> MisuseCases:
+def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: int = 4321,
+                     as_new_shape: Optional[Callable[[Callable[[], object]], None]] = None) -> MisuseCases:
     """The asymmetric cases for one backend (the odd rank is the last).
 
     Args:
@@ -113,10 +120,13 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         array: ``numpy``, ``cupy`` or a callable turning NumPy arrays into the backend's.
         comm: their communicator. timeout_s: the Buffers' ``timeout_s``.
         seed: seed of the inputs.
+        as_new_shape: see the module's docstring (default: runs the call; the reference does
+            not compile).
     Returns:
         a list of :class:`AsymmetricCase` (a context manager, like the misuse cases).
     """
     A = array_converter(array)
+    as_new_shape = as_new_shape or (lambda call: call())
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
     odd = num_ranks - 1
     others = [r for r in range(num_ranks) if r != odd]
@@ -127,14 +137,33 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
     w_np = make_weights(rng, n, k)
     x, idx, w = A(x_np), A(idx_np), A(w_np)
 
-    def layout_of(topk_idx):
-        got = buf.get_dispatch_layout(topk_idx, e)
+    def layout_of(topk_idx, experts=e):
+        got = buf.get_dispatch_layout(topk_idx, experts)
         return dict(num_tokens_per_rank=got[0], num_tokens_per_rdma_rank=got[1], is_token_in_rank=got[3],
                     num_tokens_per_expert=got[2])
 
     def dispatch(x_arg=None, weights=None):
         return lambda: buf.dispatch(x if x_arg is None else x_arg, **layout_of(idx), topk_idx=idx,
                                     topk_weights=w if weights is None else weights)
+
+    # a normal-mode shape no other case uses: other experts per rank and top-k
+    new_e, new_k = 3 * num_ranks, NORMAL_TOPK - 1
+    new_idx = A(make_routing(rng, n, new_e, new_k, "random", num_ranks))
+    new_w = A(make_weights(rng, n, new_k))
+    new_shape = {}
+
+    def new_dispatch(x_arg=None):
+        return lambda: buf.dispatch(x if x_arg is None else x_arg, **layout_of(new_idx, new_e), topk_idx=new_idx,
+                                    topk_weights=new_w)
+
+    def new_round_trip():
+        recv_x, _, _, _, handle, _ = new_dispatch()()
+        buf.combine(recv_x, handle)
+
+    def new_combine_prepared():
+        as_new_shape(new_round_trip)
+        recv_x, _, _, _, new_shape["handle"], _ = new_dispatch()()   # compiles notify and dispatch again
+        new_shape["y"] = recv_x
 
     def layout_then_dispatch(bad):
         def call():
@@ -162,6 +191,14 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
     def ll_dispatch(x_arg=None, ids=None):
         return lambda: ll.low_latency_dispatch(lx if x_arg is None else x_arg, lidx if ids is None else ids, m, le,
                                                use_fp8=False)
+
+    new_lk = 2   # a low-latency top-k no other case uses
+    new_lidx = A(make_routing(rng, 5, le, new_lk, "holes", num_ranks))
+    new_lw = A(make_weights(rng, 5, new_lk))
+
+    def new_ll_round_trip():
+        recv_x, _, handle, _, _ = ll.low_latency_dispatch(lx, new_lidx, m, le, use_fp8=False)
+        ll.low_latency_combine(recv_x, new_lidx, new_lw, handle)
 
     def ll_combine(bad):
         def call():
@@ -198,6 +235,18 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
              mode="low_latency"),
         case("absent from low_latency_dispatch (arrives after timeout_s)", ll_dispatch(), ll_dispatch(), gave_up,
              timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency"),
+        case("dispatch of a new shape: x float32", new_dispatch(A(x_np.astype(np.float32))), new_dispatch(),
+             Expect(TypeError, ("x",)), prepare=lambda: as_new_shape(new_round_trip), gpu=True),
+        case("combine of a new shape: one row fewer", lambda: buf.combine(new_shape["y"][:-1], new_shape["handle"]),
+             lambda: buf.combine(new_shape["y"], new_shape["handle"]), Expect(ValueError, ("x",)),
+             prepare=new_combine_prepared, gpu=True),
+        case("absent from a dispatch of a new shape (arrives after timeout_s)", new_dispatch(), new_dispatch(),
+             gave_up, timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, prepare=lambda: as_new_shape(new_round_trip),
+             gpu=True),
+        case("low_latency_dispatch of a new shape: x float32",
+             lambda: ll.low_latency_dispatch(A(lx_np.astype(np.float32)), new_lidx, m, le, use_fp8=False),
+             lambda: ll.low_latency_dispatch(lx, new_lidx, m, le, use_fp8=False), Expect(TypeError, ("x",)),
+             mode="low_latency", prepare=lambda: as_new_shape(new_ll_round_trip), gpu=True),
         case("Buffer: num_sms 1", lambda: buffer_cls(comm, timeout_s=timeout_s, num_sms=1).destroy(),
              lambda: buffer_cls(comm, timeout_s=timeout_s).destroy(), Expect(ValueError, ("num_sms",)),
              mode="buffer"),

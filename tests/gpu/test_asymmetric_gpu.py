@@ -16,6 +16,25 @@ from misuse_cases import ll_buffer_kwargs, normal_buffer_kwargs, still_works  # 
 TIMEOUT_S = 20.0   # ranks sharing one GPU are slow; the prompt cases must take under half of it
 
 
+def forgetting_compiled(buffers):
+    """``as_new_shape`` of asymmetric_cases: runs a call, then the process forgets the modules it
+    compiled (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups,
+    so that the next call of that shape is a first call again (a compile agreement, no compile)."""
+    from cupy_ep import engine
+
+    def as_new_shape(call):
+        before = set(engine._MODULES)
+        call()
+        for key in set(engine._MODULES) - before:
+            del engine._MODULES[key]
+        for buf in buffers:
+            for eng in buf._engines:
+                eng._memo.clear()
+                getattr(eng, "_functions", {}).clear()
+
+    return as_new_shape
+
+
 def test_asymmetric_cases_gpu(comm, agree):
     import cupy
 
@@ -33,7 +52,8 @@ def test_asymmetric_cases_gpu(comm, agree):
     failures, ran = [], 0
     try:
         still_works(comm, rng, ref, gpu, num_tokens=8)   # compiles the cases' shapes: not timed below
-        with asymmetric_cases(cupy_ep.Buffer, gpu, ll, cupy, comm, TIMEOUT_S) as cases:
+        with asymmetric_cases(cupy_ep.Buffer, gpu, ll, cupy, comm, TIMEOUT_S,
+                              as_new_shape=forgetting_compiled((gpu, ll))) as cases:
             for case in cases:
                 if not case.gpu:
                     continue
