@@ -22,7 +22,9 @@ timeout cannot be cancelled, and it would match the next collective of the late 
 call, maybe of another size: undefined behaviour in MPI). Here every message carries its
 call's sequence number in its tag and in its body: a message of an abandoned call is never
 taken for another call's, only dropped when it is found. The channel needs a communicator no
-one else sends on (a ``Dup``).
+one else sends on (a ``Dup``: :func:`open_channel`). MPI reuses a freed communicator's context
+for a later ``Dup``, and a message sent on the old one that nobody received is then delivered on
+the new one; so every message also carries its channel's nonce, agreed when the channel opens.
 
 The GPU Buffer's calls make no host step unless they compile: :class:`CallSteps` numbers the
 steps after the call (counted on every rank, valid or not) instead of after the steps made.
@@ -31,11 +33,12 @@ This module imports mpi4py lazily and nothing of the GPU side.
 """
 from __future__ import annotations
 
+import os
 import time
 
 from .errors import CallMismatchError, CommTimeoutError, CupyEpError, cancelled_by_peers, peers_gave_up
 
-__all__ = ["CallSteps", "Channel", "Step", "dup_bounded", "failures"]
+__all__ = ["CallSteps", "Channel", "Step", "dup_bounded", "failures", "open_channel"]
 
 _HEADER, _SECOND = 0, 1          # the two rounds' message kinds (the low bit of the tag)
 _OK, _GAVE_UP = "ok", "gave up"  # what a rank sends in the second round
@@ -75,6 +78,34 @@ def dup_bounded(comm, timeout_s: float, what: str):
     return dup
 
 
+def _agreed_nonce(comm, timeout_s: float, what: str) -> int:
+    """Rank 0's random 64-bit number on every rank of ``comm``, within ``timeout_s``."""
+    from mpi4py import MPI
+
+    nonce = bytearray(os.urandom(8))
+    request = comm.Ibcast([nonce, MPI.BYTE], root=0)
+    if not _wait(request.Test, time.monotonic() + timeout_s):
+        raise CommTimeoutError(what, comm.Get_rank(), 0, f"rank 0 did not arrive within timeout_s={timeout_s:g} s",
+                               host=True)
+    return int.from_bytes(nonce, "little")
+
+
+def open_channel(comm, timeout_s: float, what: str) -> "Channel":
+    """A :class:`Channel` over a ``Dup`` of ``comm`` with a nonce of its own (collective over
+    ``comm``; both made within ``timeout_s``, ``what`` names them in the error). The caller frees
+    ``channel.comm``.
+
+    Raises:
+        CommTimeoutError naming ``what`` when some rank did not arrive in time.
+    """
+    dup = dup_bounded(comm, timeout_s, what)
+    try:
+        return Channel(dup, timeout_s, _agreed_nonce(dup, timeout_s, what))
+    except BaseException:
+        dup.Free()
+        raise
+
+
 class Channel:
     """Host-side exchanges among the ranks of ``comm``, each bounded by ``timeout_s``.
 
@@ -82,14 +113,17 @@ class Channel:
         comm: an mpi4py intracommunicator used by this channel alone (a ``Dup``); the channel
             does not free it.
         timeout_s: the bound of each round of a step, in seconds.
+        nonce: this channel's number, the same on every rank (:func:`open_channel`): messages
+            carrying another number (of a freed channel whose context MPI reused) are dropped.
     """
 
-    def __init__(self, comm, timeout_s: float):
+    def __init__(self, comm, timeout_s: float, nonce: int = 0):
         from mpi4py import MPI
 
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.timeout_s = float(timeout_s)
+        self.nonce = nonce
         self._seq = 0
         self._sends = []                          # requests of sends not known to be complete
         self._tags = (int(comm.Get_attr(MPI.TAG_UB)) + 1) // 2
@@ -116,12 +150,13 @@ class Channel:
         tag = self._tag(seq, kind)
         for r in range(self.size):
             if r != self.rank:
-                self._sends.append(self.comm.isend((seq, kind, bodies[r]), dest=r, tag=tag))
+                self._sends.append(self.comm.isend((self.nonce, seq, kind, bodies[r]), dest=r,
+                                                   tag=tag))
 
     def _receive_all(self, seq: int, kind: int, timeout_s: float) -> dict:
         """``{rank: body}`` of the messages of step ``seq``, round ``kind``, from every other
         rank that sent one before the deadline; messages of earlier steps found on the way (a
-        peer's abandoned step) are dropped."""
+        peer's abandoned step) and of another channel are dropped."""
         from mpi4py import MPI
 
         tag, got = self._tag(seq, kind), {}
@@ -134,10 +169,10 @@ class Channel:
                 if msg is None:
                     return len(got) == wanted
                 src = status.Get_source()
-                msg_seq, msg_kind, body = msg.recv()
-                if msg_seq == seq and msg_kind == kind:
+                msg_nonce, msg_seq, msg_kind, body = msg.recv()
+                if (msg_nonce, msg_seq, msg_kind) == (self.nonce, seq, kind):
                     got[src] = body
-                # else: a message of an earlier step with the same tag (tags wrap): dropped
+                # else: of an earlier step with the same tag (tags wrap) or another channel: dropped
 
         _wait(poll, time.monotonic() + timeout_s)
         return got
@@ -266,11 +301,11 @@ class CallSteps:
     @classmethod
     def over(cls, comm, timeout_s: float, what: str) -> "CallSteps":
         """The host steps of an object that spans ``comm`` (collective): over a ``Dup`` of an
-        mpi4py communicator, made within ``timeout_s`` (:func:`dup_bounded`; ``what`` names it
+        mpi4py communicator, made within ``timeout_s`` (:func:`open_channel`; ``what`` names it
         in the error), else over ``comm`` itself."""
         if not hasattr(comm, "Idup"):
             return cls(None, comm)
-        return cls(Channel(dup_bounded(comm, timeout_s, what), timeout_s))
+        return cls(open_channel(comm, timeout_s, what))
 
     def free(self) -> None:
         """Frees the channel's communicator (collective)."""

@@ -60,7 +60,7 @@ from . import logfmt as _logfmt
 from . import limits
 from . import validation as V
 from .config import Config
-from .collective import Channel, dup_bounded
+from .collective import open_channel
 from .errors import CupyEpError, TokenOverflowError
 from .event import EventOverlap   # the public placeholder/event class; with event=None it does nothing
 
@@ -312,9 +312,9 @@ class Buffer:
                                                             num_nvl_peers, num_sms, timeout_s, ll_transport))
         self.timeout_s = limits.DEFAULT_TIMEOUT_S if refusal is not None else float(timeout_s)
         self.chaos = bool(chaos)
-        dup = dup_bounded(comm, self.timeout_s, "Buffer")
+        self._chan = open_channel(comm, self.timeout_s, "Buffer")
+        dup = self._chan.comm
         try:
-            self._chan = Channel(dup, self.timeout_s)
             step = self._chan.step("Buffer")
             common = [] if refusal is not None else [
                 ("low_latency_mode", "value", self.low_latency_mode), ("num_nvl_bytes", "value", self.num_nvl_bytes),

@@ -255,3 +255,12 @@ def test_over_a_communicator_without_messages_the_steps_are_its_allgather():
             raise ValueError("bad")
     assert steps.allgather("module") == ["module"] and steps.Get_size() == 1
     steps.free()
+
+
+def test_a_freed_channels_unread_refusal_does_not_reach_the_next_channel():
+    """Over real MPI (tests/mpi/check_channel.py): MPI reuses a freed communicator's context, so
+    only the channel's nonce keeps the old refusal from cancelling the new channel's call."""
+    from test_reference import REPO, _mpirun
+
+    proc = _mpirun(2, REPO / "tests" / "mpi" / "check_channel.py")
+    assert proc.returncode == 0 and "OK channel ranks=2" in proc.stdout, proc.stdout[-6000:]
