@@ -338,7 +338,8 @@ def main():
         results.append(measure_point(comm, buf, inputs[t], cfg, layouts[t], num_ranks * t, args))
         meta.append(dict(tokens=t, config=bc.config_dict(cfg), family=family, main_config=(cfg == main_cfg)))
         if rank == 0:
-            print(f"# measured {t} tokens, config {bc.config_label(cfg)} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"# [{len(results)}/{len(points)}] measured {t} tokens, config {bc.config_label(cfg)} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
 
     gathered = comm.gather((results, baselines), root=0)
     comm.Barrier()

@@ -17,6 +17,7 @@ from mpi4py import MPI
 
 import cupy_ep
 from cupy_ep import per_token_cast_back, per_token_cast_to_fp8
+from cupy_ep.bootstrap import gpu_unavailable_reason
 
 BF16 = ml_dtypes.bfloat16
 
@@ -83,7 +84,13 @@ def main():
 
     comm = MPI.COMM_WORLD
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
-    use_gpu = args.backend == "gpu" or (args.backend == "auto" and cupy_ep.gpu_available(comm))
+    why_no_gpu = None if args.backend == "reference" else gpu_unavailable_reason(comm)
+    if args.backend == "gpu" and why_no_gpu is not None:
+        if rank == 0:
+            print(f"--backend gpu needs a GPU on every rank ({why_no_gpu}); --backend reference runs anywhere",
+                  file=sys.stderr)
+        sys.exit(2)
+    use_gpu = args.backend != "reference" and why_no_gpu is None
     if use_gpu:
         import cupy as xp
         Buffer = cupy_ep.Buffer

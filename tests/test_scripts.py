@@ -1,5 +1,6 @@
-"""The scripts a user meets first: every one has a full --help, and the GPU-only benchmarks on a
-machine without a GPU end with one line that says so and what to run instead (no traceback)."""
+"""The scripts a user meets first: every one has a full --help, and the GPU-only benchmarks (and
+the example asked for the GPU) on a machine without a GPU end with one line that says so and what
+to run instead (no traceback)."""
 import subprocess
 import sys
 
@@ -37,3 +38,12 @@ def test_gpu_only_script_says_so_in_one_line(script):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"{script} needs a GPU on every rank (rank 0: ")
     assert "moe_example.py --backend reference" in lines[0] and proc.stdout == ""
+
+
+@pytest.mark.skipif(bootstrap.gpu_available(), reason="checks the behaviour without a GPU")
+def test_the_example_asked_for_the_gpu_without_one_says_so_in_one_line():
+    proc = _run(REPO / "scripts" / "moe_example.py", "--backend", "gpu")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and proc.stdout == "", proc.stderr
+    assert lines[0].startswith("--backend gpu needs a GPU on every rank (rank 0: ")
+    assert "--backend reference runs anywhere" in lines[0]
