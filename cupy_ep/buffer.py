@@ -285,20 +285,26 @@ class Buffer:
     def _check_arrays(self, **arrays) -> None:
         """TypeError unless every given array is a CuPy array on this rank's GPU (None: absent;
         tuples: an FP8 pair or biases, checked item by item)."""
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            if isinstance(arr, (tuple, list)):
+                for i, a in enumerate(arr):
+                    if a is not None:
+                        self._check_array(f"{name}[{i}]", a)
+            else:
+                self._check_array(name, arr)
+
+    def _check_array(self, name: str, a) -> None:
         import cupy
 
-        for name, arr in arrays.items():
-            items = [(f"{name}[{i}]", a) for i, a in enumerate(arr)] if isinstance(arr, (tuple, list)) \
-                else [(name, arr)]
-            for item_name, a in items:
-                if a is None:
-                    continue
-                if not isinstance(a, cupy.ndarray):
-                    raise TypeError(f"{item_name}: expected a CuPy array on this rank's GPU (device "
-                                    f"{self.device_id}), got {type(a).__module__}.{type(a).__name__}")
-                if a.device.id != self.device_id:
-                    raise TypeError(f"{item_name}: expected a CuPy array on this rank's GPU (device "
-                                    f"{self.device_id}), got one on device {a.device.id}")
+        if not isinstance(a, cupy.ndarray):
+            raise TypeError(f"{name}: expected a CuPy array on this rank's GPU (device "
+                            f"{self.device_id}), got {type(a).__module__}.{type(a).__name__}")
+        device = a.data.device_id   # what a.device.id reads, without making a Device object
+        if device != self.device_id:
+            raise TypeError(f"{name}: expected a CuPy array on this rank's GPU (device "
+                            f"{self.device_id}), got one on device {device}")
 
     # -- configuration and size hints -----------------------------------------------------------
     def set_num_sms(self, num_sms: int) -> None:

@@ -20,6 +20,7 @@ Vocabulary: "geometry" is the arrangement of a buffer; "layout" is kept for
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from . import limits, logfmt
 
@@ -252,6 +253,7 @@ def normal_rdma_size_hint(num_max_tokens_per_rank: int, hidden: int, num_ranks: 
     return internode_rdma_size_hint(num_max_tokens_per_rank, hidden, num_ranks, num_nvl_ranks, num_topk)
 
 
+@lru_cache(maxsize=256)   # read by every dispatch's capacity check (pure, small int arguments)
 def normal_send_capacity(num_nvl_bytes: int, num_rdma_bytes: int, num_ranks: int, num_nvl_ranks: int,
                          hidden: int, num_topk: int) -> int:
     """Tokens per rank one normal-mode dispatch can send: the intranode staging slot, or across
@@ -322,6 +324,7 @@ def ll_combine_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, rdm
     return recv + num_ranks * align(m * topk * 4, 256) + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt)
 
 
+@lru_cache(maxsize=256)   # read by every low-latency dispatch's capacity check
 def ll_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int) -> int:
     """Bytes of symmetric buffer the low-latency mode needs (any number of experts, any top-k up
     to ``LL_MAX_TOPK``, bf16 or FP8, NVLink or RDMA transport)."""

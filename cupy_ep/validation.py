@@ -68,16 +68,29 @@ def _dtype_name(dtype):
 
 
 def _same_dtype(dtype, ref):
+    if type(dtype) is type(ref) and isinstance(ref, np.dtype):   # the usual case, without a conversion
+        return dtype == ref
     try:
         return np.dtype(dtype) == ref
     except TypeError:
         return False
 
 
+# Types whose class defines shape, dtype and ndim (every instance has them): checked once per
+# type, so that the per-call checks of NumPy and CuPy arrays cost one set lookup.
+_ARRAY_TYPES = set()
+
+
 def is_array(obj):
     """True for an array-like object with ``shape``, ``dtype`` and ``ndim`` (NumPy, CuPy)."""
-    return (not isinstance(obj, (tuple, list))) and all(
-        hasattr(obj, a) for a in ("shape", "dtype", "ndim"))
+    cls = type(obj)
+    if cls in _ARRAY_TYPES:
+        return True
+    if isinstance(obj, (tuple, list)) or not all(hasattr(obj, a) for a in ("shape", "dtype", "ndim")):
+        return False
+    if all(hasattr(cls, a) for a in ("shape", "dtype", "ndim")):
+        _ARRAY_TYPES.add(cls)
+    return True
 
 
 def is_bf16_dtype(dtype):
@@ -95,9 +108,10 @@ def is_fp8_dtype(dtype):
 
 def check_int(value, name, min_value=None, max_value=None):
     """Check that ``value`` is an integer (not bool) within the given bounds; return it as int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    value = int(value)
+    if type(value) is not int:   # the usual case skips the ABC checks (bool is not int here)
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+            raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+        value = int(value)
     if min_value is not None and value < min_value:
         raise ValueError(f"{name}: must be >= {min_value}, got {value}")
     if max_value is not None and value > max_value:
@@ -123,12 +137,18 @@ def check_array(arr, name, dtypes=None, ndim=None, shape=None, contiguous=True):
     if dtypes is not None:
         if not isinstance(dtypes, tuple):
             dtypes = (dtypes,)
-        if not any(_same_dtype(arr.dtype, np.dtype(d)) for d in dtypes):
+        dtype = arr.dtype
+        for d in dtypes:
+            if _same_dtype(dtype, d if isinstance(d, np.dtype) else np.dtype(d)):
+                break
+        else:
             want = " or ".join(_dtype_name(d) for d in dtypes)
             raise TypeError(f"{name}: expected {want}, got {_dtype_name(arr.dtype)}")
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name}: expected a {ndim}-D array, got shape {tuple(arr.shape)}")
-    got = tuple(int(s) for s in arr.shape)
+    got = arr.shape
+    if type(got) is not tuple or not all(type(s) is int for s in got):
+        got = tuple(int(s) for s in got)
     if shape is not None:
         ok = len(got) == len(shape) and all(w is None or int(w) == g for w, g in zip(shape, got))
         if not ok:
