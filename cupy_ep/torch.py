@@ -48,7 +48,7 @@ def unpack_ue8m0(packed):
 def ue8m0_to_float(exponents, xp):
     """float32 scales ``2 ** (e - 127)`` of UE8M0 exponent bytes (exact; ``e == 0`` is 2**-127)."""
     bits = xp.asarray(exponents, dtype=xp.int32) << 23
-    return xp.where(bits == 0, xp.asarray(1 << 22, dtype=xp.int32), bits).view(xp.float32)
+    return xp.where(bits == 0, 1 << 22, bits).view(xp.float32)
 
 
 def float_to_ue8m0(scales, xp):
@@ -281,9 +281,10 @@ def to_torch(a, dtype=None):
     torch = _torch()
     if dtype is None:
         dtype = torch.bfloat16 if a.dtype == ml_dtypes.bfloat16 else torch.bool if a.dtype == np.bool_ else None
-    if dtype is None:
+    carrier = _bit_dtypes().get(dtype)
+    if carrier is None:
         return torch.from_dlpack(a)
-    _, numpy_bits, _ = _bit_dtypes()[dtype]
+    _, numpy_bits, _ = carrier
     return torch.from_dlpack(a.view(numpy_bits)).view(dtype)
 
 
@@ -532,8 +533,9 @@ class Buffer:
             overlap = self._overlap(event, async_finish, tensors, on_wait)
         if handle is not None:
             return out_x, None, None, None, None, overlap
+        internode = inner.num_rdma_ranks > 1
         known = {"is_token_in_rank": is_token_in_rank}
-        if num_worst_tokens > 0:
+        if num_worst_tokens > 0 and not internode:
             known["rank_prefix_matrix"] = Missing("rank_prefix_matrix", "not made with num_worst_tokens > 0 (it "
                                                   "would need a host collective)")
         if counts is not None:
@@ -541,7 +543,7 @@ class Buffer:
             ready.synchronize()
             matrix = rank_prefix_matrix(self.comm.allgather(host.tolist()))
             known["rank_prefix_matrix"] = torch.from_numpy(matrix).to(self.device)
-        return (out_x, recv_idx, recv_w, per_expert, DispatchHandle(inner_handle, inner.num_rdma_ranks > 1, known),
+        return (out_x, recv_idx, recv_w, per_expert, DispatchHandle(inner_handle, internode, known),
                 overlap)
 
     def _read_counts(self, num_tokens_per_rank, previous_event):

@@ -18,11 +18,14 @@
 #                bench_internode.py ($INTERNODE_BENCH_ARGS) for N:P in $INTERNODE_BENCH_LAYOUTS ("4:2 4:1")
 #     baseline   the OLD tree's bench_intranode.py and bench_low_latency.py --profile, from .baseline/
 #                (skipped when that directory is missing)
+#     torch      cupy_ep.torch (DeepEP's API on torch tensors): tests/gpu/check_torch_adapter.py under mpiexec and
+#                tests/gpu/torchrun_deepep_loop.py under torchrun with a gloo and an NCCL group, on each of
+#                $TORCH_RANKS ("2") ranks (skipped when $PY has no torch; not part of "all")
 #     ab         before/after in turns: .baseline/'s and this tree's bench_intranode.py ($AB_INTRANODE_ARGS)
 #                and bench_low_latency.py ($AB_LL_ARGS) on $BENCH_RANKS ranks, $AB_ROUNDS (4) rounds in
 #                ABBA order, then scripts/ab_compare.py's medians and spreads (not part of "all")
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
-#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
+#     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), TORCH_TIMEOUT (150, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each), EXAMPLE_TIMEOUT (120, each).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
@@ -238,6 +241,18 @@ run_ab() {  # the old (.baseline/) and this tree's benchmarks in turns (ABBA...)
   done
 }
 
+run_torch() {
+  $PY -c "import torch" 2>/dev/null || { skip torch "no torch in $PY"; return; }
+  for n in ${TORCH_RANKS:-2}; do
+    fits "$n" || { skip "torch_${n}ranks" "only $ngpu GPUs"; continue; }
+    step "torch_adapter_${n}ranks" "${TORCH_TIMEOUT:-150}" $MPIEXEC -n "$n" $PY tests/gpu/check_torch_adapter.py
+    for backend in gloo nccl; do
+      step "torch_loop_${backend}_${n}ranks" "${TORCH_TIMEOUT:-150}" $PY -m torch.distributed.run --standalone \
+        --nproc-per-node "$n" tests/gpu/torchrun_deepep_loop.py --backend "$backend"
+    done
+  done
+}
+
 steps=("$@")
 # shellcheck disable=SC2206  # STEPS is a word list
 (( ${#steps[@]} == 0 )) && steps=(${STEPS:-all})
@@ -255,7 +270,8 @@ for s in "${expanded[@]}"; do
     bench) run_bench ;;
     baseline) run_baseline ;;
     ab) run_ab ;;
-    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak example bench baseline ab all)")"
+    torch) run_torch ;;
+    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak example bench baseline ab torch all)")"
        failed=1 ;;
   esac
 done
