@@ -388,6 +388,37 @@ def _ll_rows(recv_count, layout_range, src_info):
     return out
 
 
+def ll_expert_scale(rank: int, num_local_experts: int):
+    """float32 ``[E_local]``: the checks' expert j of ``rank`` multiplies its rows by a power of
+    two, ``2 ** ((rank * E_local + j) % 3 - 1)`` (exact in bf16)."""
+    return np.array([2.0 ** ((rank * num_local_experts + j) % 3 - 1) for j in range(num_local_experts)], np.float32)
+
+
+def ll_expert_outputs(r_x, use_fp8: bool, rank: int, num_local_experts: int, ref_rows, got_rows):
+    """The experts' outputs for a low-latency combine check, from the reference's received
+    ``r_x``: ``(y_ref, y_gpu)``, bf16 ``[E_local, R*M, H]``. ``y_gpu`` holds each of ``y_ref``'s
+    rows at the row the GPU received it in (``ref_rows`` / ``got_rows`` from :func:`_ll_rows`),
+    NaN elsewhere: rows past a GPU count must never be read."""
+    scale = ll_expert_scale(rank, num_local_experts)
+    ref_in = per_token_cast_back(r_x[0], r_x[1], np.float32) if use_fp8 else np.asarray(r_x, np.float32)
+    y_ref = (ref_in * scale[:, None, None]).astype(BF16)
+    y_gpu = np.full(y_ref.shape, np.nan, dtype=BF16)
+    for key, row in ref_rows.items():
+        y_gpu[key[0], got_rows[key]] = y_ref[key[0], row]
+    return y_ref, y_gpu
+
+
+def ll_combine_expected(ref_buf, y_ref, topk_idx, weights, handle, use_logfmt: bool = False):
+    """The reference's ``low_latency_combine`` of ``y_ref`` and the bound a GPU result must keep
+    to: ``(out_ref, bound)``, bound float64 ``[N, H]``. Partial sums cross as bf16 (one rounding
+    each, at most ``mag * 2**-8`` together, ``mag`` = the same combine of ``|y|`` with ``|w|``) and
+    both results are rounded to bf16 once."""
+    out_ref = ref_buf.low_latency_combine(y_ref, topk_idx, weights, handle, use_logfmt=use_logfmt)[0]
+    mag = ref_buf.low_latency_combine(np.abs(y_ref.astype(np.float32)).astype(BF16), topk_idx, np.abs(weights),
+                                      handle)[0].astype(np.float64)
+    return out_ref, (mag + 2 * np.abs(out_ref.astype(np.float64))) * 2.0 ** -8 * 1.01 + 1e-6
+
+
 def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidden: int, num_topk: int,
                            num_experts: int, m: int, use_fp8: bool = True, round_scale: bool = False,
                            use_ue8m0: bool = False, kind: str = "random", hook: bool = False,
@@ -442,19 +473,8 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
 
     ref_rows, got_rows = agreed(comm, "low_latency_dispatch", compare_dispatch)
 
-    # experts: expert j of this rank scales its rows by a power of two (exact in bf16)
-    rank = comm.Get_rank()
-    e_local = num_experts // num_ranks
-    scale = np.array([2.0 ** ((rank * e_local + j) % 3 - 1) for j in range(e_local)], np.float32)
-    ref_in = per_token_cast_back(r_x[0], r_x[1], np.float32) if use_fp8 else np.asarray(r_x, np.float32)
-    y_ref = (ref_in * scale[:, None, None]).astype(BF16)
-    y_gpu = np.full(y_ref.shape, np.nan, dtype=BF16)   # rows past recv_count must never be read
-    for key, row in ref_rows.items():
-        y_gpu[key[0], got_rows[key]] = y_ref[key[0], row]
-    out_ref = ref_buf.low_latency_combine(y_ref, topk_idx, weights, r_handle, use_logfmt=use_logfmt)[0]
-    # magnitude of the terms, for the bound: the same combine of |y| with |w|
-    mag = ref_buf.low_latency_combine(np.abs(y_ref.astype(np.float32)).astype(BF16), topk_idx, np.abs(weights),
-                                      r_handle)[0].astype(np.float64)
+    y_ref, y_gpu = ll_expert_outputs(r_x, use_fp8, comm.Get_rank(), num_experts // num_ranks, ref_rows, got_rows)
+    out_ref, bound = ll_combine_expected(ref_buf, y_ref, topk_idx, weights, r_handle, use_logfmt)
     poison_pool()
     d_idx, d_w = to_device(topk_idx), to_device(weights)
     if zero_copy:
@@ -473,9 +493,6 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
         agreed(comm, "low_latency_combine (LogFMT)", lambda: _same_bits(to_host(out_gpu), out_ref, "combined_x"))
         return
     exp = out_ref.astype(np.float64)
-    # partial sums cross as bf16 (one rounding each, at most |mag| * 2^-8 together), and both
-    # results are rounded to bf16 once
-    bound = (mag + 2 * np.abs(exp)) * 2.0 ** -8 * 1.01 + 1e-6
     agreed(comm, "low_latency_combine", lambda: _close_bf16(to_host(out_gpu), exp, bound, "low_latency_combine"))
 
 

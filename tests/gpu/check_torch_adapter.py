@@ -19,9 +19,10 @@ import torch
 from mpi4py import MPI
 
 import cupy_ep.torch as deep_ep
-from cupy_ep import per_token_cast_back, per_token_cast_to_fp8
-from cupy_ep.testing import (_close_bf16, _ll_rows, _same_bits, agree, agreed, check, make_routing, make_weights,
-                             make_x, reference_buffer, run_or_abort)
+from cupy_ep import per_token_cast_to_fp8
+from cupy_ep.testing import (_close_bf16, _ll_rows, _same_bits, agree, agreed, check, ll_combine_expected,
+                             ll_expert_outputs, ll_expert_scale, make_routing, make_weights, make_x, reference_buffer,
+                             run_or_abort)
 from cupy_ep.torch import float_to_ue8m0, pack_ue8m0, rank_prefix_matrix, ue8m0_to_float, unpack_ue8m0
 
 BF16, FP8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
@@ -186,6 +187,16 @@ def stream_order(checks, buf, ref, rng, r_handle, g_handle):
         checks.run(f"stream order ({mode})", lambda: _same_bits(to_np(out), r_out, "recv_x"))
 
 
+def replay_on_new_x(graph, static_x, rng, buf):
+    """Writes a new random x into the graph's input, replays it, waits and checks the Buffer; returns x."""
+    x = make_x(rng, N, H)
+    static_x.copy_(to_t(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    buf.cupy_ep_buffer.check()
+    return x
+
+
 def normal_graph(checks, comm, buf, ref, rng, E):
     """dispatch(num_worst_tokens) + experts + combine captured in a torch CUDA graph, replayed on new x."""
     rank, R = comm.Get_rank(), comm.Get_size()
@@ -212,11 +223,7 @@ def normal_graph(checks, comm, buf, ref, rng, E):
         rx, lst, handle, comb, comb_w = step()
     r_layout = ref.get_dispatch_layout(idx, E)
     for trial in range(2):
-        x = make_x(rng, N, H)
-        static_x.copy_(to_t(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        buf.cupy_ep_buffer.check()
+        x = replay_on_new_x(graph, static_x, rng, buf)
         r_x, _, r_w, _, r_handle, _ = ref.dispatch(x, num_tokens_per_rank=r_layout[0], is_token_in_rank=r_layout[3],
                                                    num_tokens_per_expert=r_layout[2], topk_idx=idx, topk_weights=w,
                                                    num_worst_tokens=W)
@@ -281,15 +288,8 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
         return ref_rows, got_rows
 
     ref_rows, got_rows = checks.run(f"{what}: dispatch", compare_dispatch)
-    scale = np.array([2.0 ** ((rank * EL + j) % 3 - 1) for j in range(EL)], np.float32)
-    ref_in = per_token_cast_back(r_x[0], r_x[1], np.float32) if use_fp8 else np.asarray(r_x, np.float32)
-    y_ref = (ref_in * scale[:, None, None]).astype(BF16)
-    y_gpu = np.full(y_ref.shape, np.nan, dtype=BF16)     # rows past recv_count must never be read
-    for key, row in ref_rows.items():
-        y_gpu[key[0], got_rows[key]] = y_ref[key[0], row]
-    out_ref = ref.low_latency_combine(y_ref, idx, w, r_handle)[0]
-    mag = ref.low_latency_combine(np.abs(y_ref.astype(np.float32)).astype(BF16), idx, np.abs(w),
-                                  r_handle)[0].astype(np.float64)
+    y_ref, y_gpu = ll_expert_outputs(r_x, use_fp8, rank, EL, ref_rows, got_rows)
+    out_ref, bound = ll_combine_expected(ref, y_ref, idx, w, r_handle)
     if zero_copy:
         y_t = buf.get_next_low_latency_combine_buffer(g_handle)
         inner = buf.cupy_ep_buffer.get_next_low_latency_combine_buffer(g_handle.cupy_ep_handle)
@@ -306,12 +306,10 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
     if async_finish:
         event.current_stream_wait()
     torch.cuda.synchronize()
-    exp = out_ref.astype(np.float64)
-    bound = (mag + 2 * np.abs(exp)) * 2.0 ** -8 * 1.01 + 1e-6
 
     def compare_combine():
         check(out is None or combined is out, "out=: expected the same tensor back")
-        _close_bf16(to_np(combined), exp, bound, "low_latency_combine")
+        _close_bf16(to_np(combined), out_ref.astype(np.float64), bound, "low_latency_combine")
 
     checks.run(f"{what}: combine", compare_combine)
 
@@ -322,7 +320,7 @@ def ll_graph(checks, comm, buf, ref, rng, E):
     EL = E // R
     idx, w = make_routing(rng, N, E, K, "random", R), make_weights(rng, N, K)
     static_x, t_idx, t_w = to_t(make_x(rng, N, H)), to_t(idx), to_t(w)
-    scale = np.array([2.0 ** ((rank * EL + j) % 3 - 1) for j in range(EL)], np.float32)
+    scale = ll_expert_scale(rank, EL)
     t_scale = to_t(scale)
 
     def step():
@@ -340,19 +338,12 @@ def ll_graph(checks, comm, buf, ref, rng, E):
     with torch.cuda.graph(graph):
         combined = step()
     for trial in range(2):
-        x = make_x(rng, N, H)
-        static_x.copy_(to_t(x))
-        graph.replay()
-        torch.cuda.synchronize()
-        buf.cupy_ep_buffer.check()
+        x = replay_on_new_x(graph, static_x, rng, buf)
         r_x, _, r_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, use_fp8=False)
         y_ref = (np.asarray(r_x, np.float32) * scale[:, None, None]).astype(BF16)
-        exp = ref.low_latency_combine(y_ref, idx, w, r_handle)[0].astype(np.float64)
-        mag = ref.low_latency_combine(np.abs(y_ref.astype(np.float32)).astype(BF16), idx, np.abs(w),
-                                      r_handle)[0].astype(np.float64)
-        bound = (mag + 2 * np.abs(exp)) * 2.0 ** -8 * 1.01 + 1e-6
+        out_ref, bound = ll_combine_expected(ref, y_ref, idx, w, r_handle)
         checks.run(f"CUDA graph, low latency (replay {trial})",
-                   lambda: _close_bf16(to_np(combined), exp, bound, "graph low_latency_combine"))
+                   lambda: _close_bf16(to_np(combined), out_ref.astype(np.float64), bound, "graph low_latency_combine"))
 
 
 def refusals(checks, buf, ll):
