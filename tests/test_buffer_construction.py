@@ -53,8 +53,9 @@ class Done:
         return True
 
 
-class Comm:
-    """A rank's handle on a Group; records its collectives in ``log``."""
+class Collectives:
+    """A rank's handle on a Group with collectives only (as ``cupy_ep.torch_comm.TorchComm``);
+    records them in ``log``."""
 
     def __init__(self, group, rank, log):
         self.group, self.rank, self.log = group, rank, log
@@ -81,6 +82,10 @@ class Comm:
     def Free(self):
         self.log.append((self.group.name, "free"))
         self.group.meet.wait()
+
+
+class Comm(Collectives):
+    """A rank's handle on a Group, with what mpi4py's communicators add (a Dup, its nonce)."""
 
     def Idup(self):   # the Buffer's own communicator (for its host steps; no message in these tests)
         self.log.append((self.group.name, "idup"))
@@ -211,9 +216,9 @@ class Fakes:
             monkeypatch.setattr(module, name, value)
 
 
-def run_ranks(fakes, destroy=True, **buffer_kwargs):
-    """Both ranks construct (and, when that worked, destroy) a Buffer; returns per rank
-    (exception or None, the communicators' operations in order)."""
+def run_ranks(fakes, destroy=True, comm_class=Comm, **buffer_kwargs):
+    """Both ranks construct (and, when that worked, destroy) a Buffer over a ``comm_class``;
+    returns per rank (exception or None, the communicators' operations in order)."""
     world = Group("comm")
     results = [None] * RANKS
 
@@ -222,7 +227,7 @@ def run_ranks(fakes, destroy=True, **buffer_kwargs):
         log = []
         error = None
         try:
-            buf = buffer.Buffer(Comm(world, rank, log), **buffer_kwargs)
+            buf = buffer.Buffer(comm_class(world, rank, log), **buffer_kwargs)
             if destroy:
                 buf.destroy()
         except BaseException as e:  # noqa: BLE001 -- reported to the test
@@ -257,6 +262,26 @@ def test_construction_and_destroy_release_everything(monkeypatch, kwargs):
     assert results[0][1] == results[1][1]
     assert all(count == 0 for held in fakes.held for count in held.values()), fakes.held
     assert any(held for held in fakes.held[0])   # something was made
+
+
+@pytest.mark.parametrize("kwargs", [NORMAL, LOW_LATENCY, BOTH], ids=["normal", "low-latency", "both"])
+def test_construction_over_collectives_only(monkeypatch, kwargs):
+    """A communicator without point-to-point messages or Dup (cupy_ep.torch's TorchComm over a
+    ProcessGroup): the Buffer's host steps use its collectives; a failure on one rank still
+    fails both and releases everything."""
+    fakes = Fakes()
+    fakes.install(monkeypatch)
+    results = run_ranks(fakes, comm_class=Collectives, **kwargs)
+    assert [error for error, _ in results] == [None, None]
+    assert results[0][1] == results[1][1]
+    assert all(op != "idup" for _, op in results[0][1]), results[0][1]
+    assert all(count == 0 for held in fakes.held for count in held.values()), fakes.held
+
+    fakes = Fakes("select_device", 1)
+    fakes.install(monkeypatch)
+    errors = [error for error, _ in run_ranks(fakes, comm_class=Collectives, **kwargs)]
+    assert isinstance(errors[1], Injected) and isinstance(errors[0], CupyEpError), errors
+    assert all(count == 0 for held in fakes.held for count in held.values()), fakes.held
 
 
 @pytest.mark.parametrize("fail_rank", [0, 1])
