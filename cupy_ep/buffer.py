@@ -514,7 +514,7 @@ class Buffer:
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank: int, num_experts: int,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
                              async_finish: bool = False, return_recv_hook: bool = False,
-                             cumulative_local_expert_recv_stats=None):
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None):
         """Low-latency dispatch into a masked per-expert layout (no host synchronisation).
 
         Args:
@@ -531,6 +531,11 @@ class Buffer:
             return_recv_hook: only issue the sends; the returned hook receives (both on the current
                 stream, as in DeepEP). Call the hook of dispatch n before issuing dispatch n + 1.
             cumulative_local_expert_recv_stats: int32 ``[E_local]``, increased by the received counts.
+            dispatch_wait_recv_cost_stats: int64 ``[R]`` (the shape DeepEP's code checks), accumulated:
+                entry r grows by the nanoseconds (``%globaltimer``) from the start of the receive
+                (the hook's kernel with ``return_recv_hook``) until rank r's tokens had arrived,
+                timed by the kernel's first block; the own entry is the own sends' time. The
+                largest entry names a slow GPU or link.
 
         Returns:
             ``(recv_x, recv_count, handle, event, hook)``: ``recv_x`` bf16 ``[E_local, R*M, H]`` or the FP8
@@ -544,26 +549,30 @@ class Buffer:
         engine = self._require_low_latency()
         with self._calls.begin("low_latency_dispatch"):
             self._check_arrays(x=x, topk_idx=topk_idx,
-                               cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats)
+                               cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+                               dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats)
             validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                               self.num_ranks, check_values=False)
             validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
                                          num_max_dispatch_tokens_per_rank, x.shape[1])
             validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
+            validation.check_wait_stats(dispatch_wait_recv_cost_stats, self.num_ranks,
+                                        "dispatch_wait_recv_cost_stats")
             if topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
         with call.alloc:
             recv_x, recv_count, handle, hook = engine.dispatch(
                 x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-                return_recv_hook, cumulative_local_expert_recv_stats, call.stream)
+                return_recv_hook, cumulative_local_expert_recv_stats, call.stream,
+                wait_stats=dispatch_wait_recv_cost_stats)
         self._owner.stamp(handle[5])
         event = self._streams.finish(call, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt: bool = False,
                             zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
-                            out=None):
+                            out=None, combine_wait_recv_cost_stats=None):
         """Low-latency combine: ``out[t] = sum_k topk_weights[t, k] * y_k(t)`` (float32 accumulation).
 
         Args:
@@ -574,6 +583,11 @@ class Buffer:
             use_logfmt: the partial sums cross the link as LogFMT-10 rows (164 bytes per 128
                 channels instead of 256; :mod:`cupy_ep.logfmt`, bit-identical to the reference).
             out: optional bf16 ``[N, H]`` written in place.
+            combine_wait_recv_cost_stats: int64 ``[R]``, accumulated nanoseconds as
+                ``dispatch_wait_recv_cost_stats``: entry r grows by the wait for rank r's top-k
+                weights (from the end of this rank's own sends) plus the wait for r's partial sums
+                (from the start of the receive). To time the weights, the kernel's first block
+                waits for every rank's before it reduces (only when this array is given).
             async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
 
         Returns:
@@ -585,14 +599,16 @@ class Buffer:
             validation.check_handle_owner(handle, self._owner)
             if zero_copy:
                 x = self.get_next_low_latency_combine_buffer(handle)
-            self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out)
+            self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out,
+                               combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
+            validation.check_wait_stats(combine_wait_recv_cost_stats, self.num_ranks, "combine_wait_recv_cost_stats")
             validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
             if topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
         with call.alloc:
             combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream,
-                                            use_logfmt=bool(use_logfmt))
+                                            use_logfmt=bool(use_logfmt), wait_stats=combine_wait_recv_cost_stats)
         event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights))
         return combined, event, self._wrap_hook(hook)
 

@@ -153,13 +153,15 @@ class Channel:
                 self._sends.append(self.comm.isend((self.nonce, seq, kind, bodies[r]), dest=r,
                                                    tag=tag))
 
-    def _receive_all(self, seq: int, kind: int, timeout_s: float) -> dict:
+    def _receive_all(self, seq: int, kind: int, timeout_s: float, waited=None) -> dict:
         """``{rank: body}`` of the messages of step ``seq``, round ``kind``, from every other
         rank that sent one before the deadline; messages of earlier steps found on the way (a
-        peer's abandoned step) and of another channel are dropped."""
+        peer's abandoned step) and of another channel are dropped. ``waited[r]`` (a list) grows
+        by the seconds from the start of this round until rank r's message was found."""
         from mpi4py import MPI
 
         tag, got = self._tag(seq, kind), {}
+        start = time.monotonic()
         status = MPI.Status()
         wanted = self.size - 1
 
@@ -172,6 +174,8 @@ class Channel:
                 msg_nonce, msg_seq, msg_kind, body = msg.recv()
                 if (msg_nonce, msg_seq, msg_kind) == (self.nonce, seq, kind):
                     got[src] = body
+                    if waited is not None:
+                        waited[src] += time.monotonic() - start
                 # else: of an earlier step with the same tag (tags wrap) or another channel: dropped
 
         _wait(poll, time.monotonic() + timeout_s)
@@ -187,6 +191,7 @@ class Step:
     def __init__(self, channel: Channel, call: str, seq: int, name: str = ""):
         self.channel, self.call, self.seq = channel, call, seq
         self.name = name or call   # the step in error messages
+        self.waited_s = [0.0] * channel.size   # per rank: seconds this step waited for its messages
 
     def validated(self, checks):
         """Runs this rank's argument checks ``checks()`` and returns what they returned. When they
@@ -226,7 +231,7 @@ class Step:
         mine = (self.call, refusal is not None, values, private)
         payloads = [None] * ch.size if payloads is None else list(payloads)
         ch._send_all(self.seq, _HEADER, [mine + (p,) for p in payloads])
-        got = ch._receive_all(self.seq, _HEADER, ch.timeout_s)
+        got = ch._receive_all(self.seq, _HEADER, ch.timeout_s, self.waited_s)
         absent = ch._absent(got)
         if absent:
             ch._send_all(self.seq, _SECOND, [(_GAVE_UP, None)] * ch.size)
@@ -256,7 +261,7 @@ class Step:
         by source rank, of what each rank sent here (``bodies[self]`` for this rank)."""
         ch, me = self.channel, self.channel.rank
         ch._send_all(self.seq, _SECOND, [(_OK, b) for b in bodies])
-        got = ch._receive_all(self.seq, _SECOND, ch.timeout_s)
+        got = ch._receive_all(self.seq, _SECOND, ch.timeout_s, self.waited_s)
         gave_up = [r for r, m in got.items() if m[0] == _GAVE_UP]
         if gave_up:
             raise peers_gave_up(self.name, me, gave_up, ch.timeout_s)

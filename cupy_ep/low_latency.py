@@ -173,7 +173,7 @@ class LowLatencyEngine(Engine):
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x, topk_idx, M, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook, stats,
-                 stream):
+                 stream, wait_stats=None):
         """Low-latency dispatch. See the module docstring and ``Buffer.low_latency_dispatch``.
 
         Returns ``(recv_x, recv_count, handle, hook_or_None)``; ``recv_x`` is bf16
@@ -223,7 +223,7 @@ class LowLatencyEngine(Engine):
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
                           np.int64(data_off), self._scratch_d, data, self._ptr(scales), src_info, layout_range,
-                          recv_count, self._ptr(stats), slot_count, slot_map, dest_ranks, prof,
+                          recv_count, self._ptr(stats), self._ptr(wait_stats), slot_count, slot_map, dest_ranks, prof,
                           self.status_arg, self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
                                      "low_latency_dispatch_recv")[phases % 3])
@@ -233,7 +233,7 @@ class LowLatencyEngine(Engine):
         handle = (src_info, layout_range, M, H, E, priv)
         if return_recv_hook:
             launch(1, stream)
-            keep = (x, topk_idx, stats)
+            keep = (x, topk_idx, stats, wait_stats)
 
             def hook(on_stream):
                 _ = keep
@@ -277,7 +277,8 @@ class LowLatencyEngine(Engine):
             buf = self._combine_buffers[shape] = cupy.zeros(shape, dtype=ml_dtypes.bfloat16)
         return buf
 
-    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream, use_logfmt=False):
+    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream, use_logfmt=False,
+                wait_stats=None):
         """Low-latency combine. Returns ``(combined_x bf16 [N, H], hook_or_None)``; with
         ``return_recv_hook`` the result is complete only after ``hook(stream)`` ran. Outputs are
         allocated on the current stream, kernels run on ``stream``.
@@ -304,14 +305,15 @@ class LowLatencyEngine(Engine):
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table,
                           np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
-                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, prof, self.status_arg,
+                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, self._ptr(wait_stats), prof,
+                          self.status_arg,
                           self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_combine", "low_latency_combine_send",
                                      "low_latency_combine_recv")[phases % 3])
 
         if return_recv_hook:
             launch(1, stream)
-            keep = (x, topk_idx, topk_weights, priv)
+            keep = (x, topk_idx, topk_weights, priv, wait_stats)
 
             def hook(on_stream):
                 _ = keep

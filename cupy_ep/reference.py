@@ -250,6 +250,12 @@ def _routing_error(n, num_ranks, num_tokens_per_rank, is_token_in_rank, num_toke
 
 
 # --------------------------------------------------------------------------- Buffer
+def _add_waits(stats, step):
+    """Adds the nanoseconds ``step`` waited for each rank's messages to ``stats`` (or nothing)."""
+    if stats is not None:
+        stats += np.array([int(w * 1e9) for w in step.waited_s], dtype=np.int64)
+
+
 def _logfmt_partial_sums(idx, topk_weights, y, slots, e_local, num_ranks, hidden):
     """The GPU's LogFMT combine of one rank's tokens (float32 [N, H]): per expert rank d
     ascending, the partial row ``sum_k w * y`` over the token's slots on d (unfused, slot order)
@@ -774,7 +780,8 @@ class Buffer:
     # ----------------------------------------------------------------- low latency
     def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                              use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
-                             return_recv_hook=False, cumulative_local_expert_recv_stats=None):
+                             return_recv_hook=False, cumulative_local_expert_recv_stats=None,
+                             dispatch_wait_recv_cost_stats=None):
         """Send each token to each of its experts, into a masked per-expert layout.
 
         Args:
@@ -794,6 +801,9 @@ class Buffer:
                 when ``hook()`` is called.
             cumulative_local_expert_recv_stats: None or int32 NumPy ``[E_local]``, increased
                 in place by ``recv_count``.
+            dispatch_wait_recv_cost_stats: None or int64 NumPy ``[R]``, accumulated: entry r
+                grows by the nanoseconds (wall clock) this call waited for rank r's messages (both
+                rounds of the call's exchange, made at the call also with a hook; 0 for this rank).
 
         Returns:
             recv_x: bf16 ``[E_local, R*M, H]``, or with ``use_fp8`` the pair (``float8_e4m3fn``
@@ -818,6 +828,8 @@ class Buffer:
             _require_numpy(x, "x")
             _require_numpy(topk_idx, "topk_idx")
             _require_numpy(stats, "cumulative_local_expert_recv_stats")
+            _require_numpy(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats")
+            V.check_wait_stats(dispatch_wait_recv_cost_stats, R, "dispatch_wait_recv_cost_stats")
             n, h, k, e_local = V.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
                                                         R, check_values=False)
             V.check_ll_capacity(self.num_rdma_bytes, R, int(num_experts), int(num_max_dispatch_tokens_per_rank), h)
@@ -855,6 +867,7 @@ class Buffer:
         else:
             fields = [meta, x[t_of]]
         recv = _alltoallv_rows(step, fields, send_counts, recv_counts)
+        _add_waits(dispatch_wait_recv_cost_stats, step)
 
         rm = R * m
         if use_fp8:
@@ -911,7 +924,7 @@ class Buffer:
         return buf
 
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
-                            async_finish=False, return_recv_hook=False, out=None):
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         """Bring the expert outputs back and reduce them with the top-k weights.
 
         Args:
@@ -931,6 +944,8 @@ class Buffer:
             async_finish: ignored.
             return_recv_hook: return at once; the result is written when ``hook()`` is called.
             out: None or bf16 NumPy ``[N, H]`` to write the result into.
+            combine_wait_recv_cost_stats: as ``dispatch_wait_recv_cost_stats`` of
+                :meth:`low_latency_dispatch`, for this call.
 
         Returns:
             combined_x: bf16 ``[N, H]`` (``out`` when given): ``sum_k topk_weights[t, k] *
@@ -943,8 +958,14 @@ class Buffer:
         self._check_low_latency()
         R, rank = self.group_size, self.rank
         step = self._chan.step("low_latency_combine")
-        x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts = step.validated(
-            lambda: self._ll_combine_plan(x, topk_idx, topk_weights, handle, zero_copy, out))
+        wait_stats = combine_wait_recv_cost_stats
+
+        def checks():
+            _require_numpy(wait_stats, "combine_wait_recv_cost_stats")
+            V.check_wait_stats(wait_stats, R, "combine_wait_recv_cost_stats")
+            return self._ll_combine_plan(x, topk_idx, topk_weights, handle, zero_copy, out)
+
+        x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts = step.validated(checks)
         idx = topk_idx.astype(np.int64)
         e_local = num_experts // R
         common = [("handle", "num_max_dispatch_tokens_per_rank", m), ("x", "hidden size", h),
@@ -953,6 +974,7 @@ class Buffer:
         recv_counts = np.array(got, dtype=np.int64)
         meta = np.stack([sel_j + rank * e_local, tokens.astype(np.int64)], axis=1)
         recv = _alltoallv_rows(step, [meta, x[sel_j, sel_row]], send_counts, recv_counts)
+        _add_waits(wait_stats, step)
         result = out if out is not None else np.zeros((n, h), dtype=BF16_DTYPE)
 
         def finish():

@@ -37,7 +37,7 @@ __all__ = [
     "is_array", "is_bf16_dtype", "is_fp8_dtype",
     "check_int", "check_array", "check_num_experts", "check_topk_idx", "check_topk_range",
     "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
-    "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats",
+    "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats", "check_wait_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
     "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_same_on_every_rank",
     "check_internode_args", "check_layout_call", "HandleOwner", "check_handle_owner",
@@ -351,6 +351,15 @@ def check_cumulative_stats(stats, num_local_experts, name="cumulative_local_expe
     if stats is None:
         return
     check_array(stats, name, dtypes=_I32, shape=(num_local_experts,))
+
+
+def check_wait_stats(stats, num_ranks, name):
+    """Check receive-wait statistics (``dispatch_wait_recv_cost_stats`` /
+    ``combine_wait_recv_cost_stats``): None or int64 ``[num_ranks]`` (DeepEP's shape: one
+    accumulated wait per source rank), C-contiguous."""
+    if stats is None:
+        return
+    check_array(stats, name, dtypes=np.int64, shape=(num_ranks,))
 
 
 def check_out(out, shape, name="out"):

@@ -296,13 +296,23 @@ __device__ __forceinline__ void zero_signals(u64 own, long long sig_off) {
     }
 }
 
+// Receive-wait statistics (wait_stats != null): block 0 adds to wait_stats[r] the nanoseconds
+// (%globaltimer) from the start of its wait (t0) until rank r's signal was seen. Atomic: the
+// send and receive kernels of a hook call, and calls on two streams, may add to one array.
+__device__ __forceinline__ void add_wait_ns(i64* wait_stats, int r, u64 t0) {
+    if (wait_stats != nullptr && blockIdx.x == 0)
+        atomicAdd((unsigned long long*)(wait_stats + r), (unsigned long long)(global_timer_ns() - t0));
+}
+
 // Waits (bounded) until every rank's word of the signal array at sig_off is nonzero. The same
 // answer in every thread; all threads must call it.
-__device__ __forceinline__ bool wait_all_nonzero(u64 own, long long sig_off, const WaitCtx& w) {
+__device__ __forceinline__ bool wait_all_nonzero(u64 own, long long sig_off, const WaitCtx& w, i64* wait_stats) {
+    const u64 t0 = global_timer_ns();
     bool ok = true;
     for (int r = threadIdx.x; r < R && ok; r += NT) {
         int v;
         ok = wait_nonzero_sys((const int*)signal_at(own, sig_off, r), &v, w, r);
+        if (ok) add_wait_ns(wait_stats, r, t0);
     }
     if (ok) signal_acquire();
     return !__syncthreads_or(!ok);
@@ -575,12 +585,17 @@ __device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i
 // ------------------------------------------------------------------------------------------
 // Waits until every block of every source has signalled (same grid size on every rank); the
 // slots of each source go to pfx[s]. The same answer in every thread; all threads must call it.
-__device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_off, const WaitCtx& w) {
+__device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_off, const WaitCtx& w,
+                                             i64* wait_stats) {
+    const u64 t0 = global_timer_ns();
     bool ok = true;
     for (int s = threadIdx.x; s < R && ok; s += NT) {
         const int* sig = (const int*)signal_at(own, sig_off, s);
         ok = wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, w, s);
-        if (ok) pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
+        if (ok) {
+            pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
+            add_wait_ns(wait_stats, s, t0);
+        }
     }
     if (ok) signal_acquire();
     return !__syncthreads_or(!ok);
@@ -716,12 +731,13 @@ __device__ __forceinline__ bool dispatch_recv(u64 own, long long sig_off, long l
                                               void* __restrict__ recv_x, void* __restrict__ recv_scales,
                                               int* __restrict__ recv_src_info, i64* __restrict__ recv_layout,
                                               int* __restrict__ recv_count, int* __restrict__ stats,
-                                              int* __restrict__ h_slot_count, int* __restrict__ h_slot_map, u64* prof,
-                                              const WaitCtx& w, RecvSmem& s, int* s_flag) {
+                                              i64* __restrict__ wait_stats, int* __restrict__ h_slot_count,
+                                              int* __restrict__ h_slot_map, u64* prof, const WaitCtx& w, RecvSmem& s,
+                                              int* s_flag) {
     const int warp = threadIdx.x >> 5;
     const char* own_q = sym_at(own, data_off);
     for (int i = threadIdx.x; i < E; i += NT) s.base[i] = 0;
-    if (!wait_sources(s.pfx, own, sig_off, w)) return false;   // the error is recorded, the Buffer is unusable
+    if (!wait_sources(s.pfx, own, sig_off, w, wait_stats)) return false;   // the error is recorded, the Buffer is unusable
     prof_mark(prof, 3);
     scan_rows(s.pfx, s.pfx + R, 1, nullptr);
     __syncthreads();
@@ -992,6 +1008,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             i64* __restrict__ recv_layout,        // [EL][R] (begin << 32) | count
             int* __restrict__ recv_count,         // [EL]
             int* __restrict__ stats,              // [EL] or null
+            i64* __restrict__ wait_stats,         // [R] or null: ns waited per source (block 0's receive wait)
             int* __restrict__ h_slot_count,       // [R]   handle (expert side): slots per source
             int* __restrict__ h_slot_map,         // [R][M][1+K] handle: token, row per k (-1)
             int* __restrict__ h_dest_ranks,       // [M][MAX_DESTS] handle (owner side): ranks of each token
@@ -1007,7 +1024,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
         dispatch_send(x, topk_idx, num_tokens, peers, sig_off, data_off, scratch, h_dest_ranks, prof, rank, own,
                       smem.send, &s_flag);
     if ((phases & 2) && !dispatch_recv(own, sig_off, data_off, scratch, recv_x, recv_scales, recv_src_info,
-                                       recv_layout, recv_count, stats, h_slot_count, h_slot_map, prof, wctx,
+                                       recv_layout, recv_count, stats, wait_stats, h_slot_count, h_slot_map, prof, wctx,
                                        smem.recv, &s_flag))
         return;
     prof_mark(prof, PROF_END);
@@ -1034,6 +1051,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
            const int* __restrict__ h_slot_map,       // [R][M][1+K]
            const int* __restrict__ h_dest_ranks,     // [M][MAX_DESTS]
            u16* __restrict__ out,                    // [N][H] bf16
+           i64* __restrict__ wait_stats,             // [R] or null: ns waited per rank (block 0: its weights, its partials)
            u64* __restrict__ prof,                   // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
            ErrorRecord* err, u64 timeout_ns, int rank) {
     using namespace ll;
@@ -1058,6 +1076,10 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
     if (phases & 1) {
         send_weights(topk_idx, topk_weights, num_tokens, s_peer, own, own_q, wsig_off, data_off, rank);
         prof_mark(prof, 1);
+        // Statistics: block 0 times each source's weights (the combine's first message from it)
+        // before it reduces, so that a late source is charged alone, not every source behind it.
+        if (wait_stats != nullptr && blockIdx.x == 0 && !wait_all_nonzero(own, wsig_off, wctx, wait_stats))
+            return;
         if (!reduce_partials(x, s_peer, s_pfx, h_slot_map, own, own_q, wsig_off, data_off, rank, wctx, &s_fail))
             return;
         prof_mark(prof, 2);
@@ -1068,7 +1090,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
     }
 
     if (phases & 2) {
-        if (!wait_all_nonzero(own, psig_off, wctx)) return;
+        if (!wait_all_nonzero(own, psig_off, wctx, wait_stats)) return;
         prof_mark(prof, 4);
         sum_partials(h_dest_ranks, num_tokens, own_q, out);
         prof_mark(prof, 5);

@@ -5,6 +5,8 @@ Rows of an expert may arrive in another order than on the reference: they are ma
 the handles (expert, source rank, source token); data bit for bit, combine within the bf16
 bound of the design.
 """
+import time
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -227,3 +229,67 @@ def test_skipped_call_times_out(comm, rng):
         agree_all(comm, outcome is None, outcome)
     finally:
         buf.destroy()
+
+
+def test_wait_recv_cost_stats(comm, rng, buffers):
+    """dispatch/combine_wait_recv_cost_stats: bad arrays refused on every rank; int64 [R] entries
+    that never shrink; a rank that starts its dispatch and its combine DELAY_S late is, on every
+    other rank, the largest entry of both, by at least half the delay (ranks sharing one GPU are
+    time-sliced, hence the margin). Every wait of the kernels stays bounded by the Buffer's
+    timeout_s (20 s), far above the delay."""
+    import cupy
+
+    gpu, _ = buffers
+    r, rank = comm.Get_size(), comm.Get_rank()
+    if r < 2:
+        pytest.skip("needs a second rank to wait for")
+    delay_s, late, h, m = 0.3, r - 1, 2048, 64
+    num_experts = small_experts(r)
+    n = 32
+    x = to_device(make_x(rng, n, h))
+    idx = to_device(make_routing(rng, n, num_experts, 4, "random", r))
+    w = to_device(make_weights(rng, n, 4))
+    problems = []
+    for bad, exc in ((cupy.zeros(r + 1, cupy.int64), ValueError), (cupy.zeros(r, cupy.int32), TypeError),
+                     (np.zeros(r, np.int64), TypeError)):
+        try:
+            gpu.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False, dispatch_wait_recv_cost_stats=bad)
+            problems.append(f"dispatch accepted {bad.dtype} {bad.shape}")
+        except exc:
+            pass
+    d_stats, c_stats = cupy.zeros(r, cupy.int64), cupy.zeros(r, cupy.int64)
+    prev_d, prev_c = np.zeros(r, np.int64), np.zeros(r, np.int64)
+    for rep in range(4):
+        delayed = rep == 3
+        cupy.cuda.Device().synchronize()
+        comm.Barrier()
+        if delayed and rank == late:
+            time.sleep(delay_s)
+        recv_x, _, handle, _, hook = gpu.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False,
+                                                              return_recv_hook=rep == 1,
+                                                              dispatch_wait_recv_cost_stats=d_stats)
+        if hook:
+            hook()
+        if delayed and rank == late:
+            cupy.cuda.Device().synchronize()
+            time.sleep(delay_s)
+        if rep == 0:
+            try:
+                gpu.low_latency_combine(recv_x, idx, w, handle, combine_wait_recv_cost_stats=cupy.zeros((r, r), cupy.int64))
+                problems.append("combine accepted a [R, R] array")
+            except ValueError:
+                pass
+        _, _, hook = gpu.low_latency_combine(recv_x, idx, w, handle, return_recv_hook=rep == 2,
+                                             use_logfmt=rep == 2, combine_wait_recv_cost_stats=c_stats)
+        if hook:
+            hook()
+        gpu.check()
+        d, c = to_host(d_stats), to_host(c_stats)
+        if (d < prev_d).any() or (c < prev_c).any():
+            problems.append(f"rep {rep}: stats shrank: {prev_d.tolist()} -> {d.tolist()}, {prev_c.tolist()} -> {c.tolist()}")
+        if delayed and rank != late:
+            for name, grew in (("dispatch", d - prev_d), ("combine", c - prev_c)):
+                if int(np.argmax(grew)) != late or grew[late] < delay_s * 0.5e9:
+                    problems.append(f"{name}: the delayed rank {late} is not the largest entry: {grew.tolist()} ns")
+        prev_d, prev_c = d, c
+    agree_all(comm, not problems, "; ".join(problems))

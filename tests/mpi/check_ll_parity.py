@@ -1,6 +1,9 @@
 """DeepEP-parity features of the reference low-latency mode, on every rank of an MPI job:
-LogFMT combine against the bf16 combine and an independent model of the partial sums.
+LogFMT combine against the bf16 combine and an independent model of the partial sums;
+receive-wait statistics (checked arguments, growth, a delayed rank as the largest entry).
 Prints ``OK ll_parity ranks=R`` on rank 0 when every check passed (tests/test_ll_parity.py)."""
+import time
+
 import ml_dtypes
 import numpy as np
 from mpi4py import MPI
@@ -95,7 +98,59 @@ def case_logfmt(seed, kind, use_fp8, hook, n=24, hidden=512, k=8, e_local=3):
                 f"{kind} fp8={use_fp8}: LogFMT combine differs from the model of the partial sums")
 
 
+def expect_error(exc_type, arg, fn):
+    try:
+        fn()
+    except exc_type as e:
+        require(str(e).startswith(arg), f"{arg}: unexpected message {e}")
+        return
+    require(False, f"{arg}: {exc_type.__name__} not raised")
+
+
+def case_wait_stats(delay_s=0.25, n=8, hidden=256, e_local=2):
+    """Stats grow on every call, never shrink; a rank that arrives delay_s late shows up on every
+    other rank as the largest entry, of at least delay_s; bad arrays raise on every rank."""
+    num_experts, m = e_local * R, 16
+    hint = reference.Buffer.get_low_latency_rdma_size_hint(m, hidden, R, num_experts)
+    rng = np.random.default_rng(5 + ME)
+    late = R - 1
+    with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True) as buf:
+        x = rng.standard_normal((n, hidden)).astype(BF16)
+        idx = make_routing(rng, n, num_experts, 2, "random", R)
+        w = make_weights(rng, n, 2)
+        d_stats, c_stats = np.zeros(R, np.int64), np.zeros(R, np.int64)
+        expect_error(ValueError, "dispatch_wait_recv_cost_stats",
+                     lambda: buf.low_latency_dispatch(x, idx, m, num_experts, dispatch_wait_recv_cost_stats=np.zeros(R + 1, np.int64)))
+        expect_error(TypeError, "dispatch_wait_recv_cost_stats",
+                     lambda: buf.low_latency_dispatch(x, idx, m, num_experts, dispatch_wait_recv_cost_stats=np.zeros(R, np.int32)))
+        prev_d, prev_c = d_stats.copy(), c_stats.copy()
+        for rep in range(3):
+            delayed = rep == 2
+            if delayed and ME == late:
+                time.sleep(delay_s)
+            recv_x, _, handle, _, _ = buf.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False,
+                                                               dispatch_wait_recv_cost_stats=d_stats)
+            if delayed and ME == late:
+                time.sleep(delay_s)
+            expect_bad = rep == 0
+            if expect_bad:
+                expect_error(TypeError, "combine_wait_recv_cost_stats",
+                             lambda: buf.low_latency_combine(recv_x, idx, w, handle,
+                                                             combine_wait_recv_cost_stats=np.zeros((R, R), np.float32)))
+            buf.low_latency_combine(recv_x, idx, w, handle, combine_wait_recv_cost_stats=c_stats)
+            require((d_stats >= prev_d).all() and (c_stats >= prev_c).all(), f"stats shrank: {d_stats}, {c_stats}")
+            require(d_stats[ME] == 0 and c_stats[ME] == 0, f"this rank waited for itself: {d_stats}, {c_stats}")
+            if delayed:   # require is collective: every rank calls it, the late one with nothing to check
+                for name, st, before in (("dispatch", d_stats, prev_d), ("combine", c_stats, prev_c)):
+                    grew = st - before
+                    require(ME == late or (int(np.argmax(grew)) == late and grew[late] >= delay_s * 0.8e9),
+                            f"{name}: the delayed rank {late} is not the largest entry: {grew.tolist()} ns")
+            prev_d, prev_c = d_stats.copy(), c_stats.copy()
+
+
 def main():
+    if R > 1:
+        case_wait_stats()
     seed = 0
     for kind in ("const", "randn", "perf"):
         for use_fp8 in (False, True):
