@@ -20,6 +20,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .fp8 import ue8m0_to_float32
+
 __all__ = ["Buffer", "Config", "EventOverlap"]
 
 
@@ -45,14 +47,9 @@ def unpack_ue8m0(packed):
     return _contiguous(packed).view(_dtype_of(packed, "uint8"))
 
 
-def ue8m0_to_float(exponents, xp):
-    """float32 scales ``2 ** (e - 127)`` of UE8M0 exponent bytes (exact; ``e == 0`` is 2**-127)."""
-    bits = xp.asarray(exponents, dtype=xp.int32) << 23
-    return xp.where(bits == 0, 1 << 22, bits).view(xp.float32)
-
-
 def float_to_ue8m0(scales, xp):
-    """UE8M0 exponent bytes of power-of-two float32 scales (the inverse of :func:`ue8m0_to_float`)."""
+    """UE8M0 exponent bytes of power-of-two float32 scales (the inverse of
+    :func:`cupy_ep.fp8.ue8m0_to_float32`)."""
     return xp.asarray((_contiguous(scales).view(xp.int32) >> 23) & 0xFF, dtype=xp.uint8)
 
 
@@ -331,6 +328,17 @@ def _on_stream(torch_stream):
         yield
 
 
+def _has_event(overlap) -> bool:
+    """Whether ``overlap`` (an :class:`EventOverlap` or None) holds an event to wait for."""
+    return overlap is not None and overlap.event is not None
+
+
+def _wait_event(torch_stream, overlap) -> None:
+    """Makes ``torch_stream`` wait for the event of ``overlap`` (an :class:`EventOverlap`)."""
+    with _on_stream(torch_stream):
+        _cupy_stream(torch_stream).wait_event(overlap.event.event)
+
+
 # ---------------------------------------------------------------------------------------------
 # Buffer
 # ---------------------------------------------------------------------------------------------
@@ -513,7 +521,7 @@ class Buffer:
         torch = _torch()
         inner = self.cupy_ep_buffer
         cupy_handle = None if handle is None else _inner_handle(handle, DispatchHandle)
-        x_in, packed = self._normal_x(x)
+        x_in, packed, previous_event = self._normal_x(x, previous_event)
         counts = None
         if handle is None and num_worst_tokens == 0 and inner.num_rdma_ranks == 1 and num_tokens_per_rank is not None:
             counts = self._read_counts(num_tokens_per_rank, previous_event)
@@ -551,9 +559,8 @@ class Buffer:
         is (after ``previous_event``, else after the current stream): (pinned tensor, ready event)."""
         torch = _torch()
         side = self._copy_stream
-        if previous_event is not None and previous_event.event is not None:
-            with _on_stream(side):
-                _cupy_stream(side).wait_event(previous_event.event.event)
+        if _has_event(previous_event):
+            _wait_event(side, previous_event)
         else:
             side.wait_stream(torch.cuda.current_stream(self.device))
         host = torch.empty(num_tokens_per_rank.shape, dtype=num_tokens_per_rank.dtype, pin_memory=True)
@@ -564,20 +571,39 @@ class Buffer:
             ready.record(side)
         return host, ready
 
-    def _normal_x(self, x):
-        """(x as cupy_ep takes it, whether the scales were DeepEP's packed UE8M0): scales made
-        row-major float32 (a copy only when they are column-major or packed)."""
+    def _normal_x(self, x, previous_event):
+        """(x as cupy_ep takes it, whether the scales were DeepEP's packed UE8M0, the event the call
+        waits for): scales made row-major float32, a copy only when they are column-major or packed.
+
+        The copy is ordered as the call is: after ``previous_event`` when given (on a side stream,
+        whose end the call then waits for instead: the communication stream waits for the event
+        alone, not for the current stream), else on the current stream (which the call follows).
+        """
         if not isinstance(x, (tuple, list)):
-            return x, False
+            return x, False, previous_event
         torch = _torch()
         if len(x) != 2:
             raise TypeError(f"x: an FP8 input is a pair (x_fp8, scales), got {len(x)} items")
         data, scales = x
         if not isinstance(scales, torch.Tensor):
             raise TypeError(f"x[1]: expected a torch tensor, got {type(scales).__name__}")
-        if scales.dtype == torch.int32:
-            return (data, ue8m0_to_float(unpack_ue8m0(scales), torch)), True
-        return (data, scales.contiguous()), False
+        packed = scales.dtype == torch.int32
+        if not packed and scales.is_contiguous():
+            return x, False, previous_event
+        after_event = _has_event(previous_event)
+        stream = self._copy_stream if after_event else torch.cuda.current_stream(self.device)
+        with _on_stream(stream), torch.cuda.stream(stream):
+            if after_event:
+                _wait_event(stream, previous_event)
+                scales.record_stream(stream)
+            if packed:
+                row_major = to_torch(ue8m0_to_float32(to_cupy(unpack_ue8m0(scales))))
+            else:
+                row_major = scales.contiguous()
+            row_major.record_stream(self.get_comm_stream())
+            if after_event:
+                previous_event = Buffer.capture()
+        return (data, row_major), packed, previous_event
 
     def _normal_recv_fp8(self, recv_x, packed: bool):
         """The received FP8 pair as torch tensors; packed UE8M0 scales are rebuilt once the rows arrived."""

@@ -15,9 +15,9 @@ import pytest
 
 import cupy_ep.torch as ep_torch
 from cupy_ep import bootstrap
+from cupy_ep.fp8 import ue8m0_to_float32
 from cupy_ep.torch import (Buffer, Config, DispatchHandle, EventOverlap, LowLatencyHandle, Missing, buffer_options,
-                           column_major, float_to_ue8m0, pack_ue8m0, rank_prefix_matrix, refuse, ue8m0_to_float,
-                           unpack_ue8m0)
+                           column_major, float_to_ue8m0, pack_ue8m0, rank_prefix_matrix, refuse, unpack_ue8m0)
 
 
 def test_imports_without_torch():
@@ -180,7 +180,7 @@ def test_pack_ue8m0_is_deepeps_word_layout():
 
 def test_ue8m0_float_round_trip_is_exact():
     e = np.arange(0, 255, dtype=np.uint8)
-    f = ue8m0_to_float(e, np)
+    f = ue8m0_to_float32(e)
     assert f.dtype == np.float32
     np.testing.assert_array_equal(f.astype(np.float64), np.ldexp(1.0, e.astype(np.int64) - 127))
     np.testing.assert_array_equal(float_to_ue8m0(f, np), e)
@@ -325,7 +325,78 @@ def test_torch_ue8m0_matches_numpy():
     col = column_major(pack_ue8m0(t))
     assert col.stride() == (2 * 8, 1, 8)
     np.testing.assert_array_equal(unpack_ue8m0(col).numpy(), e)
-    f = ue8m0_to_float(t, torch)
-    assert f.dtype == torch.float32
-    np.testing.assert_array_equal(f.numpy(), ue8m0_to_float(e, np))
+    f = torch.from_numpy(ue8m0_to_float32(e))
     np.testing.assert_array_equal(float_to_ue8m0(f, torch).numpy(), e)
+
+
+@pytest.fixture
+def stream_log(monkeypatch):
+    """A Buffer shell whose normal-mode FP8 input preparation runs on CPU tensors, with the
+    streams, events and CuPy views replaced by fakes that log what the adapter asks for."""
+    torch = pytest.importorskip("torch")
+    from contextlib import contextmanager
+
+    log = []
+
+    @contextmanager
+    def on(kind, stream):
+        log.append((kind, stream))
+        yield
+
+    monkeypatch.setattr(ep_torch, "_on_stream", lambda stream: on("cupy stream", stream))
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: on("torch stream", stream))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "current")
+    monkeypatch.setattr(ep_torch, "_wait_event", lambda stream, overlap: log.append(("wait", stream, overlap)))
+    monkeypatch.setattr(Buffer, "capture", staticmethod(lambda: log.append(("capture",)) or "captured"))
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, stream: log.append(("record", stream)))
+    monkeypatch.setattr(ep_torch, "to_cupy", lambda t: t.numpy())
+    monkeypatch.setattr(ep_torch, "to_torch", torch.from_numpy)
+    buf = object.__new__(Buffer)
+    buf._copy_stream, buf.device = "side", None
+    buf.get_comm_stream = lambda: "comm"
+    return torch, buf, log
+
+
+def _fp8_pair(torch, packed):
+    rng = np.random.default_rng(5)
+    data = torch.zeros((6, 1024), dtype=torch.uint8)
+    if packed:
+        e = rng.integers(100, 150, size=(6, 8), dtype=np.uint8)
+        return data, column_major(pack_ue8m0(torch.from_numpy(e))), ue8m0_to_float32(e)
+    s = rng.random((6, 8), dtype=np.float32)
+    return data, column_major(torch.from_numpy(s)), s
+
+
+def test_normal_fp8_input_needs_no_copy_when_row_major(stream_log):
+    torch, buf, log = stream_log
+    x = torch.zeros((6, 1024), dtype=torch.bfloat16)
+    assert buf._normal_x(x, "prev") == (x, False, "prev")
+    pair = (torch.zeros((6, 1024), dtype=torch.uint8), torch.ones((6, 8)))
+    assert buf._normal_x(pair, "prev") == (pair, False, "prev") and log == []
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["column-major", "packed UE8M0"])
+def test_normal_fp8_scales_copied_on_the_current_stream(stream_log, packed):
+    torch, buf, log = stream_log
+    data, scales, expected = _fp8_pair(torch, packed)
+    for previous in (None, EventOverlap(None)):
+        log.clear()
+        (got_data, got_scales), got_packed, event = buf._normal_x((data, scales), previous)
+        assert got_data is data and got_packed == packed and event is previous
+        assert got_scales.dtype == torch.float32 and got_scales.is_contiguous()
+        np.testing.assert_array_equal(got_scales.numpy(), expected)
+        assert log == [("cupy stream", "current"), ("torch stream", "current"), ("record", "comm")], log
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["column-major", "packed UE8M0"])
+def test_normal_fp8_scales_copied_after_previous_event(stream_log, packed):
+    """With previous_event the communication stream waits for that event alone: the copy goes on a
+    side stream after it, and the call waits for the copy's end instead."""
+    torch, buf, log = stream_log
+    data, scales, expected = _fp8_pair(torch, packed)
+    previous = EventOverlap("event")
+    (_, got_scales), _, event = buf._normal_x((data, scales), previous)
+    np.testing.assert_array_equal(got_scales.numpy(), expected)
+    assert event == "captured"
+    assert log == [("cupy stream", "side"), ("torch stream", "side"), ("wait", "side", previous),
+                   ("record", "side"), ("record", "comm"), ("capture",)], log

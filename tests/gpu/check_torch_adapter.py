@@ -7,7 +7,7 @@ zero-copy conversions (the same device pointer both ways, bf16 / e4m3fn / bool /
 dispatch and combine bit for bit against ``cupy_ep.reference`` with bf16 and FP8 (row-major,
 column-major and DeepEP-packed UE8M0 scales), the DeepEP-shaped handle (``rank_prefix_matrix``),
 cached dispatch; ordering with a torch side stream (current stream, ``previous_event`` +
-``async_finish``); low-latency dispatch/combine (FP8 with column-major and packed UE8M0 scales,
+``async_finish``, FP8 inputs whose scales the adapter copies after ``previous_event``); low-latency dispatch/combine (FP8 with column-major and packed UE8M0 scales,
 bf16, hooks, ``zero_copy`` with the buffer's own pointer, ``out=``, stats); a CUDA graph of
 normal mode with ``num_worst_tokens`` and one of the low-latency mode, replayed on new inputs;
 the NotImplementedError of features cupy_ep lacks. Rank 0 prints
@@ -23,7 +23,8 @@ from cupy_ep import per_token_cast_to_fp8
 from cupy_ep.testing import (_close_bf16, _ll_rows, _same_bits, agree, agreed, check, ll_combine_expected,
                              ll_expert_outputs, ll_expert_scale, make_routing, make_weights, make_x, reference_buffer,
                              run_or_abort)
-from cupy_ep.torch import float_to_ue8m0, pack_ue8m0, rank_prefix_matrix, ue8m0_to_float, unpack_ue8m0
+from cupy_ep.fp8 import ue8m0_to_float32
+from cupy_ep.torch import float_to_ue8m0, pack_ue8m0, rank_prefix_matrix, unpack_ue8m0
 
 BF16, FP8 = np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn)
 N, H, K, M = 48, 512, 4, 64        # tokens per rank, hidden (DeepEP's UE8M0 packing needs H % 512), top-k, LL M
@@ -78,7 +79,7 @@ def fp8_inputs(x, scales_kind):
     """(reference input, torch input) of an FP8 dispatch with scales row-major, column-major or packed UE8M0."""
     if scales_kind == "ue8m0":
         q, e = per_token_cast_to_fp8(x, use_ue8m0=True)
-        return (q, ue8m0_to_float(e, np)), (to_t(q), pack_ue8m0(to_t(e)))
+        return (q, ue8m0_to_float32(e)), (to_t(q), pack_ue8m0(to_t(e)))
     q, s = per_token_cast_to_fp8(x)
     ts = to_t(s)
     return (q, s), (to_t(q), ts.T.contiguous().T if scales_kind == "column" else ts)
@@ -149,16 +150,48 @@ def normal_trip(checks, comm, buf, ref, rng, E, scales_kind=None, kind="random")
 
     def compare_cached():
         check(all(v is None for v in g_cached[1:5]), "cached dispatch: expected (recv_x, None, None, None, None, event)")
-        got = g_cached[0]
-        if scales_kind:
-            _same_bits(to_np(got[0]), np.asarray(r_cached[0]), "cached recv_x (FP8)")
-            exp_s = pack_ue8m0(float_to_ue8m0(r_cached[1], np)) if scales_kind == "ue8m0" else r_cached[1]
-            _same_bits(to_np(got[1]), exp_s, "cached recv_x (scales)")
-        else:
-            _same_bits(to_np(got), r_cached, "cached recv_x")
+        compare_recv_x(g_cached[0], r_cached, scales_kind, "cached recv_x")
 
     checks.run(f"{what}: cached dispatch", compare_cached)
     return r_handle, g_handle
+
+
+def compare_recv_x(got, expected, scales_kind, what):
+    """A received x (bf16, or the FP8 pair with scales of ``scales_kind``) against the reference's."""
+    if not scales_kind:
+        _same_bits(to_np(got), expected, what)
+        return
+    _same_bits(to_np(got[0]), np.asarray(expected[0]), f"{what} (FP8 data)")
+    exp_s = pack_ue8m0(float_to_ue8m0(expected[1], np)) if scales_kind == "ue8m0" else expected[1]
+    _same_bits(to_np(got[1]), exp_s, f"{what} (scales)")
+
+
+def fp8_stream_order(checks, buf, ref, rng, handles):
+    """FP8 inputs whose scales the adapter copies (column-major, packed UE8M0), written late on a
+    side stream and passed with that stream's event as ``previous_event``: the copy must wait for
+    the event, and the dispatch for the copy. The late tensors start as NaN scales."""
+    side = torch.cuda.Stream()
+    for scales_kind in ("column", "ue8m0"):
+        r_handle, g_handle = handles[scales_kind]
+        ref_in, (t_data, t_scales) = fp8_inputs(make_x(rng, N, H), scales_kind)
+        r_out = ref.dispatch(ref_in, handle=r_handle)[0]
+        late_data = torch.empty_like(t_data)
+        late_data.view(torch.uint8).zero_()
+        late_scales = torch.empty_like(t_scales)           # keeps the column-major strides
+        late_scales.fill_(float("nan") if late_scales.is_floating_point() else -1)   # -1: exponents 255 (NaN)
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)
+            late_data.copy_(t_data)
+            late_scales.copy_(t_scales)
+            ready = deep_ep.Buffer.capture()
+        out, _, _, _, _, event = buf.dispatch((late_data, late_scales), handle=g_handle, previous_event=ready,
+                                              async_finish=True)
+        event.current_stream_wait()
+        torch.cuda.synchronize()
+        checks.run(f"stream order, FP8 scales={scales_kind} after previous_event",
+                   lambda: (check(late_scales.stride() == t_scales.stride(), "the late scales lost their layout"),
+                            compare_recv_x(out, r_out, scales_kind, "recv_x")))
 
 
 def stream_order(checks, buf, ref, rng, r_handle, g_handle):
@@ -379,8 +412,8 @@ def main():
     nvl_bytes = deep_ep.Buffer.get_nvl_buffer_size_hint(N * R, H, R, K)
     buf = deep_ep.Buffer(None, nvl_bytes, comm=comm, explicitly_destroy=True)
     ref = reference_buffer(comm, buf.cupy_ep_buffer, num_nvl_bytes=nvl_bytes)
-    for scales_kind in (None, "row", "column", "ue8m0"):
-        r_handle, g_handle = normal_trip(checks, comm, buf, ref, rng, E, scales_kind)
+    handles = {kind: normal_trip(checks, comm, buf, ref, rng, E, kind) for kind in (None, "row", "column", "ue8m0")}
+    fp8_stream_order(checks, buf, ref, rng, handles)
     normal_trip(checks, comm, buf, ref, rng, E, None, kind="dups")
     stream_order(checks, buf, ref, rng, *normal_trip(checks, comm, buf, ref, rng, E))
     normal_graph(checks, comm, buf, ref, rng, E)
