@@ -651,14 +651,14 @@ class Buffer:
         column-major in their last two dimensions, float32 ``[E_local, R*M, H/128]`` or, with
         ``use_ue8m0``, packed int32 ``[E_local, R*M, H/512]`` (one copy of the scales, made once
         the rows arrived: at once, in the hook, or when the event is waited on)."""
-        refuse("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats is not None)
         if use_ue8m0 and not round_scale:
             raise ValueError("use_ue8m0: needs round_scale=True (as in DeepEP)")
         torch = _torch()
         with self._call():
             recv_x, recv_count, inner_handle, event, hook = self.cupy_ep_buffer.low_latency_dispatch(
                 to_cupy(x), to_cupy(topk_idx), num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                round_scale, use_ue8m0, async_finish, return_recv_hook, to_cupy(cumulative_local_expert_recv_stats))
+                round_scale, use_ue8m0, async_finish, return_recv_hook, to_cupy(cumulative_local_expert_recv_stats),
+                dispatch_wait_recv_cost_stats=to_cupy(dispatch_wait_recv_cost_stats))
             finish = ()
             if use_fp8:
                 data, scales = to_torch(recv_x[0], torch.float8_e4m3fn), to_torch(recv_x[1])
@@ -672,7 +672,7 @@ class Buffer:
         if hook is not None:
             hook, finish = self._torch_hook(hook, finish), ()
         tensors = (x, topk_idx, *(out_x if use_fp8 else (out_x,)), recv_count, handle[0], handle[1],
-                   cumulative_local_expert_recv_stats)
+                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
         return out_x, recv_count, handle, self._overlap(event, async_finish, tensors, finish), hook
 
     def _ll_scales(self, scales, use_ue8m0: bool):
@@ -698,17 +698,16 @@ class Buffer:
                             zero_copy: bool = False, async_finish: bool = False, return_recv_hook: bool = False,
                             out=None, combine_wait_recv_cost_stats=None):
         """As DeepEP: ``(combined_x, event, hook)``, ``combined_x[t] = sum_k w[t, k] * y_k(t)``."""
-        refuse("use_logfmt=True (LogFMT combine)", bool(use_logfmt))
-        refuse("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats is not None)
         cupy_handle = _inner_handle(handle, LowLatencyHandle)
         with self._call():
             combined, event, hook = self.cupy_ep_buffer.low_latency_combine(
-                to_cupy(x), to_cupy(topk_idx), to_cupy(topk_weights), cupy_handle, zero_copy, async_finish,
-                return_recv_hook, to_cupy(out))
+                to_cupy(x), to_cupy(topk_idx), to_cupy(topk_weights), cupy_handle, use_logfmt=use_logfmt,
+                zero_copy=zero_copy, async_finish=async_finish, return_recv_hook=return_recv_hook, out=to_cupy(out),
+                combine_wait_recv_cost_stats=to_cupy(combine_wait_recv_cost_stats))
             combined_x = out if out is not None else to_torch(combined)
         if hook is not None:
             hook = self._torch_hook(hook)
-        tensors = (x, topk_idx, topk_weights, handle[0], handle[1], combined_x)
+        tensors = (x, topk_idx, topk_weights, handle[0], handle[1], combined_x, combine_wait_recv_cost_stats)
         return combined_x, self._overlap(event, async_finish, tensors), hook
 
     def get_next_low_latency_combine_buffer(self, handle):

@@ -400,3 +400,31 @@ def test_normal_fp8_scales_copied_after_previous_event(stream_log, packed):
     assert event == "captured"
     assert log == [("cupy stream", "side"), ("torch stream", "side"), ("wait", "side", previous),
                    ("record", "side"), ("record", "comm"), ("capture",)], log
+
+
+def test_low_latency_combine_passes_every_option_by_name(monkeypatch):
+    """The adapter's low_latency_combine hands each DeepEP option to the cupy_ep parameter of the
+    same name (positional passing once shifted them by one when use_logfmt was added)."""
+    import contextlib
+
+    from cupy_ep.buffer import Buffer as CupyEpBuffer
+
+    seen = {}
+
+    class Inner:
+        def low_latency_combine(self, *args, **kwargs):
+            bound = inspect.signature(CupyEpBuffer.low_latency_combine).bind(None, *args, **kwargs)
+            seen.update(bound.arguments)
+            return "combined", None, None
+
+    monkeypatch.setattr(ep_torch, "to_cupy", lambda t: t)
+    monkeypatch.setattr(ep_torch, "to_torch", lambda a, dtype=None: a)
+    adapter = object.__new__(Buffer)
+    adapter.cupy_ep_buffer = Inner()
+    monkeypatch.setattr(Buffer, "_call", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(Buffer, "_overlap", lambda self, event, async_finish, tensors, on_wait=(): None)
+    handle = LowLatencyHandle("inner", ("src_info", "layout", 8, 128, 4))
+    options = dict(use_logfmt="L", zero_copy="Z", async_finish="A", return_recv_hook="H", out="O",
+                   combine_wait_recv_cost_stats="S")
+    adapter.low_latency_combine("x", "idx", "w", handle, **options)
+    assert {k: seen.get(k) for k in options} == options and seen["handle"] == "inner"
