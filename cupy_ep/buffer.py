@@ -62,18 +62,30 @@ class Buffer:
                  num_nvl_peers: Optional[int] = None, num_sms: Optional[int] = None,
                  timeout_s: float = limits.DEFAULT_TIMEOUT_S, ll_transport: str = "auto",
                  chaos: Optional[bool] = None):
-        validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport, num_sms)
+        try:
+            validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport,
+                                         num_sms)
+            refusal = None
+        except (TypeError, ValueError) as e:
+            refusal = e
         self._destroyed = True   # until construction completes
         self.comm = comm
         self.low_latency_mode = bool(low_latency_mode)
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = limits.DEFAULT_TIMEOUT_S if refusal is not None else float(timeout_s)
         self.chaos = os.environ.get("CUPY_EP_CHAOS", "0") == "1" if chaos is None else bool(chaos)
         self._broken: Optional[CommTimeoutError] = None
         self._owner = validation.HandleOwner()
         self._status = self._streams = self._layout = self._nvl = self._sym = None
         self._normal = self._low_latency = None
-        self._calls: Optional[CallSteps] = None   # the host steps of the collective calls
-        self.topology = bootstrap.discover(comm, num_nvl_peers)
+        # The host steps of the collective calls; the first agrees on the arguments, so that one
+        # rank's bad argument cancels the construction on every rank before any other collective.
+        self._calls = CallSteps.over(comm, self.timeout_s, "Buffer")
+        try:
+            self._calls.agree_arguments("Buffer", refusal)
+            self.topology = bootstrap.discover(comm, num_nvl_peers)
+        except BaseException:
+            self._calls.free()
+            raise
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
         self._config = Config(num_sms=int(num_sms)) if num_sms is not None else default_config(self.num_nvl_ranks)
@@ -89,7 +101,6 @@ class Buffer:
         rank or raises on every rank (:func:`cupy_ep.bootstrap.run_agreed`), so that no rank is
         left waiting in a collective that a failed rank never reaches."""
         comm = self.comm
-        self._calls = CallSteps.over(comm, self.timeout_s, "Buffer")
         validation.check_same_on_every_rank(comm, low_latency_mode=self.low_latency_mode, num_nvl_bytes=num_nvl_bytes,
                                             num_rdma_bytes=num_rdma_bytes,
                                             ll_transport=ll_transport if self.low_latency_mode else None)

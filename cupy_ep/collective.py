@@ -345,6 +345,25 @@ class CallSteps:
         self._steps += 1
         return self.channel.step_at(self.call, seq, f"{self.call} ({what})" if what else self.call)
 
+    def agree_arguments(self, call: str, refusal: BaseException | None) -> None:
+        """Counts the collective call ``call`` and makes its one step: whether some rank refused its
+        arguments (``refusal``: this rank's error, or None), within ``timeout_s``. For a call whose
+        arguments must be agreed before its first collective (the Buffer's construction).
+
+        Raises:
+            ``refusal`` on the rank that refused, ``ValueError`` naming the refusing ranks on the
+            others; :class:`CommTimeoutError` when a peer did not arrive in time.
+        """
+        self.begin(call)
+        if self.channel is None:
+            refused = [r for r, bad in enumerate(self._comm.allgather(refusal is not None)) if bad]
+            if refused:
+                raise refusal if refusal is not None else cancelled_by_peers(call, refused, self.Get_rank())
+            return
+        step = self._next("")
+        step.agree(refusal=refusal)
+        step.finish()
+
     def refuse(self) -> None:
         """Tells the peers that this rank refused the current call's arguments (no wait; before
         any step of the call)."""

@@ -37,6 +37,7 @@ class Group:
         self.meet = threading.Barrier(RANKS, timeout=5)
         self.slots = [None] * RANKS
         self.dups = []   # the groups of the ranks' first, second... Idup
+        self.inboxes = {}   # rank -> [(source, tag, message)] in flight to it
         self.lock = threading.Lock()
 
     def dup(self, n):
@@ -84,16 +85,47 @@ class Collectives:
         self.group.meet.wait()
 
 
-class Comm(Collectives):
-    """A rank's handle on a Group, with what mpi4py's communicators add (a Dup, its nonce)."""
+class Message:
+    def __init__(self, body):
+        self.body = body
 
-    def Idup(self):   # the Buffer's own communicator (for its host steps; no message in these tests)
+    def recv(self):
+        return self.body
+
+
+class Comm(Collectives):
+    """A rank's handle on a Group, with what mpi4py's communicators add: a Dup, a broadcast (the
+    host steps' nonce) and point-to-point messages (the host steps: the construction's argument
+    agreement)."""
+
+    def Idup(self):
         self.log.append((self.group.name, "idup"))
         self.num_dups += 1
         return Comm(self.group.dup(self.num_dups - 1), self.rank, self.log), Done()
 
-    def Ibcast(self, buf, root=0):   # the host steps' nonce (each rank keeps its own: no message here)
+    def Ibcast(self, buf, root=0):
+        data = buf[0]
+        if self.rank == root:
+            self.group.slots[root] = bytes(data)
+        self.group.meet.wait()
+        data[:] = self.group.slots[root]
+        self.group.meet.wait()
         return Done()
+
+    def isend(self, obj, dest, tag):
+        with self.group.lock:
+            self.group.inboxes.setdefault(dest, []).append((self.rank, tag, obj))
+        return Done()
+
+    def improbe(self, source, tag, status):
+        with self.group.lock:
+            inbox = self.group.inboxes.setdefault(self.rank, [])
+            for i, (src, t, obj) in enumerate(inbox):
+                if t == tag:
+                    del inbox[i]
+                    status.Set_source(src)
+                    return Message(obj)
+        return None
 
     def Get_attr(self, key):
         return 1 << 20
@@ -234,13 +266,18 @@ def run_ranks(fakes, destroy=True, comm_class=Comm, **buffer_kwargs):
             error = e
         results[rank] = (error, log)
 
+    _run_threads(rank_main)
+    return results
+
+
+def _run_threads(rank_main):
+    """``rank_main(rank)`` for every rank, each in a thread; fails when one still runs after 30 s."""
     threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(RANKS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
     assert not any(t.is_alive() for t in threads), "a rank is still running"
-    return results
 
 
 NORMAL = dict(num_nvl_bytes=1 << 20)
@@ -318,24 +355,38 @@ def test_buffer_arguments_must_agree(monkeypatch):
         except ValueError as e:
             errors[rank] = e
 
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(RANKS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    _run_threads(rank_main)
     assert all(e is not None and "num_nvl_bytes: must be the same on every rank" in str(e) for e in errors), errors
     assert all(count == 0 for held in fakes.held for count in held.values()), fakes.held
 
 
-def test_bad_arguments_raise_before_any_collective(monkeypatch):
-    log = []
-    monkeypatch.setattr(bootstrap, "discover", lambda comm, peers=None: log.append("discover"))
-    for kwargs, match in [(dict(ll_transport="nvl"), "ll_transport"), (dict(timeout_s="5"), "timeout_s"),
-                          (dict(timeout_s=float("inf")), "timeout_s"), (dict(num_sms=1), "num_sms"),
-                          (dict(num_sms=2.5), "num_sms")]:
-        with pytest.raises((ValueError, TypeError), match=match):
-            buffer.Buffer(Comm(Group("comm"), 0, log), num_rdma_bytes=1 << 20, low_latency_mode=True, **kwargs)
-    assert log == []
+@pytest.mark.parametrize("kwargs, match", [(dict(ll_transport="nvl"), "ll_transport"),
+                                           (dict(timeout_s="5"), "timeout_s"),
+                                           (dict(timeout_s=float("inf")), "timeout_s"), (dict(num_sms=1), "num_sms"),
+                                           (dict(num_sms=2.5), "num_sms")])
+def test_bad_arguments_on_one_rank_cancel_the_construction_on_every_rank(monkeypatch, kwargs, match):
+    """The last rank's bad argument: it raises its own error, the other ``ValueError`` naming it,
+    both before discovering the topology (the first collective after the argument agreement),
+    and the Buffer's own communicator is freed on both."""
+    discovered = []
+    monkeypatch.setattr(bootstrap, "discover", lambda comm, peers=None: discovered.append(comm))
+    world, results = Group("comm"), [None] * RANKS
+
+    def rank_main(rank):
+        log = []
+        try:
+            buffer.Buffer(Comm(world, rank, log), num_rdma_bytes=1 << 20, low_latency_mode=True,
+                          **(kwargs if rank == RANKS - 1 else {}))
+        except BaseException as e:  # noqa: BLE001 -- reported to the test
+            results[rank] = (e, log)
+
+    _run_threads(rank_main)
+    (good, good_log), (bad, bad_log) = results
+    assert isinstance(bad, (TypeError, ValueError)) and match in str(bad), bad
+    assert isinstance(good, ValueError) and "rank 1 passed invalid input to Buffer" in str(good), good
+    assert discovered == []
+    for log in (good_log, bad_log):
+        assert log == [("comm", "idup"), ("comm dup 0", "free")], log
 
 
 class Domain:
