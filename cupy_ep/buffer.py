@@ -77,6 +77,7 @@ class Buffer:
         self._owner = validation.HandleOwner()
         self._status = self._streams = self._layout = self._nvl = self._sym = None
         self._normal = self._low_latency = None
+        self._profile = None   # the Profile of a Buffer.profile() block in progress
         # The host steps of the collective calls; the first agrees on the arguments, so that one
         # rank's bad argument cancels the construction on every rank before any other collective.
         self._calls = CallSteps.over(comm, self.timeout_s, "Buffer")
@@ -232,14 +233,28 @@ class Buffer:
         marks and the phases of each call (:class:`cupy_ep.profiling.Profile`)."""
         from .profiling import Profile
 
-        prof = Profile()
+        prof = self._profile = Profile()
         for engine in self._engines:
             engine.profile = prof
         try:
             yield prof
         finally:
+            self._profile = None
             for engine in self._engines:
                 engine.profile = None
+
+    def _begin_phases(self, name: str) -> None:
+        """Opens a profiled call's phases (:meth:`cupy_ep.profiling.Profile.begin_call`)."""
+        if self._profile is not None:
+            self._profile.begin_call(name)
+
+    def _phase(self, phase: str, stream=None) -> None:
+        if self._profile is not None:
+            self._profile.phase(phase, stream)
+
+    def _end_phases(self, stream) -> None:
+        if self._profile is not None:
+            self._profile.end_call(stream)
 
     def _raise_reports(self, every_report: bool = False, layout_reports: bool = False) -> None:
         """Raises a pending device report, if it is one this point may raise.
@@ -383,12 +398,15 @@ class Buffer:
             ``[-1, E)`` select nothing and are reported without a host synchronisation: the next
             dispatch raises ``ValueError`` on every rank (or :meth:`check` does).
         """
+        self._begin_phases("get_dispatch_layout")
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream, layout_reports=True)
         self._check_arrays(topk_idx=topk_idx)
         validation.check_layout_call(topk_idx, num_experts, self.num_ranks)
+        self._phase("checked", call.stream)
         with call.alloc:
             per_rank, per_rdma, per_expert, in_rank = self._layout.run(topk_idx, num_experts, call.stream)
         event = self._streams.finish(call, async_finish, (topk_idx, per_rank, per_expert, in_rank))
+        self._end_phases(call.stream)
         return per_rank, per_rdma, per_expert, in_rank, event
 
     # -- normal dispatch/combine ----------------------------------------------------------------
@@ -441,6 +459,7 @@ class Buffer:
             call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
             :meth:`check` or the next non-cached dispatch).
         """
+        self._begin_phases("dispatch")
         engine = self._require_normal()
         with self._calls.begin("dispatch"):
             self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,
@@ -468,11 +487,13 @@ class Buffer:
             if topk_idx is not None and topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        self._phase("checked", call.stream)
         result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
                                                        num_worst_tokens, expert_alignment, config, call))
         event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights, result.recv_x,
                                                           result.recv_scales, result.recv_topk_idx,
                                                           result.recv_topk_weights))
+        self._end_phases(call.stream)
         out_x = (result.recv_x, result.recv_scales) if is_fp8 else result.recv_x
         if handle is not None:   # as DeepEP: a cached dispatch returns only the data
             return out_x, None, None, None, None, event
@@ -498,6 +519,7 @@ class Buffer:
             accumulated in float32 (across NVLink domains the sum inside a domain is rounded to bf16
             once before it crosses).
         """
+        self._begin_phases("combine")
         engine = self._require_normal()
         with self._calls.begin("combine"):
             self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
@@ -507,8 +529,10 @@ class Buffer:
             config = self._check_config(config)
             biases = validation.check_normal_combine(x, handle, topk_weights, bias)
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        self._phase("checked", call.stream)
         combined_x, combined_w = self._guarded(lambda: engine.combine(x, handle, topk_weights, biases, config, call))
         event = self._streams.finish(call, async_finish, (x, topk_weights, *biases, combined_x, combined_w))
+        self._end_phases(call.stream)
         return combined_x, combined_w, event
 
     def _check_config(self, config: Optional[Config]) -> Config:

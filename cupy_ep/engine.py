@@ -93,6 +93,11 @@ class Engine:
         else:
             kernel((grid,), (block,), args, stream=stream)
 
+    def _phase(self, phase: str, stream) -> None:
+        """A boundary of the profiled call in progress (:meth:`cupy_ep.profiling.Profile.phase`)."""
+        if self.profile is not None:
+            self.profile.phase(phase, stream)
+
     def _phase_buffer(self, kernel: str, num_blocks: int, names: dict):
         """Pointer (np.uint64) of a checkpoint buffer for this launch, 0 when not profiling."""
         if self.profile is None:

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
+from .normal import DispatchResult, NormalEngine, NormalHandle, _ptr
 
 
 @dataclass
@@ -90,6 +90,7 @@ class InternodeEngine(NormalEngine):
     def _barrier(self, fn, kernel_name: str, stream) -> None:
         self._launch(fn, 1, 32, (*self._common_args(), self.status_arg, self.timeout_ns,
                                  np.int32(limits.KERNEL_IDS[kernel_name])), stream)
+        self._phase("barrier launched", stream)
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle, num_worst_tokens: int,
@@ -98,7 +99,6 @@ class InternodeEngine(NormalEngine):
         num_tokens, hidden = (int(v) for v in data.shape)
         x_bytes = hidden * data.dtype.itemsize
         num_scales = 0 if scales is None else int(scales.shape[1])
-        marks = self._begin_marks("dispatch", call.stream)
         if handle is not None:
             _, dispatch, _, barrier = self._kernels(hidden, handle.num_topk, x_bytes, num_scales, handle.num_experts,
                                                     handle.num_channels, config.num_threads, config.chunk_tokens)
@@ -106,7 +106,7 @@ class InternodeEngine(NormalEngine):
             outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
             self._launch_dispatch(dispatch, data, scales, None, None, handle, config,
                                   self._given_outputs(outputs, handle.num_rows, False), call.stream)
-            _mark(self.profile, marks, "dispatch launched", call.stream)
+            self._phase("dispatch launched", call.stream)
             return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
         per_rank, in_rank, per_expert, num_experts, per_rdma = routing
@@ -115,6 +115,7 @@ class InternodeEngine(NormalEngine):
         notify, dispatch, _, _ = self._kernels(hidden, num_topk, x_bytes, num_scales, num_experts, c,
                                                config.num_threads, config.chunk_tokens)
         handle = self._new_handle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, in_rank, call)
+        self._phase("handle allocated", call.stream)
         h = handle
         seq = self._next_seq()
         self._launch(notify, 1, config.num_threads,
@@ -123,13 +124,13 @@ class InternodeEngine(NormalEngine):
                       h.rdma_chan, h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb,
                       h.fwd_base, h.call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
-        _mark(self.profile, marks, "notify launched", call.stream)
+        self._phase("notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
         self._launch_dispatch(dispatch, data, scales, topk_idx, topk_weights, handle, config, out_args, call.stream)
-        _mark(self.profile, marks, "dispatch launched", call.stream)
+        self._phase("dispatch launched", call.stream)
         if outputs is not None:   # num_worst_tokens: nothing waits for the host
             return DispatchResult(*outputs, [], handle)
-        return self._finish_dispatch(seq, data, scales, num_topk, num_experts // self.num_ranks, handle, call, marks)
+        return self._finish_dispatch(seq, data, scales, num_topk, num_experts // self.num_ranks, handle, call)
 
     def _new_handle(self, num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank, call) -> InternodeHandle:
         import cupy
@@ -158,7 +159,6 @@ class InternodeEngine(NormalEngine):
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: InternodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
-        marks = self._begin_marks("combine", call.stream)
         h = handle
         _, _, combine, barrier = self._kernels(h.hidden, h.num_topk, 2 * h.hidden, 0, h.num_experts, h.num_channels,
                                                config.num_threads, config.chunk_tokens)
@@ -169,5 +169,5 @@ class InternodeEngine(NormalEngine):
                       h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb, h.fwd_pos,
                       h.rdma_chan, h.send_rdma_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
                       self.status_arg, self.timeout_ns), call.stream, "combine")
-        _mark(self.profile, marks, "combine launched", call.stream)
+        self._phase("combine launched", call.stream)
         return combined_x, combined_w

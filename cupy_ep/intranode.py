@@ -26,7 +26,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .normal import DispatchResult, NormalEngine, NormalHandle, _mark, _ptr
+from .normal import DispatchResult, NormalEngine, NormalHandle, _ptr
 
 _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   # launch arguments
 
@@ -73,6 +73,7 @@ class IntranodeEngine(NormalEngine):
         fn = self._memoised(("barrier",), lambda: self._function("group_barrier_kernel", 1, 32))
         self._launch(fn, 1, 32, (self.nvl.peer_table, np.int32(self.rank), self.status_arg,
                                  self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
+        self._phase("barrier launched", stream)
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],
@@ -85,9 +86,8 @@ class IntranodeEngine(NormalEngine):
 
         num_tokens, hidden = (int(v) for v in data.shape)
         num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else int(topk_idx.shape[1]))
-        marks = self._begin_marks("dispatch", call.stream)
         if handle is not None:
-            return self._cached_dispatch(data, scales, handle, config, call, marks)
+            return self._cached_dispatch(data, scales, handle, config, call)
 
         per_rank, in_rank, per_expert, num_experts, _ = routing
         c = config.num_channels
@@ -98,6 +98,9 @@ class IntranodeEngine(NormalEngine):
             send_chan = cupy.empty((r, c + 1), dtype=cupy.int32)
             send_pos = cupy.empty((num_tokens, r), dtype=cupy.int32)
             call_status = cupy.empty(1, dtype=cupy.int32)
+        handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
+                                 recv_chan, send_chan, send_pos, in_rank, call_status)
+        self._phase("handle allocated", call.stream)
         seq = self._next_seq()
         e_local = num_experts // r
         idx_bytes = 0 if topk_idx is None else topk_idx.dtype.itemsize
@@ -108,21 +111,19 @@ class IntranodeEngine(NormalEngine):
                       _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,
                       send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
-        _mark(self.profile, marks, "notify launched", call.stream)
-        handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
-                                 recv_chan, send_chan, send_pos, in_rank, call_status)
+        self._phase("notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
         kernel, grid = self._dispatch_kernel(data, scales, handle, config)
         self._launch(kernel, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, _ptr(scales),
                       _ptr(topk_idx), _ptr(topk_weights), in_rank, send_chan, recv_chan, rank_prefix, send_pos,
                       call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
-        _mark(self.profile, marks, "dispatch launched", call.stream)
+        self._phase("dispatch launched", call.stream)
         if outputs is not None:   # num_worst_tokens: nothing waits for the host
             return DispatchResult(*outputs, [], handle)
-        return self._finish_dispatch(seq, data, scales, num_topk, e_local, handle, call, marks)
+        return self._finish_dispatch(seq, data, scales, num_topk, e_local, handle, call)
 
-    def _cached_dispatch(self, data, scales, handle: IntranodeHandle, config: Config, call, marks) -> DispatchResult:
+    def _cached_dispatch(self, data, scales, handle: IntranodeHandle, config: Config, call) -> DispatchResult:
         self._barrier("intranode_dispatch", call.stream)
         outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
         kernel, grid = self._dispatch_kernel(data, scales, handle, config, cached=True)
@@ -133,7 +134,7 @@ class IntranodeEngine(NormalEngine):
                       handle.rank_prefix, handle.send_pos, handle.call_status,
                       *self._given_outputs(outputs, handle.num_rows, False), self.status_arg,
                       self.timeout_ns), call.stream, "dispatch")
-        _mark(self.profile, marks, "dispatch launched", call.stream)
+        self._phase("dispatch launched", call.stream)
         return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
     def _dispatch_kernel(self, data, scales, handle: IntranodeHandle, config: Config, cached: bool = False):
@@ -157,7 +158,6 @@ class IntranodeEngine(NormalEngine):
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
-        marks = self._begin_marks("combine", call.stream)
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
         self._barrier("intranode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
@@ -168,7 +168,7 @@ class IntranodeEngine(NormalEngine):
                       _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
                       handle.send_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
                       self.status_arg, self.timeout_ns), call.stream, "combine")
-        _mark(self.profile, marks, "combine launched", call.stream)
+        self._phase("combine launched", call.stream)
         return combined_x, combined_w
 
     def _build_combine_kernel(self, handle: IntranodeHandle, num_topk: int, num_bias: int, config: Config):

@@ -49,9 +49,11 @@ class LayoutEngine(Engine):
             scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
         per_rank, per_expert = counts[:r], counts[r + n:]
         per_rdma = counts[r:r + n] if n > 1 else None   # one NVLink domain: none (a view costs a µs)
+        self._phase("outputs allocated", stream)
         blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
         kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)
         self._launch(kernel, blocks, LAYOUT_THREADS,
                      (topk_idx, np.int32(num_tokens), scratch, per_rank, np.uint64(0) if per_rdma is None else per_rdma,
                       per_expert, in_rank, self.status_arg, np.int32(self.rank)), stream, "layout")
+        self._phase("layout launched", stream)
         return per_rank, per_rdma, per_expert, in_rank

@@ -72,10 +72,6 @@ class NormalEngine(Engine):
         self._seq += 1
         return self._seq
 
-    def _begin_marks(self, name: str, stream):
-        """The profiler's phase marks of this call, None when not profiling."""
-        return None if self.profile is None else self.profile.begin_call(name, stream)
-
     def _combine_outputs(self, x, handle: NormalHandle, topk_weights, call):
         """combined_x bf16 ``[N, H]`` and combined_topk_weights float32 ``[N, K]`` (None without weights)."""
         import cupy
@@ -84,6 +80,7 @@ class NormalEngine(Engine):
             combined_x = cupy.empty((handle.num_tokens, handle.hidden), dtype=x.dtype)
             combined_w = None if topk_weights is None else \
                 cupy.empty((handle.num_tokens, handle.num_topk), dtype=cupy.float32)
+        self._phase("outputs allocated", call.stream)
         return combined_x, combined_w
 
     @staticmethod
@@ -119,21 +116,22 @@ class NormalEngine(Engine):
             recv_scales = None if scales is None else cupy.empty((rows, scales.shape[1]), dtype=cupy.float32)
             recv_idx = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.int64)
             recv_w = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.float32)
+        self._phase("outputs allocated", call.stream)
         return recv_x, recv_scales, recv_idx, recv_w
 
-    def _finish_dispatch(self, seq: int, data, scales, num_topk: int, num_local_experts: int, handle, call,
-                         marks) -> DispatchResult:
+    def _finish_dispatch(self, seq: int, data, scales, num_topk: int, num_local_experts: int, handle,
+                         call) -> DispatchResult:
         """Waits for notify's counts, allocates the outputs, publishes them to the receivers."""
         try:
             num_recv, per_expert_list = self._wait_notify(seq, num_local_experts)
-            _mark(self.profile, marks, "host wait", call.stream)
+            self._phase("host wait", call.stream)
             handle.num_rows = num_recv
             outputs = self._alloc_outputs(data, scales, num_topk, num_recv, call)
         except BaseException:
             self._publish_outputs(seq, (None, None, None, None), -1)   # receivers drop the rows
             raise
         self._publish_outputs(seq, outputs, num_recv)
-        _mark(self.profile, marks, "outputs published", call.stream)
+        self._phase("outputs published", call.stream)
         self._raise_earlier_report()
         return DispatchResult(*outputs, per_expert_list, handle)
 
@@ -174,8 +172,3 @@ _NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows
 def _ptr(a):
     """A CuPy array, or a null pointer for None (kernel arguments)."""
     return np.uint64(0) if a is None else a
-
-
-def _mark(profile, marks, phase: str, stream) -> None:
-    if marks is not None:
-        profile.mark(marks, phase, stream)

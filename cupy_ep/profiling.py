@@ -10,10 +10,14 @@ Three views of the same calls:
   block (``prof_mark`` in kernels_cu/status.cuh); a phase's time is the latest block's mark
   minus the earliest block's start, and the "end" mark is the kernel's duration on the GPU, the
   quantity DeepEP's tests report;
-* **call phases**: inside each Buffer call, a CUDA event on the launch stream and a host clock
-  reading at every phase boundary (validation, notify, host wait, allocation, launch, ...).
-  The event times give the call's GPU timeline, host gaps included; the host times say how
-  long Python spent in each phase.
+* **call phases**: inside each ``get_dispatch_layout``, ``dispatch`` and ``combine`` call, a CUDA
+  event and a host clock reading at every phase boundary, each named after what the phase did:
+  "checked" (argument checks and stream set-up), "handle allocated", "notify launched",
+  "barrier launched", "layout launched", "dispatch launched", "combine launched", "host wait",
+  "outputs allocated", "outputs published", "finished" (stream hand-over). The event times
+  give the call's GPU timeline, host gaps included (a kernel's time falls in the phase its
+  launch ends, as events complete when the work queued before them has); the host times say
+  how long Python spent in each phase.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class Profile:
         self._kernels = []    # (name, start event, end event)
         self._phases = []     # (kernel name, cupy uint64 [blocks, PROF_SLOTS], {slot: phase name})
         self._calls = []      # (call name, [(phase, event, host ns)])
+        self._open = None     # the marks of the call in progress (None: none)
 
     # -- recording (engines and Buffer) -------------------------------------------------------
     @contextmanager
@@ -53,19 +58,28 @@ class Profile:
         self._phases.append((kernel, buf, dict(names)))
         return buf
 
-    def begin_call(self, name: str, stream) -> list:
-        marks = []
-        self._calls.append((name, marks))
-        self.mark(marks, "start", stream)
-        return marks
+    def begin_call(self, name: str) -> None:
+        """Opens call ``name`` (its "start" boundary, on the current stream); the call's later
+        :meth:`phase` boundaries belong to it until :meth:`end_call` or the next call."""
+        self._open = []
+        self._calls.append((name, self._open))
+        self.phase("start")
 
-    @staticmethod
-    def mark(marks: list, phase: str, stream) -> None:
+    def phase(self, phase: str, stream=None) -> None:
+        """A boundary of the open call (nothing when none is open): an event on ``stream`` (the
+        current stream when None) and the host clock."""
+        if self._open is None:
+            return
         import cupy
 
         event = cupy.cuda.Event()
         event.record(stream)
-        marks.append((phase, event, time.perf_counter_ns()))
+        self._open.append((phase, event, time.perf_counter_ns()))
+
+    def end_call(self, stream=None) -> None:
+        """The open call's last boundary, "finished" (after the stream hand-over)."""
+        self.phase("finished", stream)
+        self._open = None
 
     # -- reading ------------------------------------------------------------------------------
     def kernel_times_us(self) -> dict:

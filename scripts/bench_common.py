@@ -533,16 +533,60 @@ def print_table(header: list, rows: list, widths: list) -> None:
         print(line(r))
 
 
-def phase_breakdown(label: str, op: dict, width: int):
-    """One line of a whole-call breakdown from an op's ``phases`` ({name: (GPU-timeline us, host us)},
-    ``aggregate_op``), with what lies outside the phases and the whole call; None without phases."""
+# What the host does in each phase of a call (Profile.call_phases_us names), for the breakdown's
+# host bar: the launches, the host wait for notify's counts, and Python (everything else).
+HOST_WAIT_PHASES = ("host wait",)
+
+
+def host_category(phase: str) -> str:
+    """"launches", "host wait" or "Python" for a call phase's host time."""
+    if phase.endswith(" launched"):
+        return "launches"
+    return "host wait" if phase in HOST_WAIT_PHASES else "Python"
+
+
+def kernel_of_phase(phase: str, op: dict, main_kernel: str):
+    """The kernel time (µs) measured for the kernel whose launch ends ``phase``, or None: the
+    op's main kernel is ``kernel_us``, the others ``<name>_us`` (:func:`measure_call`)."""
+    if not phase.endswith(" launched"):
+        return None
+    name = phase[:-len(" launched")]
+    return op.get("kernel_us") if name == main_kernel else op.get(f"{name}_us")
+
+
+def breakdown(op: dict, main_kernel: str):
+    """An op's whole-call breakdown from its ``phases`` ({phase: (GPU-timeline µs, host µs)},
+    :func:`aggregate_op`): ``(rows, totals)`` with rows ``(phase, GPU µs, host µs, kernel µs or
+    None)`` in call order, a "rest" row (the profiled whole call minus the phases: the Python call's
+    entry and return) and totals ``{"call", "host", "kernels", "Python", "launches", "host wait"}``;
+    None without phases."""
     phases = op.get("phases")
     if not phases:
         return None
-    parts = [f"{name} {g:.1f}/{h:.1f}" for name, (g, h) in phases.items()]
+    rows = [(name, g, h, kernel_of_phase(name, op, main_kernel)) for name, (g, h) in phases.items()]
     call, host = op.get("phases_call_us"), op.get("phases_host_us")
-    if call is not None:
-        parts.append(f"outside {call - sum(g for g, _ in phases.values()):.1f}/"
-                     f"{host - sum(h for _, h in phases.values()):.1f}")
-        parts.append(f"= call {call:.1f}/{host:.1f}")
-    return f"  {label:<{width}} (rank {op.get('phases_rank')}): " + " | ".join(parts)
+    if call is not None and host is not None:
+        rows.append(("rest", call - sum(r[1] for r in rows), host - sum(r[2] for r in rows), None))
+    totals = {"call": call, "host": host, "kernels": sum(r[3] for r in rows if r[3] is not None),
+              "Python": 0.0, "launches": 0.0, "host wait": 0.0}
+    for name, _, h, _ in rows:
+        totals[host_category(name)] += h
+    return rows, totals
+
+
+def print_breakdown(ops, width: int = 26) -> None:
+    """The whole-call breakdown table of ``ops`` = [(label, op dict, main kernel name)]: per phase
+    its GPU-timeline µs, host µs and the kernel time of the kernel whose launch ends it."""
+    table = []
+    for label, op, main_kernel in ops:
+        b = breakdown(op, main_kernel)
+        if b is None:
+            continue
+        rows, totals = b
+        table.append([f"{label} (rank {op.get('phases_rank')})", "", "", ""])
+        table += [[f"  {name}", fmt(g), fmt(h), "" if k is None else fmt(k)] for name, g, h, k in rows]
+        table.append(["  = whole call", fmt(totals["call"]), fmt(totals["host"]), fmt(totals["kernels"] or None)])
+        table.append([f"  host: Python {totals['Python']:.1f}, launches {totals['launches']:.1f}, "
+                      f"host wait {totals['host wait']:.1f}", "", "", ""])
+    if table:
+        print_table(["op / phase", "GPU us", "host us", "kernel us"], table, [width, 9, 9, 10])

@@ -233,11 +233,9 @@ def report(ops, traffic, base, args, info) -> None:
     bc.print_table(["op", "kernel us", "call us", "host us", "RDMA k", "RDMA c", "NVL k", "NVL c", "NCCL us", "GB/s"],
                    table, [14, 9, 9, 8, 6, 6, 6, 6, 9, 6])
 
-    print("\nwhole-call breakdown (worst rank; GPU-timeline us / host us between phase boundaries, medians):")
-    for op in OPS:
-        line = bc.phase_breakdown(OP_LABELS[op], ops[op], 14)
-        if line:
-            print(line)
+    print("\nwhole-call breakdown (worst rank, medians; GPU-timeline us / host us per phase, kernel us beside "
+          "the phase its launch ends):")
+    bc.print_breakdown([(OP_LABELS[op], ops[op], op.split("_")[0]) for op in OPS])
 
     print(f"\ntraffic per rank (mean over ranks; {t} tokens):")
     dp, rdp = _mean(traffic, "domain_pairs"), _mean(traffic, "remote_domain_pairs")

@@ -20,15 +20,19 @@ warm-up calls (the first call of a shape compiles kernels):
   the caller's stream right before and after the Python call, median over ``--iters``; the
   host time of the Python call (perf_counter) beside it. Measured in a pass without the
   profiler (the profiler's own events cost a few µs per call);
-* **whole-call breakdown** (a second pass, inside ``buf.profile()``): ``prof.call_phases_us()``.
-  Inside each call the Buffer records a CUDA event on the launch stream and a host clock
-  reading at every phase boundary ("start", "notify launched", "dispatch launched", "host
-  wait", "outputs published", "combine launched"); a phase's GPU µs is the time between its
-  boundary event and the previous one on the stream's timeline (an event completes when the
-  work queued before it has, so e.g. "dispatch launched" covers the dispatch kernel), its host
-  µs the host clock between the two readings; medians over the calls. "outside" is the
-  profiled whole call minus the phases: argument checks before "start" and the stream
-  hand-over after the last boundary.
+* **whole-call breakdown** (a second pass, inside ``buf.profile()``): ``prof.call_phases_us()``,
+  printed as a table per op. Inside each call the Buffer records a CUDA event on the launch
+  stream and a host clock reading at every phase boundary, each phase named after what it did:
+  "checked" (argument checks, stream set-up), "handle allocated", "notify launched", "barrier
+  launched", "layout/dispatch/combine launched", "host wait", "outputs allocated", "outputs
+  published", "finished" (stream hand-over); "rest" is the profiled whole call minus the phases
+  (the Python call's entry and return). A phase's GPU µs is the time between its boundary event
+  and the previous one on the stream's timeline (an event completes when the work queued before
+  it has, so e.g. "dispatch launched" covers the dispatch kernel, beside which the table puts the
+  kernel's own time), its host µs the host clock between the two readings; medians over the
+  calls. Below each op, its host time by kind: Python, launches, host wait. ``--plot`` draws the
+  same as two bars per op (host: Python / launches / host wait; GPU: kernels / the rest of the
+  whole call).
 
 Numbers are per-rank medians; tables show the worst rank (largest time; GB/s = smallest over
 ranks of that rank's bytes / its time) and ``--json`` also has the means over ranks and every
@@ -46,7 +50,8 @@ like ``1/2`` or counts; ``--threads``), ``--configs SMS/THREADS/RECEIVERS[/CHUNK
 ``--tokens`` (tokens per rank). Every Config runs at the largest token count and every token
 count at the main Config (the Buffer's default if listed, else the first), or the full grid
 with ``--full-grid``. New Configs compile new kernels (seconds each). ``--plot DIR`` draws GB/s
-against SMs and against tokens (scripts/plot_bench.py, also runnable on the JSON later).
+against SMs and against tokens and the whole-call breakdown (scripts/plot_bench.py, also runnable
+on the JSON later).
 """
 from __future__ import annotations
 
@@ -64,6 +69,7 @@ OPS = ("layout", "dispatch_fp8", "dispatch_bf16", "dispatch_bf16_cached", "dispa
 OP_LABELS = {"layout": "layout", "dispatch_fp8": "dispatch FP8", "dispatch_bf16": "dispatch bf16",
              "dispatch_bf16_cached": "dispatch bf16 cached", "dispatch_bf16_worst": "dispatch bf16 worst-tok",
              "combine": "combine bf16"}
+MAIN_KERNEL = {op: op.split("_")[0] for op in OPS}   # the kernel whose time is an op's kernel_us
 
 
 def parse_args(argv=None):
@@ -248,12 +254,10 @@ def print_point(pt: dict, baseline) -> None:
 
 
 def print_phases(pt: dict) -> None:
-    print(f"\nwhole-call breakdown ({pt['tokens']} tokens, worst rank of each op; GPU-timeline us / host us "
-          f"between phase boundaries, medians):")
-    for op in OPS:
-        line = bc.phase_breakdown(OP_LABELS[op], pt["ops"][op], 24)
-        if line:
-            print(line)
+    print(f"\nwhole-call breakdown ({pt['tokens']} tokens, worst rank of each op, medians): per phase of the call, "
+          f"named after what it did, the GPU timeline's us (a kernel falls in the phase its launch ends), the "
+          f"host's us, and the kernel's own time (profiler events around the launch)")
+    bc.print_breakdown([(OP_LABELS[op], pt["ops"][op], MAIN_KERNEL[op]) for op in OPS])
 
 
 def print_summary(points, baselines, ranks) -> None:

@@ -9,8 +9,11 @@ printed; nothing is written into the source tree unless DIR says so):
   combine against the SM count (points at the largest token count; one marker per
   ``--receivers``/threads family), kernel time solid, whole call dashed;
 * ``bench_intranode_tokens.png``: the same against tokens per rank (main Config);
+* ``bench_intranode_breakdown.png``: the whole-call breakdown of each op at the main point (main
+  Config, largest token count): two stacked bars per op, the host's time (Python, launches,
+  host wait) and the GPU timeline (the kernels' own times, the rest of the whole call);
 
-both with the NCCL all-to-all baseline of the same run (dash-dot) and, for 4 ranks, DeepEP
+the first two with the NCCL all-to-all baseline of the same run (dash-dot) and, for 4 ranks, DeepEP
 v1's kernel numbers on a 4 x H200 host (dotted; 255 / 262 / 358 GB/s at 24 SMs, 4096 tokens,
 measured 2026-11-28 with DeepEP's own tests). Other rank counts get a ``_<R>ranks`` suffix. A plot with a single
 x value is skipped. Other benches' JSON files are accepted and ignored (nothing to plot).
@@ -26,6 +29,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
+BREAKDOWN_OPS = (("layout", "layout"), ("dispatch_fp8", "dispatch FP8"), ("dispatch_bf16", "dispatch bf16"),
+                 ("dispatch_bf16_cached", "cached"), ("dispatch_bf16_worst", "worst-token"), ("combine", "combine"))
+HOST_COLORS = {"Python": "tab:red", "launches": "tab:purple", "host wait": "tab:gray"}
 PLOT_OPS = (("dispatch_fp8", "FP8 dispatch", "tab:blue"), ("dispatch_bf16", "bf16 dispatch", "tab:orange"),
             ("combine", "combine", "tab:green"))
 FAMILY_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
@@ -138,7 +144,51 @@ def plot_intranode(data: dict, outdir: str) -> list:
                                "tokens per rank", os.path.join(outdir, f"bench_intranode{suffix}_tokens.png")))
     else:
         print("plot_bench: one token count only: no token plot")
+    main = [p for p in points if p.get("main_config") and p["tokens"] == t_main]
+    if main:
+        path = plot_breakdown(plt, main[0], f"{title}, {t_main} tokens/rank",
+                              os.path.join(outdir, f"bench_intranode{suffix}_breakdown.png"))
+        if path:
+            written.append(path)
     return written
+
+
+def plot_breakdown(plt, point: dict, title: str, path: str):
+    """Two stacked bars per op of ``point``: host µs by kind and the GPU timeline (kernels, the
+    rest of the whole call); None when the point has no phases."""
+    bars = []
+    for op, label in BREAKDOWN_OPS:
+        b = bc.breakdown(point["ops"].get(op, {}), op.split("_")[0])
+        if b is not None:
+            bars.append((label, b[1]))
+    if not bars:
+        print("plot_bench: no call phases: no breakdown plot")
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    width, seen = 0.38, set()
+
+    def segment(x, bottom, value, label, color):
+        ax.bar(x, value, width, bottom=bottom, color=color, label=None if label in seen else label)
+        seen.add(label)
+        return bottom + value
+
+    for i, (label, t) in enumerate(bars):
+        bottom = 0.0
+        for kind in ("Python", "launches", "host wait"):
+            bottom = segment(i - width / 2, bottom, max(t[kind], 0.0), f"host: {kind}", HOST_COLORS[kind])
+        kernels = min(t["kernels"], t["call"] or 0.0)
+        segment(i + width / 2, segment(i + width / 2, 0.0, kernels, "GPU: kernels", "tab:green"),
+                max((t["call"] or 0.0) - kernels, 0.0), "GPU: rest of the whole call", "tab:olive")
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([f"{label}\n(host | GPU)" for label, _ in bars], fontsize=8)
+    ax.set_ylabel("µs per call (profiled pass, worst rank)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
