@@ -288,40 +288,45 @@ def ll_ctrl_bytes(num_ranks: int) -> int:
     return align(2 * LL_SIG_KINDS * _ll_sig_stride(num_ranks) * 8, _LL_CTRL_ALIGN)
 
 
-def ll_slot_bytes(hidden: int, topk: int, use_fp8: bool) -> int:
-    """Bytes of one dispatch slot: the row (bf16, or FP8 and its scales) and its meta ints."""
-    x = hidden if use_fp8 else 2 * hidden
-    scales = align(_scale_count(hidden) * 4, 16) if use_fp8 else 0
-    return x + scales + align(4 * (1 + topk), 16)
-
-
-def ll_dispatch_recv_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_fp8: bool) -> int:
-    return align(num_ranks * m * ll_slot_bytes(hidden, topk, use_fp8), 256)
-
-
 def ll_partial_row_bytes(hidden: int, use_logfmt: bool = False) -> int:
     """Bytes of one combine partial row: bf16, or LogFMT-10 (:func:`cupy_ep.logfmt.row_bytes`)."""
     return logfmt.row_bytes(hidden) if use_logfmt else 2 * hidden
 
 
-def ll_combine_recv_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_logfmt: bool = False) -> int:
+def ll_offsets(num_ranks: int, m: int, hidden: int, topk: int, use_fp8: bool, use_logfmt: bool = False) -> dict:
+    """Byte offsets inside the low-latency quarters, as the kernels' ``LL_*`` constants (the
+    kernels take them as they are and only check that the areas hold what they store).
+
+    Dispatch quarter: ``[R][M]`` slots of ``LL_SLOT_BYTES`` (the row: bf16, or FP8 and its scales
+    at ``LL_SCALE_OFF``; the meta ints at ``LL_META_OFF``), then (RDMA) a staging copy of the same
+    geometry at ``LL_D_STAGE_OFF``. Combine quarter: ``[R]`` weight blocks of ``LL_WSTRIDE`` at
+    ``LL_C_W_OFF``, ``[R][M]`` partial rows (:func:`ll_partial_row_bytes`) at ``LL_C_P_OFF``, then
+    (RDMA) staged weights at ``LL_C_STAGE_W_OFF`` and staged partial rows at ``LL_C_STAGE_P_OFF``."""
+    x_bytes = hidden if use_fp8 else 2 * hidden
+    meta_off = x_bytes + (align(_scale_count(hidden) * 4, 16) if use_fp8 else 0)
+    slot = meta_off + align(4 * (1 + topk), 16)
+    d_recv = align(num_ranks * m * slot, 256)
     wstride = align(m * topk * 4, 256)
-    return align(num_ranks * wstride + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt), 256)
+    c_partials = num_ranks * wstride
+    c_recv = align(c_partials + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt), 256)
+    return dict(LL_SCALE_OFF=x_bytes, LL_META_OFF=meta_off, LL_SLOT_BYTES=slot, LL_D_RECV_BYTES=d_recv,
+                LL_D_STAGE_OFF=d_recv, LL_WSTRIDE=wstride, LL_C_W_OFF=0, LL_C_P_OFF=c_partials,
+                LL_C_RECV_BYTES=c_recv, LL_C_STAGE_W_OFF=c_recv, LL_C_STAGE_P_OFF=c_recv + num_ranks * wstride)
 
 
 def ll_dispatch_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, use_fp8: bool, rdma: bool) -> int:
-    """Bytes a dispatch needs of its quarter (RDMA: plus a staging area of the same geometry)."""
-    recv = ll_dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8)
-    return 2 * recv if rdma else recv
+    """Bytes a dispatch needs of its quarter (RDMA: the staging copy too)."""
+    off = ll_offsets(num_ranks, m, hidden, topk, use_fp8)
+    return off["LL_D_STAGE_OFF"] + off["LL_D_RECV_BYTES"] if rdma else off["LL_D_RECV_BYTES"]
 
 
 def ll_combine_quarter_bytes(num_ranks: int, m: int, hidden: int, topk: int, rdma: bool,
                              use_logfmt: bool = False) -> int:
-    """Bytes a combine needs of its quarter (RDMA: plus staged weights and partial sums)."""
-    recv = ll_combine_recv_bytes(num_ranks, m, hidden, topk, use_logfmt)
+    """Bytes a combine needs of its quarter (RDMA: the staged weights and partial rows too)."""
+    off = ll_offsets(num_ranks, m, hidden, topk, False, use_logfmt)
     if not rdma:
-        return recv
-    return recv + num_ranks * align(m * topk * 4, 256) + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt)
+        return off["LL_C_RECV_BYTES"]
+    return off["LL_C_STAGE_P_OFF"] + num_ranks * m * ll_partial_row_bytes(hidden, use_logfmt)
 
 
 @lru_cache(maxsize=256)   # read by every low-latency dispatch's capacity check
@@ -363,13 +368,10 @@ class LLGeometry:
 def ll_constants(num_ranks: int, num_experts: int, hidden: int, topk: int, m: int, use_fp8: bool,
                  round_scale: bool, use_ue8m0: bool, num_threads: int = limits.LL_THREADS,
                  use_logfmt: bool = False) -> dict:
-    """JIT constants of a ``low_latency*.cu`` module (``LAYOUT_*``: the host's sizes, which the
-    kernels check against their own)."""
+    """JIT constants of a ``low_latency*.cu`` module: the shape and :func:`ll_offsets`."""
     return {
         "NUM_RANKS": num_ranks, "NUM_EXPERTS": num_experts, "HIDDEN": hidden, "TOPK": topk, "MAX_TOKENS": m,
         "USE_FP8": int(bool(use_fp8)), "ROUND_SCALE": int(bool(round_scale)),
         "USE_UE8M0": int(bool(use_ue8m0)), "USE_LOGFMT": int(bool(use_logfmt)), "LL_THREADS": num_threads,
-        "LAYOUT_SLOT_BYTES": ll_slot_bytes(hidden, topk, use_fp8),
-        "LAYOUT_D_RECV_BYTES": ll_dispatch_recv_bytes(num_ranks, m, hidden, topk, use_fp8),
-        "LAYOUT_C_RECV_BYTES": ll_combine_recv_bytes(num_ranks, m, hidden, topk, use_logfmt),
+        **ll_offsets(num_ranks, m, hidden, topk, use_fp8, use_logfmt),
     }

@@ -25,6 +25,8 @@ LL_MAX_TOPK = 32           # one warp lane per top-k slot
 LL_MAX_EXPERTS = 8192      # shared memory of the receive phase: 4 bytes per expert
 LL_MAX_TOKENS = 65535      # positions travel as 16-bit fields
 LL_THREADS = 512           # threads per block of the low-latency kernels
+LL_MAX_SMEM_BYTES = 48 * 1024 - 64   # ll_dispatch's union of phase buffers: the 48 KB of static shared
+                                     # memory a block gets without opt-in, 64 left to its other variables
 
 # ---- kernels (ids in status records) -------------------------------------------------------
 KERNEL_NAMES = {
@@ -68,6 +70,8 @@ def device_constants() -> dict:
         ST_BAD_LAYOUT=ST_BAD_LAYOUT, ST_PEER_BAD_INPUT=ST_PEER_BAD_INPUT,
         FP8_BLOCK=FP8_BLOCK, FP8_MAX=FP8_MAX, FP8_AMAX_FLOOR=FP8_AMAX_FLOOR,
         MAX_NVL_PEERS=MAX_NVL_PEERS, MAX_CHANNELS=MAX_CHANNELS, MAX_RDMA_RANKS=MAX_RDMA_RANKS, HOST_EXPERT=HOST_EXPERT,
+        MAX_NORMAL_TOPK=MAX_NORMAL_TOPK, LL_MAX_TOPK=LL_MAX_TOPK, LL_MAX_TOKENS=LL_MAX_TOKENS,
+        LL_MAX_SMEM_BYTES=LL_MAX_SMEM_BYTES,
         PROF_SLOTS=PROF_SLOTS, PROF_END=PROF_END, CHAOS_MAX_PAUSE_NS=CHAOS_MAX_PAUSE_NS,
     )
     return consts

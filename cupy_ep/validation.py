@@ -417,9 +417,9 @@ def _check_ll_kernel_fit(num_ranks, num_experts, m, hidden, num_topk):
     units ``R * M * max(K, combine units per row)`` are numbered in int32 (a unit is 512 channels
     with 512 threads per block, 256 with more)."""
     smem = max(4 * (num_ranks + 1 + num_experts + num_experts // num_ranks), 12 * num_ranks + 16 * 32 + 16)
-    if smem > 48 * 1024 - 64:
+    if smem > limits.LL_MAX_SMEM_BYTES:
         raise ValueError(f"num_experts: {num_experts} experts over {num_ranks} ranks do not fit the low-latency "
-                         f"kernels' shared memory ({smem} bytes of {48 * 1024 - 64})")
+                         f"kernels' shared memory ({smem} bytes of {limits.LL_MAX_SMEM_BYTES})")
     unit = 256 if limits.LL_THREADS > 512 else 512
     if num_ranks * m * max(num_topk, -(-hidden // unit)) >= 2 ** 31:
         raise ValueError(f"num_max_dispatch_tokens_per_rank: num_ranks * M * max(top-k, hidden / {unit}) must "

@@ -58,7 +58,7 @@ constexpr unsigned FULL = 0xffffffffu;
 
 static_assert(R % P == 0 && P >= 1 && P <= MAX_NVL_PEERS, "domains of 1..MAX_NVL_PEERS ranks");
 static_assert(N <= MAX_RDMA_RANKS && C <= MAX_CHANNELS, "limits");
-static_assert(K <= 32 && CHUNK >= 1 && CHUNK <= NW, "top-k and chunk sizes");
+static_assert(K <= MAX_NORMAL_TOPK && MAX_NORMAL_TOPK <= 32 && CHUNK >= 1 && CHUNK <= NW, "top-k (a lane each) and chunk sizes");
 static_assert(REC_BYTES % 16 == 0 && X_BYTES % 16 == 0, "16-byte rows");
 
 // ---- record (one token for one destination domain) in the symmetric buffer --------------------

@@ -5,14 +5,14 @@
 // low_latency_rdma.cu) the same kernels send to peers without a mapping (peers[r] == 0)
 // through NVSHMEM puts from a local staging area instead.
 //
-// Compile-time constants (cupy_ep/geometry.py ll_constants; derived sizes are recomputed here
-// and, when the host passes them as LAYOUT_*, checked against the host's numbers):
-//   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..32),
-//   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..65535), USE_FP8, ROUND_SCALE, USE_UE8M0,
-//   LL_THREADS (threads per block, multiple of 32, default 512), USE_LOGFMT (combine partial
-//   rows as LogFMT-10, logfmt.cuh; default 0: bf16).
+// Compile-time constants (cupy_ep/geometry.py ll_constants: the shape below and the buffer's
+// offsets LL_*, which the geometry computes and the kernels only check):
+//   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..LL_MAX_TOPK),
+//   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..LL_MAX_TOKENS), USE_FP8, ROUND_SCALE,
+//   USE_UE8M0, LL_THREADS (threads per block, multiple of 32, default 512), USE_LOGFMT (combine
+//   partial rows as LogFMT-10, logfmt.cuh; default 0: bf16).
 // No limit on R of its own: the receive phase's R + E + E/R ints of shared memory must fit in
-// 48 KB (static_asserts below say which bound a configuration breaks).
+// LL_MAX_SMEM_BYTES (static_asserts below say which bound a configuration breaks).
 // Every launch of one call must use the same grid size on every rank (<= SM count).
 //
 // @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=0 USE_UE8M0=0
@@ -83,7 +83,6 @@ constexpr bool UE8M0 = USE_UE8M0 != 0;
 constexpr bool LOGFMT = USE_LOGFMT != 0;
 constexpr int MAX_DESTS = K < R ? K : R;   // destination ranks of one token, at most
 
-__host__ __device__ constexpr long long align_up(long long v, long long a) { return (v + a - 1) / a * a; }
 __host__ __device__ constexpr int pow2_ceil(int v) { return v <= 1 ? 1 : 2 * pow2_ceil((v + 1) / 2); }
 __host__ __device__ constexpr int max3(int a, int b, int c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
 
@@ -91,47 +90,48 @@ static_assert(R >= 1, "NUM_RANKS must be positive");
 static_assert(E % R == 0, "NUM_EXPERTS must be a multiple of NUM_RANKS");
 static_assert(FP8_BLOCK == 128, "the FP8 cast gives each 8-lane group of 16 channels one 128-channel block");
 static_assert(H % FP8_BLOCK == 0 && H > 0, "HIDDEN must be a positive multiple of 128");
-static_assert(K >= 1 && K <= 32, "TOPK must be in 1..32 (one lane per top-k column)");
-static_assert(M >= 1 && M <= 65535, "MAX_TOKENS must be in 1..65535");
+static_assert(K >= 1 && K <= LL_MAX_TOPK && LL_MAX_TOPK <= 32, "TOPK must be in 1..LL_MAX_TOPK (one lane per top-k column)");
+static_assert(M >= 1 && M <= LL_MAX_TOKENS && LL_MAX_TOKENS <= 65535, "MAX_TOKENS must be in 1..LL_MAX_TOKENS (16-bit positions)");
 static_assert(EL < 32768, "too many local experts");
 static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "LL_THREADS must be a multiple of 32 in 64..1024");
 static_assert((long long)EL * R * M < 2147483647LL, "E_local * R * M must fit in int32");
 constexpr int SIG_BLOCK_SHIFT = 20;   // dispatch signal = (blocks << 20) | slots
 static_assert(M < (1 << SIG_BLOCK_SHIFT), "slots per source must fit below the block count");
 
-// ---- slot layout (dispatch) ----
+// ---- row sizes ----
 constexpr int X_BYTES = FP8 ? H : 2 * H;
 constexpr int NSCALES = H / FP8_BLOCK;
-constexpr int SCALE_OFF = X_BYTES;
-constexpr int SCALE_BYTES = FP8 ? (int)align_up(NSCALES * 4, 16) : 0;
-constexpr int META_OFF = SCALE_OFF + SCALE_BYTES;
-constexpr int META_BYTES = (int)align_up(4 * (1 + K), 16);
-constexpr int SLOT_BYTES = META_OFF + META_BYTES;
-constexpr long long D_RECV_BYTES = align_up((long long)R * M * SLOT_BYTES, 256);
-constexpr long long D_STAGE_OFF = D_RECV_BYTES;
-
-// ---- combine layout ----
-constexpr long long WSTRIDE = align_up((long long)M * K * 4, 256);
-constexpr long long C_W_OFF = 0;
-constexpr long long C_P_OFF = R * WSTRIDE;
+// a combine partial row: bf16, or LogFMT-10
 constexpr long long ROW_BYTES = LOGFMT ? (long long)(H / logfmt::GROUP) * logfmt::GROUP_BYTES : 2LL * H;
 // Byte offset of channel ch (a multiple of 8) in a partial row.
 __host__ __device__ constexpr long long row_byte_of(int ch) {
     return LOGFMT ? (long long)(ch / logfmt::GROUP) * logfmt::GROUP_BYTES : 2LL * ch;
 }
-constexpr long long C_RECV_BYTES = align_up(C_P_OFF + (long long)R * M * ROW_BYTES, 256);
-constexpr long long C_STAGE_W_OFF = C_RECV_BYTES;
-constexpr long long C_STAGE_P_OFF = C_RECV_BYTES + R * WSTRIDE;
 
-#ifdef LAYOUT_SLOT_BYTES
-static_assert(LAYOUT_SLOT_BYTES == SLOT_BYTES, "host and device disagree on SLOT_BYTES");
-#endif
-#ifdef LAYOUT_D_RECV_BYTES
-static_assert(LAYOUT_D_RECV_BYTES == D_RECV_BYTES, "host and device disagree on D_RECV_BYTES");
-#endif
-#ifdef LAYOUT_C_RECV_BYTES
-static_assert(LAYOUT_C_RECV_BYTES == C_RECV_BYTES, "host and device disagree on C_RECV_BYTES");
-#endif
+// ---- buffer geometry: computed once, on the host (cupy_ep/geometry.py ll_offsets) ----
+// dispatch quarter: slots [R][M][SLOT_BYTES] (x, scales at SCALE_OFF, meta at META_OFF), staging
+constexpr int SCALE_OFF = LL_SCALE_OFF;
+constexpr int META_OFF = LL_META_OFF;
+constexpr int SLOT_BYTES = LL_SLOT_BYTES;
+constexpr long long D_RECV_BYTES = LL_D_RECV_BYTES;
+constexpr long long D_STAGE_OFF = LL_D_STAGE_OFF;
+// combine quarter: weights [R][WSTRIDE], partials [R][M][ROW_BYTES], staging of both
+constexpr long long WSTRIDE = LL_WSTRIDE;
+constexpr long long C_W_OFF = LL_C_W_OFF;
+constexpr long long C_P_OFF = LL_C_P_OFF;
+constexpr long long C_RECV_BYTES = LL_C_RECV_BYTES;
+constexpr long long C_STAGE_W_OFF = LL_C_STAGE_W_OFF;
+constexpr long long C_STAGE_P_OFF = LL_C_STAGE_P_OFF;
+// What the kernels rely on: 16-byte aligned areas that hold what they store.
+static_assert(SCALE_OFF >= X_BYTES && META_OFF >= SCALE_OFF + (FP8 ? 4 * NSCALES : 0) &&
+              SLOT_BYTES >= META_OFF + 4 * (1 + K), "dispatch slot geometry");
+static_assert(SCALE_OFF % 16 == 0 && META_OFF % 16 == 0 && SLOT_BYTES % 16 == 0, "16-byte slot areas");
+static_assert(D_RECV_BYTES >= (long long)R * M * SLOT_BYTES && D_STAGE_OFF >= D_RECV_BYTES, "dispatch quarter");
+static_assert(WSTRIDE >= (long long)M * K * 4 && C_P_OFF >= C_W_OFF + R * WSTRIDE &&
+              C_RECV_BYTES >= C_P_OFF + R * M * ROW_BYTES, "combine quarter");
+static_assert(C_STAGE_W_OFF >= C_RECV_BYTES && C_STAGE_P_OFF >= C_STAGE_W_OFF + R * WSTRIDE, "combine staging");
+static_assert(WSTRIDE % 16 == 0 && C_P_OFF % 16 == 0 && C_STAGE_W_OFF % 16 == 0 && C_STAGE_P_OFF % 16 == 0,
+              "16-byte combine areas");
 
 // ---- work decomposition ----
 // dispatch send: per token, chunks of 512 channels (fp8: 16 ch per lane) or 256 (bf16: 8 per lane)
@@ -197,7 +197,7 @@ union DispatchSmem {
     SendSmem send;
     RecvSmem recv;
 };
-static_assert(sizeof(DispatchSmem) <= 48 * 1024 - 64,
+static_assert(sizeof(DispatchSmem) <= LL_MAX_SMEM_BYTES,
               "shared memory: the receive phase keeps R + E + E/R ints, the send phase 12 bytes per rank");
 
 // ------------------------------------------------------------------------------------------

@@ -110,6 +110,37 @@ def test_limits_reach_the_kernels_and_the_errors():
         assert "some_kernel" in str(err) and "rank 3" in str(err)
 
 
+@pytest.mark.parametrize("num_ranks", [1, 3, 16, 1024])
+@pytest.mark.parametrize("m,hidden", [(1, 128), (128, 7168), (512, 2048)])
+def test_low_latency_size_hint_holds_every_call(num_ranks, m, hidden):
+    """The hint's quarters hold a dispatch and a combine of any top-k, dtype, combine format and
+    transport; the offsets the kernels receive (ll_offsets) give 16-byte aligned, disjoint areas."""
+    from cupy_ep import geometry as G
+
+    geom = G.LLGeometry(num_ranks, G.ll_size_hint(m, hidden, num_ranks))
+    assert geom.quarter_offset(0) >= geom.signal_offset(1, G.LL_SIG_KINDS - 1) + 8 * num_ranks
+    assert geom.quarter_offset(3) + geom.quarter_bytes <= geom.num_bytes
+    for topk in (1, 9, limits.LL_MAX_TOPK):
+        for fp8, logfmt in ((False, False), (True, False), (False, True)):
+            off = G.ll_offsets(num_ranks, m, hidden, topk, fp8, logfmt)
+            row = G.ll_partial_row_bytes(hidden, logfmt)
+            assert all(v % 16 == 0 for v in off.values())
+            assert off["LL_SCALE_OFF"] >= (hidden if fp8 else 2 * hidden)
+            assert off["LL_META_OFF"] >= off["LL_SCALE_OFF"] + (4 * hidden // limits.FP8_BLOCK if fp8 else 0)
+            assert off["LL_META_OFF"] + 4 * (1 + topk) <= off["LL_SLOT_BYTES"]
+            assert num_ranks * m * off["LL_SLOT_BYTES"] <= off["LL_D_RECV_BYTES"] <= off["LL_D_STAGE_OFF"]
+            assert off["LL_WSTRIDE"] >= m * topk * 4
+            assert off["LL_C_P_OFF"] >= off["LL_C_W_OFF"] + num_ranks * off["LL_WSTRIDE"]
+            assert off["LL_C_P_OFF"] + num_ranks * m * row <= off["LL_C_RECV_BYTES"] <= off["LL_C_STAGE_W_OFF"]
+            assert off["LL_C_STAGE_W_OFF"] + num_ranks * off["LL_WSTRIDE"] <= off["LL_C_STAGE_P_OFF"]
+            for rdma in (False, True):
+                d = G.ll_dispatch_quarter_bytes(num_ranks, m, hidden, topk, fp8, rdma)
+                c = G.ll_combine_quarter_bytes(num_ranks, m, hidden, topk, rdma, logfmt)
+                assert d >= (off["LL_D_STAGE_OFF"] + off["LL_D_RECV_BYTES"] if rdma else off["LL_D_RECV_BYTES"])
+                assert c >= (off["LL_C_STAGE_P_OFF"] + num_ranks * m * row if rdma else off["LL_C_RECV_BYTES"])
+                assert d <= geom.quarter_bytes and c <= geom.quarter_bytes
+
+
 PURE_MODULES = {"geometry": {"limits", "logfmt"}, "validation": {"limits", "geometry", "config"},
                 "reference": {"limits", "geometry", "validation", "config", "errors", "event", "fp8", "logfmt",
                               "collective"},
