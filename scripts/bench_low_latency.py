@@ -4,7 +4,8 @@
         [--profile] [--iters 50] [--json PATH]
 
 Workload: 128 tokens per rank (M), hidden 7168, top-8 of 288 and of 256 experts (rounded
-down to a multiple of the ranks), FP8 dispatch, bf16 combine; 2 or more ranks.
+down to a multiple of the ranks), FP8 dispatch, bf16 combine and LogFMT combine
+(``use_logfmt=True``, the same handle and expert outputs); 2 or more ranks.
 
 * **per call**: CUDA events between calls issued back to back on one stream behind a spin
   kernel (the GPU never waits for the host; launch gaps between kernels included), after
@@ -24,8 +25,9 @@ down to a multiple of the ranks), FP8 dispatch, bf16 combine; 2 or more ranks.
 
 Every number is a per-rank median; the worst rank is shown (``--json`` has the means too).
 GB/s as DeepEP's test counts it: dispatch = selections x (H + H/128*4 + 16) bytes, combine =
-selections x 2H ("logical": one copy per selected expert, although this design sends one per
-destination rank).
+selections x 2H, LogFMT combine = selections x (H*10/8 + H/128*4) ("logical": one copy per
+selected expert, although this design sends one per destination rank). The header of each
+table gives the bytes that do cross to other ranks (one partial row per destination rank).
 """
 from __future__ import annotations
 
@@ -39,8 +41,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
 
+from cupy_ep import logfmt  # noqa: E402  (pure: the LogFMT row size)
+
 ROWS = (("dispatch_us", "dispatch (FP8)", "low_latency_dispatch", "dispatch"),
         ("combine_us", "combine (bf16)", "low_latency_combine", "combine"),
+        ("combine_logfmt_us", "combine (LogFMT)", "low_latency_combine_logfmt", "combine_logfmt"),
         ("dispatch_combine_us", "dispatch + combine", None, None),
         ("graph_dispatch_combine_us", "graph: dispatch + combine", None, None),
         ("dispatch_send_us", "hook: dispatch send", "low_latency_dispatch_send", None),
@@ -86,8 +91,9 @@ def expert_counts(expert_list, num_ranks: int) -> list:
 
 
 def deepep_bytes(selections: int, hidden: int) -> tuple:
-    """(dispatch, combine) logical bytes as DeepEP's low-latency test counts them."""
-    return selections * (hidden + hidden // 128 * 4 + 16), selections * hidden * 2
+    """(dispatch, combine, LogFMT combine) logical bytes as DeepEP's low-latency test counts them."""
+    return (selections * (hidden + hidden // 128 * 4 + 16), selections * hidden * 2,
+            selections * logfmt.row_bytes(hidden))
 
 
 def bench_experts(comm, buf, nc, e: int, args) -> dict:
@@ -108,19 +114,23 @@ def bench_experts(comm, buf, nc, e: int, args) -> dict:
         ml_dtypes.bfloat16)
     traffic = bc.ll_traffic(idx_np, e, r, rank)
     res = dict(num_experts=e, **traffic)
-    res["deepep_dispatch_bytes"], res["deepep_combine_bytes"] = deepep_bytes(traffic["selections"], h)
+    (res["deepep_dispatch_bytes"], res["deepep_combine_bytes"],
+     res["deepep_combine_logfmt_bytes"]) = deepep_bytes(traffic["selections"], h)
     res["remote_dispatch_bytes"] = traffic["remote_copies"] * bc.row_bytes(h, True)
     res["remote_combine_bytes"] = traffic["remote_copies"] * bc.row_bytes(h, False)
+    res["remote_combine_logfmt_bytes"] = traffic["remote_copies"] * logfmt.row_bytes(h)
 
     def dispatch(hook=False):
         return buf.low_latency_dispatch(x, idx, m, e, use_fp8=True, return_recv_hook=hook)
 
-    def combine(handle, hook=False):
-        return buf.low_latency_combine(y, idx, w, handle, return_recv_hook=hook)
+    def combine(handle, hook=False, use_logfmt=False):
+        return buf.low_latency_combine(y, idx, w, handle, use_logfmt=use_logfmt, return_recv_hook=hook)
 
     res["dispatch_us"] = bc.time_back_to_back(comm, lambda: dispatch(), args.iters)
     handle = dispatch()[2]
     res["combine_us"] = bc.time_back_to_back(comm, lambda: combine(handle), args.iters)
+    combine(handle, use_logfmt=True)   # compiles the LogFMT kernels outside the timing
+    res["combine_logfmt_us"] = bc.time_back_to_back(comm, lambda: combine(handle, use_logfmt=True), args.iters)
     res["dispatch_combine_us"] = bc.time_back_to_back(comm, lambda: combine(dispatch()[2]), args.iters)
     buf.check()
 
@@ -164,11 +174,24 @@ def bench_experts(comm, buf, nc, e: int, args) -> dict:
             for _ in range(args.iters):
                 combine(handle, hook=True)[2]()
             s.synchronize()
+        with buf.profile() as prof_logfmt:
+            comm.Barrier()
+            bc.spin(10_000_000)
+            for _ in range(args.iters):
+                combine(handle, use_logfmt=True)
+            s.synchronize()
         buf.check()
         kt = prof.kernel_times_us()
         kt.update(prof_hook.kernel_times_us())
+        marks = prof.phase_marks_us()
+
+        def as_logfmt(name):   # the same kernel name as the bf16 combine's, told apart here
+            return name.replace("low_latency_combine", "low_latency_combine_logfmt")
+
+        kt.update({as_logfmt(n): v for n, v in prof_logfmt.kernel_times_us().items()})
+        marks.update({as_logfmt(n): v for n, v in prof_logfmt.phase_marks_us().items()})
         res["kernel_us"] = {name: bc.median(v) for name, v in kt.items()}
-        res["phase_us"] = {name: bc.median(v) for name, v in prof.phase_marks_us().items()}
+        res["phase_us"] = {name: bc.median(v) for name, v in marks.items()}
 
     if nc is not None:
         sd = [c * bc.row_bytes(h, True) for c in traffic["tokens_per_rank"]]
@@ -193,7 +216,8 @@ def merge(per_rank: list) -> dict:
             names = list(dict.fromkeys(n for p in per_rank for n in p.get(key, {})))   # first-seen order
             out[key] = {n: bc.worst_and_mean([p.get(key, {}).get(n) for p in per_rank])[0] for n in names}
     for key in ("selections", "remote_copies", "deepep_dispatch_bytes", "deepep_combine_bytes",
-                "remote_dispatch_bytes", "remote_combine_bytes"):
+                "deepep_combine_logfmt_bytes", "remote_dispatch_bytes", "remote_combine_bytes",
+                "remote_combine_logfmt_bytes"):
         out[key] = max(p[key] for p in per_rank)
         out[key + "_per_rank"] = [p[key] for p in per_rank]
     out["copies_per_token"] = float(np.mean([p["copies_per_token"] for p in per_rank]))
@@ -213,8 +237,9 @@ def print_experts(r: dict, ranks: int, args) -> None:
     kt = r.get("kernel_us", {})
     print(f"\n== top-{args.topk} of {e} experts: {r['copies_per_token']:.2f} destination ranks per token; bytes to "
           f"other ranks per rank (max): dispatch {r['remote_dispatch_bytes'] / 1e6:.2f} MB, combine "
-          f"{r['remote_combine_bytes'] / 1e6:.2f} MB (DeepEP's count: {r['deepep_dispatch_bytes'] / 1e6:.2f} / "
-          f"{r['deepep_combine_bytes'] / 1e6:.2f} MB incl. own rank)")
+          f"{r['remote_combine_bytes'] / 1e6:.2f} MB, LogFMT combine {r['remote_combine_logfmt_bytes'] / 1e6:.2f} MB "
+          f"(DeepEP's count: {r['deepep_dispatch_bytes'] / 1e6:.2f} / {r['deepep_combine_bytes'] / 1e6:.2f} / "
+          f"{r['deepep_combine_logfmt_bytes'] / 1e6:.2f} MB incl. own rank)")
     table = []
     for key, label, kname, bytes_of in ROWS:
         if key not in r:
@@ -239,12 +264,13 @@ def print_summary(results, ranks, transport) -> None:
             v, kv = r.get(key), kernel_time_us(r, kname)
             return "-" if v is None else (f"{v:.1f}" + (f" ({kv:.1f})" if kv is not None else ""))
         table.append([str(r["num_experts"]), cell("dispatch_us", "low_latency_dispatch"),
-                      cell("combine_us", "low_latency_combine"), cell("dispatch_combine_us", None),
+                      cell("combine_us", "low_latency_combine"),
+                      cell("combine_logfmt_us", "low_latency_combine_logfmt"), cell("dispatch_combine_us", None),
                       cell("graph_dispatch_combine_us", None),
                       f"{cell('dispatch_send_us', None)} + {cell('dispatch_recv_us', None)}",
                       f"{cell('nccl_dispatch_us', None)} / {cell('nccl_combine_us', None)}"])
-    bc.print_table(["experts", "dispatch", "combine", "both", "graph", "hook disp send+recv", "NCCL disp / comb"],
-                   table, [7, 13, 13, 8, 8, 20, 16])
+    bc.print_table(["experts", "dispatch", "combine", "comb LogFMT", "both", "graph", "hook disp send+recv",
+                    "NCCL disp / comb"], table, [7, 13, 13, 13, 8, 8, 20, 16])
     if ranks == 4:
         ref = bc.DEEPEP_V1_H200_4RANKS
         print(f"DeepEP v1, 4 x H200, 288 experts, NVLink (its own tests, 2026-11-28, kernel times): dispatch "
@@ -307,7 +333,8 @@ def main():
     kd, kc = kernel_time_us(first, "low_latency_dispatch"), kernel_time_us(first, "low_latency_combine")
     kern = "" if kd is None else f" (kernel {kd:.1f} / {kc or 0:.1f})"
     print(f"SUMMARY low_latency {r} ranks, {first['num_experts']} experts, {args.transport}: per call dispatch "
-          f"{first['dispatch_us']:.1f} us, combine {first['combine_us']:.1f} us, both "
+          f"{first['dispatch_us']:.1f} us, combine {first['combine_us']:.1f} us (LogFMT "
+          f"{first['combine_logfmt_us']:.1f} us), both "
           f"{first['dispatch_combine_us']:.1f} us{kern}; NCCL "
           + (f"{first['nccl_dispatch_us']:.1f} / {first['nccl_combine_us']:.1f} us" if "nccl_dispatch_us" in first
              else "not run"))
