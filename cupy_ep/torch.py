@@ -495,7 +495,8 @@ class Buffer:
         is_token_in_rank, event)``."""
         with self._call():
             per_rank, per_rdma, per_expert, in_rank, event = self.cupy_ep_buffer.get_dispatch_layout(
-                to_cupy(topk_idx), num_experts, self._event(previous_event), async_finish, allocate_on_comm_stream)
+                to_cupy(topk_idx), num_experts, previous_event=self._event(previous_event), async_finish=async_finish,
+                allocate_on_comm_stream=allocate_on_comm_stream)
             outputs = tuple(to_torch(a) for a in (per_rank, per_rdma, per_expert, in_rank))
         return (*outputs, self._overlap(event, async_finish, (topk_idx, *outputs)))
 
@@ -527,11 +528,14 @@ class Buffer:
             counts = self._read_counts(num_tokens_per_rank, previous_event)
         with self._call():
             recv_x, recv_idx, recv_w, per_expert, inner_handle, event = inner.dispatch(
-                to_cupy(x_in), cupy_handle, to_cupy(num_tokens_per_rank), to_cupy(num_tokens_per_rdma_rank),
-                to_cupy(is_token_in_rank), to_cupy(num_tokens_per_expert), to_cupy(topk_idx),
-                to_cupy(topk_weights), expert_alignment, num_worst_tokens,
-                self._config(config, self.get_dispatch_config(self.group_size)), self._event(previous_event),
-                async_finish, allocate_on_comm_stream)
+                to_cupy(x_in), handle=cupy_handle, num_tokens_per_rank=to_cupy(num_tokens_per_rank),
+                num_tokens_per_rdma_rank=to_cupy(num_tokens_per_rdma_rank),
+                is_token_in_rank=to_cupy(is_token_in_rank), num_tokens_per_expert=to_cupy(num_tokens_per_expert),
+                topk_idx=to_cupy(topk_idx), topk_weights=to_cupy(topk_weights), expert_alignment=expert_alignment,
+                num_worst_tokens=num_worst_tokens,
+                config=self._config(config, self.get_dispatch_config(self.group_size)),
+                previous_event=self._event(previous_event), async_finish=async_finish,
+                allocate_on_comm_stream=allocate_on_comm_stream)
             if isinstance(recv_x, tuple):
                 out_x, on_wait = self._normal_recv_fp8(recv_x, packed)
             else:
@@ -625,9 +629,10 @@ class Buffer:
         cupy_handle = _inner_handle(handle, DispatchHandle)
         with self._call():
             combined_x, combined_w, event = self.cupy_ep_buffer.combine(
-                to_cupy(x), cupy_handle, to_cupy(topk_weights), to_cupy(bias),
-                self._config(config, self.get_combine_config(self.group_size)), self._event(previous_event),
-                async_finish, allocate_on_comm_stream)
+                to_cupy(x), cupy_handle, topk_weights=to_cupy(topk_weights), bias=to_cupy(bias),
+                config=self._config(config, self.get_combine_config(self.group_size)),
+                previous_event=self._event(previous_event), async_finish=async_finish,
+                allocate_on_comm_stream=allocate_on_comm_stream)
             combined_x, combined_w = to_torch(combined_x), to_torch(combined_w)
         return combined_x, combined_w, self._overlap(event, async_finish, (x, topk_weights, combined_x, combined_w))
 
@@ -656,8 +661,10 @@ class Buffer:
         torch = _torch()
         with self._call():
             recv_x, recv_count, inner_handle, event, hook = self.cupy_ep_buffer.low_latency_dispatch(
-                to_cupy(x), to_cupy(topk_idx), num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                round_scale, use_ue8m0, async_finish, return_recv_hook, to_cupy(cumulative_local_expert_recv_stats),
+                to_cupy(x), to_cupy(topk_idx), num_max_dispatch_tokens_per_rank, num_experts, use_fp8=use_fp8,
+                round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
+                return_recv_hook=return_recv_hook,
+                cumulative_local_expert_recv_stats=to_cupy(cumulative_local_expert_recv_stats),
                 dispatch_wait_recv_cost_stats=to_cupy(dispatch_wait_recv_cost_stats))
             finish = ()
             if use_fp8:

@@ -86,9 +86,9 @@ def test_buffer_options():
 
 
 def test_refuse_names_the_feature():
-    refuse("use_logfmt=True (LogFMT combine)", False)
-    with pytest.raises(NotImplementedError, match="LogFMT"):
-        refuse("use_logfmt=True (LogFMT combine)", True)
+    refuse("allow_mnnvl=True (multi-node NVLink)", False)
+    with pytest.raises(NotImplementedError, match="allow_mnnvl"):
+        refuse("allow_mnnvl=True (multi-node NVLink)", True)
 
 
 def test_config_maps_num_sms_and_checks_chunks():
@@ -402,29 +402,83 @@ def test_normal_fp8_scales_copied_after_previous_event(stream_log, packed):
                    ("record", "side"), ("record", "comm"), ("capture",)], log
 
 
-def test_low_latency_combine_passes_every_option_by_name(monkeypatch):
-    """The adapter's low_latency_combine hands each DeepEP option to the cupy_ep parameter of the
-    same name (positional passing once shifted them by one when use_logfmt was added)."""
-    import contextlib
+# -- every DeepEP argument reaches cupy_ep's parameter of the same name -------------------------------------
+class _Inner:
+    """Stands for the cupy_ep.Buffer underneath: binds each call to the real method's signature
+    (so a positional argument in the wrong place shows under the wrong name) and records it."""
 
-    from cupy_ep.buffer import Buffer as CupyEpBuffer
+    num_rdma_ranks = 1
+    results = {"get_dispatch_layout": ("per_rank", None, "per_expert", "in_rank", None),
+               "dispatch": ("recv_x", None, None, None, None, None),
+               "combine": ("combined_x", None, None),
+               "low_latency_dispatch": ("recv_x", "recv_count", ("src_info", "layout_range", 1, 2, 3), None, None),
+               "low_latency_combine": ("combined_x", None, None)}
 
-    seen = {}
+    def __init__(self):
+        self.bound = {}
 
-    class Inner:
-        def low_latency_combine(self, *args, **kwargs):
-            bound = inspect.signature(CupyEpBuffer.low_latency_combine).bind(None, *args, **kwargs)
-            seen.update(bound.arguments)
-            return "combined", None, None
+    def __getattr__(self, name):
+        from cupy_ep.buffer import Buffer as CupyEpBuffer
 
-    monkeypatch.setattr(ep_torch, "to_cupy", lambda t: t)
+        signature = inspect.signature(getattr(CupyEpBuffer, name))
+
+        def call(*args, **kwargs):
+            self.bound[name] = signature.bind(self, *args, **kwargs).arguments
+            return self.results[name]
+
+        return call
+
+
+@pytest.fixture
+def mapped(monkeypatch):
+    pytest.importorskip("cupy")   # cupy_ep.buffer (the real signatures) imports it
+    from contextlib import nullcontext
+
+    monkeypatch.setattr(ep_torch, "to_cupy", lambda a: a)
     monkeypatch.setattr(ep_torch, "to_torch", lambda a, dtype=None: a)
-    adapter = object.__new__(Buffer)
-    adapter.cupy_ep_buffer = Inner()
-    monkeypatch.setattr(Buffer, "_call", lambda self: contextlib.nullcontext())
-    monkeypatch.setattr(Buffer, "_overlap", lambda self, event, async_finish, tensors, on_wait=(): None)
-    handle = LowLatencyHandle("inner", ("src_info", "layout", 8, 128, 4))
-    options = dict(use_logfmt="L", zero_copy="Z", async_finish="A", return_recv_hook="H", out="O",
-                   combine_wait_recv_cost_stats="S")
-    adapter.low_latency_combine("x", "idx", "w", handle, **options)
-    assert {k: seen.get(k) for k in options} == options and seen["handle"] == "inner"
+    monkeypatch.setattr(ep_torch, "_torch", lambda: types.SimpleNamespace())
+    monkeypatch.setattr(Buffer, "_call", lambda self: nullcontext())
+    buf = object.__new__(Buffer)
+    buf.cupy_ep_buffer, buf.group_size = _Inner(), 2
+    return buf
+
+
+def _check_mapped(buf, name, call_kwargs, converted=()):
+    """Calls ``name`` with ``call_kwargs`` (DeepEP's names; distinct values) and checks that each one
+    arrived under the same name in cupy_ep's call (``converted``: name -> the value cupy_ep gets)."""
+    getattr(buf, name)(**call_kwargs)
+    got = buf.cupy_ep_buffer.bound[name]
+    expected = {**call_kwargs, **dict(converted)}
+    assert {k: got.get(k, "<not passed>") for k in expected} == expected
+
+
+def test_layout_and_normal_calls_pass_arguments_by_name(mapped):
+    event = EventOverlap("previous event")
+    common = dict(previous_event=event, async_finish="async_finish", allocate_on_comm_stream="on comm stream")
+    _check_mapped(mapped, "get_dispatch_layout", dict(topk_idx="topk_idx", num_experts=8, **common),
+                  {"previous_event": "previous event"})
+    handle = DispatchHandle("cupy_ep handle", False, {})
+    config = Config(24)
+    _check_mapped(mapped, "dispatch", dict(x="x", handle=handle, num_tokens_per_rank="per rank",
+                                           num_tokens_per_rdma_rank="per rdma rank", is_token_in_rank="in rank",
+                                           num_tokens_per_expert="per expert", topk_idx="topk_idx",
+                                           topk_weights="topk_weights", expert_alignment=4,
+                                           num_worst_tokens="worst", config=config, **common),
+                  {"handle": "cupy_ep handle", "config": config.to_cupy_ep(), "previous_event": "previous event"})
+    _check_mapped(mapped, "combine", dict(x="x", handle=handle, topk_weights="topk_weights", bias="bias",
+                                          config=config, **common),
+                  {"handle": "cupy_ep handle", "config": config.to_cupy_ep(), "previous_event": "previous event"})
+
+
+def test_low_latency_calls_pass_arguments_by_name(mapped):
+    _check_mapped(mapped, "low_latency_dispatch",
+                  dict(x="x", topk_idx="topk_idx", num_max_dispatch_tokens_per_rank=64, num_experts=8,
+                       cumulative_local_expert_recv_stats="recv stats", dispatch_wait_recv_cost_stats="wait stats",
+                       use_fp8=False, round_scale="round_scale", use_ue8m0="use_ue8m0", async_finish="async_finish",
+                       return_recv_hook="return_recv_hook"))
+    handle = LowLatencyHandle("cupy_ep handle", ("src_info", "layout_range", 64, 7168, 8))
+    _check_mapped(mapped, "low_latency_combine",
+                  dict(x="x", topk_idx="topk_idx", topk_weights="topk_weights", handle=handle, use_logfmt="use_logfmt",
+                       zero_copy="zero_copy", async_finish="async_finish", return_recv_hook="return_recv_hook",
+                       out="out", combine_wait_recv_cost_stats="wait stats"),
+                  {"handle": "cupy_ep handle"})

@@ -8,7 +8,8 @@ dispatch and combine bit for bit against ``cupy_ep.reference`` with bf16 and FP8
 column-major and DeepEP-packed UE8M0 scales), the DeepEP-shaped handle (``rank_prefix_matrix``),
 cached dispatch; ordering with a torch side stream (current stream, ``previous_event`` +
 ``async_finish``, FP8 inputs whose scales the adapter copies after ``previous_event``); low-latency dispatch/combine (FP8 with column-major and packed UE8M0 scales,
-bf16, hooks, ``zero_copy`` with the buffer's own pointer, ``out=``, stats); a CUDA graph of
+bf16, hooks, ``zero_copy`` with the buffer's own pointer, ``out=``, stats, LogFMT, the receive-wait
+statistics); a CUDA graph of
 normal mode with ``num_worst_tokens`` and one of the low-latency mode, replayed on new inputs;
 the NotImplementedError of features cupy_ep lacks. Rank 0 prints
 ``SUMMARY check_torch_adapter: <n> checks passed on <R> ranks`` at the end.
@@ -279,7 +280,10 @@ def normal_graph(checks, comm, buf, ref, rng, E):
 
 
 def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=False, zero_copy=False,
-            async_finish=False, use_out=False):
+            async_finish=False, use_out=False, use_logfmt=False, wait_stats=False):
+    """A low-latency round trip against the reference. ``use_logfmt``: LogFMT combine, bit for bit
+    with the reference's; ``wait_stats``: both receive-wait statistics given (misshapen ones refused
+    first, as cupy_ep refuses them; int64 [R], never negative)."""
     rank, R = comm.Get_rank(), comm.Get_size()
     EL, T = E // R, R * M
     x, idx, w = make_x(rng, N, H), make_routing(rng, N, E, K, "holes", R), make_weights(rng, N, K)
@@ -288,15 +292,22 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
     r_x, r_count, r_handle, _, _ = ref.low_latency_dispatch(x, idx, M, E, cumulative_local_expert_recv_stats=r_stats,
                                                             **kw)
     stats = torch.zeros(EL, dtype=torch.int32, device="cuda")
-    t_idx, t_w = to_t(idx), to_t(w)
+    t_x, t_idx, t_w = to_t(x), to_t(idx), to_t(w)
+    d_wait, c_wait = (torch.zeros(R, dtype=torch.int64, device="cuda") for _ in range(2)) if wait_stats else (None, None)
+    if wait_stats:
+        checks.run("misshapen dispatch_wait_recv_cost_stats refused", lambda: expect_error(
+            ValueError, "dispatch_wait_recv_cost_stats", lambda: buf.low_latency_dispatch(
+                t_x, t_idx, M, E, dispatch_wait_recv_cost_stats=torch.zeros(R + 1, dtype=torch.int64, device="cuda"),
+                **kw)))
     g_x, g_count, g_handle, event, g_hook = buf.low_latency_dispatch(
-        to_t(x), t_idx, M, E, stats, None, async_finish=async_finish, return_recv_hook=hook, **kw)
+        t_x, t_idx, M, E, stats, d_wait, async_finish=async_finish, return_recv_hook=hook, **kw)
     if hook:
         g_hook()
     if async_finish:
         event.current_stream_wait()
     torch.cuda.synchronize()
-    what = f"low latency fp8={use_fp8} ue8m0={use_ue8m0} hook={hook} zero_copy={zero_copy} async={async_finish}"
+    what = (f"low latency fp8={use_fp8} ue8m0={use_ue8m0} hook={hook} zero_copy={zero_copy} async={async_finish} "
+            f"logfmt={use_logfmt} wait_stats={wait_stats}")
 
     def compare_dispatch():
         check(len(g_handle) == 5 and tuple(g_handle[2:]) == (M, H, E), "handle: expected DeepEP's 5 entries")
@@ -322,7 +333,7 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
 
     ref_rows, got_rows = checks.run(f"{what}: dispatch", compare_dispatch)
     y_ref, y_gpu = ll_expert_outputs(r_x, use_fp8, rank, EL, ref_rows, got_rows)
-    out_ref, bound = ll_combine_expected(ref, y_ref, idx, w, r_handle)
+    out_ref, bound = ll_combine_expected(ref, y_ref, idx, w, r_handle, use_logfmt)
     if zero_copy:
         y_t = buf.get_next_low_latency_combine_buffer(g_handle)
         inner = buf.cupy_ep_buffer.get_next_low_latency_combine_buffer(g_handle.cupy_ep_handle)
@@ -332,8 +343,15 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
     else:
         y_t = to_t(y_gpu)
     out = torch.empty((N, H), dtype=torch.bfloat16, device="cuda") if use_out else None
-    combined, event, c_hook = buf.low_latency_combine(y_t, t_idx, t_w, g_handle, zero_copy=zero_copy,
-                                                      async_finish=async_finish, return_recv_hook=hook, out=out)
+    if wait_stats:
+        checks.run("misshapen combine_wait_recv_cost_stats refused", lambda: expect_error(
+            ValueError, "combine_wait_recv_cost_stats", lambda: buf.low_latency_combine(
+                y_t, t_idx, t_w, g_handle, combine_wait_recv_cost_stats=torch.zeros((R, R), dtype=torch.int64,
+                                                                                    device="cuda"))))
+    combined, event, c_hook = buf.low_latency_combine(y_t, t_idx, t_w, g_handle, use_logfmt=use_logfmt,
+                                                      zero_copy=zero_copy, async_finish=async_finish,
+                                                      return_recv_hook=hook, out=out,
+                                                      combine_wait_recv_cost_stats=c_wait)
     if hook:
         c_hook()
     if async_finish:
@@ -342,7 +360,14 @@ def ll_trip(checks, comm, buf, ref, rng, E, use_fp8=True, use_ue8m0=False, hook=
 
     def compare_combine():
         check(out is None or combined is out, "out=: expected the same tensor back")
-        _close_bf16(to_np(combined), out_ref.astype(np.float64), bound, "low_latency_combine")
+        if use_logfmt:
+            _same_bits(to_np(combined), out_ref, "low_latency_combine (LogFMT)")
+        else:
+            _close_bf16(to_np(combined), out_ref.astype(np.float64), bound, "low_latency_combine")
+        for name, a in (("dispatch_wait_recv_cost_stats", d_wait), ("combine_wait_recv_cost_stats", c_wait)):
+            if a is not None:
+                check(a.dtype == torch.int64 and tuple(a.shape) == (R,) and bool((a >= 0).all()),
+                      f"{name}: expected int64 [{R}] of non-negative nanoseconds, got {a.dtype} {a.tolist()}")
 
     checks.run(f"{what}: combine", compare_combine)
 
@@ -379,19 +404,21 @@ def ll_graph(checks, comm, buf, ref, rng, E):
                    lambda: _close_bf16(to_np(combined), out_ref.astype(np.float64), bound, "graph low_latency_combine"))
 
 
-def refusals(checks, buf):
-    def expect(fn, word):
-        try:
-            fn()
-        except NotImplementedError as e:
-            check(word in str(e), f"NotImplementedError should name {word!r}: {e}")
-        else:
-            check(False, f"expected NotImplementedError for {word}")
+def expect_error(kind, word, fn):
+    """``fn()`` raises ``kind`` with a message naming ``word``."""
+    try:
+        fn()
+    except kind as e:
+        check(word in str(e), f"{kind.__name__} should name {word!r}: {e}")
+    else:
+        check(False, f"expected {kind.__name__} naming {word}")
 
-    dummy = torch.zeros(1, device="cuda")
+
+def refusals(checks, buf):
     checks.run("not supported: named NotImplementedError", lambda: (
-        expect(lambda: buf.get_local_buffer_tensor(torch.bfloat16), "get_local_buffer_tensor"),
-        expect(lambda: deep_ep.Config().get_nvl_buffer_size_hint(2 * H, 2), "get_nvl_buffer_size_hint")))
+        expect_error(NotImplementedError, "get_local_buffer_tensor", lambda: buf.get_local_buffer_tensor(torch.bfloat16)),
+        expect_error(NotImplementedError, "get_nvl_buffer_size_hint",
+                     lambda: deep_ep.Config().get_nvl_buffer_size_hint(2 * H, 2))))
 
 
 def main():
@@ -421,6 +448,7 @@ def main():
     ll_trip(checks, comm, ll, ll_ref, rng, E, use_ue8m0=True, hook=True)
     ll_trip(checks, comm, ll, ll_ref, rng, E, use_fp8=False, zero_copy=True, use_out=True)
     ll_trip(checks, comm, ll, ll_ref, rng, E, async_finish=True)
+    ll_trip(checks, comm, ll, ll_ref, rng, E, hook=True, use_logfmt=True, wait_stats=True)
     ll_graph(checks, comm, ll, ll_ref, rng, E)
     refusals(checks, buf)
 
