@@ -242,7 +242,11 @@ run_ab() {  # the old (.baseline/) and this tree's benchmarks in turns (ABBA...)
 }
 
 run_torch() {
-  $PY -c "import torch" 2>/dev/null || { skip torch "no torch in $PY"; return; }
+  local why
+  if ! why=$($PY -c "import torch" 2>&1); then
+    skip torch "no torch in $PY ($(echo "$why" | tail -1 | cut -c1-120))"
+    return
+  fi
   for n in ${TORCH_RANKS:-2}; do
     fits "$n" || { skip "torch_${n}ranks" "only $ngpu GPUs"; continue; }
     step "torch_adapter_${n}ranks" "${TORCH_TIMEOUT:-150}" $MPIEXEC -n "$n" $PY tests/gpu/check_torch_adapter.py
