@@ -457,10 +457,40 @@ class Buffer:
             ValueError / TypeError for bad input, before anything is sent. Routing values (expert ids
             out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
             call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
-            :meth:`check` or the next non-cached dispatch).
+            :meth:`check` or the next non-cached dispatch). A non-cached dispatch inside one NVLink
+            domain whose arguments this rank refused still takes part in the call, cancelled, so
+            that the peers raise ``ValueError`` naming this rank in the same way (docs/api.md, "Errors").
         """
         self._begin_phases("dispatch")
         engine = self._require_normal()
+        try:
+            args = self._check_dispatch(engine, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                        is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                        expert_alignment, num_worst_tokens, config)
+        except (TypeError, ValueError):
+            if handle is None:
+                self._join_cancelled_dispatch(engine)
+            raise
+        is_fp8, data, scales, topk_idx, routing, config = args
+        call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        self._phase("checked", call.stream)
+        result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
+                                                       num_worst_tokens, expert_alignment, config, call))
+        event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights, result.recv_x,
+                                                          result.recv_scales, result.recv_topk_idx,
+                                                          result.recv_topk_weights))
+        self._end_phases(call.stream)
+        out_x = (result.recv_x, result.recv_scales) if is_fp8 else result.recv_x
+        if handle is not None:   # as DeepEP: a cached dispatch returns only the data
+            return out_x, None, None, None, None, event
+        self._owner.stamp(result.handle)
+        return (out_x, result.recv_topk_idx, result.recv_topk_weights, result.num_recv_tokens_per_expert_list,
+                result.handle, event)
+
+    def _check_dispatch(self, engine, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config):
+        """dispatch's argument checks (a refusal is told to the peers' host steps):
+        ``(is_fp8, data, scales, topk_idx as int64, routing, config)``."""
         with self._calls.begin("dispatch"):
             self._check_arrays(x=x, num_tokens_per_rank=num_tokens_per_rank,
                                num_tokens_per_rdma_rank=num_tokens_per_rdma_rank, is_token_in_rank=is_token_in_rank,
@@ -486,20 +516,17 @@ class Buffer:
                                              self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
             if topk_idx is not None and topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
-        call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        self._phase("checked", call.stream)
-        result = self._guarded(lambda: engine.dispatch(data, scales, topk_idx, topk_weights, routing, handle,
-                                                       num_worst_tokens, expert_alignment, config, call))
-        event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights, result.recv_x,
-                                                          result.recv_scales, result.recv_topk_idx,
-                                                          result.recv_topk_weights))
-        self._end_phases(call.stream)
-        out_x = (result.recv_x, result.recv_scales) if is_fp8 else result.recv_x
-        if handle is not None:   # as DeepEP: a cached dispatch returns only the data
-            return out_x, None, None, None, None, event
-        self._owner.stamp(result.handle)
-        return (out_x, result.recv_topk_idx, result.recv_topk_weights, result.num_recv_tokens_per_expert_list,
-                result.handle, event)
+        return is_fp8, data, scales, topk_idx, routing, config
+
+    def _join_cancelled_dispatch(self, engine) -> None:
+        """After this rank refused a non-cached dispatch's arguments: its part in the call's
+        protocol, marked cancelled and reading none of them, so that the peers' kernels complete
+        the call and raise ``ValueError`` naming this rank at once (docs/api.md, "Errors"). It
+        follows this Buffer's earlier kernels, as a synchronous call does, and nothing waits for
+        it. Not on a Buffer an earlier timeout broke (its peers are not in step)."""
+        if self._broken is None:
+            call = self._streams.begin(None, on_comm_stream=False)
+            engine.join_cancelled_dispatch(call.stream, refused=True)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,

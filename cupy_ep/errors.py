@@ -58,12 +58,21 @@ def peers_gave_up(call: str, rank: int, ranks, timeout_s: float) -> CommTimeoutE
     return error
 
 
-def cancelled_by_peers(call: str, ranks, rank: int) -> ValueError:
+class PeerRefusalError(ValueError):
+    """The ``ValueError`` of a rank whose own input was fine, when other ranks refused theirs in a
+    collective call (the call was cancelled on every rank). ``ranks``: those ranks."""
+
+    def __init__(self, message: str, ranks=()):
+        super().__init__(message)
+        self.ranks = list(ranks)
+
+
+def cancelled_by_peers(call: str, ranks, rank: int) -> PeerRefusalError:
     """The error of a rank whose own input was fine, when ``ranks`` refused theirs in ``call``."""
     ranks = sorted(ranks)
     who = f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
-    return ValueError(f"{who} passed invalid input to {call}; the call was cancelled on every rank "
-                      f"(seen on rank {rank})")
+    return PeerRefusalError(f"{who} passed invalid input to {call}; the call was cancelled on every rank "
+                            f"(seen on rank {rank})", ranks)
 
 
 class TokenOverflowError(CupyEpError, ValueError):

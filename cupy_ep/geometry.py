@@ -117,6 +117,11 @@ def intranode_constants(num_ranks: int, num_channels: int, num_threads: int, **k
     return consts
 
 
+#: (channels, threads) of the intranode module without a selected kernel: group_barrier_kernel and
+#: notify_cancelled (one warp each).
+INTRANODE_BARRIER_SHAPE = (1, 32)
+
+
 def intranode_notify_kernel(e_local: int, num_topk: int, idx_bytes: int) -> dict:
     """The notify kernel's constants (``idx_bytes``: topk_idx element size, 0 without it)."""
     return dict(KERNEL_NOTIFY=1, E_LOCAL=e_local, TOPK=num_topk, IDX_BYTES=idx_bytes)

@@ -16,6 +16,13 @@ streams. A non-cached dispatch runs:
    is no host wait at all (CUDA-graph capturable).
 
 A cached dispatch and a combine run a barrier kernel, then their kernel.
+
+A rank whose non-cached dispatch is refused on the host (its arguments failed validation, or a
+host step told it of a peer's refusal) launches ``notify_cancelled`` instead: the notify
+protocol with zero rows and a cancel flag, so that the peers' notify cancels the call there and
+raises promptly (:meth:`IntranodeEngine.join_cancelled_dispatch`). Its module, the barrier's,
+is loaded when the engine is made: the cancelled part never compiles (a compile agreement the
+peers would not join).
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
+from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle, _ptr
 
 _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   # launch arguments
@@ -57,6 +65,8 @@ class IntranodeEngine(NormalEngine):
     def __init__(self, nvl_comm, nvl, status, timeout_ns: int, chaos: bool = False):
         super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
+        # collective over nvl_comm (the Buffer makes its engines on every rank, agreed)
+        self._notify_cancelled = self._function("notify_cancelled", *geometry.INTRANODE_BARRIER_SHAPE)
 
     # -- kernels ----------------------------------------------------------------------------
     def _function(self, name: str, num_channels: int, num_threads: int, **kernel):
@@ -70,10 +80,19 @@ class IntranodeEngine(NormalEngine):
         return fn
 
     def _barrier(self, kernel_name: str, stream) -> None:
-        fn = self._memoised(("barrier",), lambda: self._function("group_barrier_kernel", 1, 32))
-        self._launch(fn, 1, 32, (self.nvl.peer_table, np.int32(self.rank), self.status_arg,
-                                 self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
+        channels, threads = geometry.INTRANODE_BARRIER_SHAPE
+        fn = self._memoised(("barrier",), lambda: self._function("group_barrier_kernel", channels, threads))
+        self._launch(fn, channels, threads, (self.nvl.peer_table, np.int32(self.rank), self.status_arg,
+                                             self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
         self._phase("barrier launched", stream)
+
+    def join_cancelled_dispatch(self, stream, refused: bool) -> bool:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``
+        (kernels_cu/intranode.cu), whose module was loaded with the engine."""
+        self._launch(self._notify_cancelled, 1, geometry.INTRANODE_BARRIER_SHAPE[1],
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(refused), self.status_arg,
+                      self.timeout_ns), stream, "notify")
+        return True
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],
@@ -104,8 +123,14 @@ class IntranodeEngine(NormalEngine):
         seq = self._next_seq()
         e_local = num_experts // r
         idx_bytes = 0 if topk_idx is None else topk_idx.dtype.itemsize
-        notify = self._memoised(("notify", c, config.num_threads, e_local, num_topk, idx_bytes), lambda: self._function(
-            "notify_dispatch", c, config.num_threads, **geometry.intranode_notify_kernel(e_local, num_topk, idx_bytes)))
+        try:
+            notify = self._memoised(("notify", c, config.num_threads, e_local, num_topk, idx_bytes),
+                                    lambda: self._function("notify_dispatch", c, config.num_threads,
+                                                           **geometry.intranode_notify_kernel(e_local, num_topk,
+                                                                                              idx_bytes)))
+        except PeerRefusalError:   # told by the compile agreement: the refusing rank runs its cancelled part
+            self.join_cancelled_dispatch(call.stream, refused=False)
+            raise
         self._launch(notify, 1, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
                       _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,

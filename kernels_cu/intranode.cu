@@ -95,6 +95,33 @@ extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, Erro
     domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank));
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cancelled notify (one warp; in the barrier kernel's module, loaded with the engine): this
+// rank's part in a non-cached dispatch it does not make, because the host refused its arguments
+// (refused = 1) or learned that a peer refused theirs (refused = 0). It reads no argument of the
+// call: the domain barrier, then in every peer's buffer a notify slot of zero rows for every
+// rank and channel with NS_BAD = refused, then the notify signal, as notify_dispatch makes them.
+// The peers' notify_dispatch completes and cancels the call (NS_BAD), their dispatch sends
+// nothing, and the epochs stay in step. Nothing is written for this rank's host (its call
+// raises without waiting) nor read from the peers' slots. The expert counts of the slot are
+// left as they are: notify reads them only into the host's counts of a call it did not cancel.
+// ---------------------------------------------------------------------------------------------
+static_assert(NOTIFY_CHAN + MAX_CHANNELS + 1 <= NOTIFY_EXPERT, "notify slot: the header, rows and channels come first");
+
+extern "C" __global__ void notify_cancelled(const u64* peers, int rank, int refused, ErrorRecord* err,
+                                            u64 timeout_ns) {
+    __shared__ char* s_peer[NUM_RANKS];
+    load_peers(peers, s_peer);
+    const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_NOTIFY_DISPATCH, rank);
+    const int epoch = domain_barrier(s_peer, rank, w);
+    if (epoch == 0) return;
+    for (int i = threadIdx.x; i < NUM_RANKS * NOTIFY_EXPERT; i += blockDim.x) {
+        const int r = i / NOTIFY_EXPERT, j = i % NOTIFY_EXPERT;
+        notify_slot(s_peer[r], rank)[j] = j == NS_BAD ? refused : 0;
+    }
+    signal_peers_and_wait(s_peer, s_peer[rank], OFF_NOTIFY_FLAGS, rank, NUM_RANKS, epoch, w, 0);
+}
+
 #if KERNEL_NOTIFY
 #if IDX_BYTES == 8
 typedef i64 idx_t;

@@ -146,6 +146,15 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         return lambda: buf.dispatch(x if x_arg is None else x_arg, **layout_of(idx), topk_idx=idx,
                                     topk_weights=w if weights is None else weights)
 
+    def worst_token_dispatch(x_arg=None):
+        """A dispatch with num_worst_tokens (no host synchronisation), then check(): on the GPU the
+        good ranks learn of the cancellation there."""
+        def call():
+            buf.dispatch(x if x_arg is None else x_arg, **layout_of(idx), topk_idx=idx, topk_weights=w,
+                         num_worst_tokens=n * num_ranks)
+            buf.check()
+        return call
+
     # a normal-mode shape no other case uses: other experts per rank and top-k
     new_e, new_k = 3 * num_ranks, NORMAL_TOPK - 1
     new_idx = A(make_routing(rng, n, new_e, new_k, "random", num_ranks))
@@ -219,9 +228,12 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
     cases = [
         case("get_dispatch_layout with an id >= num_experts, then dispatch", layout_then_dispatch(True),
              layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id")), gpu=True),
-        case("dispatch: x float32", dispatch(A(x_np.astype(np.float32))), dispatch(), Expect(TypeError, ("x",))),
+        case("dispatch: x float32", dispatch(A(x_np.astype(np.float32))), dispatch(), Expect(TypeError, ("x",)),
+             gpu=True),
         case("dispatch: topk_weights of the wrong shape", dispatch(weights=A(w_np[:, :-1].copy())), dispatch(),
-             Expect(ValueError, ("topk_weights",))),
+             Expect(ValueError, ("topk_weights",)), gpu=True),
+        case("dispatch with num_worst_tokens, then check(): x float32", worst_token_dispatch(A(x_np.astype(np.float32))),
+             worst_token_dispatch(), Expect(TypeError, ("x",)), gpu=True),
         case("combine: one row fewer", combine(lambda rx: dict(x=rx[:-1])), combine(), Expect(ValueError, ("x",))),
         case("combine: bias of the wrong shape", combine(lambda rx: dict(bias=A(make_x(rng, n, h + 8)))),
              combine(), Expect(ValueError, ("bias",))),

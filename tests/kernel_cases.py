@@ -121,7 +121,8 @@ def kernel_cases() -> list[KernelCase]:
     for path in sorted(KERNEL_DIR.glob("*.cu")) + sorted(EXAMPLE_DIR.glob("*.cu")):
         configs, nvshmem = parse_annotations(path.read_text())
         if path.name == "intranode.cu":
-            configs = [intranode_case(*shape) for shape in INTRANODE_SHAPES]
+            configs = [intranode_case(*shape) for shape in INTRANODE_SHAPES] + [
+                geometry.intranode_constants(limits.MAX_NVL_PEERS, *geometry.INTRANODE_BARRIER_SHAPE)]
         elif path.name == "internode.cu":
             configs = [internode_case(*shape) for shape in INTERNODE_SHAPES]
         elif path.name in LL_FILES:

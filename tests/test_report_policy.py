@@ -14,7 +14,7 @@ import pytest
 
 from cupy_ep import limits
 from cupy_ep.buffer import Buffer
-from cupy_ep.errors import CommTimeoutError, TokenOverflowError, status_error
+from cupy_ep.errors import CommTimeoutError, PeerRefusalError, TokenOverflowError, status_error
 from cupy_ep.memory import StatusRecord
 from cupy_ep.normal import NormalEngine
 
@@ -62,7 +62,7 @@ def test_overflow_waits_for_check():
 def test_peer_bad_input_waits_for_check():
     buf = buffer_with(FakeStatus(limits.ST_PEER_BAD_INPUT, "internode_notify"))
     assert raised_at(buf, **COLLECTIVE_CALL) is None
-    assert raised_at(buf, **CHECK) is ValueError
+    assert raised_at(buf, **CHECK) is PeerRefusalError   # a ValueError naming the peer
 
 
 def test_layout_report_raised_by_local_calls_only():
