@@ -482,3 +482,20 @@ def test_low_latency_calls_pass_arguments_by_name(mapped):
                        zero_copy="zero_copy", async_finish="async_finish", return_recv_hook="return_recv_hook",
                        out="out", combine_wait_recv_cost_stats="wait stats"),
                   {"handle": "cupy_ep handle"})
+
+
+@pytest.mark.parametrize("num_rdma_ranks", [1, 2], ids=["one domain", "two domains"])
+def test_worst_token_dispatch_handle(mapped, num_rdma_ranks):
+    """With num_worst_tokens > 0 no rank_prefix_matrix is made (no host collective): inside one
+    NVLink domain handle[0] says so; across domains DeepEP's handle has no such entry at all."""
+    mapped.cupy_ep_buffer.num_rdma_ranks = num_rdma_ranks
+    handle = mapped.dispatch("x", num_tokens_per_rank="per rank", is_token_in_rank="in rank",
+                             num_tokens_per_expert="per expert", topk_idx="topk_idx", topk_weights="topk_weights",
+                             num_worst_tokens=64)[4]
+    assert isinstance(handle, DispatchHandle) and len(handle) == (6 if num_rdma_ranks == 1 else 10)
+    if num_rdma_ranks == 1:
+        assert handle[4] == "in rank"
+        with pytest.raises(NotImplementedError, match="rank_prefix_matrix"):
+            handle[0].shape
+    else:
+        assert handle[0] == "in rank"
