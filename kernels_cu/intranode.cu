@@ -175,16 +175,22 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     const int epoch = domain_barrier(s_peer, rank, w);
     if (epoch == 0) return;
 
-    // Rows this rank sends to each destination, per channel.
+    // Rows this rank sends to each destination, per channel: each lane counts its tokens for
+    // every rank (loads independent of each other, several in flight), then the warp sums.
     for (int c = warp; c < NUM_CHANNELS; c += NUM_WARPS) {
         const int b = channel_begin(num_tokens, c), e = channel_begin(num_tokens, c + 1);
+        int count[NUM_RANKS];
+#pragma unroll
+        for (int r = 0; r < NUM_RANKS; ++r) count[r] = 0;
+#pragma unroll 4
+        for (int t = b + lane; t < e; t += 32) {
+#pragma unroll
+            for (int r = 0; r < NUM_RANKS; ++r) count[r] += is_token_in_rank[(i64)t * NUM_RANKS + r] ? 1 : 0;
+        }
+#pragma unroll
         for (int r = 0; r < NUM_RANKS; ++r) {
-            int count = 0;
-            for (int base = b; base < e; base += 32) {
-                const int t = base + lane;
-                count += __popc(__ballot_sync(FULL_MASK, t < e && is_token_in_rank[(i64)t * NUM_RANKS + r]));
-            }
-            if (lane == 0) s_chan[r][c + 1] = count;
+            const int sum = warp_sum(count[r]);
+            if (lane == 0) s_chan[r][c + 1] = sum;
         }
     }
     if (tid < NUM_RANKS) s_chan[tid][0] = 0;

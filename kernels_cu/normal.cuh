@@ -31,10 +31,33 @@ __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tok
     for (int e = threadIdx.x; e < E; e += NUM_THREADS) s_expert[e] = 0;
     __syncthreads();
     for (int t = threadIdx.x; t < num_tokens; t += NUM_THREADS) {
-        int token_ranks[TOPK];   // the distinct ranks of the token's experts, in top-k order
-        int num_token_ranks = 0;
+        // Every load of the token is issued before any result is judged: its top-k row, then
+        // is_token_in_rank at each slot that opens a new rank and the token's whole
+        // is_token_in_rank row. (Loading each slot after judging the previous one cost a memory
+        // round trip per slot, about TOPK of them per token, with one block for every token.)
+        i64 ids[TOPK];
+#pragma unroll
+        for (int k = 0; k < TOPK; ++k) ids[k] = (i64)topk_idx[(i64)t * TOPK + k];
+        int rank_of[TOPK];   // the rank of slot k's expert, -1 for no or a bad expert
+        bool opens[TOPK];    // slot k is the first slot on its rank (in top-k order)
+#pragma unroll
         for (int k = 0; k < TOPK; ++k) {
-            const i64 e = (i64)topk_idx[(i64)t * TOPK + k];
+            rank_of[k] = (ids[k] >= 0 && ids[k] < E) ? (int)ids[k] / E_LOCAL : -1;
+            opens[k] = rank_of[k] >= 0;
+#pragma unroll
+            for (int j = 0; j < k; ++j) opens[k] = opens[k] && rank_of[j] != rank_of[k];
+        }
+        bool marked_at[TOPK];
+#pragma unroll
+        for (int k = 0; k < TOPK; ++k) marked_at[k] = !opens[k] || in_rank[(i64)t * NUM_RANKS + rank_of[k]];
+        int num_marked = 0;
+#pragma unroll 8
+        for (int r = 0; r < NUM_RANKS; ++r) num_marked += in_rank[(i64)t * NUM_RANKS + r] ? 1 : 0;
+
+        int num_token_ranks = 0;   // the distinct ranks of the token's experts
+#pragma unroll
+        for (int k = 0; k < TOPK; ++k) {
+            const i64 e = ids[k];
             if (e == -1) continue;
             if (e < -1 || e >= E) {
                 record_error(err, ST_BAD_EXPERT, kernel, rank, -1, (int)e, t);
@@ -42,18 +65,13 @@ __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tok
                 continue;
             }
             atomicAdd(&s_expert[e], 1);
-            const int r = (int)e / E_LOCAL;
-            bool seen = false;
-            for (int i = 0; i < num_token_ranks; ++i) seen |= token_ranks[i] == r;
-            if (seen) continue;
-            token_ranks[num_token_ranks++] = r;
-            if (!in_rank[(i64)t * NUM_RANKS + r]) {
+            if (!opens[k]) continue;
+            ++num_token_ranks;
+            if (!marked_at[k]) {
                 record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
                 bad = true;
             }
         }
-        int num_marked = 0;
-        for (int r = 0; r < NUM_RANKS; ++r) num_marked += in_rank[(i64)t * NUM_RANKS + r] ? 1 : 0;
         if (num_marked != num_token_ranks) {
             record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
             bad = true;

@@ -81,6 +81,7 @@ INTRANODE_SHAPES = [
     (3, 4, 3, 256, 3, 4, 2048, True, 9, 0, 1, 77, False),
     (8, 16, 8, 768, 32, 0, 3584, False, 0, 1, 24, 512, False),
     (4, 12, 12, 1024, 64, 8, 7168, False, 8, 2, 32, 4096, True),
+    (1, 12, 12, 1024, 256, 8, 7168, False, 8, 0, 32, 4096, False),   # the 1-rank benchmark
 ]
 #: (ranks, ranks per domain, channels, threads, local experts, hidden, FP8, top-k, chunk, tokens
 #:  per rank, rows received, chaos).
