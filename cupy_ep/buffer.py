@@ -19,7 +19,7 @@ import numpy as np
 
 from . import bootstrap, limits, validation
 from .collective import CallSteps
-from .config import Config, default_config
+from .config import Config
 from .errors import CommTimeoutError, CupyEpError
 from .event import EventOverlap, StreamOrder
 from .intranode import IntranodeEngine
@@ -89,7 +89,7 @@ class Buffer:
             raise
         self.rank, self.num_ranks = self.topology.rank, self.topology.num_ranks
         self.num_nvl_ranks, self.num_rdma_ranks = self.topology.num_nvl_ranks, self.topology.num_rdma_ranks
-        self._config = Config(num_sms=int(num_sms)) if num_sms is not None else default_config(self.num_nvl_ranks)
+        self._config = Config(num_sms=int(num_sms)) if num_sms is not None else Config()
         try:
             self._create(num_nvl_bytes, num_rdma_bytes, num_sms, ll_transport)
         except Exception:
@@ -497,23 +497,17 @@ class Buffer:
                                num_tokens_per_expert=num_tokens_per_expert, topk_idx=topk_idx,
                                topk_weights=topk_weights)
             config = self._check_config(config)
-            is_fp8, num_tokens, hidden = validation.check_x(x)
-            data, scales = (x if is_fp8 else (x, None))
-            routing = None
             if handle is not None:
                 if not isinstance(handle, engine.handle_type):
                     raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
                 validation.check_handle_owner(handle, self._owner)
-                validation.check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
-            else:
-                num_experts = validation.check_normal_dispatch(
-                    num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                    topk_idx, topk_weights, expert_alignment, num_worst_tokens, self.num_ranks, self.num_rdma_ranks)
-                routing = (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts,
-                           num_tokens_per_rdma_rank)
-            num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else topk_idx.shape[1])
-            validation.check_normal_capacity(num_tokens, hidden, num_topk, self._nvl.num_bytes, self.num_ranks,
-                                             self.num_nvl_ranks, 0 if self._sym is None else self._sym.num_bytes)
+            checked = validation.check_dispatch_call(
+                x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                topk_idx, topk_weights, expert_alignment, num_worst_tokens, num_ranks=self.num_ranks,
+                num_nvl_ranks=self.num_nvl_ranks, num_nvl_bytes=self._nvl.num_bytes,
+                num_rdma_bytes=0 if self._sym is None else self._sym.num_bytes)
+            is_fp8, routing = checked.is_fp8, checked.routing
+            data, scales = (x if is_fp8 else (x, None))
             if topk_idx is not None and topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         return is_fp8, data, scales, topk_idx, routing, config

@@ -21,6 +21,11 @@ from . import jit
 _MODULES: dict = {}
 
 
+def array_arg(a):
+    """A kernel argument for an optional array: the array, or a null pointer for None."""
+    return np.uint64(0) if a is None else a
+
+
 def signal_amo() -> int:
     """1 when ``CUPY_EP_SIGNAL_AMO=1``: the NVSHMEM kernels signal with remote atomics
     (nvshmemx_signal_op, put-with-signal) instead of fenced 8-byte puts, for comparison; the

@@ -28,7 +28,8 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .normal import DispatchResult, NormalEngine, NormalHandle, _ptr
+from .engine import array_arg
+from .normal import DispatchResult, NormalEngine, NormalHandle
 
 
 @dataclass
@@ -109,8 +110,9 @@ class InternodeEngine(NormalEngine):
             self._phase("dispatch launched", call.stream)
             return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
-        per_rank, in_rank, per_expert, num_experts, per_rdma = routing
-        num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+        per_rank, in_rank = routing.num_tokens_per_rank, routing.is_token_in_rank
+        per_expert = routing.num_tokens_per_expert
+        num_experts, num_topk, per_rdma = routing.num_experts, routing.num_topk, routing.num_tokens_per_rdma_rank
         c = config.internode_channels
         notify, dispatch, _, _ = self._kernels(hidden, num_topk, x_bytes, num_scales, num_experts, c,
                                                config.num_threads, config.chunk_tokens)
@@ -119,8 +121,8 @@ class InternodeEngine(NormalEngine):
         h = handle
         seq = self._next_seq()
         self._launch(notify, 1, config.num_threads,
-                     (*self._common_args(), np.int32(num_tokens), per_rank, _ptr(per_rdma), per_expert, in_rank,
-                      _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), h.send_chan,
+                     (*self._common_args(), np.int32(num_tokens), per_rank, array_arg(per_rdma), per_expert, in_rank,
+                      array_arg(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), h.send_chan,
                       h.rdma_chan, h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb,
                       h.fwd_base, h.call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
@@ -151,8 +153,8 @@ class InternodeEngine(NormalEngine):
     def _launch_dispatch(self, fn, data, scales, topk_idx, topk_weights, h: InternodeHandle, config: Config,
                          out_args, stream) -> None:
         self._launch(fn, 3 * h.num_channels, config.num_threads,
-                     (*self._common_args(), np.int32(h.num_tokens), data, _ptr(scales), _ptr(topk_idx),
-                      _ptr(topk_weights), h.is_token_in_rank, h.send_chan, h.rdma_chan, h.send_rdma_pos,
+                     (*self._common_args(), np.int32(h.num_tokens), data, array_arg(scales), array_arg(topk_idx),
+                      array_arg(topk_weights), h.is_token_in_rank, h.send_chan, h.rdma_chan, h.send_rdma_pos,
                       h.rank_prefix, h.recv_chan, h.fwd_rchan, h.fwd_base, h.fwd_pos, h.call_status, *out_args,
                       self.status_arg, self.timeout_ns), stream, "dispatch")
 
@@ -165,9 +167,9 @@ class InternodeEngine(NormalEngine):
         self._barrier(barrier, "internode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, h, topk_weights, call)
         self._launch(combine, 3 * h.num_channels, config.num_threads,
-                     (*self._common_args(), np.int32(h.num_tokens), x, np.int32(x.shape[0]), _ptr(topk_weights),
+                     (*self._common_args(), np.int32(h.num_tokens), x, np.int32(x.shape[0]), array_arg(topk_weights),
                       h.rank_prefix, h.recv_chan, h.comb_base, h.fwd_rchan, h.fwd_chan, h.fwd_comb, h.fwd_pos,
-                      h.rdma_chan, h.send_rdma_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
+                      h.rdma_chan, h.send_rdma_pos, *self._bias_args(biases), combined_x, array_arg(combined_w),
                       self.status_arg, self.timeout_ns), call.stream, "combine")
         self._phase("combine launched", call.stream)
         return combined_x, combined_w

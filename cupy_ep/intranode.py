@@ -33,8 +33,9 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
+from .engine import array_arg
 from .errors import PeerRefusalError
-from .normal import DispatchResult, NormalEngine, NormalHandle, _ptr
+from .normal import DispatchResult, NormalEngine, NormalHandle
 
 _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   # launch arguments
 
@@ -97,18 +98,18 @@ class IntranodeEngine(NormalEngine):
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],
                  num_worst_tokens: int, expert_alignment: int, config: Config, call) -> DispatchResult:
-        """One dispatch (arguments validated by the Buffer, capacity included). ``routing`` =
-        (num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts) for a new
-        dispatch, None with a cached ``handle``. ``call``: the :class:`cupy_ep.event.Call`
-        (launch and allocation streams)."""
+        """One dispatch (arguments validated by the Buffer, capacity included). ``routing``: the
+        :class:`cupy_ep.validation.Routing` of a new dispatch, None with a cached ``handle``.
+        ``call``: the :class:`cupy_ep.event.Call` (launch and allocation streams)."""
         import cupy
 
         num_tokens, hidden = (int(v) for v in data.shape)
-        num_topk = handle.num_topk if handle is not None else (0 if topk_idx is None else int(topk_idx.shape[1]))
         if handle is not None:
             return self._cached_dispatch(data, scales, handle, config, call)
 
-        per_rank, in_rank, per_expert, num_experts, _ = routing
+        per_rank, in_rank = routing.num_tokens_per_rank, routing.is_token_in_rank
+        per_expert = routing.num_tokens_per_expert
+        num_experts, num_topk = routing.num_experts, routing.num_topk
         c = config.num_channels
         r = self.num_ranks
         with call.alloc:
@@ -133,16 +134,16 @@ class IntranodeEngine(NormalEngine):
             raise
         self._launch(notify, 1, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
-                      _ptr(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix, recv_chan,
-                      send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
+                      array_arg(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix,
+                      recv_chan, send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
                       np.int32(seq)), call.stream, "notify")
         self._phase("notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
         kernel, grid = self._dispatch_kernel(data, scales, handle, config)
         self._launch(kernel, grid, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, _ptr(scales),
-                      _ptr(topk_idx), _ptr(topk_weights), in_rank, send_chan, recv_chan, rank_prefix, send_pos,
-                      call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, array_arg(scales),
+                      array_arg(topk_idx), array_arg(topk_weights), in_rank, send_chan, recv_chan, rank_prefix,
+                      send_pos, call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
         self._phase("dispatch launched", call.stream)
         if outputs is not None:   # num_worst_tokens: nothing waits for the host
             return DispatchResult(*outputs, [], handle)
@@ -154,8 +155,8 @@ class IntranodeEngine(NormalEngine):
         kernel, grid = self._dispatch_kernel(data, scales, handle, config, cached=True)
         null = np.uint64(0)
         self._launch(kernel, grid, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, _ptr(scales), null,
-                      null, handle.is_token_in_rank, handle.send_chan_prefix, handle.recv_chan_prefix,
+                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, array_arg(scales),
+                      null, null, handle.is_token_in_rank, handle.send_chan_prefix, handle.recv_chan_prefix,
                       handle.rank_prefix, handle.send_pos, handle.call_status,
                       *self._given_outputs(outputs, handle.num_rows, False), self.status_arg,
                       self.timeout_ns), call.stream, "dispatch")
@@ -190,8 +191,8 @@ class IntranodeEngine(NormalEngine):
         fn, grid = self._memoised(key, lambda: self._build_combine_kernel(handle, num_topk, len(biases), config))
         self._launch(fn, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
-                      _ptr(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
-                      handle.send_pos, *self._bias_args(biases), combined_x, _ptr(combined_w),
+                      array_arg(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
+                      handle.send_pos, *self._bias_args(biases), combined_x, array_arg(combined_w),
                       self.status_arg, self.timeout_ns), call.stream, "combine")
         self._phase("combine launched", call.stream)
         return combined_x, combined_w

@@ -16,6 +16,8 @@ MAX_NVL_PEERS = 8          # ranks of one NVLink domain
 MAX_CHANNELS = 64          # sending blocks of a normal-mode kernel
 MAX_RDMA_RANKS = 64        # NVLink domains of an internode Buffer
 MAX_NORMAL_TOPK = 32       # top-k columns the normal-mode kernels carry (one warp lane each)
+MIN_NUM_SMS = 2            # blocks of a normal-mode kernel (Config.num_sms): a sender and a receiver
+MAX_NUM_SMS = 128
 MAX_EXPERTS = 8192         # experts of a layout / normal dispatch (shared-memory counters)
 HOST_EXPERT = 4            # host_out int index of the per-expert counts (cupy_ep.geometry, normal.cuh)
 

@@ -1,8 +1,9 @@
 """Low-latency (decode) dispatch and combine: launch logic for ``kernels_cu/low_latency*.cu``.
 
 :class:`LowLatencyEngine` is what :class:`cupy_ep.Buffer` delegates its ``low_latency_*``
-methods to. Argument validation is the Buffer's (``cupy_ep.validation``); the engine re-checks
-only what would corrupt memory if wrong, and raises ``ValueError`` for it.
+methods to. Argument validation is the Buffer's (``cupy_ep.validation``: shapes, the kernels'
+limits, and the buffer's size against :func:`cupy_ep.geometry.ll_size_hint`, whose quarters hold
+a dispatch and a combine of any top-k, dtype and transport); the engine checks nothing again.
 
 Design (bytes first)
 --------------------
@@ -63,7 +64,7 @@ import numpy as np
 
 from . import geometry, limits
 from .bootstrap import run_agreed
-from .engine import Engine
+from .engine import Engine, array_arg
 
 __all__ = ["LowLatencyEngine", "LLHandlePrivate"]
 
@@ -146,14 +147,6 @@ class LowLatencyEngine(Engine):
         self._d_half = 0
         self._c_half = 0
 
-    def _check_fits(self, need: int, what: str) -> None:
-        if need > self.geom.quarter_bytes:
-            raise ValueError(
-                f"num_rdma_bytes: the symmetric buffer ({self.num_bytes} bytes) is too small for this {what} "
-                f"(needs {need} bytes per quarter, has {self.geom.quarter_bytes}); use "
-                "Buffer.get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, "
-                "num_experts)")
-
     # ------------------------------------------------------------------ kernels
     def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0, use_logfmt=False):
         """(ll_dispatch, ll_combine) of this specialisation (``use_logfmt``: the combine's partial
@@ -166,10 +159,6 @@ class LowLatencyEngine(Engine):
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
             fns = self._functions[key] = (self._entry(module, "ll_dispatch"), self._entry(module, "ll_combine"))
         return fns
-
-    @staticmethod
-    def _ptr(a) -> np.uint64:
-        return np.uint64(0 if a is None else int(a.data.ptr))
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x, topk_idx, M, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook, stats,
@@ -194,8 +183,6 @@ class LowLatencyEngine(Engine):
         use_fp8 = bool(use_fp8)
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
-        self._check_dispatch_args(N, H, K, M, E)
-        self._check_fits(geometry.ll_dispatch_quarter_bytes(R, M, H, K, use_fp8, self.rdma), "dispatch")
         EL = E // R
         kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
         half = self._d_half
@@ -222,8 +209,8 @@ class LowLatencyEngine(Engine):
             prof = self._phase_buffer("low_latency_dispatch", self.num_blocks, DISPATCH_PHASES)
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
-                          np.int64(data_off), self._scratch_d, data, self._ptr(scales), src_info, layout_range,
-                          recv_count, self._ptr(stats), self._ptr(wait_stats), slot_count, slot_map, dest_ranks, prof,
+                          np.int64(data_off), self._scratch_d, data, array_arg(scales), src_info, layout_range,
+                          recv_count, array_arg(stats), array_arg(wait_stats), slot_count, slot_map, dest_ranks, prof,
                           self.status_arg, self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
                                      "low_latency_dispatch_recv")[phases % 3])
@@ -242,25 +229,6 @@ class LowLatencyEngine(Engine):
             return recv_x, recv_count, handle, hook
         launch(3, stream)
         return recv_x, recv_count, handle, None
-
-    def _check_dispatch_args(self, N, H, K, M, E):
-        R = self.num_ranks
-        if H <= 0 or H % limits.FP8_BLOCK:
-            raise ValueError(f"x: hidden size must be a positive multiple of {limits.FP8_BLOCK}, got {H}")
-        if not 1 <= K <= limits.LL_MAX_TOPK:
-            raise ValueError(f"topk_idx: the low-latency kernels serve 1..{limits.LL_MAX_TOPK} experts per token, "
-                             f"got {K}")
-        if not 1 <= M <= limits.LL_MAX_TOKENS:
-            raise ValueError(f"num_max_dispatch_tokens_per_rank: must be in 1..{limits.LL_MAX_TOKENS}, got {M}")
-        if N > M:
-            raise ValueError(f"x: {N} tokens exceed num_max_dispatch_tokens_per_rank ({M})")
-        if E <= 0 or E % R:
-            raise ValueError(f"num_experts: must be a positive multiple of the number of ranks ({R}), got {E}")
-        if E > limits.LL_MAX_EXPERTS:
-            raise ValueError(f"num_experts: the low-latency kernels serve at most {limits.LL_MAX_EXPERTS} experts, "
-                             f"got {E}")
-        if (E // R) * R * M >= 2 ** 31:
-            raise ValueError("num_experts * num_max_dispatch_tokens_per_rank: the masked layout exceeds 2**31 rows")
 
     # ------------------------------------------------------------------ combine
     def next_combine_buffer(self, handle):
@@ -290,9 +258,7 @@ class LowLatencyEngine(Engine):
         import ml_dtypes
 
         priv: LLHandlePrivate = handle[5]
-        R = self.num_ranks
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
-        self._check_fits(geometry.ll_combine_quarter_bytes(R, M, H, K, self.rdma, use_logfmt), "combine")
         kernel = self._get_kernels(E, H, K, M, False, False, False, use_logfmt)[1]
         half = self._c_half
         self._c_half ^= 1
@@ -305,7 +271,7 @@ class LowLatencyEngine(Engine):
             self._launch(kernel, self.num_blocks, NUM_THREADS,
                          (x, topk_idx, topk_weights, np.int32(N), np.int32(phases), self.peer_table,
                           np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
-                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, self._ptr(wait_stats), prof,
+                          priv.slot_count, priv.slot_map, priv.dest_ranks, result, array_arg(wait_stats), prof,
                           self.status_arg,
                           self.timeout_ns, np.int32(self.rank)),
                          on_stream, ("low_latency_combine", "low_latency_combine_send",

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from . import limits
-from .engine import Engine
+from .engine import Engine, array_arg
 from .errors import CommTimeoutError, cancelled_by_peers
 from .geometry import DESC_WORDS, HOST_OUT_INTS
 from .memory import HostMapped
@@ -94,14 +94,14 @@ class NormalEngine(Engine):
     @staticmethod
     def _bias_args(biases) -> tuple:
         """The two bias pointers of the combine kernels (null where absent)."""
-        return tuple(_ptr(biases[i] if i < len(biases) else None) for i in range(2))
+        return tuple(array_arg(biases[i] if i < len(biases) else None) for i in range(2))
 
     @staticmethod
     def _given_outputs(outputs, rows: int, fill_padding: bool) -> list:
         """Dispatch kernel arguments for outputs allocated before the launch (worst-token and
         cached dispatch): recv_x, recv_scales, recv_topk_idx, recv_topk_weights, rows, padding
         flag, no descriptor."""
-        return [*(_ptr(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
+        return [*(array_arg(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
 
     def _described_outputs(self, seq: int) -> list:
         """Dispatch kernel arguments for outputs the host publishes later in the descriptor."""
@@ -175,8 +175,3 @@ class NormalEngine(Engine):
 
 
 _NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows, padding flag: from the descriptor
-
-
-def _ptr(a):
-    """A CuPy array, or a null pointer for None (kernel arguments)."""
-    return np.uint64(0) if a is None else a

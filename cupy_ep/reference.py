@@ -598,12 +598,10 @@ class Buffer:
                           (topk_idx, "topk_idx"), (topk_weights, "topk_weights")):
                 _require_numpy(a, nm)
             V.check_config(config, self.num_nvl_ranks)
-            is_fp8, n, h = V.check_x(x)
-            num_experts = V.check_normal_dispatch(
-                n, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
-                topk_idx, topk_weights, expert_alignment, num_worst_tokens, R, self.num_rdma_ranks)
-            k = 0 if topk_idx is None else int(topk_idx.shape[1])
-            V.check_normal_capacity(n, h, k, self.num_nvl_bytes, R, self.num_nvl_ranks, self.num_rdma_bytes)
+            c = self._check_dispatch_call(x, None, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                          num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                          num_worst_tokens)
+            n, num_experts = c.num_tokens, c.routing.num_experts
             layout_error = self._take_layout_error()
             if layout_error is not None:
                 raise layout_error
@@ -611,7 +609,7 @@ class Buffer:
                                  num_experts, num_tokens_per_rdma_rank, self.num_nvl_ranks)
             if bad is not None:
                 raise ValueError(bad)
-            return is_fp8, n, h, k, num_experts
+            return c.is_fp8, n, c.hidden, c.num_topk, num_experts
 
         is_fp8, n, h, k, num_experts = step.validated(checks)
         data, scales = (x[0], x[1]) if is_fp8 else (x, None)
@@ -685,6 +683,11 @@ class Buffer:
                             f"{type(handle).__name__}")
         V.check_handle_owner(handle, self._owner)
 
+    def _check_dispatch_call(self, *args) -> V.DispatchCall:
+        """:func:`cupy_ep.validation.check_dispatch_call` with this Buffer's ranks and sizes."""
+        return V.check_dispatch_call(*args, num_ranks=self.group_size, num_nvl_ranks=self.num_nvl_ranks,
+                                     num_nvl_bytes=self.num_nvl_bytes, num_rdma_bytes=self.num_rdma_bytes)
+
     def _cached_dispatch(self, x, handle, topk_idx, topk_weights, num_worst_tokens, config):
         step = self._chan.step("dispatch")
 
@@ -693,12 +696,10 @@ class Buffer:
             _require_numpy(topk_idx, "topk_idx")
             _require_numpy(topk_weights, "topk_weights")
             V.check_config(config, self.num_nvl_ranks)
-            is_fp8, n, h = V.check_x(x)
             self._check_handle(handle)
-            V.check_cached_dispatch(handle, n, h, topk_idx, topk_weights, num_worst_tokens)
-            V.check_normal_capacity(n, h, handle.num_topk, self.num_nvl_bytes, self.group_size, self.num_nvl_ranks,
-                                    self.num_rdma_bytes)
-            return is_fp8, h
+            c = self._check_dispatch_call(x, handle, None, None, None, None, topk_idx, topk_weights, None,
+                                          num_worst_tokens)
+            return c.is_fp8, c.hidden
 
         is_fp8, h = step.validated(checks)
         data, scales = (x[0], x[1]) if is_fp8 else (x, None)

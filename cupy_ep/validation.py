@@ -26,6 +26,8 @@ an engine).
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Optional
 
 import ml_dtypes
 import numpy as np
@@ -41,6 +43,7 @@ __all__ = [
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
     "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_same_on_every_rank",
     "check_internode_args", "check_layout_call", "HandleOwner", "check_handle_owner",
+    "Routing", "DispatchCall", "check_dispatch_call",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
     "check_ll_capacity", "check_buffer_topology", "check_config", "normal_recv_capacity",
     "nvl_buffer_size_hint", "rdma_buffer_size_hint", "ll_rdma_size_hint",
@@ -517,7 +520,7 @@ def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s
     """Check a Buffer's arguments before anything is made: sizes are ints >= 0 and
     ``low_latency_mode`` needs ``num_rdma_bytes > 0``; ``timeout_s`` a positive number;
     ``ll_transport`` one of :data:`LL_TRANSPORTS` (with ``low_latency_mode``); ``num_sms`` None
-    or an int in [2, 128] (the range :class:`cupy_ep.Config` takes)."""
+    or an int in ``[limits.MIN_NUM_SMS, limits.MAX_NUM_SMS]`` (:func:`check_num_sms`)."""
     check_int(num_nvl_bytes, "num_nvl_bytes", 0)
     check_int(num_rdma_bytes, "num_rdma_bytes", 0)
     if low_latency_mode and num_rdma_bytes == 0:
@@ -535,9 +538,10 @@ def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s
 
 
 def check_num_sms(num_sms, name="num_sms"):
-    """An SM count of the normal-mode kernels: an int in [2, 128] (the range
-    :class:`cupy_ep.Config` takes); returned as int."""
-    return check_int(num_sms, name, 2, 128)
+    """An SM count of the normal-mode kernels: an int in ``[limits.MIN_NUM_SMS,
+    limits.MAX_NUM_SMS]`` (the one check of :class:`cupy_ep.Config`, the Buffers' constructors and
+    ``set_num_sms``); returned as int."""
+    return check_int(num_sms, name, limits.MIN_NUM_SMS, limits.MAX_NUM_SMS)
 
 
 def check_same_on_every_rank(comm, **values):
@@ -627,6 +631,53 @@ def check_normal_combine(x, handle, topk_weights, bias):
             raise ValueError("topk_weights: the dispatch that made handle had no topk_idx")
         check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
     return check_bias(bias, handle.num_tokens, handle.hidden)
+
+
+@dataclass(frozen=True)
+class Routing:
+    """The routing of a new (not cached) normal-mode dispatch, as the engines take it."""
+
+    num_tokens_per_rank: object
+    is_token_in_rank: object
+    num_tokens_per_expert: object
+    num_experts: int
+    num_topk: int                             # columns of topk_idx, 0 without it
+    num_tokens_per_rdma_rank: object = None   # None inside one NVLink domain
+
+
+@dataclass(frozen=True)
+class DispatchCall:
+    """What :func:`check_dispatch_call` found: the data's kind and shape, the top-k width (the
+    handle's in a cached dispatch) and, for a new dispatch, its routing (None when cached)."""
+
+    is_fp8: bool
+    num_tokens: int
+    hidden: int
+    num_topk: int
+    routing: Optional[Routing]
+
+
+def check_dispatch_call(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                        num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, *,
+                        num_ranks, num_nvl_ranks, num_nvl_bytes, num_rdma_bytes) -> DispatchCall:
+    """The arguments of a normal-mode ``dispatch``, the same on both backends (the handle's type
+    and owner, and the config, are the caller's): ``x``, then a cached dispatch's
+    (:func:`check_cached_dispatch`) or a new one's (:func:`check_normal_dispatch`), then whether
+    the buffers hold the tokens (:func:`check_normal_capacity`)."""
+    is_fp8, num_tokens, hidden = check_x(x)
+    routing = None
+    if handle is not None:
+        check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
+        num_topk = handle.num_topk
+    else:
+        num_experts = check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                            is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                            expert_alignment, num_worst_tokens, num_ranks, num_ranks // num_nvl_ranks)
+        num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+        routing = Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts, num_topk,
+                          num_tokens_per_rdma_rank)
+    check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes)
+    return DispatchCall(is_fp8, num_tokens, hidden, num_topk, routing)
 
 
 def check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes):

@@ -140,9 +140,7 @@ def main():
         sms, threads, receivers, chunk = args.config_spec
         cfg = cupy_ep.Config(num_sms=sms, num_threads=threads, num_receivers=receivers, chunk_tokens=chunk)
     else:
-        from cupy_ep.config import default_config
-
-        cfg = default_config(p_nvl)
+        cfg = cupy_ep.Config()
     nc = None if args.no_baseline else bc.NcclAllToAll(comm)
     if rank == 0:
         print(f"# bench_internode: {r} x {bc.device_name()}, {n_dom} domains x {p_nvl} ranks, {t} tokens/rank, "

@@ -100,7 +100,7 @@ def parse_args(argv=None):
         if min(args.token_list) < 1:
             raise ValueError("--tokens: counts must be >= 1")
         args.config_specs = config_specs(args)
-        make_configs(args.config_specs, 2)   # Config() checks every spec (no GPU needed)
+        make_configs(args.config_specs)   # Config() checks every spec (no GPU needed)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -122,12 +122,11 @@ def config_specs(args) -> list:
     return specs
 
 
-def make_configs(specs, num_ranks: int):
+def make_configs(specs):
     """(list of (Config, family), main Config); Config() validates each spec (on any machine)."""
     from cupy_ep import Config
-    from cupy_ep.config import default_config
 
-    default = default_config(num_ranks)
+    default = Config()
     if not specs:
         return [(default, "default")], default
     out, seen = [], set()
@@ -317,7 +316,7 @@ def main():
     import cupy_ep
 
     rank, num_ranks = comm.Get_rank(), comm.Get_size()
-    configs, main_cfg = make_configs(args.config_specs, num_ranks)
+    configs, main_cfg = make_configs(args.config_specs)
     h, k = args.hidden, args.topk
     e = bc.round_experts(args.experts, num_ranks)
     t_max = max(args.token_list)

@@ -13,6 +13,7 @@ from cupy_ep.collective import CallSteps
 from cupy_ep.errors import CommTimeoutError, PeerRefusalError, cancelled_by_peers
 from cupy_ep.intranode import IntranodeEngine
 from cupy_ep.normal import NormalEngine
+from cupy_ep.validation import Routing
 
 
 class FakeEngine:
@@ -115,7 +116,7 @@ def intranode_engine(notify_error):
 
 
 def dispatch_on(engine):
-    routing = (None, None, None, 4, None)
+    routing = Routing(None, None, None, num_experts=4, num_topk=0)
     call = SimpleNamespace(stream="call stream", alloc=NullContext())
     config = SimpleNamespace(num_channels=2, num_threads=128)
     x = np.zeros((4, 8), np.uint16)
