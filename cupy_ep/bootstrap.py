@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from cupy_ep import transport_env
 from cupy_ep.collective import failures
 from cupy_ep.errors import CupyEpError, GPUUnavailableError
 
@@ -395,8 +396,9 @@ def init_nvshmem(comm, device_id: int, heap_bytes: int = 0) -> None:
     A fresh initialisation: rank 0 creates a unique id and broadcasts it over ``comm``; every rank
     then calls ``nvshmem.core.init(..., initializer_method="uid")`` (MPI-library independent).
     NVLink multicast is disabled (``NVSHMEM_DISABLE_NVLS=1``) unless the environment says
-    otherwise, and the symmetric heap is sized for ``heap_bytes`` plus 256 MiB (at least NVSHMEM's
-    default 1 GiB) unless the user set ``NVSHMEM_SYMMETRIC_SIZE``.
+    otherwise, ``CUPY_EP_TEST_PROXY_TRANSPORT=1`` selects the proxy-transport test mode
+    (:mod:`cupy_ep.transport_env`), and the symmetric heap is sized for ``heap_bytes`` plus
+    256 MiB (at least NVSHMEM's default 1 GiB) unless the user set ``NVSHMEM_SYMMETRIC_SIZE``.
     """
     if _nvshmem.get("unusable"):
         raise CupyEpError(f"NVSHMEM cannot be used in this process after its failed initialisation "
@@ -429,6 +431,7 @@ def _initialise(comm, device_id: int, heap_bytes: int, world: tuple) -> None:
     uid, error = None, None
     try:
         os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        transport_env.apply()   # CUPY_EP_TEST_PROXY_TRANSPORT=1: NVSHMEM's UCX transport, P2P off
         heap = _heap_bytes_for(heap_bytes)
         if heap is not None:
             os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(heap)

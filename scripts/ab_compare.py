@@ -2,9 +2,10 @@
 
     python scripts/ab_compare.py --before 'OUT/ab_before_*.json' --after 'OUT/ab_after_*.json'
 
-Each file is one ``bench_intranode.py --json`` or ``bench_low_latency.py --json`` run; the two
-trees are run in turns (``gpu_suite.sh ab``) so that drift of the host or the GPU over the run
-falls on both. For every operation and time field the table shows the median over the runs of
+Each file is one ``bench_intranode.py --json``, ``bench_internode.py --json`` or
+``bench_low_latency.py --json`` run; the two trees (or settings) are run in turns
+(``gpu_suite.sh ab``, ``gpu_suite.sh signal_cost``) so that drift of the host or the GPU over
+the run falls on both. For every operation and time field the table shows the median over the runs of
 each tree (each run's own figure is already a median over its calls, worst rank), the spread
 (min–max) over the runs, and after / before. A difference smaller than both spreads is noise.
 """
@@ -21,13 +22,16 @@ FIELDS = ("kernel_us", "notify_us", "call_us", "host_us")   # intranode fields c
 
 def op_figures(path: str) -> dict:
     """{(op, field): value} of one run. Intranode: the main-config point at its largest token
-    count. Low latency: the first experts count, per-call times ("call_us") and the in-kernel
+    count. Internode (``bench_internode.py --json``): its one point. Low latency: the first experts count, per-call times ("call_us") and the in-kernel
     phase marks ("phase_us", end of each kernel included)."""
     with open(path) as f:
         data = json.load(f)
-    if data.get("bench") == "intranode":
-        points = [p for p in data["points"] if p.get("main_config")] or data["points"]
-        ops = max(points, key=lambda p: p["tokens"])["ops"]
+    if data.get("bench") in ("intranode", "internode"):
+        if data["bench"] == "internode":
+            ops = data["ops"]
+        else:
+            points = [p for p in data["points"] if p.get("main_config")] or data["points"]
+            ops = max(points, key=lambda p: p["tokens"])["ops"]
         return {(op, k): float(v) for op, figs in ops.items() if isinstance(figs, dict)
                 for k, v in figs.items() if k in FIELDS and isinstance(v, (int, float))}
     first = data["results"][0]

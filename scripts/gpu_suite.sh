@@ -21,12 +21,24 @@
 #     torch      cupy_ep.torch (DeepEP's API on torch tensors): tests/gpu/check_torch_adapter.py under mpiexec and
 #                tests/gpu/torchrun_deepep_loop.py under torchrun with a gloo and an NCCL group, on each of
 #                $TORCH_RANKS ("2") ranks (skipped when $PY has no torch; not part of "all")
+#     proxy      NVSHMEM's network (proxy) transport on one host (CUPY_EP_TEST_PROXY_TRANSPORT=1: P2P off, UCX over
+#                TCP on the loopback, UCX from $UCX_DIR, default .whl/ucx), ranks sharing the GPUs: a probe of what
+#                the transport needs (GDRCopy, NICs, UCX's transports) into proxy_probe.log, then
+#                scripts/smoke_multihost.py at 2 ranks x 1 per domain; when it passes, the internode tests for
+#                N:P in $PROXY_LAYOUTS ("2:1") with chaos off and on ($PROXY_CHAOS, "0 1"); when it fails, the
+#                smoke again with NVSHMEM_DEBUG=INFO (proxy_smoke_debug.log) and the rest skipped (not part of "all")
+#     signal_cost  put signals (CUPY_EP_SIGNAL_AMO=0, the default) against NVSHMEM atomics (=1), in turns for
+#                $SIGNAL_ROUNDS (2) rounds: bench_internode.py --num-nvl-peers 1 and bench_low_latency.py
+#                --transport rdma on $SIGNAL_RANKS (2) ranks, then scripts/ab_compare.py (before = atomics,
+#                after = put signals); with fewer GPUs than ranks only under SHARE_GPU=1, and then only the
+#                ratio means something (not part of "all")
 #     ab         before/after in turns: .baseline/'s and this tree's bench_intranode.py ($AB_INTRANODE_ARGS)
 #                and bench_low_latency.py ($AB_LL_ARGS) on $BENCH_RANKS ranks, $AB_ROUNDS (4) rounds in
 #                ABBA order, then scripts/ab_compare.py's medians and spreads (not part of "all")
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
 #     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), TORCH_TIMEOUT (150, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
-#     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each), EXAMPLE_TIMEOUT (120, each).
+#     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each), EXAMPLE_TIMEOUT (120, each),
+#     PROXY_SMOKE_TIMEOUT (150), PROXY_TIMEOUT (150, per layout and chaos setting), SIGNAL_TIMEOUT (120, each run).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
 #   SHARE_GPU=1: run more ranks than GPUs (ranks share GPUs, time-sliced: correctness only; the
@@ -96,7 +108,7 @@ step() {  # step NAME SECONDS CMD...: runs CMD under timeout, logs to $OUT/NAME.
   if (( rc == 124 || rc == 137 )); then status=TIMEOUT; elif (( rc != 0 )); then status="FAIL($rc)"; fi
   (( rc != 0 )) && failed=1
   local what
-  what=$(grep -aE '^SUMMARY |^=+ .*(passed|failed|error|skipped|no tests ran)|^[0-9]+ (passed|failed|error|skipped)|no tests ran|Error|error:' \
+  what=$(grep -aE '^SUMMARY |^(PASS|FAIL) smoke_multihost|^=+ .*(passed|failed|error|skipped|no tests ran)|^[0-9]+ (passed|failed|error|skipped)|no tests ran|Error|error:' \
     "$OUT/$name.log" | grep -av '^\s*$' | tail -1 | cut -c1-200)
   [[ $status == TIMEOUT ]] && what="killed after ${secs} s; last line: $(grep -av '^\s*$' "$OUT/$name.log" | tail -1 | cut -c1-150)"
   record "$(printf '%-28s %-8s %5s s  %s' "$name" "$status" "$dt" "$what")"
@@ -241,6 +253,74 @@ run_ab() {  # the old (.baseline/) and this tree's benchmarks in turns (ABBA...)
   done
 }
 
+proxy_probe() {  # proxy_probe UCX_DIR: what NVSHMEM's UCX transport needs on this host, one "key: value" a line
+  local ucx=$1
+  echo "driver: $(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo "gdrdrv: $([[ -e /dev/gdrdrv ]] && echo present || echo absent) (/dev/gdrdrv, GDRCopy's kernel module)"
+  echo "libgdrapi: $(ldconfig -p 2>/dev/null | grep -o 'libgdrapi.so[.0-9]*' | head -1 || true)"
+  echo "ib_devices: $(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')"
+  echo "libibverbs: $(ldconfig -p 2>/dev/null | grep -o 'libibverbs.so[.0-9]*' | head -1 || true)"
+  echo "nvshmem_ucx_plugin: $($PY -c 'import glob, os, nvidia.nvshmem as m; print(" ".join(os.path.basename(p) for p in glob.glob(os.path.join(list(m.__path__)[0], "lib", "nvshmem_transport_ucx*"))))' 2>&1)"
+  echo "ucx_version: $(LD_LIBRARY_PATH="$ucx/lib:${LD_LIBRARY_PATH:-}" "$ucx/bin/ucx_info" -v 2>&1 | head -1)"
+  echo "ucx_transports: $(LD_LIBRARY_PATH="$ucx/lib:${LD_LIBRARY_PATH:-}" UCX_MODULE_DIR="$ucx/lib/ucx" \
+    "$ucx/bin/ucx_info" -d 2>&1 | grep -o 'Transport: [a-z_0-9]*' | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
+}
+
+run_proxy() {
+  local ucx=${UCX_DIR:-$PWD/.whl/ucx}
+  [[ -x $ucx/bin/ucx_info && -d $ucx/lib ]] || { skip proxy "no UCX in $ucx (UCX_DIR; PyPI libucx-cu13)"; return; }
+  local penv=(env CUPY_EP_TEST_PROXY_TRANSPORT=1 CUPY_EP_TEST_SHARE_GPU=1
+              LD_LIBRARY_PATH="$ucx/lib:${LD_LIBRARY_PATH:-}" UCX_MODULE_DIR="$ucx/lib/ucx")
+  proxy_probe "$ucx" > "$OUT/proxy_probe.log" 2>&1
+  record "$(printf '%-28s %-8s %5s s  %s' proxy_probe info 0 \
+    "$(grep -E '^(gdrdrv|ib_devices|ucx_transports):' "$OUT/proxy_probe.log" | cut -c1-60 | tr '\n' ';')")"
+  # shellcheck disable=SC2086  # $MPIEXEC is a word list
+  if ! step proxy_smoke "${PROXY_SMOKE_TIMEOUT:-150}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/smoke_multihost.py \
+      --num-nvl-peers 1 --time-limit 120; then
+    # shellcheck disable=SC2086
+    step proxy_smoke_debug 90 "${penv[@]}" NVSHMEM_DEBUG=INFO UCX_LOG_LEVEL=info $MPIEXEC -n 2 $PY \
+      scripts/smoke_multihost.py --num-nvl-peers 1 --time-limit 60
+    skip proxy_internode "the proxy transport did not carry the smoke test (proxy_smoke.log, proxy_smoke_debug.log)"
+    return
+  fi
+  local targets; targets=$(internode_targets)
+  for spec in ${PROXY_LAYOUTS:-2:1}; do
+    local n=${spec%%:*} p=${spec##*:}
+    for chaos in ${PROXY_CHAOS:-0 1}; do
+      # shellcheck disable=SC2086
+      step "proxy_internode_${n}ranks_p${p}_chaos${chaos}" "${PROXY_TIMEOUT:-150}" "${penv[@]}" \
+        CUPY_EP_TEST_NVL_PEERS="$p" CUPY_EP_CHAOS="$chaos" $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} $targets
+    done
+  done
+}
+
+run_signal_cost() {  # put signals (CUPY_EP_SIGNAL_AMO=0) against atomics (1), in turns, then ab_compare
+  local n=${SIGNAL_RANKS:-2} i amo order
+  if ! fits_timed "$n"; then
+    [[ ${SHARE_GPU:-} == 1 ]] || { skip signal_cost "only $ngpu GPUs for $n ranks (SHARE_GPU=1: ratio only)"; return; }
+    record "$(printf '%-28s %-8s %5s s  %s' signal_cost info 0 "$n ranks share $ngpu GPU(s): compare the ratio, not the times")"
+  fi
+  for i in $(seq 1 "${SIGNAL_ROUNDS:-2}"); do
+    order="1 0"; (( i % 2 == 0 )) && order="0 1"
+    for amo in $order; do
+      # shellcheck disable=SC2086  # argument lists
+      step "signal_amo${amo}_internode_${i}" "${SIGNAL_TIMEOUT:-120}" env CUPY_EP_SIGNAL_AMO="$amo" \
+        $MPIEXEC -n "$n" $PY scripts/bench_internode.py --num-nvl-peers 1 --no-baseline \
+        --json "$OUT/signal_amo${amo}_internode_${i}.json" ${SIGNAL_INTERNODE_ARGS:---tokens 1024 --iters 10}
+      # shellcheck disable=SC2086
+      step "signal_amo${amo}_ll_${i}" "${SIGNAL_TIMEOUT:-120}" env CUPY_EP_SIGNAL_AMO="$amo" \
+        $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py --transport rdma --profile --no-baseline --no-graph \
+        --json "$OUT/signal_amo${amo}_ll_${i}.json" ${SIGNAL_LL_ARGS:-}
+    done
+  done
+  for bench in internode ll; do
+    { echo "before = NVSHMEM atomics (CUPY_EP_SIGNAL_AMO=1), after = put signals (0), $n ranks"
+      $PY scripts/ab_compare.py --before "$OUT/signal_amo1_${bench}_*.json" --after "$OUT/signal_amo0_${bench}_*.json"
+    } > "$OUT/signal_cost_${bench}.txt" 2>&1
+    bench_logs+=("$OUT/signal_cost_${bench}.txt")
+  done
+}
+
 run_torch() {
   local why
   if ! why=$($PY -c "import torch" 2>&1); then
@@ -275,7 +355,9 @@ for s in "${expanded[@]}"; do
     baseline) run_baseline ;;
     ab) run_ab ;;
     torch) run_torch ;;
-    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak example bench baseline ab torch all)")"
+    proxy) run_proxy ;;
+    signal_cost) run_signal_cost ;;
+    *) record "$(printf '%-28s %-8s %5s s  %s' "$s" UNKNOWN 0 "not a step (tests internode chaos soak example bench baseline ab torch proxy signal_cost all)")"
        failed=1 ;;
   esac
 done

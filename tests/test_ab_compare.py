@@ -42,6 +42,13 @@ def test_low_latency_runs_give_call_times_and_phase_marks(tmp_path):
     assert figures == {("dispatch", "call_us"): 20.0, ("low_latency_dispatch: end", "phase_us"): 15.0}
 
 
+def test_internode_runs_give_their_one_point(tmp_path):
+    (tmp_path / "i.json").write_text(json.dumps({"bench": "internode", "ops": {
+        "combine": {"kernel_us": 50.0, "call_us": 60.0, "rdma_kernel_GBps": 9.0, "per_rank": {}}}}))
+    assert ab_compare.op_figures(str(tmp_path / "i.json")) == {("combine", "kernel_us"): 50.0,
+                                                               ("combine", "call_us"): 60.0}
+
+
 def test_no_matching_file_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="no file matches"):
         ab_compare.main(["--before", str(tmp_path / "none*"), "--after", str(tmp_path / "none*")])
