@@ -467,8 +467,9 @@ def domain_traffic(topk_idx, num_experts: int, num_ranks: int, num_nvl_peers: in
       other than this rank's: what crosses between domains when a token goes once per
       destination domain, as cupy_ep and DeepEP forward it); ``rank_pairs`` (destination ranks,
       own included: rows a per-rank all-to-all sends); ``remote_rank_pairs`` (destination
-      ranks in other domains: what a per-rank all-to-all sends across domains); and
-      ``domain_counts`` (tokens per destination domain, own included).
+      ranks in other domains: what a per-rank all-to-all sends across domains);
+      ``domain_counts`` (tokens per destination domain, own included); and
+      ``domain_rank_counts`` (rows a per-rank all-to-all sends to the ranks of each domain).
     """
     in_rank = ranks_of_tokens(topk_idx, num_experts, num_ranks)
     n_dom = num_ranks // num_nvl_peers
@@ -484,7 +485,21 @@ def domain_traffic(topk_idx, num_experts: int, num_ranks: int, num_nvl_peers: in
         rank_pairs=int(in_rank.sum()),
         remote_rank_pairs=int(in_rank[:, remote_rank].sum()),
         domain_counts=[int(v) for v in in_dom.sum(axis=0)],
+        domain_rank_counts=[int(v) for v in in_rank.reshape(-1, n_dom, num_nvl_peers).sum(axis=(0, 2))],
     )
+
+
+def inbound_cross_domain(traffic_of_all: list, num_nvl_peers: int) -> list:
+    """Per destination domain d, what enters it from the other domains' ranks: ``records`` (one
+    per (token, d), as forwarded) and ``a2a_rows`` (one per (token, rank of d), as a per-rank
+    all-to-all sends). ``traffic_of_all[s]``: :func:`domain_traffic` of source rank s."""
+    n_dom = len(traffic_of_all[0]["domain_counts"])
+    out = []
+    for d in range(n_dom):
+        others = [tr for s, tr in enumerate(traffic_of_all) if s // num_nvl_peers != d]
+        out.append(dict(domain=d, records=sum(tr["domain_counts"][d] for tr in others),
+                        a2a_rows=sum(tr["domain_rank_counts"][d] for tr in others)))
+    return out
 
 
 def forwarded_records(domain_counts_of_all: list, num_nvl_peers: int, rank: int) -> int:

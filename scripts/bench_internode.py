@@ -34,6 +34,12 @@ NIC per GPU (``--nic-gbps 50`` GB/s) is printed beside it, with the "RDMA" GB/s 
 NIC-bound time would give, to read the numbers against DeepEP's published 43-58 GB/s per
 rank at EP16-64.
 
+Per destination domain, what enters it from the other domains' ranks: records as forwarded
+(one per token and domain) against the rows a per-rank all-to-all would send there (one per
+token and rank of that domain), in row bytes. With ``CUPY_EP_TEST_PROXY_TRANSPORT=1`` (NVSHMEM's
+UCX transport over TCP on the loopback, docs/multihost.md) the report says so: its times then
+say nothing about NICs, while the bytes and records per destination domain are real.
+
 Baseline (same run): NCCL grouped send/recv all-to-all-v of the same rows (once per (token,
 destination rank)), dispatch bf16 / FP8 and combine (with scatter-add), whole-call timed; its
 GB/s use the "NVL" count.
@@ -119,7 +125,7 @@ def main():
     import cupy
 
     import cupy_ep
-    from cupy_ep import testing
+    from cupy_ep import testing, transport_env
 
     rank, r = comm.Get_rank(), comm.Get_size()
     p_nvl = args.num_nvl_peers
@@ -197,14 +203,16 @@ def main():
     base = None
     if gathered[0][2] is not None:
         base = {op: bc.aggregate_op([g[2][op] for g in gathered]) for op in ("dispatch_fp8", "dispatch_bf16", "combine")}
+    transport = dict(transport=transport_env.describe(), proxy=transport_env.proxy_requested())
     report(ops, traffic, base, args, dict(ranks=r, domains=n_dom, peers=p_nvl, experts=e, config=bc.config_label(cfg),
-                                          device=bc.device_name(), total_s=time.time() - t0))
+                                          device=bc.device_name(), total_s=time.time() - t0, **transport))
     if args.json:
         bc.write_json(args.json, dict(bench="internode", device=bc.device_name(), ranks=r, num_nvl_peers=p_nvl,
                                       domains=n_dom, tokens=t, hidden=h, topk=k, experts=e,
                                       topk_groups=args.topk_groups, config=bc.config_dict(cfg), iters=args.iters,
                                       nic_gbps=args.nic_gbps, nvl_bytes=nvl_bytes, rdma_bytes=rdma_bytes, ops=ops,
-                                      traffic=traffic, baseline=base, argv=sys.argv[1:], total_s=time.time() - t0))
+                                      traffic=traffic, inbound=bc.inbound_cross_domain(traffic, p_nvl),
+                                      baseline=base, argv=sys.argv[1:], total_s=time.time() - t0, **transport))
         print(f"\n# wrote {args.json}")
     print_summary(ops, traffic, base, args, r, n_dom, p_nvl)
 
@@ -220,6 +228,10 @@ def report(ops, traffic, base, args, info) -> None:
           f"config {info['config']}; medians over {args.iters} calls, worst rank; total {info['total_s']:.0f} s")
     print("# RDMA GB/s: (token, destination domain) pairs sent, own domain included, x row bytes; NVL GB/s: rows "
           "received x row bytes (DeepEP's internode counts)")
+    print(f"# cross-domain transport: {info['transport']}")
+    if info["proxy"]:
+        print("# proxy test mode: the cross-domain leg is TCP on the loopback through NVSHMEM's proxy thread, so "
+              "its times say nothing about NICs; the bytes and records per destination domain are real")
     table = []
     for op in OPS:
         o = ops[op]
@@ -255,9 +267,25 @@ def report(ops, traffic, base, args, info) -> None:
           f"all-to-all; NIC time at {args.nic_gbps:.0f} GB/s per rank; RDMA GB/s if NIC-bound")
     bc.print_table(["  op", "fwd MB", "a2a MB", "fwd B/tok", "a2a B/tok", "saving", "NIC us", "a2a NIC", "kern us",
                     "RDMA@NIC"], table, [16, 7, 7, 9, 9, 7, 7, 8, 8, 8])
+    print()
+    print_inbound(bc.inbound_cross_domain(traffic, info["peers"]), args.hidden)
     lo, hi = bc.DEEPEP_INTERNODE_PUBLISHED_RDMA_GBPS
+    leg = "TCP on the loopback" if info["proxy"] else "NVLink"
     print(f"  (DeepEP published, H800 + CX7 400 Gb/s, EP16-64: {lo:.0f}-{hi:.0f} GB/s RDMA per rank; this host's "
-          f"cross-domain leg is NVLink, so only the NIC-bound column compares to it)")
+          f"cross-domain leg is {leg}, so only the NIC-bound column compares to it)")
+
+
+def print_inbound(inbound: list, hidden: int) -> None:
+    """Per destination domain, the bytes that enter it from the other domains' ranks."""
+    print("  into each domain from the other domains' ranks (all of them): forwarded records (one per "
+          "token and domain) vs per-rank all-to-all rows (one per token and rank); MB of row bytes")
+    table = []
+    for d in inbound:
+        recs, rows = d["records"], d["a2a_rows"]
+        mb = [f"{n * bc.row_bytes(hidden, fp8) / 1e6:.1f}" for fp8 in (False, True) for n in (recs, rows)]
+        table.append([f"  {d['domain']}", f"{recs}", f"{rows}", *mb, "-" if not recs else f"{rows / recs:.2f}"])
+    bc.print_table(["  domain", "records", "a2a rows", "bf16 MB", "a2a MB", "FP8 MB", "a2a MB", "a2a/fwd"],
+                   table, [8, 8, 9, 8, 8, 8, 8, 8])
 
 
 def print_summary(ops, traffic, base, args, r, n_dom, p_nvl) -> None:

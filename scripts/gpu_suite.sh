@@ -25,8 +25,9 @@
 #                TCP on the loopback, UCX from $UCX_DIR, default .whl/ucx), ranks sharing the GPUs: a probe of what
 #                the transport needs (GDRCopy, NICs, UCX's transports) into proxy_probe.log, then
 #                scripts/smoke_multihost.py at 2 ranks x 1 per domain; when it passes, the internode tests for
-#                N:P in $PROXY_LAYOUTS ("2:1") with chaos off and on ($PROXY_CHAOS, "0 1"); when it fails, the
-#                smoke again with NVSHMEM_DEBUG=INFO (proxy_smoke_debug.log) and the rest skipped (not part of "all")
+#                N:P in $PROXY_LAYOUTS ("2:1") with chaos off and on ($PROXY_CHAOS, "0 1") and bench_internode.py
+#                on 2 ranks ($PROXY_BENCH_ARGS: bytes per destination domain); when it fails, the smoke again
+#                with NVSHMEM_DEBUG=INFO (proxy_smoke_debug.log) and the rest skipped (not part of "all")
 #     signal_cost  put signals (CUPY_EP_SIGNAL_AMO=0, the default) against NVSHMEM atomics (=1), in turns for
 #                $SIGNAL_ROUNDS (2) rounds: bench_internode.py --num-nvl-peers 1 and bench_low_latency.py
 #                --transport rdma on $SIGNAL_RANKS (2) ranks, then scripts/ab_compare.py (before = atomics,
@@ -292,6 +293,11 @@ run_proxy() {
         CUPY_EP_TEST_NVL_PEERS="$p" CUPY_EP_CHAOS="$chaos" $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} $targets
     done
   done
+  # bytes and records per destination domain over the proxy transport (its times mean nothing)
+  # shellcheck disable=SC2086
+  step proxy_bench_internode "${PROXY_TIMEOUT:-150}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/bench_internode.py \
+    --num-nvl-peers 1 --no-baseline --json "$OUT/proxy_bench_internode.json" ${PROXY_BENCH_ARGS:---tokens 1024 --iters 3}
+  bench_logs+=("$OUT/proxy_bench_internode.log")
 }
 
 run_signal_cost() {  # put signals (CUPY_EP_SIGNAL_AMO=0) against atomics (1), in turns, then ab_compare
