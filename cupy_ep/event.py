@@ -1,6 +1,7 @@
 """Events and streams: how communication overlaps with the caller's work."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,12 +40,16 @@ class EventOverlap:
 
 @dataclass
 class Call:
-    """One communication call: the caller's stream, the stream its kernels go to, and the
-    stream its outputs are allocated on."""
+    """One communication call: the caller's stream, the stream its kernels go to, and
+    ``alloc``, the context its outputs are allocated in (``with call.alloc:``): the comm stream
+    with ``allocate_on_comm_stream``, else nothing to switch (the caller's stream is current)."""
 
     caller: Any
     stream: Any
     alloc: Any
+
+
+_CURRENT_STREAM = nullcontext()   # allocations on the current (the caller's) stream: no switch
 
 
 class StreamOrder:
@@ -71,7 +76,7 @@ class StreamOrder:
         if not on_comm_stream:
             self._after_last(caller, covered_by=None)
             self._last_stream, self._last_event = caller, None
-            return Call(caller, caller, caller)
+            return Call(caller, caller, _CURRENT_STREAM)
         comm = self.comm_stream
         if previous_event is not None and previous_event.event is not None:
             comm.wait_event(previous_event.event)
@@ -79,7 +84,7 @@ class StreamOrder:
         else:
             comm.wait_event(caller.record())
             self._after_last(comm, covered_by=caller)
-        return Call(caller, comm, comm if allocate_on_comm_stream else caller)
+        return Call(caller, comm, comm if allocate_on_comm_stream else _CURRENT_STREAM)
 
     def finish(self, call: Call, async_finish: bool = False, keep_alive=()) -> EventOverlap:
         if call.stream is call.caller:

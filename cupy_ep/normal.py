@@ -129,17 +129,20 @@ class NormalEngine(Engine):
 
     def _finish_dispatch(self, seq: int, data, scales, num_topk: int, num_local_experts: int, handle,
                          call) -> DispatchResult:
-        """Waits for notify's counts, allocates the outputs, publishes them to the receivers."""
+        """Waits for notify's counts, allocates the outputs, publishes them to the receivers (the
+        dispatch kernel's receivers wait for that: nothing else comes first), then reads the
+        per-expert counts."""
         try:
-            num_recv, per_expert_list = self._wait_notify(seq, num_local_experts)
+            num_recv = self._wait_notify(seq)
             self._phase("host wait", call.stream)
-            handle.num_rows = num_recv
             outputs = self._alloc_outputs(data, scales, num_topk, num_recv, call)
         except BaseException:
             self._publish_outputs(seq, (None, None, None, None), -1)   # receivers drop the rows
             raise
         self._publish_outputs(seq, outputs, num_recv)
         self._phase("outputs published", call.stream)
+        handle.num_rows = num_recv
+        per_expert_list = self.host_out[limits.HOST_EXPERT:limits.HOST_EXPERT + num_local_experts].tolist()
         self._raise_earlier_report()
         return DispatchResult(*outputs, per_expert_list, handle)
 
@@ -153,15 +156,13 @@ class NormalEngine(Engine):
 
     def _publish_outputs(self, seq: int, outputs, rows: int) -> None:
         desc = self.desc
-        for i, a in enumerate(outputs):
-            desc[1 + i] = 0 if a is None else int(a.data.ptr)
-        desc[5] = np.uint64(rows & 0xFFFFFFFFFFFFFFFF)
+        desc[1:6] = [0 if a is None else a.data.ptr for a in outputs] + [rows & 0xFFFFFFFFFFFFFFFF]
         desc[0] = seq   # last: the receivers wait for it
 
-    def _wait_notify(self, seq: int, num_local_experts: int):
-        """Waits on the host for notify's counts: (rows received, per-expert list). When notify
-        cancelled the call (bad input on some rank), raises this rank's report, or says which
-        rank's input was bad."""
+    def _wait_notify(self, seq: int) -> int:
+        """Waits on the host for notify's counts and returns the rows received (the per-expert
+        counts stay in ``host_out`` until the next call). When notify cancelled the call (bad
+        input on some rank), raises this rank's report, or says which rank's input was bad."""
         out = self.host_out
         deadline = time.monotonic() + float(self.timeout_ns) / 1e9 + 5.0
         while out[0] != seq:
@@ -171,7 +172,7 @@ class NormalEngine(Engine):
                 raise CommTimeoutError("notify_dispatch", self.rank, -1, "host wait for the receive counts")
         if out[2]:
             raise self.status.take() or cancelled_by_peers("dispatch", [int(out[3])], self.rank)
-        return int(out[1]), out[limits.HOST_EXPERT:limits.HOST_EXPERT + num_local_experts].tolist()
+        return int(out[1])
 
 
 _NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows, padding flag: from the descriptor
