@@ -25,7 +25,8 @@
 #                TCP on the loopback, UCX from $UCX_DIR, default .whl/ucx), ranks sharing the GPUs: a probe of what
 #                the transport needs (GDRCopy, NICs, UCX's transports) into proxy_probe.log, then
 #                scripts/smoke_multihost.py at 2 ranks x 1 per domain; when it passes, the internode tests for
-#                N:P in $PROXY_LAYOUTS ("2:1") with chaos off and on ($PROXY_CHAOS, "0 1") and bench_internode.py
+#                N:P in $PROXY_LAYOUTS ("2:1") with chaos off and on ($PROXY_CHAOS, "0 1"), test_low_latency.py
+#                with ll_transport="rdma", soak.py --num-nvl-peers 1 ($PROXY_SOAK_ARGS) and bench_internode.py
 #                on 2 ranks ($PROXY_BENCH_ARGS: bytes per destination domain); when it fails, the smoke again
 #                with NVSHMEM_DEBUG=INFO (proxy_smoke_debug.log) and the rest skipped (not part of "all")
 #     signal_cost  put signals (CUPY_EP_SIGNAL_AMO=0, the default) against NVSHMEM atomics (=1), in turns for
@@ -293,6 +294,13 @@ run_proxy() {
         CUPY_EP_TEST_NVL_PEERS="$p" CUPY_EP_CHAOS="$chaos" $MPIEXEC -n "$n" $PYTEST ${PYTEST_FLAGS--x} $targets
     done
   done
+  # the low-latency tests with NVSHMEM puts to every other rank (ll_transport="rdma"), skipped-call timeout included
+  # shellcheck disable=SC2086
+  step proxy_low_latency_rdma "${PROXY_TIMEOUT:-150}" "${penv[@]}" CUPY_EP_TEST_LL_TRANSPORT=rdma \
+    $MPIEXEC -n 2 $PYTEST ${PYTEST_FLAGS--x} tests/gpu/test_low_latency.py
+  # shellcheck disable=SC2086
+  step proxy_soak "${PROXY_TIMEOUT:-150}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/soak.py --num-nvl-peers 1 \
+    ${PROXY_SOAK_ARGS:---time-budget 40}
   # bytes and records per destination domain over the proxy transport (its times mean nothing)
   # shellcheck disable=SC2086
   step proxy_bench_internode "${PROXY_TIMEOUT:-150}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/bench_internode.py \

@@ -8,6 +8,10 @@ collective. Without a GPU for every rank (e.g. CI), the whole directory is skipp
 ``CUPY_EP_TEST_NVL_PEERS=P`` runs the normal-mode tests with NVLink domains of P ranks
 (``num_nvl_peers``): with P < R one host stands in for R / P hosts (internode mode).
 ``CUPY_EP_CHAOS=1`` compiles every kernel with the chaos pauses.
+``CUPY_EP_TEST_LL_TRANSPORT=rdma`` (or ``nvlink``; default ``auto``) is the low-latency tests'
+``ll_transport``: ``rdma`` sends to every other rank with NVSHMEM puts.
+``CUPY_EP_TEST_PROXY_TRANSPORT=1`` makes NVSHMEM use its UCX transport with P2P off
+(``cupy_ep.transport_env``).
 ``CUPY_EP_TEST_SHARE_GPU=1`` lets several ranks share one GPU (rank ``local_rank % GPUs``): the
 driver time-slices their kernels, so the protocols are exercised across processes, slowly; a
 check of correctness, never of speed.
@@ -67,6 +71,12 @@ def rng(comm):
     """A generator seeded freshly each run; each rank draws its own stream."""
     seed = comm.bcast(int(np.random.SeedSequence().entropy % (2**31)) if comm.Get_rank() == 0 else None)
     return np.random.default_rng([seed, comm.Get_rank()])
+
+
+@pytest.fixture(scope="session")
+def ll_transport():
+    """The low-latency tests' ``ll_transport`` (``CUPY_EP_TEST_LL_TRANSPORT``, default "auto")."""
+    return os.environ.get("CUPY_EP_TEST_LL_TRANSPORT", "auto")
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ def small_experts(num_ranks):
 
 
 @pytest.fixture(scope="module")
-def buffers(comm):
+def buffers(comm, ll_transport):
     import cupy_ep
     from cupy_ep import reference
 
@@ -37,7 +37,8 @@ def buffers(comm):
     nbytes = max(cupy_ep.Buffer.get_low_latency_rdma_size_hint(M, HIDDEN, r, experts_for(r)),
                  cupy_ep.Buffer.get_low_latency_rdma_size_hint(256, 2048, r, small_experts(r)),
                  cupy_ep.Buffer.get_low_latency_rdma_size_hint(512, 1152, r, small_experts(r)))
-    gpu = cupy_ep.Buffer(comm, num_rdma_bytes=nbytes, low_latency_mode=True, timeout_s=20.0)
+    gpu = cupy_ep.Buffer(comm, num_rdma_bytes=nbytes, low_latency_mode=True, timeout_s=20.0,
+                         ll_transport=ll_transport)
     ref = reference.Buffer(comm, num_rdma_bytes=nbytes, low_latency_mode=True)
     yield gpu, ref
     gpu.destroy()
@@ -192,7 +193,7 @@ def test_cuda_graph(comm, rng, buffers):
         agree_all(comm, ok, "graph replay differs from the reference")
 
 
-def test_skipped_call_times_out(comm, rng):
+def test_skipped_call_times_out(comm, rng, ll_transport):
     """One rank skips a dispatch: the others' kernels time out; Buffer.check() raises CommTimeoutError
     at once (naming the kernel and the missing peer), and so does the next call."""
     import cupy
@@ -204,7 +205,7 @@ def test_skipped_call_times_out(comm, rng):
         pytest.skip("needs a second rank to skip the dispatch")
     num_experts = 8 * r
     buf = cupy_ep.Buffer(comm, num_rdma_bytes=cupy_ep.Buffer.get_low_latency_rdma_size_hint(16, 256, r, num_experts),
-                         low_latency_mode=True, timeout_s=2.0)
+                         low_latency_mode=True, timeout_s=2.0, ll_transport=ll_transport)
     try:
         x = to_device(make_x(rng, 4, 256))
         idx = cupy.arange(8, dtype=cupy.int64).reshape(4, 2) % num_experts
