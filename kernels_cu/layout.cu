@@ -54,9 +54,12 @@ dispatch_layout(const idx_t* __restrict__ topk_idx, int num_tokens, int* __restr
         for (int w = 0; w < RANK_WORDS; ++w) ranks[w] = 0;
 #pragma unroll
         for (int w = 0; w < DOM_WORDS; ++w) doms[w] = 0;
+        i64 ids[TOPK];   // the whole row first: every load in flight before any is judged
+#pragma unroll
+        for (int k = 0; k < TOPK; ++k) ids[k] = (i64)topk_idx[(i64)t * TOPK + k];
 #pragma unroll
         for (int k = 0; k < TOPK; ++k) {
-            const i64 e = (i64)topk_idx[(i64)t * TOPK + k];
+            const i64 e = ids[k];
             if (e == -1) continue;
             if (e < -1 || e >= E) {
                 record_error(err, ST_BAD_EXPERT, KID_GET_DISPATCH_LAYOUT, rank, -1, (int)e, t);
