@@ -40,7 +40,7 @@
 #   per-step timeouts (seconds): TESTS_TIMEOUT (150, per rank count), INTERNODE_TIMEOUT (90, per layout),
 #     CHAOS_TIMEOUT (90), SOAK_TIMEOUT (80, each), TORCH_TIMEOUT (150, each), BENCH_INTRANODE_TIMEOUT (120), BENCH_LL_TIMEOUT (90), AB_TIMEOUT (90, each),
 #     BENCH_INTERNODE_TIMEOUT (120, per layout), BASELINE_TIMEOUT (120, each), EXAMPLE_TIMEOUT (120, each),
-#     PROXY_SMOKE_TIMEOUT (150), PROXY_TIMEOUT (150, per layout and chaos setting), SIGNAL_TIMEOUT (120, each run).
+#     PROXY_SMOKE_TIMEOUT (270), PROXY_TIMEOUT (150, per layout and chaos setting), SIGNAL_TIMEOUT (180, each run).
 #   SUITE_BUDGET (530 s): the whole run's wall-clock budget; a step gets min(its timeout, what is
 #     left) and is skipped when less than MIN_STEP_S (20) is left, so `all` ends in about 9 minutes.
 #   SHARE_GPU=1: run more ranks than GPUs (ranks share GPUs, time-sliced: correctness only; the
@@ -277,8 +277,9 @@ run_proxy() {
   record "$(printf '%-28s %-8s %5s s  %s' proxy_probe info 0 \
     "$(grep -E '^(gdrdrv|ib_devices|ucx_transports):' "$OUT/proxy_probe.log" | cut -c1-60 | tr '\n' ';')")"
   # shellcheck disable=SC2086  # $MPIEXEC is a word list
-  if ! step proxy_smoke "${PROXY_SMOKE_TIMEOUT:-150}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/smoke_multihost.py \
-      --num-nvl-peers 1 --time-limit 120; then
+  # the first run may compile the internode kernels (a minute or more without a carried .cache)
+  if ! step proxy_smoke "${PROXY_SMOKE_TIMEOUT:-270}" "${penv[@]}" $MPIEXEC -n 2 $PY scripts/smoke_multihost.py \
+      --num-nvl-peers 1 --time-limit $(( ${PROXY_SMOKE_TIMEOUT:-270} - 30 )); then
     # shellcheck disable=SC2086
     step proxy_smoke_debug 90 "${penv[@]}" NVSHMEM_DEBUG=INFO UCX_LOG_LEVEL=info $MPIEXEC -n 2 $PY \
       scripts/smoke_multihost.py --num-nvl-peers 1 --time-limit 60
@@ -318,11 +319,11 @@ run_signal_cost() {  # put signals (CUPY_EP_SIGNAL_AMO=0) against atomics (1), i
     order="1 0"; (( i % 2 == 0 )) && order="0 1"
     for amo in $order; do
       # shellcheck disable=SC2086  # argument lists
-      step "signal_amo${amo}_internode_${i}" "${SIGNAL_TIMEOUT:-120}" env CUPY_EP_SIGNAL_AMO="$amo" \
+      step "signal_amo${amo}_internode_${i}" "${SIGNAL_TIMEOUT:-180}" env CUPY_EP_SIGNAL_AMO="$amo" \
         $MPIEXEC -n "$n" $PY scripts/bench_internode.py --num-nvl-peers 1 --no-baseline \
         --json "$OUT/signal_amo${amo}_internode_${i}.json" ${SIGNAL_INTERNODE_ARGS:---tokens 1024 --iters 10}
       # shellcheck disable=SC2086
-      step "signal_amo${amo}_ll_${i}" "${SIGNAL_TIMEOUT:-120}" env CUPY_EP_SIGNAL_AMO="$amo" \
+      step "signal_amo${amo}_ll_${i}" "${SIGNAL_TIMEOUT:-180}" env CUPY_EP_SIGNAL_AMO="$amo" \
         $MPIEXEC -n "$n" $PY scripts/bench_low_latency.py --transport rdma --profile --no-baseline --no-graph \
         --json "$OUT/signal_amo${amo}_ll_${i}.json" ${SIGNAL_LL_ARGS:-}
     done
