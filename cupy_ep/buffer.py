@@ -457,9 +457,10 @@ class Buffer:
             ValueError / TypeError for bad input, before anything is sent. Routing values (expert ids
             out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
             call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
-            :meth:`check` or the next non-cached dispatch). A non-cached dispatch inside one NVLink
-            domain whose arguments this rank refused still takes part in the call, cancelled, so
-            that the peers raise ``ValueError`` naming this rank in the same way (docs/api.md, "Errors").
+            :meth:`check` or the next non-cached dispatch). A dispatch inside one NVLink domain whose
+            arguments this rank refused still takes part in the call, cancelled, so that the peers
+            raise ``ValueError`` naming this rank in the same way (a cached dispatch's peers at
+            :meth:`check`; docs/api.md, "Errors").
         """
         self._begin_phases("dispatch")
         engine = self._require_normal()
@@ -468,8 +469,7 @@ class Buffer:
                                         is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
                                         expert_alignment, num_worst_tokens, config)
         except (TypeError, ValueError):
-            if handle is None:
-                self._join_cancelled_dispatch(engine)
+            self._join_cancelled(lambda stream: engine.join_cancelled_dispatch(stream, True, handle is not None))
             raise
         is_fp8, data, scales, topk_idx, routing, config = args
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -512,15 +512,14 @@ class Buffer:
                 topk_idx = topk_idx.astype(np.int64)
         return is_fp8, data, scales, topk_idx, routing, config
 
-    def _join_cancelled_dispatch(self, engine) -> None:
-        """After this rank refused a non-cached dispatch's arguments: its part in the call's
-        protocol, marked cancelled and reading none of them, so that the peers' kernels complete
-        the call and raise ``ValueError`` naming this rank at once (docs/api.md, "Errors"). It
-        follows this Buffer's earlier kernels, as a synchronous call does, and nothing waits for
-        it. Not on a Buffer an earlier timeout broke (its peers are not in step)."""
+    def _join_cancelled(self, launch) -> None:
+        """After this rank refused a call's arguments: ``launch(stream)`` launches its part in the
+        call's protocol, marked cancelled and reading none of them, so that the peers' kernels
+        complete the call and report this rank (docs/api.md, "Errors"). It follows this Buffer's
+        earlier kernels, as a synchronous call does, and nothing waits for it. Not on a Buffer an
+        earlier timeout broke (its peers are not in step)."""
         if self._broken is None:
-            call = self._streams.begin(None, on_comm_stream=False)
-            engine.join_cancelled_dispatch(call.stream, refused=True)
+            launch(self._streams.begin(None, on_comm_stream=False).stream)
 
     def combine(self, x, handle, topk_weights=None, bias=None, config: Optional[Config] = None,
                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
@@ -539,16 +538,25 @@ class Buffer:
             ``combined_x[t] = bias_0[t] + bias_1[t] + sum over ranks r that received t of x_r[row of t]``,
             accumulated in float32 (across NVLink domains the sum inside a domain is rounded to bf16
             once before it crosses).
+
+        Raises:
+            ValueError / TypeError for bad input, before anything is sent. Inside one NVLink domain a
+            rank that refused its arguments still takes part in the call, cancelled: the peers'
+            outputs are unspecified and :meth:`check` raises ``ValueError`` naming that rank there.
         """
         self._begin_phases("combine")
         engine = self._require_normal()
-        with self._calls.begin("combine"):
-            self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
-            if not isinstance(handle, engine.handle_type):
-                raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
-            validation.check_handle_owner(handle, self._owner)
-            config = self._check_config(config)
-            biases = validation.check_normal_combine(x, handle, topk_weights, bias)
+        try:
+            with self._calls.begin("combine"):
+                self._check_arrays(x=x, topk_weights=topk_weights, bias=bias)
+                if not isinstance(handle, engine.handle_type):
+                    raise TypeError("handle: expected the handle returned by this Buffer's dispatch")
+                validation.check_handle_owner(handle, self._owner)
+                config = self._check_config(config)
+                biases = validation.check_normal_combine(x, handle, topk_weights, bias)
+        except (TypeError, ValueError):
+            self._join_cancelled(engine.join_cancelled_combine)
+            raise
         call = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         self._phase("checked", call.stream)
         combined_x, combined_w = self._guarded(lambda: engine.combine(x, handle, topk_weights, biases, config, call))

@@ -20,9 +20,11 @@ A cached dispatch and a combine run a barrier kernel, then their kernel.
 A rank whose non-cached dispatch is refused on the host (its arguments failed validation, or a
 host step told it of a peer's refusal) launches ``notify_cancelled`` instead: the notify
 protocol with zero rows and a cancel flag, so that the peers' notify cancels the call there and
-raises promptly (:meth:`IntranodeEngine.join_cancelled_dispatch`). Its module, the barrier's,
-is loaded when the engine is made: the cancelled part never compiles (a compile agreement the
-peers would not join).
+raises promptly (:meth:`IntranodeEngine.join_cancelled_dispatch`). A rank whose cached dispatch
+or combine is refused launches ``barrier_cancelled``: the barrier, after marking the call
+cancelled in the peers' buffers, whose kernel then does nothing but report (raised by
+``check()``). Their module, the barrier's, is loaded when the engine is made: the cancelled
+parts never compile (a compile agreement the peers would not join).
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ class IntranodeEngine(NormalEngine):
         super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
         # collective over nvl_comm (the Buffer makes its engines on every rank, agreed)
-        self._notify_cancelled = self._function("notify_cancelled", *geometry.INTRANODE_BARRIER_SHAPE)
+        self._cancelled = {name: self._function(name, *geometry.INTRANODE_BARRIER_SHAPE)
+                           for name in ("notify_cancelled", "barrier_cancelled")}
 
     # -- kernels ----------------------------------------------------------------------------
     def _function(self, name: str, num_channels: int, num_threads: int, **kernel):
@@ -87,12 +90,25 @@ class IntranodeEngine(NormalEngine):
                                              self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
         self._phase("barrier launched", stream)
 
-    def join_cancelled_dispatch(self, stream, refused: bool) -> bool:
-        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``
-        (kernels_cu/intranode.cu), whose module was loaded with the engine."""
-        self._launch(self._notify_cancelled, 1, geometry.INTRANODE_BARRIER_SHAPE[1],
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``,
+        or for a cached dispatch ``barrier_cancelled`` (kernels_cu/intranode.cu; their module
+        was loaded with the engine)."""
+        if cached:
+            return self._join_cancelled_barrier("intranode_dispatch", stream)
+        self._launch(self._cancelled["notify_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(refused), self.status_arg,
                       self.timeout_ns), stream, "notify")
+        return True
+
+    def join_cancelled_combine(self, stream) -> bool:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_combine`: ``barrier_cancelled``."""
+        return self._join_cancelled_barrier("intranode_combine", stream)
+
+    def _join_cancelled_barrier(self, kernel_name: str, stream) -> bool:
+        self._launch(self._cancelled["barrier_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
+                     (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
+                      _KERNEL_ID[kernel_name]), stream, "barrier")
         return True
 
     # -- dispatch ---------------------------------------------------------------------------

@@ -68,12 +68,17 @@ class NormalEngine(Engine):
         self._host_out_mem.free()
         self._desc_mem.free()
 
-    def join_cancelled_dispatch(self, stream, refused: bool) -> bool:
-        """This rank's part in a non-cached dispatch whose arguments were refused on the host
-        (``refused``: this rank's; else a peer's, learned in a host step before any launch), so
-        that the peers' kernels complete the call and cancel it; nothing is read of the call's
-        arguments and nothing waits. True when launched; False where the engine's protocol has no
-        cancelled part (the internode engine: its peers wait in their kernels until timeout_s)."""
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
+        """This rank's part in a dispatch (``cached``: with a handle) whose arguments were refused
+        on the host (``refused``: this rank's; else a peer's, learned in a host step before any
+        launch), so that the peers' kernels complete the call and cancel it; nothing is read of
+        the call's arguments and nothing waits. True when launched; False where the engine's
+        protocol has no cancelled part (the internode engine: its peers wait in their kernels
+        until timeout_s)."""
+        return False
+
+    def join_cancelled_combine(self, stream) -> bool:
+        """As :meth:`join_cancelled_dispatch`, for a combine this rank refused."""
         return False
 
     def _next_seq(self) -> int:

@@ -5,6 +5,7 @@
 //   OFF_ARRIVALS       int[MAX_NVL_PEERS]  barrier arrivals from each peer
 //   OFF_EPOCH          int                 this rank's barrier count
 //   OFF_NOTIFY_FLAGS   int[MAX_NVL_PEERS]  notify data from peer p is ready (= epoch)
+//   OFF_CANCELLED      int[2][MAX_NVL_PEERS]  [e & 1][p]: peer p cancelled its part of epoch e (= e)
 //   OFF_DISPATCH_TAILS u64[MAX_CHANNELS][MAX_NVL_PEERS]  rows arrived per (channel, source)
 //   OFF_COMBINE_TAILS  u64[MAX_CHANNELS][MAX_NVL_PEERS]
 //   OFF_NOTIFY         per source: a notify slot (see "Notify slot" below)
@@ -92,6 +93,47 @@ extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, Erro
                                                 int kernel_id) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
+    domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancelled barrier (one warp; the barrier kernel's module): this rank's part in a cached
+// dispatch or a combine it does not make, its arguments refused on the host. It marks the call's
+// epoch cancelled in every peer's buffer, then arrives at the domain barrier (each thread's mark
+// is fenced before its arrival at the same peer); the peers' kernel after their barrier finds the
+// mark (call_cancelled) and only reports. The marks alternate between two words by the epoch's
+// parity: a peer cannot overwrite epoch e's before this rank's kernel of epoch e read it, since
+// its next-but-one barrier needs this rank's next arrival, which follows that kernel.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ volatile int* cancel_mark(char* base, int epoch, int src) {
+    return reinterpret_cast<volatile int*>(base + OFF_CANCELLED) + (epoch & 1) * MAX_NVL_PEERS + src;
+}
+
+// In a kernel run right after the barrier (or notify) kernel: the call's epoch, and whether a peer
+// marked it cancelled (barrier_cancelled); then block 0 reports ST_PEER_BAD_INPUT naming the first
+// such peer and the kernel must return without sending or receiving (its outputs unspecified).
+// Threads 0..NUM_RANKS-1 read the marks with the epoch; one block barrier. All threads call it.
+__device__ __forceinline__ bool call_cancelled(char* me, int rank, int kernel, ErrorRecord* err, int& epoch) {
+    epoch = *reinterpret_cast<const volatile int*>(me + OFF_EPOCH);
+    const bool marked = threadIdx.x < NUM_RANKS && *cancel_mark(me, epoch, threadIdx.x) == epoch;
+    if (!__syncthreads_or(marked)) return false;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        int by = 0;
+        while (by < NUM_RANKS - 1 && *cancel_mark(me, epoch, by) != epoch) ++by;
+        record_error(err, ST_PEER_BAD_INPUT, kernel, rank, by, 0);
+    }
+    return true;
+}
+
+extern "C" __global__ void barrier_cancelled(const u64* peers, int rank, ErrorRecord* err, u64 timeout_ns,
+                                             int kernel_id) {
+    __shared__ char* s_peer[NUM_RANKS];
+    load_peers(peers, s_peer);
+    if (threadIdx.x < NUM_RANKS) {
+        const int epoch = *reinterpret_cast<volatile int*>(s_peer[rank] + OFF_EPOCH) + 1;   // group_barrier's next
+        *cancel_mark(s_peer[threadIdx.x], epoch, rank) = epoch;
+    }
+    __syncthreads();   // every read of the epoch before group_barrier advances it
     domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank));
 }
 
@@ -425,7 +467,7 @@ __device__ __forceinline__ bool dispatch_receiver(int c, int rank, int epoch, co
 // ---------------------------------------------------------------------------------------------
 // Dispatch. Needs the notify (or, for a cached dispatch, the barrier kernel) to have run just
 // before on this stream: the epoch it set tags the tails. A call notify cancelled (bad input on
-// some rank) does nothing.
+// some rank), or a cached one a peer's barrier_cancelled marked, does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
@@ -439,7 +481,8 @@ intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __re
     __shared__ char* s_peer[NUM_RANKS];
     if (*call_status != 0) return;
     load_peers(peers, s_peer);
-    const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
+    int epoch;
+    if (call_cancelled(s_peer[rank], rank, KID_INTRANODE_DISPATCH, err, epoch)) return;
     if (blockIdx.x < NUM_CHANNELS) {
         dispatch_sender(blockIdx.x, rank, epoch, num_tokens, s_peer, x, x_scales, topk_idx, topk_weights,
                         is_token_in_rank, send_chan_prefix, send_pos);
@@ -603,7 +646,8 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Combine. Needs the barrier kernel to have run just before on this stream.
+// Combine. Needs the barrier kernel to have run just before on this stream; a call a peer's
+// barrier_cancelled marked does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x, int num_x_rows,
@@ -614,7 +658,8 @@ intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __res
                   u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
-    const int epoch = *reinterpret_cast<const volatile int*>(s_peer[rank] + OFF_EPOCH);
+    int epoch;
+    if (call_cancelled(s_peer[rank], rank, KID_INTRANODE_COMBINE, err, epoch)) return;
     if (blockIdx.x < NUM_CHANNELS) {
         combine_sender(blockIdx.x, rank, epoch, s_peer, x, num_x_rows, topk_weights, rank_prefix, recv_chan_prefix);
     } else {

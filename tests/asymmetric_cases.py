@@ -184,10 +184,21 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         return call
 
     def combine(change=None):
+        """A dispatch, then its combine (``change``: what the odd rank changes), then check(): on
+        the GPU the good ranks learn of a cancelled combine there."""
         def call():
             recv_x, _, _, _, handle, _ = buf.dispatch(x, **layout_of(idx), topk_idx=idx, topk_weights=w)
             kw = {} if change is None else change(recv_x)
-            return buf.combine(kw.pop("x", recv_x), handle, **kw)
+            buf.combine(kw.pop("x", recv_x), handle, **kw)
+            buf.check()
+        return call
+
+    def cached_dispatch(x_arg=None):
+        """A dispatch, then a cached dispatch of its handle, then check() (as combine)."""
+        def call():
+            handle = buf.dispatch(x, **layout_of(idx), topk_idx=idx, topk_weights=w)[4]
+            buf.dispatch(x if x_arg is None else x_arg, handle=handle)
+            buf.check()
         return call
 
     m, lh = LL_M, LL_HIDDEN
@@ -234,9 +245,12 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
              Expect(ValueError, ("topk_weights",)), gpu=True),
         case("dispatch with num_worst_tokens, then check(): x float32", worst_token_dispatch(A(x_np.astype(np.float32))),
              worst_token_dispatch(), Expect(TypeError, ("x",)), gpu=True),
-        case("combine: one row fewer", combine(lambda rx: dict(x=rx[:-1])), combine(), Expect(ValueError, ("x",))),
-        case("combine: bias of the wrong shape", combine(lambda rx: dict(bias=A(make_x(rng, n, h + 8)))),
-             combine(), Expect(ValueError, ("bias",))),
+        case("cached dispatch, then check(): x float32", cached_dispatch(A(x_np.astype(np.float32))),
+             cached_dispatch(), Expect(TypeError, ("x",)), gpu=True),
+        case("combine, then check(): one row fewer", combine(lambda rx: dict(x=rx[:-1])), combine(),
+             Expect(ValueError, ("x",)), gpu=True),
+        case("combine, then check(): bias of the wrong shape", combine(lambda rx: dict(bias=A(make_x(rng, n, h + 8)))),
+             combine(), Expect(ValueError, ("bias",)), gpu=True),
         case("absent from dispatch (arrives after timeout_s)", dispatch(), dispatch(), gave_up, timed_out,
              odd_delay_s=ABSENT_DELAY * timeout_s),
         case("low_latency_dispatch: x float32", ll_dispatch(A(lx_np.astype(np.float32))), ll_dispatch(),

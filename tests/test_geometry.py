@@ -34,7 +34,8 @@ def test_intranode_slot_areas_are_aligned_and_disjoint(hidden, num_topk):
 
 def test_intranode_control_areas_do_not_overlap():
     tails = limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8
-    assert INTRANODE_OFFSETS["OFF_NOTIFY_FLAGS"] + 4 * limits.MAX_NVL_PEERS <= INTRANODE_OFFSETS["OFF_DISPATCH_TAILS"]
+    assert INTRANODE_OFFSETS["OFF_NOTIFY_FLAGS"] + 4 * limits.MAX_NVL_PEERS <= INTRANODE_OFFSETS["OFF_CANCELLED"]
+    assert INTRANODE_OFFSETS["OFF_CANCELLED"] + 2 * 4 * limits.MAX_NVL_PEERS <= INTRANODE_OFFSETS["OFF_DISPATCH_TAILS"]
     assert INTRANODE_OFFSETS["OFF_DISPATCH_TAILS"] + tails <= INTRANODE_OFFSETS["OFF_COMBINE_TAILS"]
     assert INTRANODE_OFFSETS["OFF_COMBINE_TAILS"] + tails <= INTRANODE_OFFSETS["OFF_NOTIFY"]
     assert INTRANODE_OFFSETS["OFF_NOTIFY"] + limits.MAX_NVL_PEERS * NOTIFY_SLOT_BYTES <= INTRANODE_OFFSETS["OFF_DATA"]

@@ -1,6 +1,7 @@
-"""A refused non-cached dispatch still takes part in the call, cancelled (issue 21, item 3), host
-side, without a GPU: which rank launches ``notify_cancelled`` with which flag, and when nothing is
-launched. The kernel itself runs in tests/gpu/test_asymmetric_gpu.py.
+"""A refused dispatch or combine still takes part in the call, cancelled (issue 21, item 3), host
+side, without a GPU: which rank launches which cancelled part (``notify_cancelled`` flagged or
+not, ``barrier_cancelled``), and when nothing is launched. The kernels run in
+tests/gpu/test_asymmetric_gpu.py.
 """
 import sys
 from types import ModuleType, SimpleNamespace
@@ -24,8 +25,12 @@ class FakeEngine:
     def __init__(self):
         self.joined = []
 
-    def join_cancelled_dispatch(self, stream, refused):
-        self.joined.append((stream, refused))
+    def join_cancelled_dispatch(self, stream, refused, cached=False):
+        self.joined.append(("dispatch", stream, refused, cached))
+        return True
+
+    def join_cancelled_combine(self, stream):
+        self.joined.append(("combine", stream))
         return True
 
 
@@ -55,14 +60,21 @@ def test_a_refused_dispatch_takes_part_cancelled():
     engine = FakeEngine()
     with pytest.raises(TypeError, match="^x: expected a CuPy array"):
         fake_buffer(engine).dispatch(np.zeros((4, 8), np.float32))
-    assert engine.joined == [("caller stream", True)]
+    assert engine.joined == [("dispatch", "caller stream", True, False)]
 
 
-def test_a_refused_cached_dispatch_launches_nothing():
+def test_a_refused_cached_dispatch_takes_part_cancelled():
     engine = FakeEngine()
     with pytest.raises(TypeError, match="^x: "):
         fake_buffer(engine).dispatch(np.zeros((4, 8), np.float32), handle=object())
-    assert engine.joined == []
+    assert engine.joined == [("dispatch", "caller stream", True, True)]
+
+
+def test_a_refused_combine_takes_part_cancelled():
+    engine = FakeEngine()
+    with pytest.raises(TypeError, match="^x: "):
+        fake_buffer(engine).combine(np.zeros((4, 8), np.float32), object())
+    assert engine.joined == [("combine", "caller stream")]
 
 
 def test_a_broken_buffer_launches_nothing():
@@ -74,6 +86,7 @@ def test_a_broken_buffer_launches_nothing():
 
 def test_the_internode_engine_has_no_cancelled_part():
     assert NormalEngine.join_cancelled_dispatch(object(), "stream", True) is False
+    assert NormalEngine.join_cancelled_combine(object(), "stream") is False
 
 
 def test_peer_refusal_is_a_value_error_naming_the_ranks():
@@ -110,7 +123,7 @@ def intranode_engine(notify_error):
         raise notify_error
 
     engine._function = function
-    engine.join_cancelled_dispatch = lambda stream, refused: engine.joined.append((stream, refused))
+    engine.join_cancelled_dispatch = lambda stream, refused, cached=False: engine.joined.append((stream, refused))
     engine._launch = lambda *args: engine.launched.append(args)
     return engine
 
