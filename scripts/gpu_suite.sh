@@ -262,6 +262,7 @@ proxy_probe() {  # proxy_probe UCX_DIR: what NVSHMEM's UCX transport needs on th
   echo "libgdrapi: $(ldconfig -p 2>/dev/null | grep -o 'libgdrapi.so[.0-9]*' | head -1 || true)"
   echo "ib_devices: $(ls /sys/class/infiniband 2>/dev/null | tr '\n' ' ')"
   echo "libibverbs: $(ldconfig -p 2>/dev/null | grep -o 'libibverbs.so[.0-9]*' | head -1 || true)"
+  echo "libfabric: $(ldconfig -p 2>/dev/null | grep -o 'libfabric.so[.0-9]*' | head -1 || true)"
   echo "nvshmem_ucx_plugin: $($PY -c 'import glob, os, nvidia.nvshmem as m; print(" ".join(os.path.basename(p) for p in glob.glob(os.path.join(list(m.__path__)[0], "lib", "nvshmem_transport_ucx*"))))' 2>&1)"
   echo "ucx_version: $(LD_LIBRARY_PATH="$ucx/lib:${LD_LIBRARY_PATH:-}" "$ucx/bin/ucx_info" -v 2>&1 | head -1)"
   echo "ucx_transports: $(LD_LIBRARY_PATH="$ucx/lib:${LD_LIBRARY_PATH:-}" UCX_MODULE_DIR="$ucx/lib/ucx" \
