@@ -28,7 +28,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .engine import array_arg
+from .engine import I32, array_arg, empty_together
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
 
@@ -135,20 +135,16 @@ class InternodeEngine(NormalEngine):
         return self._finish_dispatch(seq, data, scales, num_topk, num_experts // self.num_ranks, handle, call)
 
     def _new_handle(self, num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank, call) -> InternodeHandle:
-        import cupy
-
         r, n, p = self.num_ranks, self.num_rdma_ranks, self.num_nvl_ranks
         cap = geometry.rdma_capacity(self.sym.num_bytes, hidden, r, p, num_topk)
-        i32 = cupy.int32
-        with call.alloc:
-            return InternodeHandle(
-                num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank,
-                send_chan=cupy.empty((r, c + 1), i32), rdma_chan=cupy.empty((n, c + 1), i32),
-                send_rdma_pos=cupy.empty((num_tokens, n), i32), rank_prefix=cupy.empty(r + 1, i32),
-                recv_chan=cupy.empty((r, c + 1), i32), comb_base=cupy.empty(r, i32),
-                fwd_rchan=cupy.empty((n, c + 1), i32), fwd_chan=cupy.empty((n, p, c + 1), i32),
-                fwd_comb=cupy.empty((n, p), i32), fwd_base=cupy.empty((n, p), i32),
-                fwd_pos=cupy.empty((n, cap, p), i32), call_status=cupy.empty(1, i32))
+        names_shapes = dict(send_chan=(r, c + 1), rdma_chan=(n, c + 1), send_rdma_pos=(num_tokens, n),
+                            rank_prefix=(r + 1,), recv_chan=(r, c + 1), comb_base=(r,), fwd_rchan=(n, c + 1),
+                            fwd_chan=(n, p, c + 1), fwd_comb=(n, p), fwd_base=(n, p), fwd_pos=(n, cap, p),
+                            call_status=(1,))
+        with call.alloc:   # one allocation for the handle's int32 arrays
+            arrays = empty_together(*((shape, I32) for shape in names_shapes.values()))
+        return InternodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_rows, in_rank,
+                               **dict(zip(names_shapes, arrays)))
 
     def _launch_dispatch(self, fn, data, scales, topk_idx, topk_weights, h: InternodeHandle, config: Config,
                          out_args, stream) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .engine import array_arg
+from .engine import I32, array_arg, empty_together
 from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
@@ -117,8 +117,6 @@ class IntranodeEngine(NormalEngine):
         """One dispatch (arguments validated by the Buffer, capacity included). ``routing``: the
         :class:`cupy_ep.validation.Routing` of a new dispatch, None with a cached ``handle``.
         ``call``: the :class:`cupy_ep.event.Call` (launch and allocation streams)."""
-        import cupy
-
         num_tokens, hidden = (int(v) for v in data.shape)
         if handle is not None:
             return self._cached_dispatch(data, scales, handle, config, call)
@@ -129,11 +127,8 @@ class IntranodeEngine(NormalEngine):
         c = config.num_channels
         r = self.num_ranks
         with call.alloc:
-            rank_prefix = cupy.empty(r + 1, dtype=cupy.int32)
-            recv_chan = cupy.empty((r, c + 1), dtype=cupy.int32)
-            send_chan = cupy.empty((r, c + 1), dtype=cupy.int32)
-            send_pos = cupy.empty((num_tokens, r), dtype=cupy.int32)
-            call_status = cupy.empty(1, dtype=cupy.int32)
+            rank_prefix, recv_chan, send_chan, send_pos, call_status = empty_together(
+                ((r + 1,), I32), ((r, c + 1), I32), ((r, c + 1), I32), ((num_tokens, r), I32), ((1,), I32))
         handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
                                  recv_chan, send_chan, send_pos, in_rank, call_status)
         self._phase("handle allocated", call.stream)

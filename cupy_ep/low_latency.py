@@ -64,7 +64,7 @@ import numpy as np
 
 from . import geometry, limits
 from .bootstrap import run_agreed
-from .engine import Engine, array_arg
+from .engine import I32, I64, Engine, array_arg, empty_together
 
 __all__ = ["LowLatencyEngine", "LLHandlePrivate"]
 
@@ -198,12 +198,9 @@ class LowLatencyEngine(Engine):
             data = cupy.empty((EL, R * M, H), dtype=ml_dtypes.bfloat16)
             scales = None
             recv_x = data
-        src_info = cupy.empty((EL, R * M), dtype=np.int32)
-        layout_range = cupy.empty((EL, R), dtype=np.int64)
-        recv_count = cupy.empty((EL,), dtype=np.int32)
-        slot_count = cupy.empty((R,), dtype=np.int32)
-        slot_map = cupy.empty((R, M, 1 + K), dtype=np.int32)
-        dest_ranks = cupy.empty((M, min(K, R)), dtype=np.int32)
+        # the handle's arrays and the counts: one allocation
+        src_info, layout_range, recv_count, slot_count, slot_map, dest_ranks = empty_together(
+            ((EL, R * M), I32), ((EL, R), I64), ((EL,), I32), ((R,), I32), ((R, M, 1 + K), I32), ((M, min(K, R)), I32))
 
         def launch(phases, on_stream):
             prof = self._phase_buffer("low_latency_dispatch", self.num_blocks, DISPATCH_PHASES)

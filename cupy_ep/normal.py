@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from . import limits
-from .engine import Engine, array_arg
+from .engine import F32, I64, Engine, array_arg, empty_together
 from .errors import CommTimeoutError, cancelled_by_peers
 from .geometry import DESC_WORDS, HOST_OUT_INTS
 from .memory import HostMapped
@@ -124,11 +124,13 @@ class NormalEngine(Engine):
     def _alloc_outputs(self, data, scales, num_topk: int, rows: int, call):
         import cupy
 
+        specs = ([((rows, scales.shape[1]), F32)] if scales is not None else []) + \
+            ([((rows, num_topk), I64), ((rows, num_topk), F32)] if num_topk else [])
         with call.alloc:
             recv_x = cupy.empty((rows, data.shape[1]), dtype=data.dtype)
-            recv_scales = None if scales is None else cupy.empty((rows, scales.shape[1]), dtype=cupy.float32)
-            recv_idx = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.int64)
-            recv_w = None if num_topk == 0 else cupy.empty((rows, num_topk), dtype=cupy.float32)
+            small = empty_together(*specs) if specs else []   # the rows' scales and top-k: one allocation
+        recv_scales = small.pop(0) if scales is not None else None
+        recv_idx, recv_w = small if num_topk else (None, None)
         self._phase("outputs allocated", call.stream)
         return recv_x, recv_scales, recv_idx, recv_w
 

@@ -101,6 +101,8 @@ def fake_cupy(monkeypatch):
     module = ModuleType("cupy")
     module.int32 = np.int32
     module.empty = lambda shape, dtype=None: SimpleNamespace(shape=shape, dtype=dtype)
+    module.cuda = SimpleNamespace(alloc=lambda size: 0)   # engine.empty_together: one allocation, views in it
+    module.ndarray = lambda shape, dtype=None, memptr=None: SimpleNamespace(shape=shape, dtype=dtype)
     monkeypatch.setitem(sys.modules, "cupy", module)
 
 

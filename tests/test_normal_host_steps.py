@@ -1,6 +1,7 @@
 """The host side of a non-cached normal-mode dispatch after notify (cupy_ep.normal), without a
 GPU: the outputs' addresses and row count are published in the descriptor, its sequence number
 last, before the per-expert counts are read; a cancelled call publishes "drop every row"."""
+import sys
 import types
 
 import numpy as np
@@ -56,3 +57,50 @@ def test_cancelled_call_publishes_drop_every_row():
     with pytest.raises(ValueError, match="rank 2 passed invalid input to dispatch"):
         eng._finish_dispatch(3, None, None, 4, 1, types.SimpleNamespace(num_rows=None), types.SimpleNamespace(stream=None))
     assert eng.desc[0] == 3 and eng.desc[5] == np.uint64(2**64 - 1) and not eng.desc[1:5].any()
+
+
+def test_empty_together_carves_aligned_disjoint_arrays(monkeypatch):
+    from cupy_ep import engine
+
+    class Ptr:
+        def __init__(self, ptr, size):
+            self.ptr, self.size = ptr, size
+
+        def __add__(self, offset):
+            return Ptr(self.ptr + offset, self.size)
+
+    allocs = []
+
+    def alloc(size):
+        allocs.append(size)
+        return Ptr(0x10000, size)
+
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(alloc=alloc),
+                                 ndarray=lambda shape, dtype, memptr: (shape, dtype, memptr.ptr))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    specs = [((5,), engine.I32), ((3, 100), engine.I64), ((0, 4), engine.F32), ((1,), engine.I32)]
+    got = engine.empty_together(*specs)
+    assert [(s, d) for s, d, _ in got] == specs and allocs == [256 + 2560 + 0 + 256]
+    starts = [p - 0x10000 for _, _, p in got]
+    assert starts == [0, 256, 2816, 2816] and all(s % 256 == 0 for s in starts)
+
+
+@pytest.mark.parametrize("fp8, num_topk", [(True, 8), (False, 8), (True, 0), (False, 0)])
+def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(monkeypatch, fp8, num_topk):
+    import contextlib
+
+    import cupy_ep.normal as normal
+
+    monkeypatch.setattr(normal, "empty_together", lambda *specs: [("together", s, d) for s, d in specs])
+    fake = types.SimpleNamespace(empty=lambda shape, dtype: ("alone", shape, np.dtype(dtype)), float32=np.float32)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    eng, _ = _engine(_host_out(1, 0, []))
+    del eng._alloc_outputs   # the real one
+    data = np.zeros((4, 256), np.uint8 if fp8 else np.float32)
+    scales = np.zeros((4, 2), np.float32) if fp8 else None
+    out = eng._alloc_outputs(data, scales, num_topk, 9, types.SimpleNamespace(alloc=contextlib.nullcontext(),
+                                                                              stream=None))
+    assert out[0] == ("alone", (9, 256), data.dtype)
+    assert out[1] == (("together", (9, 2), np.dtype(np.float32)) if fp8 else None)
+    assert out[2:] == ((("together", (9, num_topk), np.dtype(np.int64)), ("together", (9, num_topk),
+                                                                          np.dtype(np.float32))) if num_topk else (None, None))
