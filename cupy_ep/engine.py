@@ -44,7 +44,7 @@ def empty_together(*specs) -> list:
 
 
 _ALIGN = 256   # bytes: every array of empty_together starts at such a boundary (as vector loads need)
-I32, I64, F32 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.float32)   # empty_together's dtypes
+I32, I64, F32, BOOL = (np.dtype(t) for t in (np.int32, np.int64, np.float32, np.bool_))   # empty_together's dtypes
 
 
 def signal_amo() -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .engine import Engine
+from .engine import BOOL, I32, Engine, empty_together
 
 LAYOUT_THREADS = 256
 LAYOUT_MAX_BLOCKS = 32
@@ -42,13 +42,13 @@ class LayoutEngine(Engine):
 
         num_tokens, num_topk = topk_idx.shape
         r, n = self.num_ranks, self.num_rdma_ranks
-        counts = cupy.empty(r + n + num_experts, dtype=cupy.int32)
-        in_rank = cupy.empty((num_tokens, r), dtype=cupy.bool_)
+        # one allocation for the outputs (one NVLink domain: no per-domain counts)
+        per_rank, per_expert, in_rank, *per_rdma = empty_together(
+            ((r,), I32), ((num_experts,), I32), ((num_tokens, r), BOOL), *([((n,), I32)] if n > 1 else []))
+        per_rdma = per_rdma[0] if per_rdma else None
         scratch = self._scratch.get(num_experts)
         if scratch is None:
             scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
-        per_rank, per_expert = counts[:r], counts[r + n:]
-        per_rdma = counts[r:r + n] if n > 1 else None   # one NVLink domain: none (a view costs a µs)
         self._phase("outputs allocated", stream)
         blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
         kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)

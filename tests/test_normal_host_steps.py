@@ -104,3 +104,29 @@ def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(mon
     assert out[1] == (("together", (9, 2), np.dtype(np.float32)) if fp8 else None)
     assert out[2:] == ((("together", (9, num_topk), np.dtype(np.int64)), ("together", (9, num_topk),
                                                                           np.dtype(np.float32))) if num_topk else (None, None))
+
+
+@pytest.mark.parametrize("ranks, rdma_ranks", [(1, 1), (4, 2)])
+def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
+    import cupy_ep.layout as layout
+
+    monkeypatch.setattr(layout, "empty_together", lambda *specs: [("view", s, d) for s, d in specs])
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        zeros=lambda n, dtype: ("zeros", n), int32=np.int32))
+    eng = layout.LayoutEngine.__new__(layout.LayoutEngine)
+    eng.num_ranks, eng.num_rdma_ranks, eng.rank, eng.profile = ranks, rdma_ranks, 0, None
+    eng._scratch, eng.status_arg = {}, np.uint64(99)
+    launches = []
+    eng._kernel = lambda e, k, b: ("kernel", e, k, b)
+    eng._launch = lambda kernel, grid, block, args, stream, name: launches.append((kernel, grid, block, args, name))
+    topk_idx = np.zeros((300, 8), np.int64)
+    per_rank, per_rdma, per_expert, in_rank = eng.run(topk_idx, 64, None)
+    i32, b = np.dtype(np.int32), np.dtype(np.bool_)
+    assert per_rank == ("view", (ranks,), i32) and per_expert == ("view", (64,), i32)
+    assert in_rank == ("view", (300, ranks), b)
+    assert per_rdma == (("view", (rdma_ranks,), i32) if rdma_ranks > 1 else None)
+    (kernel, grid, block, args, name), = launches
+    assert kernel == ("kernel", 64, 8, 8) and (grid, block, name) == (2, layout.LAYOUT_THREADS, "layout")
+    assert args[0] is topk_idx and args[1] == 300 and args[2] == ("zeros", ranks + rdma_ranks + 64 + 1)
+    assert args[3] is per_rank and args[5] is per_expert and args[6] is in_rank and args[7] == 99
+    assert (args[4] is per_rdma) if per_rdma is not None else args[4] == 0
