@@ -16,7 +16,8 @@ as a user times one call. Per op, medians over ``--calls`` calls:
   each kind, each function counted without the timed functions it calls: ``checks``
   (Buffer._check_arrays/_check_config and every ``cupy_ep.validation`` function the Buffer
   calls), ``set-up`` (CallSteps.begin, Buffer._begin: pending reports, the call's streams),
-  ``lookup`` (kernels and launch constants by call shape), ``alloc`` (cupy.empty/zeros),
+  ``lookup`` (kernels and launch constants by call shape), ``alloc`` (cupy.empty/zeros and
+  cupy_ep's ``empty_together``),
   ``launch`` (Engine._launch: CuPy's argument conversion and the launch), ``wait`` (the host
   wait for notify's counts), ``publish`` (the output descriptor, earlier reports), ``finish``
   (StreamOrder.finish), ``other`` (the rest of the Python code: the timed call minus the
@@ -111,7 +112,7 @@ def instrument(sections: Sections) -> None:
     """Puts the timers of SECTIONS around the call path's functions."""
     import cupy
 
-    from cupy_ep import buffer, collective, engine, event, normal, validation
+    from cupy_ep import buffer, collective, engine, event, internode, intranode, layout, low_latency, normal, validation
 
     called = set(re.findall(r"validation\.(check_\w+)\(", inspect.getsource(buffer)))
     for name in sorted(called):
@@ -124,6 +125,9 @@ def instrument(sections: Sections) -> None:
     sections.wrap(engine.Engine, "_launch", "launch")
     sections.wrap(cupy, "empty", "alloc")
     sections.wrap(cupy, "zeros", "alloc")
+    for module in (intranode, internode, layout, low_latency, normal):   # each imported it by name
+        if "empty_together" in vars(module):
+            sections.wrap(module, "empty_together", "alloc")
     sections.wrap(normal.NormalEngine, "_wait_notify", "wait")
     sections.wrap(normal.NormalEngine, "_publish_outputs", "publish")
     sections.wrap(normal.NormalEngine, "_raise_earlier_report", "publish")
