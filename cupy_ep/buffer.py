@@ -56,15 +56,18 @@ class Buffer:
             NVLink/P2P, NVSHMEM puts to the others), ``"nvlink"`` or ``"rdma"``.
         chaos: tests only: compile the kernels with random pauses before signals and between
             chunks (default: the ``CUPY_EP_CHAOS`` environment variable, off).
+        enable_shrink: DeepEP's shrink mode (mask ranks that do not arrive). Only ``False``
+            here so far: ``True`` raises ``ValueError``; :class:`cupy_ep.reference.Buffer` has it.
     """
 
     def __init__(self, comm, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
                  num_nvl_peers: Optional[int] = None, num_sms: Optional[int] = None,
                  timeout_s: float = limits.DEFAULT_TIMEOUT_S, ll_transport: str = "auto",
-                 chaos: Optional[bool] = None):
+                 chaos: Optional[bool] = None, enable_shrink: bool = False):
         try:
             validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport,
                                          num_sms)
+            validation.check_enable_shrink(enable_shrink, low_latency_mode, supported=False)
             refusal = None
         except (TypeError, ValueError) as e:
             refusal = e

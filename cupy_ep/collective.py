@@ -129,41 +129,57 @@ class Channel:
         self._tags = (int(comm.Get_attr(MPI.TAG_UB)) + 1) // 2
         self._any_source = MPI.ANY_SOURCE
 
-    def step(self, call: str) -> "Step":
-        """The next step, for the call named ``call`` (every rank must make the same steps)."""
+    def step(self, call: str, peers=None) -> "Step":
+        """The next step, for the call named ``call`` (every rank must make the same steps).
+        ``peers``: None (every rank; a rank that does not arrive fails the step), or the ranks
+        this step talks to (this rank included): a peer that does not arrive is left out of
+        the step's later rounds and listed in ``step.absent`` instead of failing it (shrink mode)."""
         self._seq += 1
         self._sends = [r for r in self._sends if not r.Test()]
-        return Step(self, call, self._seq)
+        return Step(self, call, self._seq, peers=peers)
 
-    def step_at(self, call: str, seq: int, name: str = "") -> "Step":
-        """The step numbered ``seq`` (> every number :meth:`step` gave), for the call named
-        ``call``; errors name it ``name`` (default: ``call``)."""
+    @property
+    def seq(self) -> int:
+        """The number of the last step :meth:`step` gave."""
+        return self._seq
+
+    def resume_at(self, seq: int) -> None:
+        """Numbers the next steps after ``seq`` (ranks whose counts drifted apart, because some
+        skipped calls, agree on a number and resume there)."""
+        self._seq = int(seq)
+
+    def step_at(self, call: str, seq: int, name: str = "", peers=None) -> "Step":
+        """The step numbered ``seq`` (> every number :meth:`step` gave, or < 0: a series of its
+        own), for the call named ``call``; errors name it ``name`` (default: ``call``);
+        ``peers`` as in :meth:`step`."""
         self._sends = [r for r in self._sends if not r.Test()]
-        return Step(self, call, seq, name)
+        return Step(self, call, seq, name, peers=peers)
 
     # -- messages ---------------------------------------------------------------------------
     def _tag(self, seq: int, kind: int) -> int:
         return (seq % self._tags) * 2 + kind
 
-    def _send_all(self, seq: int, kind: int, bodies) -> None:
-        """Sends ``bodies[r]`` to every other rank r (nonblocking)."""
+    def _send_all(self, seq: int, kind: int, bodies, peers=None) -> None:
+        """Sends ``bodies[r]`` to every other rank r (of ``peers``, None: all; nonblocking)."""
         tag = self._tag(seq, kind)
-        for r in range(self.size):
+        for r in range(self.size) if peers is None else peers:
             if r != self.rank:
                 self._sends.append(self.comm.isend((self.nonce, seq, kind, bodies[r]), dest=r,
                                                    tag=tag))
 
-    def _receive_all(self, seq: int, kind: int, timeout_s: float, waited=None) -> dict:
+    def _receive_all(self, seq: int, kind: int, timeout_s: float, waited=None, peers=None) -> dict:
         """``{rank: body}`` of the messages of step ``seq``, round ``kind``, from every other
-        rank that sent one before the deadline; messages of earlier steps found on the way (a
-        peer's abandoned step) and of another channel are dropped. ``waited[r]`` (a list) grows
-        by the seconds from the start of this round until rank r's message was found."""
+        rank (of ``peers``, None: all) that sent one before the deadline; messages of earlier
+        steps found on the way (a peer's abandoned step), of another channel and of ranks not
+        in ``peers`` are dropped. ``waited[r]`` (a list) grows by the seconds from the start of
+        this round until rank r's message was found."""
         from mpi4py import MPI
 
         tag, got = self._tag(seq, kind), {}
         start = time.monotonic()
         status = MPI.Status()
-        wanted = self.size - 1
+        senders = set(range(self.size) if peers is None else peers) - {self.rank}
+        wanted = len(senders)
 
         def poll():
             while True:
@@ -172,7 +188,7 @@ class Channel:
                     return len(got) == wanted
                 src = status.Get_source()
                 msg_nonce, msg_seq, msg_kind, body = msg.recv()
-                if (msg_nonce, msg_seq, msg_kind) == (self.nonce, seq, kind):
+                if (msg_nonce, msg_seq, msg_kind) == (self.nonce, seq, kind) and src in senders:
                     got[src] = body
                     if waited is not None:
                         waited[src] += time.monotonic() - start
@@ -181,16 +197,19 @@ class Channel:
         _wait(poll, time.monotonic() + timeout_s)
         return got
 
-    def _absent(self, got: dict) -> list:
-        return [r for r in range(self.size) if r != self.rank and r not in got]
+    def _absent(self, got: dict, peers=None) -> list:
+        return [r for r in (range(self.size) if peers is None else peers) if r != self.rank and r not in got]
 
 
 class Step:
     """One call's exchange on a :class:`Channel` (made by :meth:`Channel.step`)."""
 
-    def __init__(self, channel: Channel, call: str, seq: int, name: str = ""):
+    def __init__(self, channel: Channel, call: str, seq: int, name: str = "", peers=None):
         self.channel, self.call, self.seq = channel, call, seq
         self.name = name or call   # the step in error messages
+        self.shrink = peers is not None   # absent peers are left out instead of failing the step
+        self.peers = sorted(set(peers) | {channel.rank}) if self.shrink else None   # None: every rank
+        self.absent = set()        # shrink: the peers that did not arrive in some round
         self.waited_s = [0.0] * channel.size   # per rank: seconds this step waited for its messages
 
     def validated(self, checks):
@@ -219,57 +238,70 @@ class Step:
             payloads: None or a list (one per rank) of picklable objects: rank r gets the r-th.
             refusal: this rank's error for its arguments (the call is then cancelled).
         Returns:
-            ``(privates, received)``: lists indexed by rank (``received[r]``: what rank r sent here).
+            ``(privates, received)``: lists indexed by rank (``received[r]``: what rank r sent here;
+            None from a rank outside a shrink step or absent from it).
         Raises:
             ``refusal`` on the rank that refused, :func:`cupy_ep.errors.cancelled_by_peers` on the
             others; ``ValueError`` naming the first ``common`` value that differs;
             :class:`CallMismatchError` when a peer is in another call;
-            :class:`CommTimeoutError` when a peer did not arrive (after telling the others).
+            :class:`CommTimeoutError` when a peer did not arrive (after telling the others; a
+            shrink step lists it in ``absent`` instead).
         """
         ch, me = self.channel, self.channel.rank
         values = tuple(v for _, _, v in common)
         mine = (self.call, refusal is not None, values, private)
         payloads = [None] * ch.size if payloads is None else list(payloads)
-        ch._send_all(self.seq, _HEADER, [mine + (p,) for p in payloads])
-        got = ch._receive_all(self.seq, _HEADER, ch.timeout_s, self.waited_s)
-        absent = ch._absent(got)
-        if absent:
+        live = self._live()
+        ch._send_all(self.seq, _HEADER, [mine + (p,) for p in payloads], live)
+        got = ch._receive_all(self.seq, _HEADER, ch.timeout_s, self.waited_s, live)
+        absent = ch._absent(got, live)
+        if absent and self.shrink:
+            self.absent.update(absent)
+        elif absent:
             ch._send_all(self.seq, _SECOND, [(_GAVE_UP, None)] * ch.size)
             raise CommTimeoutError(self.name, me, absent[0], f"did not arrive within timeout_s={ch.timeout_s:g} s; "
                                    "the call was cancelled on this rank", peers=absent, host=True)
         got[me] = mine + (payloads[me],)
-        headers = [got[r] for r in range(ch.size)]
-        other = [(r, h[0]) for r, h in enumerate(headers) if h[0] != self.call]
+        headers = [got.get(r) for r in range(ch.size)]
+        other = [(r, h[0]) for r, h in enumerate(headers) if h is not None and h[0] != self.call]
         if other:
             r, theirs = other[0]
             raise CallMismatchError(f"{self.name}: rank {r} made {theirs} as call {self.seq} of this Buffer while "
                                     f"rank {me} made {self.call}; every rank must make the same calls in the same "
                                     "order (the call was cancelled on this rank)")
-        refused = [r for r, h in enumerate(headers) if h[1]]
+        refused = [r for r, h in enumerate(headers) if h is not None and h[1]]
         if refused:
             if refusal is not None:
                 raise refusal
             raise cancelled_by_peers(self.name, refused, me)
         for i, (arg, what, _) in enumerate(common):
-            by_rank = [h[2][i] for h in headers]
+            by_rank = [h[2][i] for h in headers if h is not None]
             if any(v != by_rank[0] for v in by_rank):
                 raise ValueError(f"{arg}: {what} must be the same on every rank, got {by_rank} (by rank)")
-        return [h[3] for h in headers], [h[4] for h in headers]
+        return [None if h is None else h[3] for h in headers], [None if h is None else h[4] for h in headers]
+
+    def _live(self):
+        """The ranks this step still talks to (None: every rank)."""
+        return None if self.peers is None else [r for r in self.peers if r not in self.absent]
 
     def exchange(self, bodies):
         """The second round with data: ``bodies[r]`` (picklable) goes to rank r; returns the list,
-        by source rank, of what each rank sent here (``bodies[self]`` for this rank)."""
+        by source rank, of what each rank sent here (``bodies[self]`` for this rank; None from a
+        rank outside a shrink step or absent from it, which joins ``absent``)."""
         ch, me = self.channel, self.channel.rank
-        ch._send_all(self.seq, _SECOND, [(_OK, b) for b in bodies])
-        got = ch._receive_all(self.seq, _SECOND, ch.timeout_s, self.waited_s)
+        live = self._live()
+        ch._send_all(self.seq, _SECOND, [(_OK, b) for b in bodies], live)
+        got = ch._receive_all(self.seq, _SECOND, ch.timeout_s, self.waited_s, live)
         gave_up = [r for r, m in got.items() if m[0] == _GAVE_UP]
-        if gave_up:
+        if gave_up and not self.shrink:
             raise peers_gave_up(self.name, me, gave_up, ch.timeout_s)
-        absent = ch._absent(got)
-        if absent:
+        absent = ch._absent(got, live)
+        if absent and not self.shrink:
             raise CommTimeoutError(self.name, me, absent[0], f"did not send its data within timeout_s="
                                    f"{ch.timeout_s:g} s", peers=absent, host=True)
-        return [bodies[r] if r == me else got[r][1] for r in range(ch.size)]
+        self.absent.update(absent + gave_up)
+        return [bodies[r] if r == me else None if r in self.absent or r not in got else got[r][1]
+                for r in range(ch.size)]
 
     def finish(self) -> None:
         """The second round without data: every rank confirms it got through the first."""

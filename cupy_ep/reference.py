@@ -165,7 +165,10 @@ def _alltoallv_rows(step, fields, send_counts, recv_counts):
     sendbuf, spec = _pack(fields, nsend)
     bounds = np.concatenate([[0], np.cumsum(send_counts)]).astype(np.int64)
     got = step.exchange([sendbuf[bounds[r]:bounds[r + 1]] for r in range(len(send_counts))])
+    got = [sendbuf[:0] if rows is None else rows for rows in got]   # a shrink step's absent ranks: nothing
     for r, (rows, want) in enumerate(zip(got, recv_counts)):
+        if r in step.absent or step.peers is not None and r not in step.peers:
+            continue
         if rows.shape[0] != int(want):
             raise CupyEpError(f"{step.call}: rank {r} sent {rows.shape[0]} rows, {int(want)} were agreed")
     recvbuf = np.concatenate(got) if got else sendbuf[:0]
@@ -298,6 +301,13 @@ class Buffer:
         timeout_s: the bound of each round of a call's exchange (:mod:`cupy_ep.collective`).
         ll_transport: the GPU's low-latency transport (checked with ``low_latency_mode``, unused).
         chaos: the GPU's test-only chaos mode (unused).
+        enable_shrink: DeepEP's shrink mode (needs ``low_latency_mode``): a rank that does not
+            arrive in a low-latency call (or ``clean_low_latency_buffer``) within ``timeout_s``
+            is masked instead of failing the call; the call completes among the others, the
+            tokens routed to a masked rank's experts are dropped (a combine sums the other
+            experts: masked experts' weights count as 0), later calls neither send to nor wait
+            for it; :meth:`low_latency_query_mask_buffer` tells who is masked,
+            :meth:`low_latency_clean_mask_buffer` brings every arriving rank back.
     """
 
     #: The SM count of the GPU Buffer's default Config (kept for API compatibility, unused here).
@@ -305,7 +315,7 @@ class Buffer:
 
     def __init__(self, comm=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False,
                  num_nvl_peers=None, num_sms=None, timeout_s=limits.DEFAULT_TIMEOUT_S, ll_transport="auto",
-                 chaos=None):
+                 chaos=None, enable_shrink=False):
         from mpi4py import MPI
         self.comm = None
         if comm is None:
@@ -315,7 +325,8 @@ class Buffer:
         self.rank = comm.Get_rank()
         self.group_size = comm.Get_size()
         _, refusal = _local_checks(lambda: self._check_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode,
-                                                            num_nvl_peers, num_sms, timeout_s, ll_transport))
+                                                            num_nvl_peers, num_sms, timeout_s, ll_transport,
+                                                            enable_shrink))
         self.timeout_s = limits.DEFAULT_TIMEOUT_S if refusal is not None else float(timeout_s)
         self.chaos = bool(chaos)
         self._chan = open_channel(comm, self.timeout_s, "Buffer")
@@ -325,7 +336,8 @@ class Buffer:
             common = [] if refusal is not None else [
                 ("low_latency_mode", "value", self.low_latency_mode), ("num_nvl_bytes", "value", self.num_nvl_bytes),
                 ("num_rdma_bytes", "value", self.num_rdma_bytes), ("num_nvl_peers", "value", num_nvl_peers),
-                ("ll_transport", "value", ll_transport if self.low_latency_mode else None)]
+                ("ll_transport", "value", ll_transport if self.low_latency_mode else None),
+                ("enable_shrink", "value", self.enable_shrink)]
             hosts, _ = step.agree(common, private=MPI.Get_processor_name(), refusal=refusal)
             nvl = num_nvl_peers if num_nvl_peers is not None else self._ranks_per_host(hosts)
             V.check_buffer_topology(self.num_nvl_bytes, self.num_rdma_bytes, self.low_latency_mode,
@@ -338,13 +350,17 @@ class Buffer:
         self._ll_combine_buffers = {}
         self._layout_error = None      # bad expert ids seen by get_dispatch_layout, reported later
         self._owner = V.HandleOwner()
+        self._mask = np.zeros(self.group_size, dtype=np.int32)   # shrink mode: 1 = masked rank
+        self._mask_cleans = 0      # low_latency_clean_mask_buffer calls made (numbers their steps)
         self.num_nvl_ranks = nvl
         self.num_rdma_ranks = self.group_size // nvl
 
     def _check_args(self, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_nvl_peers, num_sms, timeout_s,
-                    ll_transport):
+                    ll_transport, enable_shrink):
         """The constructor's local checks; keeps the sizes and modes."""
         V.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport, num_sms)
+        V.check_enable_shrink(enable_shrink, low_latency_mode)
+        self.enable_shrink = bool(enable_shrink)
         self.num_nvl_bytes = int(num_nvl_bytes)
         self.num_rdma_bytes = int(num_rdma_bytes)
         self.low_latency_mode = bool(low_latency_mode)
@@ -823,7 +839,7 @@ class Buffer:
         self._check_low_latency()
         R = self.group_size
         stats = cumulative_local_expert_recv_stats
-        step = self._chan.step("low_latency_dispatch")
+        step = self._ll_step("low_latency_dispatch")
 
         def checks():
             _require_numpy(x, "x")
@@ -845,7 +861,7 @@ class Buffer:
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
 
-        idx = topk_idx.astype(np.int64)
+        idx = self._unmasked(topk_idx.astype(np.int64), e_local)
         chosen = np.zeros((n, num_experts), dtype=bool)
         tok = np.nonzero(idx >= 0)[0]
         chosen[tok, idx[idx >= 0]] = True
@@ -860,7 +876,8 @@ class Buffer:
                   ("x", "hidden size", h), ("use_fp8", "value", use_fp8), ("round_scale", "value", round_scale),
                   ("use_ue8m0", "value", use_ue8m0)]
         _, got = step.agree(common, payloads=[int(c) for c in send_counts])
-        recv_counts = np.array(got, dtype=np.int64)
+        self._mask_absent(step)
+        recv_counts = np.array([c or 0 for c in got], dtype=np.int64)
         meta = np.stack([(e_of - d_of * e_local), t_of], axis=1).astype(np.int32)
         if use_fp8:
             q, s = _fp8.per_token_cast_to_fp8(x, round_scale=round_scale, use_ue8m0=use_ue8m0)
@@ -868,6 +885,9 @@ class Buffer:
         else:
             fields = [meta, x[t_of]]
         recv = _alltoallv_rows(step, fields, send_counts, recv_counts)
+        self._mask_absent(step)
+        recv_counts[self._mask == 1] = 0
+        sent = sent[self._mask[sent % num_experts // e_local] == 0]   # what reached unmasked ranks
         _add_waits(dispatch_wait_recv_cost_stats, step)
 
         rm = R * m
@@ -958,7 +978,7 @@ class Buffer:
         self._check_alive()
         self._check_low_latency()
         R, rank = self.group_size, self.rank
-        step = self._chan.step("low_latency_combine")
+        step = self._ll_step("low_latency_combine")
         wait_stats = combine_wait_recv_cost_stats
 
         def checks():
@@ -966,15 +986,17 @@ class Buffer:
             V.check_wait_stats(wait_stats, R, "combine_wait_recv_cost_stats")
             return self._ll_combine_plan(x, topk_idx, topk_weights, handle, zero_copy, out)
 
-        x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts = step.validated(checks)
-        idx = topk_idx.astype(np.int64)
+        x, idx, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts = step.validated(checks)
         e_local = num_experts // R
         common = [("handle", "num_max_dispatch_tokens_per_rank", m), ("x", "hidden size", h),
                   ("handle", "num_experts", num_experts)]
         _, got = step.agree(common, payloads=[int(c) for c in send_counts])
-        recv_counts = np.array(got, dtype=np.int64)
+        self._mask_absent(step)
+        recv_counts = np.array([c or 0 for c in got], dtype=np.int64)
         meta = np.stack([sel_j + rank * e_local, tokens.astype(np.int64)], axis=1)
         recv = _alltoallv_rows(step, [meta, x[sel_j, sel_row]], send_counts, recv_counts)
+        self._mask_absent(step)
+        idx = self._unmasked(idx, e_local)   # also the expert ranks masked during this call
         _add_waits(wait_stats, step)
         result = out if out is not None else np.zeros((n, h), dtype=BF16_DTYPE)
 
@@ -1030,7 +1052,7 @@ class Buffer:
         if (begins < 0).any() or (begins + counts > R * m).any():
             raise ValueError("handle: layout_range is out of bounds")
         V.check_topk_range(topk_idx, num_experts)
-        idx = topk_idx.astype(np.int64)
+        idx = self._unmasked(topk_idx.astype(np.int64), e_local)
         if isinstance(info, LowLatencyHandleInfo):
             t_sel, k_sel = np.nonzero(idx >= 0)
             want = t_sel * num_experts + idx[t_sel, k_sel]
@@ -1055,7 +1077,7 @@ class Buffer:
         if (tokens < 0).any():
             raise ValueError("handle: src_info has -1 inside a layout_range")
         send_counts = np.bincount(sel_s, minlength=R).astype(np.int64)
-        return x, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts
+        return x, idx, n, h, k, m, num_experts, sel_j, sel_row, tokens, send_counts
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank, hidden, num_experts):
         """Reset the low-latency signalling state (collective; an agreement and nothing else here).
@@ -1067,7 +1089,7 @@ class Buffer:
         """
         self._check_alive()
         self._check_low_latency()
-        step = self._chan.step("clean_low_latency_buffer")
+        step = self._ll_step("clean_low_latency_buffer")
 
         def checks():
             V.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
@@ -1076,4 +1098,63 @@ class Buffer:
 
         step.validated(checks)
         step.agree()
+        self._mask_absent(step)
         step.finish()
+        self._mask_absent(step)
+
+    # ----------------------------------------------------------------- shrink mode
+    def _ll_step(self, call):
+        """The step of a low-latency call; in shrink mode among the unmasked ranks only."""
+        if not self.enable_shrink:
+            return self._chan.step(call)
+        return self._chan.step(call, peers=np.flatnonzero(self._mask == 0).tolist())
+
+    def _mask_absent(self, step):
+        """Shrink mode: masks the ranks that did not arrive in a round of ``step``."""
+        for r in step.absent:
+            self._mask[r] = 1
+
+    def _unmasked(self, idx, e_local):
+        """``idx`` (int64 ``[N, K]``) with the slots of masked ranks' experts set to -1."""
+        if not self._mask.any():
+            return idx
+        return np.where((idx >= 0) & (self._mask[np.maximum(idx, 0) // e_local] == 1), -1, idx)
+
+    def _check_shrink(self):
+        self._check_alive()
+        self._check_low_latency()
+        if not self.enable_shrink:
+            raise ValueError("enable_shrink: the mask calls need a Buffer made with enable_shrink=True")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Masks (``mask=True``) or unmasks rank ``rank_to_mask`` on this rank (local, as in
+        DeepEP): later low-latency calls of this rank neither send to nor wait for a masked rank.
+        Unmasking one rank alone does not resynchronise it; to bring ranks back, use
+        :meth:`low_latency_clean_mask_buffer` on every rank."""
+        self._check_shrink()
+        r = V.check_int(rank_to_mask, "rank_to_mask", 0, self.group_size - 1)
+        if r == self.rank and mask:
+            raise ValueError(f"rank_to_mask: a rank cannot mask itself (rank {r})")
+        self._mask[r] = int(bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """Writes this rank's mask into ``mask_status`` (int32 NumPy ``[R]``): 1 = masked."""
+        self._check_shrink()
+        _require_numpy(mask_status, "mask_status")
+        V.check_array(mask_status, "mask_status", dtypes=np.int32, shape=(self.group_size,))
+        mask_status[...] = self._mask
+
+    def low_latency_clean_mask_buffer(self):
+        """Unmasks every rank that makes this call too (collective over all ranks, masked ones
+        included, bounded by ``timeout_s``; DeepEP's is local): the arriving ranks agree on
+        where to resume numbering their calls (a masked rank skipped some), every rank that
+        did not arrive stays (or becomes) masked."""
+        self._check_shrink()
+        self._mask_cleans += 1
+        step = self._chan.step_at("low_latency_clean_mask_buffer", -self._mask_cleans,
+                                  peers=range(self.group_size))
+        seqs, _ = step.agree(private=self._chan.seq)
+        step.finish()
+        self._mask[:] = 0
+        self._mask_absent(step)
+        self._chan.resume_at(max(s for s in seqs if s is not None))

@@ -1,6 +1,7 @@
 """DeepEP v1 low-latency parity on the reference backend (tests/mpi/check_ll_parity.py under
 mpiexec): LogFMT combine within DeepEP's bounds and bit for bit against a model of the GPU's
-partial sums."""
+partial sums; receive-wait statistics; shrink mode (ranks stopping at a dispatch, a combine or
+a clean, masked, then back)."""
 import pytest
 
 from test_reference import REPO, _mpirun

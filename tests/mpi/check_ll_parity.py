@@ -1,6 +1,8 @@
 """DeepEP-parity features of the reference low-latency mode, on every rank of an MPI job:
 LogFMT combine against the bf16 combine and an independent model of the partial sums;
-receive-wait statistics (checked arguments, growth, a delayed rank as the largest entry).
+receive-wait statistics (checked arguments, growth, a delayed rank as the largest entry);
+shrink mode (DeepEP's mask test: ranks that stop at a call are masked, results against a plain
+Buffer without their tokens and experts, then every rank back).
 Prints ``OK ll_parity ranks=R`` on rank 0 when every check passed (tests/test_ll_parity.py)."""
 import time
 
@@ -148,9 +150,117 @@ def case_wait_stats(delay_s=0.25, n=8, hidden=256, e_local=2):
             prev_d, prev_c = d_stats.copy(), c_stats.copy()
 
 
+def drop_experts_of(idx, ranks, e_local):
+    """``idx`` with the slots of experts on ``ranks`` set to -1."""
+    out = idx.copy()
+    for r in ranks:
+        out[(idx >= 0) & (idx // e_local == r)] = -1
+    return out
+
+
+def case_shrink(dead_at, timeout_s=1.0, n=12, hidden=256, e_local=2, k=3):
+    """Shrink mode, DeepEP's mask test: the ranks in ``dead_at[call]`` stop at that call of the
+    round (dispatch, combine, clean_low_latency_buffer) and make no other until the rejoin. The
+    others' results equal a plain Buffer's with the dead ranks' tokens (dead at dispatch) and
+    experts removed, bit for bit, into NaN-poisoned outputs; every live rank's mask names exactly
+    the ranks dead so far; a call after the masking waits for nobody. Then every rank calls
+    low_latency_clean_mask_buffer, the masks are empty and a full round trip matches again."""
+    num_experts, m = e_local * R, 16
+    hint = reference.Buffer.get_low_latency_rdma_size_hint(m, hidden, R, num_experts)
+    rng = np.random.default_rng(11 + ME)
+    with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True, enable_shrink=True,
+                          timeout_s=timeout_s) as buf, \
+            reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True) as plain:
+        mask = np.zeros(R, np.int32)
+        problems = []   # this rank's; require() (collective) runs once per round on every rank
+
+        def mask_is(ranks, what):
+            buf.low_latency_query_mask_buffer(mask)
+            if set(np.flatnonzero(mask).tolist()) != set(ranks):
+                problems.append(f"{what}: mask {mask.tolist()}, expected ranks {sorted(ranks)}")
+
+        def expect(ok, what):
+            if not ok:
+                problems.append(what)
+
+        def round_trip(dead_d=(), dead_c=(), dead_clean=()):
+            x = rng.standard_normal((n, hidden)).astype(BF16)
+            idx = make_routing(rng, n, num_experts, k, "random", R)
+            w = make_weights(rng, n, k)
+            gone = set(dead_d)
+            # the expectation: every rank in plain calls, the dead ranks' tokens and experts left out
+            px, pidx = (x[:0], idx[:0]) if ME in gone else (x, drop_experts_of(idx, gone, e_local))
+            want_x, want_cnt, want_h, _, _ = plain.low_latency_dispatch(px, pidx, m, num_experts, use_fp8=False)
+            gone_c = gone | set(dead_c)
+            want_out = plain.low_latency_combine(want_x, drop_experts_of(pidx, gone_c, e_local),
+                                                 w[:pidx.shape[0]], want_h)[0]
+            if ME not in gone:
+                got = buf.low_latency_dispatch(x, idx, m, num_experts, use_fp8=False)
+                expect(np.array_equal(got[0].view(np.uint16), want_x.view(np.uint16))
+                       and np.array_equal(got[1], want_cnt) and np.array_equal(got[2][0], want_h[0])
+                       and np.array_equal(got[2][1], want_h[1]), f"dead {sorted(gone)}: dispatch differs")
+                mask_is(gone, "after dispatch")
+            gone = gone_c
+            if ME not in gone:
+                out = np.full((n, hidden), np.nan, BF16)
+                buf.low_latency_combine(got[0], idx, w, got[2], out=out)
+                expect(not np.isnan(out.astype(np.float32)).any()
+                       and np.array_equal(out.view(np.uint16), want_out.view(np.uint16)),
+                       f"dead {sorted(gone)}: combine differs from the plain combine without their experts")
+                mask_is(gone, "after combine")
+            gone |= set(dead_clean)
+            if ME not in gone:
+                t0 = time.monotonic()
+                buf.clean_low_latency_buffer(m, hidden, num_experts)
+                waited = time.monotonic() - t0
+                mask_is(gone, "after clean_low_latency_buffer")
+                expect(bool(dead_clean) or waited < timeout_s / 2,
+                       f"clean_low_latency_buffer waited {waited:.2f} s for masked ranks")
+            require(not problems, "; ".join(problems))
+
+        round_trip()
+        mask_is((), "full round trip")
+        round_trip(**dead_at)
+        buf.low_latency_clean_mask_buffer()
+        mask_is((), "after low_latency_clean_mask_buffer")
+        round_trip()
+        mask_is((), "round trip after the rejoin")
+
+
+def shrink_cases():
+    """Who stops where: one rank at each call, and (3+ ranks) two at once."""
+    cases = [dict(dead_d=(R - 1,)), dict(dead_c=(R - 1,)), dict(dead_clean=(R - 1,))]
+    if R >= 3:
+        cases.append(dict(dead_d=(R - 1,), dead_c=(R - 2,)))
+    return cases
+
+
+def case_shrink_misuse(hidden=256):
+    hint = reference.Buffer.get_low_latency_rdma_size_hint(16, hidden, R, 2 * R)
+    expect_error(ValueError, "enable_shrink", lambda: reference.Buffer(comm, num_rdma_bytes=hint, enable_shrink=True))
+    with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True) as plain:
+        expect_error(ValueError, "enable_shrink", lambda: plain.low_latency_query_mask_buffer(np.zeros(R, np.int32)))
+    with reference.Buffer(comm, num_rdma_bytes=hint, low_latency_mode=True, enable_shrink=True) as buf:
+        expect_error(TypeError, "mask_status", lambda: buf.low_latency_query_mask_buffer(np.zeros(R, np.int64)))
+        expect_error(ValueError, "rank_to_mask", lambda: buf.low_latency_update_mask_buffer(R))
+        expect_error(ValueError, "rank_to_mask", lambda: buf.low_latency_update_mask_buffer(ME, True))
+        if R > 1:   # masked by hand on every rank: the call runs among the others
+            other = (ME + 1) % R if ME != R - 1 else 0
+            buf.low_latency_update_mask_buffer(R - 1 if ME != R - 1 else other, True)
+            status = np.zeros(R, np.int32)
+            buf.low_latency_query_mask_buffer(status)
+            require(status.sum() == 1, f"update_mask_buffer: mask {status.tolist()}")
+            buf.low_latency_update_mask_buffer(R - 1 if ME != R - 1 else other, False)
+            buf.low_latency_query_mask_buffer(status)
+            require(status.sum() == 0, f"update_mask_buffer(mask=False): mask {status.tolist()}")
+
+
 def main():
+    case_shrink_misuse()
     if R > 1:
         case_wait_stats()
+        for dead_at in shrink_cases():
+            case_shrink(dead_at)
     seed = 0
     for kind in ("const", "randn", "perf"):
         for use_fp8 in (False, True):
