@@ -18,15 +18,19 @@ TIMEOUT_S = 20.0   # ranks sharing one GPU are slow; the prompt cases must take 
 
 def forgetting_compiled(buffers):
     """``as_new_shape`` of asymmetric_cases: runs a call, then the process forgets the modules it
-    compiled (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups,
+    used (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups,
     so that the next call of that shape is a first call again (a compile agreement, no compile)."""
     from cupy_ep import engine
 
     def as_new_shape(call):
-        before = set(engine._MODULES)
+        # with the process's modules set aside, the call loads (from the disk cache) every module
+        # it uses, even one an earlier case loaded: those are the ones to forget
+        kept = dict(engine._MODULES)
+        engine._MODULES.clear()
         call()
-        for key in set(engine._MODULES) - before:
-            del engine._MODULES[key]
+        used = set(engine._MODULES)
+        engine._MODULES.clear()
+        engine._MODULES.update({key: m for key, m in kept.items() if key not in used})
         for buf in buffers:
             for eng in buf._engines:
                 eng._memo.clear()
