@@ -124,7 +124,7 @@ def discover(comm, num_nvl_peers: int | None = None) -> Topology:
     consecutive groups of that many ranks; it must divide the number of ranks, and each group
     must lie inside one host (so that one host can stand in for several in tests).
 
-    Raises ValueError on every rank when the layout does not fit.
+    Raises ValueError on every rank when the domains do not fit.
     """
     rank, size = comm.Get_rank(), comm.Get_size()
     if num_nvl_peers is not None and (isinstance(num_nvl_peers, bool)

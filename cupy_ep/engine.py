@@ -1,6 +1,6 @@
 """What every communication engine shares: compiled modules, launches, profiling.
 
-An engine owns one mode's whole protocol (its buffers' layout, its kernels and the host steps
+An engine owns one mode's whole protocol (its buffers' geometry, its kernels and the host steps
 between them); :class:`cupy_ep.Buffer` validates arguments, picks the engine and orders the
 streams. Engines: :class:`cupy_ep.intranode.IntranodeEngine`,
 :class:`cupy_ep.internode.InternodeEngine`, :class:`cupy_ep.low_latency.LowLatencyEngine`,

@@ -26,7 +26,7 @@ The 4-byte meta word of a group: ``lo | hi << 15 | nonfinite << 30 | linear << 3
 holding an inf or NaN decodes as NaN (the fault stays visible); every finite input decodes
 finite (never above the largest finite float32).
 
-Byte layout of a group (little-endian; channel ``8j + i`` is lane ``j``'s value ``i`` on the
+Byte format of a group (little-endian; channel ``8j + i`` is lane ``j``'s value ``i`` on the
 GPU): ``[0, 128)`` the low 8 bits of each value's 10 bits (sign << 9 | q), channel order;
 ``[128, 160)`` their high 2 bits, 8 channels per 16-bit word (value ``i`` at bits ``2i``);
 ``[160, 164)`` the meta word. A row is its groups in channel order. Measured errors:

@@ -29,7 +29,7 @@ were exercised on the 4xH100 test host).
 Synchronisation
 ---------------
 Every wait is bounded (``timeout_ns``); a missing peer makes the kernel record an error in the
-Buffer's host-mapped ``ErrorRecord`` (``CommTimeoutError`` on the host) instead of hanging.
+Buffer's host-mapped ``StatusRecord`` (``CommTimeoutError`` on the host) instead of hanging.
 Signals are zeroed by their reader, so no reset pass is needed and CUDA-graph replays work.
 Kernels launch at most one block per SM (grid <= SM count) because blocks of all ranks spin on
 each other's results; nothing else may hold all the SMs while they run.

@@ -42,7 +42,7 @@ class HostMapped:
 
 
 class StatusRecord:
-    """Where kernels report what went wrong (``struct ErrorRecord`` in kernels_cu/status.cuh).
+    """Where kernels report what went wrong (``struct StatusRecord`` in kernels_cu/status.cuh).
 
     The record kernels receive (``.ptr``) is in device memory; the reporting thread claims it
     with a device atomic and copies its report into a host-mapped mirror, which the host reads

@@ -37,7 +37,7 @@
 //                                                     forwarder: the rows its local ranks send back.
 //
 // Compile-time constants: NUM_RANKS NUM_NVL_RANKS NUM_CHANNELS NUM_THREADS E_LOCAL TOPK HIDDEN
-// X_BYTES NUM_SCALES CHUNK, the layouts above (R_OFF_*, VEC_STRIDE, CAP,
+// X_BYTES NUM_SCALES CHUNK, the geometry above (R_OFF_*, VEC_STRIDE, CAP,
 // REC_BYTES, OFF_*, SLOT_STRIDE, NVL_ROWS), KERNEL_* (which kernels the module holds).
 // @needs nvshmem
 // Compiled by the CPU check for the shapes of tests/kernel_cases.py (constants from cupy_ep/geometry.py).
@@ -70,7 +70,7 @@ constexpr int REC_IDX = REC_SCALES + 4 * NUM_SCALES;
 constexpr int REC_W = REC_IDX + 4 * K;
 constexpr int REC_POS = REC_W + 4 * K;
 constexpr int CREC_W = 2 * HIDDEN;
-static_assert(REC_POS + 4 * P <= REC_BYTES && CREC_W + 4 * K <= REC_BYTES, "record layout");
+static_assert(REC_POS + 4 * P <= REC_BYTES && CREC_W + 4 * K <= REC_BYTES, "record geometry");
 constexpr int X_INT4 = X_BYTES / 16;
 constexpr int H_INT4 = 2 * HIDDEN / 16;
 
@@ -177,7 +177,7 @@ __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, 
 
 using namespace inter;
 
-extern "C" __global__ void internode_barrier(const u64* nvl_table, u64 sym, int rank, ErrorRecord* err,
+extern "C" __global__ void internode_barrier(const u64* nvl_table, u64 sym, int rank, StatusRecord* err,
                                              u64 timeout_ns, int kernel_id) {
     __shared__ Peers s_peers;
     load_peers(nvl_table, sym, s_peers);
@@ -226,7 +226,7 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_rank,
                                                const int* __restrict__ per_rdma_rank,
                                                const int* __restrict__ per_expert, const int* __restrict__ send_chan,
-                                               const int* __restrict__ rdma_chan, ErrorRecord* err) {
+                                               const int* __restrict__ rdma_chan, StatusRecord* err) {
     bool bad = false;
     for (int r = threadIdx.x; r < R; r += NT)
         if (send_chan[r * (C + 1) + C] != per_rank[r]) {
@@ -259,7 +259,7 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
                  int* __restrict__ comb_base,
                  int* __restrict__ fwd_rchan, int* __restrict__ fwd_chan,           // as forwarder
                  int* __restrict__ fwd_comb, int* __restrict__ fwd_base,
-                 int* __restrict__ call_status, volatile int* host_out, ErrorRecord* err, u64 timeout_ns,
+                 int* __restrict__ call_status, volatile int* host_out, StatusRecord* err, u64 timeout_ns,
                  int ready_value) {
     __shared__ Peers s_peers;
     __shared__ int s_bad_rank, s_over_rank;
@@ -684,7 +684,7 @@ internode_dispatch(const u64* nvl_table, u64 sym, int rank, int num_tokens, cons
                    const int* __restrict__ fwd_rchan, const int* __restrict__ fwd_base, int* __restrict__ fwd_pos,
                    const int* __restrict__ call_status, int4v* __restrict__ recv_x, float* __restrict__ recv_scales,
                    i64* __restrict__ recv_topk_idx, float* __restrict__ recv_topk_weights, int num_out_rows,
-                   int fill_padding, const volatile u64* out_desc, u64 desc_seq, ErrorRecord* err, u64 timeout_ns) {
+                   int fill_padding, const volatile u64* out_desc, u64 desc_seq, StatusRecord* err, u64 timeout_ns) {
     __shared__ Peers s_peers;
     if (*call_status != 0) return;
     load_peers(nvl_table, sym, s_peers);
@@ -882,7 +882,7 @@ internode_combine(const u64* nvl_table, u64 sym, int rank, int num_tokens, const
                   const int* __restrict__ fwd_pos, const int* __restrict__ rdma_chan,
                   const int* __restrict__ send_rdma_pos, const int4v* __restrict__ bias0,
                   const int4v* __restrict__ bias1, int4v* __restrict__ combined_x, float* __restrict__ combined_w,
-                  ErrorRecord* err, u64 timeout_ns) {
+                  StatusRecord* err, u64 timeout_ns) {
     __shared__ Peers s_peers;
     load_peers(nvl_table, sym, s_peers);
     const int l = rank % P;

@@ -1,6 +1,6 @@
 // Normal (high-throughput) dispatch and combine inside one NVLink domain.
 //
-// Every rank owns one NVLink buffer, opened by all peers through CUDA IPC. Its layout (offsets
+// Every rank owns one NVLink buffer, opened by all peers through CUDA IPC. Its geometry (offsets
 // come from cupy_ep/geometry.py as constants):
 //   OFF_ARRIVALS       int[MAX_NVL_PEERS]  barrier arrivals from each peer
 //   OFF_EPOCH          int                 this rank's barrier count
@@ -21,7 +21,7 @@
 // tokens [n*c/C, n*(c+1)/C).
 //
 // Compile-time constants (KERNEL_* select which kernels the module holds):
-//   NUM_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  layout offsets (OFF_*, NOTIFY_*)
+//   NUM_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  geometry offsets (OFF_*, NOTIFY_*)
 //   notify:   IDX_BYTES (topk_idx element size; 0: no topk_idx)  TOPK
 //   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W CHUNK
 //   combine:  HIDDEN_INT4 TOPK NUM_BIAS SLOT_BYTES CSLOT_OFF_W
@@ -89,7 +89,7 @@ __device__ __forceinline__ int domain_barrier(char* const* s_peer, int rank, con
 // Barrier kernel (one block): run before kernels that write into peers' buffers without a
 // notify step (cached dispatch, combine).
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, ErrorRecord* err, u64 timeout_ns,
+extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, StatusRecord* err, u64 timeout_ns,
                                                 int kernel_id) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
@@ -113,7 +113,7 @@ __device__ __forceinline__ volatile int* cancel_mark(char* base, int epoch, int 
 // marked it cancelled (barrier_cancelled); then block 0 reports ST_PEER_BAD_INPUT naming the first
 // such peer and the kernel must return without sending or receiving (its outputs unspecified).
 // Threads 0..NUM_RANKS-1 read the marks with the epoch; one block barrier. All threads call it.
-__device__ __forceinline__ bool call_cancelled(char* me, int rank, int kernel, ErrorRecord* err, int& epoch) {
+__device__ __forceinline__ bool call_cancelled(char* me, int rank, int kernel, StatusRecord* err, int& epoch) {
     epoch = *reinterpret_cast<const volatile int*>(me + OFF_EPOCH);
     const bool marked = threadIdx.x < NUM_RANKS && *cancel_mark(me, epoch, threadIdx.x) == epoch;
     if (!__syncthreads_or(marked)) return false;
@@ -125,7 +125,7 @@ __device__ __forceinline__ bool call_cancelled(char* me, int rank, int kernel, E
     return true;
 }
 
-extern "C" __global__ void barrier_cancelled(const u64* peers, int rank, ErrorRecord* err, u64 timeout_ns,
+extern "C" __global__ void barrier_cancelled(const u64* peers, int rank, StatusRecord* err, u64 timeout_ns,
                                              int kernel_id) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
@@ -150,7 +150,7 @@ extern "C" __global__ void barrier_cancelled(const u64* peers, int rank, ErrorRe
 // ---------------------------------------------------------------------------------------------
 static_assert(NOTIFY_CHAN + MAX_CHANNELS + 1 <= NOTIFY_EXPERT, "notify slot: the header, rows and channels come first");
 
-extern "C" __global__ void notify_cancelled(const u64* peers, int rank, int refused, ErrorRecord* err,
+extern "C" __global__ void notify_cancelled(const u64* peers, int rank, int refused, StatusRecord* err,
                                             u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
@@ -178,7 +178,7 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
                                                const u8* __restrict__ is_token_in_rank,
                                                const int* __restrict__ num_tokens_per_rank,
                                                const int* __restrict__ num_tokens_per_expert,
-                                               const int (*s_chan)[NUM_CHANNELS + 1], ErrorRecord* err) {
+                                               const int (*s_chan)[NUM_CHANNELS + 1], StatusRecord* err) {
     bool bad = false;
     if (threadIdx.x < NUM_RANKS && s_chan[threadIdx.x][NUM_CHANNELS] != num_tokens_per_rank[threadIdx.x]) {
         record_error(err, ST_BAD_LAYOUT, KID_NOTIFY_DISPATCH, rank, -1, 0, threadIdx.x);
@@ -202,7 +202,7 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
                 const int* __restrict__ num_tokens_per_expert, const u8* __restrict__ is_token_in_rank,
                 const idx_t* __restrict__ topk_idx, int expert_alignment, int num_worst_tokens,
                 int* __restrict__ rank_prefix, int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix,
-                int* __restrict__ call_status, volatile int* host_out, ErrorRecord* err, u64 timeout_ns,
+                int* __restrict__ call_status, volatile int* host_out, StatusRecord* err, u64 timeout_ns,
                 int ready_value) {
     __shared__ char* s_peer[NUM_RANKS];
     __shared__ int s_chan[NUM_RANKS][NUM_CHANNELS + 1];
@@ -477,7 +477,7 @@ intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __re
                    const int* __restrict__ rank_prefix, int* __restrict__ send_pos, const int* __restrict__ call_status,
                    int4v* __restrict__ recv_x, float* __restrict__ recv_scales, i64* __restrict__ recv_topk_idx,
                    float* __restrict__ recv_topk_weights, int num_out_rows, int fill_padding,
-                   const volatile u64* out_desc, u64 desc_seq, ErrorRecord* err, u64 timeout_ns) {
+                   const volatile u64* out_desc, u64 desc_seq, StatusRecord* err, u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
     if (*call_status != 0) return;
     load_peers(peers, s_peer);
@@ -654,7 +654,7 @@ intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __res
                   const float* __restrict__ topk_weights, const int* __restrict__ rank_prefix,
                   const int* __restrict__ recv_chan_prefix, const int* __restrict__ send_chan_prefix,
                   const int* __restrict__ send_pos, const int4v* __restrict__ bias0, const int4v* __restrict__ bias1,
-                  int4v* __restrict__ combined_x, float* __restrict__ combined_w, ErrorRecord* err,
+                  int4v* __restrict__ combined_x, float* __restrict__ combined_w, StatusRecord* err,
                   u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);

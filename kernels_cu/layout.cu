@@ -42,7 +42,7 @@ __device__ __forceinline__ bool test_and_set(u32 (&words)[WORDS], int i) {
 extern "C" __global__ void __launch_bounds__(NUM_THREADS)
 dispatch_layout(const idx_t* __restrict__ topk_idx, int num_tokens, int* __restrict__ scratch,
                 int* __restrict__ per_rank, int* __restrict__ per_rdma_rank, int* __restrict__ per_expert,
-                u8* __restrict__ is_token_in_rank, ErrorRecord* err, int rank) {
+                u8* __restrict__ is_token_in_rank, StatusRecord* err, int rank) {
     __shared__ int s_counts[R + N + E];
     __shared__ int s_last;
     for (int i = threadIdx.x; i < R + N + E; i += NUM_THREADS) s_counts[i] = 0;

@@ -37,7 +37,7 @@
 //     slots [R src][M][SLOT_BYTES]    x (bf16 2H, or fp8 H + scales f32 H/128) + meta
 //     meta  int32[1+K]: [0] source token; [1+k] (j << 16 | pos) when expert k of the token is
 //           local expert j of r (pos: its index among src's rows for j), else -1.
-//     staging (RDMA only): same layout indexed by destination instead of source.
+//     staging (RDMA only): same geometry indexed by destination instead of source.
 //   combine quarter (one per half):
 //     weights  [R src][WSTRIDE]       f32 [M][K] token owner's weights (SKIP bits: masked slot)
 //     partials [R expert rank][M][ROW_BYTES]  partial sums per (token, expert rank): bf16, or
@@ -1013,7 +1013,7 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             int* __restrict__ h_slot_map,         // [R][M][1+K] handle: token, row per k (-1)
             int* __restrict__ h_dest_ranks,       // [M][MAX_DESTS] handle (owner side): ranks of each token
             u64* __restrict__ prof,               // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
-            ErrorRecord* err, u64 timeout_ns, int rank) {
+            StatusRecord* err, u64 timeout_ns, int rank) {
     using namespace ll;
     __shared__ DispatchSmem smem;
     __shared__ int s_flag;
@@ -1053,7 +1053,7 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
            u16* __restrict__ out,                    // [N][H] bf16
            i64* __restrict__ wait_stats,             // [R] or null: ns waited per rank (block 0: its weights, its partials)
            u64* __restrict__ prof,                   // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
-           ErrorRecord* err, u64 timeout_ns, int rank) {
+           StatusRecord* err, u64 timeout_ns, int rank) {
     using namespace ll;
     __shared__ u64 s_peer[R];
     __shared__ int s_pfx[R + 1];

@@ -1,7 +1,7 @@
 // Low-latency dispatch/combine with the RDMA transport: the kernels of low_latency.cu built
 // with LL_RDMA=1. Peers whose entry in the peer table is 0 (no NVLink/P2P mapping) are reached
 // through NVSHMEM: the data is staged in this rank's own symmetric buffer (staging areas of
-// the layout described in low_latency.cu) and put to the same offsets of the peer's buffer
+// the geometry described in low_latency.cu) and put to the same offsets of the peer's buffer
 // with nvshmemx_putmem_nbi_warp; signals are 8-byte puts after nvshmem_fence (xport::signal_put
 // in transport.cuh: no remote atomics, so any NVSHMEM transport carries them; the signal word is
 // a u64 whose low 32 bits the waits read). A block's puts are complete (nvshmem_quiet) before it

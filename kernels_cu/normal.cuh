@@ -17,7 +17,7 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
 template <typename Idx>
 __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const Idx* __restrict__ topk_idx,
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_expert,
-                                               ErrorRecord* err) {
+                                               StatusRecord* err) {
     constexpr int E = E_LOCAL * NUM_RANKS;
     bool bad = false;
 #if TOPK == 0
@@ -104,7 +104,7 @@ static_assert(HOST_EXPERT > HO_BAD_RANK, "host_out: the per-expert counts follow
 // to receive more rows (over_total) than its num_worst_tokens (over_allowed). NUM_RANKS: none.
 __device__ __forceinline__ void publish_notify_outcome(int kernel, int rank, int rows, int bad_rank, int over_rank,
                                                        int over_total, int over_allowed, int num_worst_tokens,
-                                                       int* call_status, volatile int* host_out, ErrorRecord* err,
+                                                       int* call_status, volatile int* host_out, StatusRecord* err,
                                                        int ready_value) {
     const bool cancelled = bad_rank < NUM_RANKS;
     *call_status = cancelled ? 1 : 0;

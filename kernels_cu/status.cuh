@@ -1,6 +1,6 @@
 // The device status record, bounded waits, and the test-only chaos delays.
 //
-// Status codes (ST_*), kernel ids (KID_*) and the record's host layout come from
+// Status codes (ST_*), kernel ids (KID_*) and the record's host fields come from
 // cupy_ep/limits.py as JIT constants; cupy_ep/memory.py reads the record on the host.
 #pragma once
 #include "ptx.cuh"
@@ -17,21 +17,21 @@
 // the Buffer stays usable. A timeout is hard and replaces a soft report, so that the host always
 // learns that the Buffer is broken. (A soft and a hard report written at the same moment could
 // mix fields; soft reports come at a kernel's start, timeouts only after timeout_ns.)
-// Mirror layout (int32): [0] status, [1] kernel, [2] rank, [3] peer, [4] detail, [5] detail2,
+// Mirror fields (int32): [0] status, [1] kernel, [2] rank, [3] peer, [4] detail, [5] detail2,
 // [6] channel.
 // ---------------------------------------------------------------------------------------------
-struct ErrorRecord {
+struct StatusRecord {
     int claimed;          // 0 until a thread reports, 1 for a soft report, 2 for a timeout
     int status;           // the reported status, for kernels that act on an earlier report
     volatile int* host;   // host-mapped int[8]
 };
 
-__device__ __forceinline__ bool claim_record(ErrorRecord* err, int status) {
+__device__ __forceinline__ bool claim_record(StatusRecord* err, int status) {
     if (status == ST_TIMEOUT) return atomicExch(&err->claimed, 2) != 2;
     return atomicCAS(&err->claimed, 0, 1) == 0;
 }
 
-__device__ __forceinline__ void record_error(ErrorRecord* err, int status, int kernel, int rank, int peer,
+__device__ __forceinline__ void record_error(StatusRecord* err, int status, int kernel, int rank, int peer,
                                              int detail, int detail2 = 0, int channel = -1) {
     if (claim_record(err, status)) {
         *(volatile int*)&err->status = status;
@@ -70,14 +70,14 @@ __device__ __forceinline__ void chaos_pause() {
 // protocol together, or the peers would time out.
 // ---------------------------------------------------------------------------------------------
 struct WaitCtx {
-    ErrorRecord* err;
+    StatusRecord* err;
     u64 deadline;
     int kernel;
     int rank;
     int channel;
 };
 
-__device__ __forceinline__ WaitCtx make_wait_ctx(ErrorRecord* err, u64 timeout_ns, int kernel, int rank,
+__device__ __forceinline__ WaitCtx make_wait_ctx(StatusRecord* err, u64 timeout_ns, int kernel, int rank,
                                                  int channel = -1) {
     WaitCtx w;
     w.err = err;
@@ -91,7 +91,7 @@ __device__ __forceinline__ WaitCtx make_wait_ctx(ErrorRecord* err, u64 timeout_n
 __device__ __forceinline__ bool timeout_seen(const WaitCtx& w) { return *(volatile int*)&w.err->claimed == 2; }
 
 // A report of bad input (not a timeout) is pending: the next collective call must be cancelled.
-__device__ __forceinline__ bool bad_input_pending(const ErrorRecord* err) {
+__device__ __forceinline__ bool bad_input_pending(const StatusRecord* err) {
     const int st = *(const volatile int*)&err->status;
     return st == ST_BAD_EXPERT || st == ST_BAD_LAYOUT || st == ST_PEER_BAD_INPUT;
 }
