@@ -406,8 +406,7 @@ class Buffer:
         self._check_arrays(topk_idx=topk_idx)
         validation.check_layout_call(topk_idx, num_experts, self.num_ranks)
         self._phase("checked", call.stream)
-        with call.alloc:
-            per_rank, per_rdma, per_expert, in_rank = self._layout.run(topk_idx, num_experts, call.stream)
+        per_rank, per_rdma, per_expert, in_rank = self._layout.run(topk_idx, num_experts, call)
         event = self._streams.finish(call, async_finish, (topk_idx, per_rank, per_expert, in_rank))
         self._end_phases(call.stream)
         return per_rank, per_rdma, per_expert, in_rank, event
@@ -628,11 +627,9 @@ class Buffer:
             if topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
-        with call.alloc:
-            recv_x, recv_count, handle, hook = engine.dispatch(
-                x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
-                return_recv_hook, cumulative_local_expert_recv_stats, call.stream,
-                wait_stats=dispatch_wait_recv_cost_stats)
+        recv_x, recv_count, handle, hook = engine.dispatch(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
+            return_recv_hook, cumulative_local_expert_recv_stats, call, wait_stats=dispatch_wait_recv_cost_stats)
         self._owner.stamp(handle[5])
         event = self._streams.finish(call, async_finish, (x, topk_idx))
         return recv_x, recv_count, handle, event, self._wrap_hook(hook)
@@ -673,9 +670,8 @@ class Buffer:
             if topk_idx.dtype != np.int64:
                 topk_idx = topk_idx.astype(np.int64)
         call = self._begin(None, async_finish)
-        with call.alloc:
-            combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call.stream,
-                                            use_logfmt=bool(use_logfmt), wait_stats=combine_wait_recv_cost_stats)
+        combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call,
+                                        use_logfmt=bool(use_logfmt), wait_stats=combine_wait_recv_cost_stats)
         event = self._streams.finish(call, async_finish, (x, topk_idx, topk_weights))
         return combined, event, self._wrap_hook(hook)
 
@@ -686,7 +682,7 @@ class Buffer:
 
         def run_hook():
             call = self._begin(None)
-            hook(call.stream)
+            hook(call)
             self._streams.finish(call)
 
         return run_hook

@@ -35,20 +35,22 @@ class LayoutEngine(Engine):
             "layout.cu", dict(NUM_RANKS=self.num_ranks, NUM_NVL_RANKS=self.num_nvl_ranks, NUM_EXPERTS=num_experts,
                               TOPK=num_topk, NUM_THREADS=LAYOUT_THREADS, IDX_BYTES=idx_bytes)), "dispatch_layout"))
 
-    def run(self, topk_idx, num_experts: int, stream):
+    def run(self, topk_idx, num_experts: int, call):
         """Returns ``(per_rank int32 [R], per_rdma_rank int32 [N] or None, per_expert int32 [E],
-        is_token_in_rank bool [T, R])``, allocated on the current stream, computed on ``stream``."""
+        is_token_in_rank bool [T, R])``. ``call``: the :class:`cupy_ep.event.Call` (outputs
+        allocated in ``call.alloc``, the kernel launched on ``call.stream``)."""
         import cupy
 
         num_tokens, num_topk = topk_idx.shape
         r, n = self.num_ranks, self.num_rdma_ranks
-        # one allocation for the outputs (one NVLink domain: no per-domain counts)
-        per_rank, per_expert, in_rank, *per_rdma = empty_together(
-            ((r,), I32), ((num_experts,), I32), ((num_tokens, r), BOOL), *([((n,), I32)] if n > 1 else []))
+        stream = call.stream
+        with call.alloc:   # one allocation for the outputs (one NVLink domain: no per-domain counts)
+            per_rank, per_expert, in_rank, *per_rdma = empty_together(
+                ((r,), I32), ((num_experts,), I32), ((num_tokens, r), BOOL), *([((n,), I32)] if n > 1 else []))
+            scratch = self._scratch.get(num_experts)
+            if scratch is None:
+                scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
         per_rdma = per_rdma[0] if per_rdma else None
-        scratch = self._scratch.get(num_experts)
-        if scratch is None:
-            scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
         self._phase("outputs allocated", stream)
         blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
         kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)

@@ -162,16 +162,16 @@ class LowLatencyEngine(Engine):
 
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, x, topk_idx, M, num_experts, use_fp8, round_scale, use_ue8m0, return_recv_hook, stats,
-                 stream, wait_stats=None):
+                 call, wait_stats=None):
         """Low-latency dispatch. See the module docstring and ``Buffer.low_latency_dispatch``.
 
         Returns ``(recv_x, recv_count, handle, hook_or_None)``; ``recv_x`` is bf16
         ``[E_local, R*M, H]`` or ``(uint8 e4m3 [E_local, R*M, H], scales)`` with scales float32
         ``[E_local, R*M, H/128]`` (uint8 UE8M0 exponents with ``use_ue8m0``). ``handle`` =
         ``(src_info int32 [E_local, R*M], layout_range int64 [E_local, R], M, H, E, LLHandlePrivate)``.
-        Outputs are allocated on the current stream, kernels run on ``stream``. With
-        ``return_recv_hook`` only the send kernel is launched; ``hook(stream)`` launches the
-        receive kernel.
+        ``call``: the :class:`cupy_ep.event.Call` (outputs allocated in ``call.alloc``, kernels
+        launched on ``call.stream``). With ``return_recv_hook`` only the send kernel is launched;
+        ``hook(call)`` launches the receive kernel on that call's stream.
         """
         import cupy
         import ml_dtypes
@@ -190,17 +190,19 @@ class LowLatencyEngine(Engine):
         sig_off = self.geom.signal_offset(half, 0)
         data_off = self.geom.quarter_offset(half)
 
-        if use_fp8:
-            data = cupy.empty((EL, R * M, H), dtype=np.uint8)
-            scales = cupy.empty((EL, R * M, H // limits.FP8_BLOCK), dtype=np.uint8 if use_ue8m0 else np.float32)
-            recv_x = (data, scales)
-        else:
-            data = cupy.empty((EL, R * M, H), dtype=ml_dtypes.bfloat16)
-            scales = None
-            recv_x = data
-        # the handle's arrays and the counts: one allocation
-        src_info, layout_range, recv_count, slot_count, slot_map, dest_ranks = empty_together(
-            ((EL, R * M), I32), ((EL, R), I64), ((EL,), I32), ((R,), I32), ((R, M, 1 + K), I32), ((M, min(K, R)), I32))
+        with call.alloc:
+            if use_fp8:
+                data = cupy.empty((EL, R * M, H), dtype=np.uint8)
+                scales = cupy.empty((EL, R * M, H // limits.FP8_BLOCK), dtype=np.uint8 if use_ue8m0 else np.float32)
+                recv_x = (data, scales)
+            else:
+                data = cupy.empty((EL, R * M, H), dtype=ml_dtypes.bfloat16)
+                scales = None
+                recv_x = data
+            # the handle's arrays and the counts: one allocation
+            src_info, layout_range, recv_count, slot_count, slot_map, dest_ranks = empty_together(
+                ((EL, R * M), I32), ((EL, R), I64), ((EL,), I32), ((R,), I32), ((R, M, 1 + K), I32),
+                ((M, min(K, R)), I32))
 
         def launch(phases, on_stream):
             prof = self._phase_buffer("low_latency_dispatch", self.num_blocks, DISPATCH_PHASES)
@@ -216,15 +218,15 @@ class LowLatencyEngine(Engine):
                                topk=K, hidden=H, num_experts=E, m=M)
         handle = (src_info, layout_range, M, H, E, priv)
         if return_recv_hook:
-            launch(1, stream)
+            launch(1, call.stream)
             keep = (x, topk_idx, stats, wait_stats)
 
-            def hook(on_stream):
+            def hook(recv_call):
                 _ = keep
-                launch(2, on_stream)
+                launch(2, recv_call.stream)
 
             return recv_x, recv_count, handle, hook
-        launch(3, stream)
+        launch(3, call.stream)
         return recv_x, recv_count, handle, None
 
     # ------------------------------------------------------------------ combine
@@ -242,11 +244,11 @@ class LowLatencyEngine(Engine):
             buf = self._combine_buffers[shape] = cupy.zeros(shape, dtype=ml_dtypes.bfloat16)
         return buf
 
-    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, stream, use_logfmt=False,
+    def combine(self, x, topk_idx, topk_weights, handle, return_recv_hook, out, call, use_logfmt=False,
                 wait_stats=None):
         """Low-latency combine. Returns ``(combined_x bf16 [N, H], hook_or_None)``; with
-        ``return_recv_hook`` the result is complete only after ``hook(stream)`` ran. Outputs are
-        allocated on the current stream, kernels run on ``stream``.
+        ``return_recv_hook`` the result is complete only after ``hook(recv_call)`` ran. ``call``
+        as in :meth:`dispatch`.
 
         Partial sums cross the link as bf16 (one extra rounding per expert rank) or, with
         ``use_logfmt``, as LogFMT-10 rows (:mod:`cupy_ep.logfmt`, bit-identical to the reference);
@@ -261,7 +263,8 @@ class LowLatencyEngine(Engine):
         self._c_half ^= 1
         wsig_off, psig_off = self.geom.signal_offset(half, 1), self.geom.signal_offset(half, 2)
         data_off = self.geom.quarter_offset(2 + half)
-        result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
+        with call.alloc:
+            result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
 
         def launch(phases, on_stream):
             prof = self._phase_buffer("low_latency_combine", self.num_blocks, COMBINE_PHASES)
@@ -275,15 +278,15 @@ class LowLatencyEngine(Engine):
                                      "low_latency_combine_recv")[phases % 3])
 
         if return_recv_hook:
-            launch(1, stream)
+            launch(1, call.stream)
             keep = (x, topk_idx, topk_weights, priv, wait_stats)
 
-            def hook(on_stream):
+            def hook(recv_call):
                 _ = keep
-                launch(2, on_stream)
+                launch(2, recv_call.stream)
 
             return result, hook
-        launch(3, stream)
+        launch(3, call.stream)
         return result, None
 
     # ------------------------------------------------------------------ reset

@@ -1,6 +1,7 @@
 """The host side of a non-cached normal-mode dispatch after notify (cupy_ep.normal), without a
 GPU: the outputs' addresses and row count are published in the descriptor, its sequence number
 last, before the per-expert counts are read; a cancelled call publishes "drop every row"."""
+import contextlib
 import sys
 import types
 
@@ -87,8 +88,6 @@ def test_empty_together_carves_aligned_disjoint_arrays(monkeypatch):
 
 @pytest.mark.parametrize("fp8, num_topk", [(True, 8), (False, 8), (True, 0), (False, 0)])
 def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(monkeypatch, fp8, num_topk):
-    import contextlib
-
     import cupy_ep.normal as normal
 
     monkeypatch.setattr(normal, "empty_together", lambda *specs: [("together", s, d) for s, d in specs])
@@ -118,15 +117,18 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     eng._scratch, eng.status_arg = {}, np.uint64(99)
     launches = []
     eng._kernel = lambda e, k, b: ("kernel", e, k, b)
-    eng._launch = lambda kernel, grid, block, args, stream, name: launches.append((kernel, grid, block, args, name))
+    eng._launch = lambda kernel, grid, block, args, stream, name: launches.append((kernel, grid, block, args, stream,
+                                                                                   name))
     topk_idx = np.zeros((300, 8), np.int64)
-    per_rank, per_rdma, per_expert, in_rank = eng.run(topk_idx, 64, None)
+    call = types.SimpleNamespace(alloc=contextlib.nullcontext(), stream="the call's stream")
+    per_rank, per_rdma, per_expert, in_rank = eng.run(topk_idx, 64, call)
     i32, b = np.dtype(np.int32), np.dtype(np.bool_)
     assert per_rank == ("view", (ranks,), i32) and per_expert == ("view", (64,), i32)
     assert in_rank == ("view", (300, ranks), b)
     assert per_rdma == (("view", (rdma_ranks,), i32) if rdma_ranks > 1 else None)
-    (kernel, grid, block, args, name), = launches
+    (kernel, grid, block, args, stream, name), = launches
     assert kernel == ("kernel", 64, 8, 8) and (grid, block, name) == (2, layout.LAYOUT_THREADS, "layout")
+    assert stream == "the call's stream"
     assert args[0] is topk_idx and args[1] == 300 and args[2] == ("zeros", ranks + rdma_ranks + 64 + 1)
     assert args[3] is per_rank and args[5] is per_expert and args[6] is in_rank and args[7] == 99
     assert (args[4] is per_rdma) if per_rdma is not None else args[4] == 0
