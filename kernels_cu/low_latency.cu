@@ -10,7 +10,8 @@
 //   NUM_RANKS R, NUM_EXPERTS E (E % R == 0), HIDDEN H (% 128 == 0), TOPK K (1..LL_MAX_TOPK),
 //   MAX_TOKENS M (num_max_dispatch_tokens_per_rank, 1..LL_MAX_TOKENS), USE_FP8, ROUND_SCALE,
 //   USE_UE8M0, LL_THREADS (threads per block, multiple of 32, default 512), USE_LOGFMT (combine
-//   partial rows as LogFMT-10, logfmt.cuh; default 0: bf16).
+//   partial rows as LogFMT-10, logfmt.cuh; default 0: bf16), SHRINK (shrink mode, see "Shrink
+//   mode" below; default 0: the kernels have no mask argument and no code of it).
 // No limit on R of its own: the receive phase's R + E + E/R ints of shared memory must fit in
 // LL_MAX_SMEM_BYTES (static_asserts below say which bound a configuration breaks).
 // Every launch of one call must use the same grid size on every rank (<= SM count).
@@ -25,6 +26,9 @@
 // @constants NUM_RANKS=1024 NUM_EXPERTS=8192 HIDDEN=7168 TOPK=32 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0
 // @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 USE_LOGFMT=1
 // @constants NUM_RANKS=3 NUM_EXPERTS=96 HIDDEN=1152 TOPK=9 MAX_TOKENS=64 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 USE_LOGFMT=1 LL_THREADS=1024
+// @constants NUM_RANKS=4 NUM_EXPERTS=288 HIDDEN=7168 TOPK=8 MAX_TOKENS=128 USE_FP8=1 ROUND_SCALE=0 USE_UE8M0=0 SHRINK=1
+// @constants NUM_RANKS=3 NUM_EXPERTS=96 HIDDEN=1152 TOPK=9 MAX_TOKENS=64 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 USE_LOGFMT=1 LL_THREADS=1024 SHRINK=1
+// @constants NUM_RANKS=1024 NUM_EXPERTS=8192 HIDDEN=7168 TOPK=32 MAX_TOKENS=128 USE_FP8=0 ROUND_SCALE=0 USE_UE8M0=0 SHRINK=1
 //
 // ----------------------------------------------------------------------------------------------
 // Symmetric buffer (identical offsets on every rank; the host computes the half offsets):
@@ -48,6 +52,15 @@
 //   slot_map   [R][M][1+K]        per received slot: the source token, its row per k (or -1)
 //   dest_ranks [M][min(K, R)]     per own token, its destination ranks ascending, -1 padded
 // ----------------------------------------------------------------------------------------------
+// Shrink mode (SHRINK=1, Buffer(enable_shrink=True)): the kernels take `mask`, this rank's int32
+// [R] (1 = masked). They neither send to a masked rank (its experts get no token, it gets no
+// weights nor signal) nor wait for it, and a peer whose signal has not come by the deadline is
+// masked (mask[r] = 1) instead of a timeout being recorded: the launch completes among the
+// others. Counts, layouts and sums depend on who arrived, so every block must reach the same
+// answer: the outcome of each wait for rank r is decided once per launch by the first thread
+// that knows it (an atomicCAS on a scratch word: the signal value seen, or ABSENT) and every
+// other thread follows that word (shrink_wait). The launch's last block zeroes the words.
+// ----------------------------------------------------------------------------------------------
 #include "common.cuh"
 #include "logfmt.cuh"
 
@@ -65,6 +78,9 @@
 #endif
 #ifndef USE_LOGFMT
 #define USE_LOGFMT 0
+#endif
+#ifndef SHRINK
+#define SHRINK 0
 #endif
 
 namespace ll {
@@ -172,6 +188,12 @@ constexpr int SD_RECV_DONE = R + E + 1;
 // combine scratch: b_done, c_done
 constexpr int SC_B_DONE = 0;
 constexpr int SC_C_DONE = 1;
+#if SHRINK
+// shrink mode: after those, the decision words of the waits (shrink_wait): dispatch [R] per
+// source; combine [R] per source's weights, then [R] per expert rank's partials. (Enums: no
+// device variables, which would change the module of SHRINK=0.)
+enum : int { SD_DECIDE = R + E + 2, SC_W_DECIDE = 2, SC_P_DECIDE = 2 + R, ABSENT = -1 };
+#endif
 
 constexpr unsigned FULL = 0xffffffffu;
 constexpr u32 SKIP_BITS = 0xffc0deadu;   // a NaN pattern: "weight slot masked out by topk_idx == -1"
@@ -184,6 +206,9 @@ struct SendSmem {
     char* slot_at[MAX_DESTS];   // where this rank writes the token's slot for each (dispatch_slot)
 #if LL_RDMA
     int slot[MAX_DESTS];        // the slot itself, which the put for an RDMA destination targets
+#endif
+#if SHRINK
+    int masked[R];          // the mask at the launch's start: what the send phase skips
 #endif
     int ndest;
 };
@@ -198,7 +223,7 @@ union DispatchSmem {
     RecvSmem recv;
 };
 static_assert(sizeof(DispatchSmem) <= LL_MAX_SMEM_BYTES,
-              "shared memory: the receive phase keeps R + E + E/R ints, the send phase 12 bytes per rank");
+              "shared memory: the receive phase keeps R + E + E/R ints, the send phase 12 (shrink: 16) bytes per rank");
 
 // ------------------------------------------------------------------------------------------
 // Addresses
@@ -318,6 +343,57 @@ __device__ __forceinline__ bool wait_all_nonzero(u64 own, long long sig_off, con
     return !__syncthreads_or(!ok);
 }
 
+#if SHRINK
+// Shrink mode: waits until rank r's signal word `sig` satisfies arrived(v), rank r is masked,
+// or the deadline passes, and returns the grid's decision for this wait (*decide): the value
+// some thread saw (> 0), or ABSENT (then mask[r] = 1, set by the deciding thread). Never
+// records a timeout. The fences make a decision a release/acquire pair, so that a thread that
+// follows another's "arrived" also sees the data that thread's acquire of the signal made visible.
+template <class Arrived>
+__device__ __forceinline__ int shrink_wait(const int* sig, int* decide, int* mask, int r, const WaitCtx& w,
+                                           Arrived arrived) {
+    unsigned spins = 0;
+    int mine = ABSENT;
+    for (;;) {
+        const int d = ld_acquire_gpu(decide);
+        if (d != 0) return d;
+        if (*(volatile int*)(mask + r) != 0) break;
+        const int v = ld_acquire_sys(sig);
+        if (arrived(v)) {
+            mine = v;
+            break;
+        }
+        if ((++spins & 1023u) == 0 && global_timer_ns() > w.deadline) break;
+    }
+    fence_gpu();
+    const int old = atomicCAS(decide, 0, mine);
+    fence_gpu();
+    if (old != 0) return old;
+    if (mine == ABSENT) atomicExch(mask + r, 1);
+    return mine;
+}
+
+// Shrink mode's wait_all_nonzero: every rank's word of the signal array at sig_off, decided in
+// decide[R]; s_live[r] (shared, may be null) = whether r arrived. All threads must call it.
+__device__ __forceinline__ void shrink_wait_all(u64 own, long long sig_off, const WaitCtx& w, i64* wait_stats,
+                                                int* mask, int* decide, int* s_live) {
+    const u64 t0 = global_timer_ns();
+    for (int r = threadIdx.x; r < R; r += NT) {
+        const bool arrived = shrink_wait((const int*)signal_at(own, sig_off, r), decide + r, mask, r, w,
+                                         [](int v) { return v != 0; }) != ABSENT;
+        if (arrived) add_wait_ns(wait_stats, r, t0);
+        if (s_live != nullptr) s_live[r] = arrived;
+    }
+    signal_acquire();
+    __syncthreads();
+}
+
+// The launch's last block: the decision words for the next launch.
+__device__ __forceinline__ void zero_decisions(int* decide) {
+    for (int r = threadIdx.x; r < R; r += NT) decide[r] = 0;
+}
+#endif
+
 // ------------------------------------------------------------------------------------------
 // Prefix sums over sources
 // ------------------------------------------------------------------------------------------
@@ -434,6 +510,9 @@ __device__ __forceinline__ void route_token(int t, const i64* __restrict__ topk_
     if (lane < K) {
         const i64 v = topk_idx[(long long)t * K + lane];
         e = (v >= 0 && v < E) ? (int)v : -1;
+#if SHRINK
+        if (e >= 0 && s.masked[e / EL]) e = -1;   // a masked rank's experts get no token
+#endif
     }
     const int r = e >= 0 ? e / EL : -1;
     const unsigned lanes_below = (1u << lane) - 1;
@@ -523,24 +602,31 @@ __device__ __forceinline__ void signal_destinations(const SendSmem& s, u64 own, 
     if (threadIdx.x >= R) return;
     fence_sys();
     for (int d = threadIdx.x; d < R; d += NT) {
+#if SHRINK
+        if (s.masked[d]) continue;
+#endif
         chaos_pause();
         signal_add(s.peer[d], own, sig_off, d, rank, (1 << SIG_BLOCK_SHIFT) | s.sent[d]);
     }
 }
 
 // Send phase: every block takes tokens blockIdx.x, +gridDim.x, ...; then signals every
-// destination; the last block zeroes the slot and position counters for the next launch.
+// destination (shrink mode: every destination unmasked when the block started); the last block
+// zeroes the slot and position counters for the next launch.
 __device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i64* __restrict__ topk_idx,
                                               int num_tokens, const u64* __restrict__ peers, long long sig_off,
                                               long long data_off, int* __restrict__ scratch,
                                               int* __restrict__ h_dest_ranks, u64* prof, int rank, u64 own,
-                                              SendSmem& s, int* s_flag) {
+                                              SendSmem& s, int* s_flag, const int* mask) {
     int* const slot_cnt = scratch + SD_SLOT;
     int* const exp_cnt = scratch + SD_CNT;
     char* const own_q = sym_at(own, data_off);
     for (int d = threadIdx.x; d < R; d += NT) {
         s.peer[d] = peers[d];
         s.sent[d] = 0;
+#if SHRINK
+        s.masked[d] = *(const volatile int*)(mask + d);
+#endif
     }
     __syncthreads();
     for (int t = blockIdx.x; t < num_tokens; t += gridDim.x) {
@@ -569,6 +655,9 @@ __device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i
             const int total = atomicExch(slot_cnt + d, 0);   // every block's slots for d
 #if LL_RDMA && !SIGNAL_AMO
             // every block's puts are complete (its quiet precedes its count in last_block_done)
+#if SHRINK
+            if (s.masked[d]) continue;
+#endif
             if (s.peer[d] == 0) xport::signal_put(signal_at(own, sig_off, rank), (u64)(((int)gridDim.x << SIG_BLOCK_SHIFT) | total), d);
 #else
             (void)total;
@@ -585,17 +674,25 @@ __device__ __forceinline__ void dispatch_send(const u16* __restrict__ x, const i
 // ------------------------------------------------------------------------------------------
 // Waits until every block of every source has signalled (same grid size on every rank); the
 // slots of each source go to pfx[s]. The same answer in every thread; all threads must call it.
+// Shrink mode: a masked or absent source has sent nothing (pfx[s] = 0); always true.
 __device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_off, const WaitCtx& w,
-                                             i64* wait_stats) {
+                                             i64* wait_stats, int* mask, int* decide) {
     const u64 t0 = global_timer_ns();
     bool ok = true;
     for (int s = threadIdx.x; s < R && ok; s += NT) {
         const int* sig = (const int*)signal_at(own, sig_off, s);
+#if SHRINK
+        const int all_blocks = (int)gridDim.x << SIG_BLOCK_SHIFT;
+        const int v = shrink_wait(sig, decide + s, mask, s, w, [all_blocks](int v) { return v >= all_blocks; });
+        pfx[s] = v == ABSENT ? 0 : v & ((1 << SIG_BLOCK_SHIFT) - 1);
+        if (v != ABSENT) add_wait_ns(wait_stats, s, t0);
+#else
         ok = wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, w, s);
         if (ok) {
             pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
             add_wait_ns(wait_stats, s, t0);
         }
+#endif
     }
     if (ok) signal_acquire();
     return !__syncthreads_or(!ok);
@@ -733,11 +830,17 @@ __device__ __forceinline__ bool dispatch_recv(u64 own, long long sig_off, long l
                                               int* __restrict__ recv_count, int* __restrict__ stats,
                                               i64* __restrict__ wait_stats, int* __restrict__ h_slot_count,
                                               int* __restrict__ h_slot_map, u64* prof, const WaitCtx& w, RecvSmem& s,
-                                              int* s_flag) {
+                                              int* s_flag, int* mask) {
     const int warp = threadIdx.x >> 5;
     const char* own_q = sym_at(own, data_off);
     for (int i = threadIdx.x; i < E; i += NT) s.base[i] = 0;
-    if (!wait_sources(s.pfx, own, sig_off, w, wait_stats)) return false;   // the error is recorded, the Buffer is unusable
+#if SHRINK
+    int* const decide = scratch + SD_DECIDE;
+#else
+    int* const decide = nullptr;
+#endif
+    if (!wait_sources(s.pfx, own, sig_off, w, wait_stats, mask, decide))
+        return false;   // the error is recorded, the Buffer is unusable
     prof_mark(prof, 3);
     scan_rows(s.pfx, s.pfx + R, 1, nullptr);
     __syncthreads();
@@ -754,7 +857,12 @@ __device__ __forceinline__ bool dispatch_recv(u64 own, long long sig_off, long l
         copy_unit(s, own_q, src, g - s.pfx[src], part, recv_x, recv_scales, recv_src_info, h_slot_map);
     }
     prof_mark(prof, 5);
-    if (last_block_done<false>(scratch + SD_RECV_DONE, s_flag)) zero_signals(own, sig_off);
+    if (last_block_done<false>(scratch + SD_RECV_DONE, s_flag)) {
+        zero_signals(own, sig_off);
+#if SHRINK
+        zero_decisions(decide);
+#endif
+    }
     return true;
 }
 
@@ -763,10 +871,14 @@ __device__ __forceinline__ bool dispatch_recv(u64 own, long long sig_off, long l
 // ------------------------------------------------------------------------------------------
 // A) This rank's top-k weights to every rank (columns with no valid expert as SKIP_BITS), each
 // followed by its signal (tokens + 1). Blocks take destinations blockIdx.x, +gridDim.x, ...
+// Shrink mode: not to the ranks masked at the launch's start (s_live[d] == 0).
 __device__ __forceinline__ void send_weights(const i64* __restrict__ topk_idx, const float* __restrict__ topk_weights,
                                              int num_tokens, const u64* s_peer, u64 own, char* own_q,
-                                             long long wsig_off, long long data_off, int rank) {
+                                             long long wsig_off, long long data_off, int rank, const int* s_live) {
     for (int d = blockIdx.x; d < R; d += gridDim.x) {
+#if SHRINK
+        if (!s_live[d]) continue;
+#endif
         float* dst = (float*)weights_dst(s_peer[d], own_q, data_off, d, rank);
         for (int idx = threadIdx.x; idx < num_tokens * K; idx += NT) {
             const i64 e = topk_idx[idx];
@@ -855,12 +967,16 @@ __device__ __forceinline__ void weighted_sum_unit(const u16* __restrict__ x, con
 // B) As expert rank: every received slot's weighted sum becomes one bf16 partial row in the
 // token owner's buffer. A warp's units run through the sources in order, so it waits for a
 // source's weights once, before its first unit from that source. False when a wait failed.
+// Shrink mode: the units of a source whose weights did not come (decided in decide[s]) are skipped.
 __device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const u64* s_peer, const int* s_pfx,
                                                 const int* __restrict__ h_slot_map, u64 own, char* own_q,
                                                 long long wsig_off, long long data_off, int rank, const WaitCtx& w,
-                                                int* s_fail) {
+                                                int* s_fail, int* mask, int* decide) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int waited = -1;   // the last source whose weights this warp has acquired
+#if SHRINK
+    int waited_ok = 0;   // whether they came
+#endif
     const int total_units = s_pfx[R] * COMB_UPR;
     for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
         const int g = u / COMB_UPR, cu = u - g * COMB_UPR;
@@ -869,17 +985,30 @@ __device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const
         if (s != waited) {
             int ok = 1, v;
             if (lane == 0) {
+#if SHRINK
+                ok = shrink_wait((const int*)signal_at(own, wsig_off, s), decide + s, mask, s, w,
+                                 [](int v) { return v != 0; }) != ABSENT;
+                (void)v;
+#else
                 ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s) ? 1 : 0;
+#endif
                 if (ok) signal_acquire();
             }
             ok = __shfl_sync(FULL, ok, 0);
             __syncwarp();
+#if SHRINK
+            waited_ok = ok;
+#else
             if (!ok) {
                 *s_fail = 1;
                 break;
             }
+#endif
             waited = s;
         }
+#if SHRINK
+        if (!waited_ok) continue;
+#endif
         if (__any_sync(FULL, *(volatile int*)s_fail)) break;
         const int* hm = h_slot_map + slot_map_off(s, i);
         const int t = hm[0];
@@ -922,31 +1051,47 @@ __device__ __forceinline__ bool reduce_partials(const u16* __restrict__ x, const
 // B, last block (every block is past its weight waits and its partial stores): waits for every
 // source's weights (also those of a source no block waited for, having no token for this rank,
 // so that its late signal cannot outlive the reset), zeroes them and tells each source that
-// its partials are complete. False when a wait failed.
+// its partials are complete. False when a wait failed. Shrink mode: skips the sources whose
+// weights did not come, then zeroes the decisions.
 __device__ __forceinline__ bool signal_owners(const u64* s_peer, u64 own, long long wsig_off, long long psig_off,
-                                              int rank, const WaitCtx& w) {
+                                              int rank, const WaitCtx& w, int* mask, int* decide) {
     bool ok = true;
     for (int s = threadIdx.x; s < R; s += NT) {
         int v;
+#if SHRINK
+        if (shrink_wait((const int*)signal_at(own, wsig_off, s), decide + s, mask, s, w,
+                        [](int v) { return v != 0; }) == ABSENT)
+            continue;
+        (void)v;
+#else
         ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s);
         if (!ok) break;
+#endif
         st_relaxed_sys_u64(signal_at(own, wsig_off, s), 0ull);
         fence_sys();
         chaos_pause();
         signal_set(s_peer[s], own, psig_off, s, rank, 1);
     }
+#if SHRINK
+    __syncthreads();   // every thread's waits on the decisions first
+    zero_decisions(decide);
+#endif
     return !__syncthreads_or(!ok);
 }
 
 // C) Every token's output: the sum of the partial rows of its destination ranks, in ascending
-// rank order, in float32 (LogFMT rows decoded first).
+// rank order, in float32 (LogFMT rows decoded first). Shrink mode: of those whose partials came
+// (s_live), so a masked rank's experts count as weight 0.
 __device__ __forceinline__ void sum_partials(const int* __restrict__ h_dest_ranks, int num_tokens, const char* own_q,
-                                             u16* __restrict__ out) {
+                                             u16* __restrict__ out, const int* s_live) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int total_units = num_tokens * COMB_UPR;
     for (int u = blockIdx.x * NW + warp; u < total_units; u += gridDim.x * NW) {
         const int t = u / COMB_UPR, cu = u - t * COMB_UPR;
-        const int my_dest = lane < MAX_DESTS ? h_dest_ranks[(long long)t * MAX_DESTS + lane] : -1;
+        int my_dest = lane < MAX_DESTS ? h_dest_ranks[(long long)t * MAX_DESTS + lane] : -1;
+#if SHRINK
+        if (my_dest >= 0 && !s_live[my_dest]) my_dest = -1;
+#endif
         float acc[COMB_G][8];
         zero_acc(acc);
 #pragma unroll
@@ -1013,8 +1158,15 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
             int* __restrict__ h_slot_map,         // [R][M][1+K] handle: token, row per k (-1)
             int* __restrict__ h_dest_ranks,       // [M][MAX_DESTS] handle (owner side): ranks of each token
             u64* __restrict__ prof,               // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
-            StatusRecord* err, u64 timeout_ns, int rank) {
+            StatusRecord* err, u64 timeout_ns, int rank
+#if SHRINK
+            , int* __restrict__ mask              // [R] this rank's mask (1: masked), updated here
+#endif
+            ) {
     using namespace ll;
+#if !SHRINK
+    int* const mask = nullptr;
+#endif
     __shared__ DispatchSmem smem;
     __shared__ int s_flag;
     const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_DISPATCH, rank);
@@ -1022,10 +1174,10 @@ ll_dispatch(const u16* __restrict__ x,            // [N][H] bf16
     prof_mark(prof, 0);
     if (phases & 1)
         dispatch_send(x, topk_idx, num_tokens, peers, sig_off, data_off, scratch, h_dest_ranks, prof, rank, own,
-                      smem.send, &s_flag);
+                      smem.send, &s_flag, mask);
     if ((phases & 2) && !dispatch_recv(own, sig_off, data_off, scratch, recv_x, recv_scales, recv_src_info,
                                        recv_layout, recv_count, stats, wait_stats, h_slot_count, h_slot_map, prof, wctx,
-                                       smem.recv, &s_flag))
+                                       smem.recv, &s_flag, mask))
         return;
     prof_mark(prof, PROF_END);
 }
@@ -1053,17 +1205,33 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
            u16* __restrict__ out,                    // [N][H] bf16
            i64* __restrict__ wait_stats,             // [R] or null: ns waited per rank (block 0: its weights, its partials)
            u64* __restrict__ prof,                   // null, or [gridDim.x][PROF_SLOTS] globaltimer checkpoints
-           StatusRecord* err, u64 timeout_ns, int rank) {
+           StatusRecord* err, u64 timeout_ns, int rank
+#if SHRINK
+           , int* __restrict__ mask                  // [R] this rank's mask (1: masked), updated here
+#endif
+           ) {
     using namespace ll;
     __shared__ u64 s_peer[R];
     __shared__ int s_pfx[R + 1];
     __shared__ int s_flag;
     __shared__ int s_fail;
+#if SHRINK
+    // per rank: unmasked at the start (phase A), then whether its partials came (phase C)
+    __shared__ int s_live[R];
+    int* const w_decide = scratch + SC_W_DECIDE;
+#else
+    int* const mask = nullptr;
+    int* const s_live = nullptr;
+    int* const w_decide = nullptr;
+#endif
 
     const WaitCtx wctx = make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_COMBINE, rank);
     for (int r = threadIdx.x; r < R; r += NT) {
         s_peer[r] = peers[r];
         s_pfx[r] = h_slot_count[r];
+#if SHRINK
+        s_live[r] = *(volatile int*)(mask + r) == 0;
+#endif
     }
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
@@ -1074,27 +1242,44 @@ ll_combine(const u16* __restrict__ x,                // [EL][R*M][H] bf16 expert
     prof_mark(prof, 0);
 
     if (phases & 1) {
-        send_weights(topk_idx, topk_weights, num_tokens, s_peer, own, own_q, wsig_off, data_off, rank);
+        send_weights(topk_idx, topk_weights, num_tokens, s_peer, own, own_q, wsig_off, data_off, rank, s_live);
         prof_mark(prof, 1);
         // Statistics: block 0 times each source's weights (the combine's first message from it)
         // before it reduces, so that a late source is charged alone, not every source behind it.
+#if SHRINK
+        if (wait_stats != nullptr && blockIdx.x == 0) shrink_wait_all(own, wsig_off, wctx, wait_stats, mask, w_decide, nullptr);
+#else
         if (wait_stats != nullptr && blockIdx.x == 0 && !wait_all_nonzero(own, wsig_off, wctx, wait_stats))
             return;
-        if (!reduce_partials(x, s_peer, s_pfx, h_slot_map, own, own_q, wsig_off, data_off, rank, wctx, &s_fail))
+#endif
+        if (!reduce_partials(x, s_peer, s_pfx, h_slot_map, own, own_q, wsig_off, data_off, rank, wctx, &s_fail, mask,
+                             w_decide))
             return;
         prof_mark(prof, 2);
         if (last_block_done<true>(scratch + SC_B_DONE, &s_flag)) {
-            if (!signal_owners(s_peer, own, wsig_off, psig_off, rank, wctx)) return;
+            if (!signal_owners(s_peer, own, wsig_off, psig_off, rank, wctx, mask, w_decide)) return;
             prof_mark(prof, 3);
         }
     }
 
     if (phases & 2) {
+#if SHRINK
+        // A deadline of its own: the partials come after the peers' phase B, which may itself
+        // have waited timeout_ns for a rank it then masked.
+        shrink_wait_all(own, psig_off, make_wait_ctx(err, timeout_ns, KID_LOW_LATENCY_COMBINE, rank), wait_stats,
+                        mask, scratch + SC_P_DECIDE, s_live);
+#else
         if (!wait_all_nonzero(own, psig_off, wctx, wait_stats)) return;
+#endif
         prof_mark(prof, 4);
-        sum_partials(h_dest_ranks, num_tokens, own_q, out);
+        sum_partials(h_dest_ranks, num_tokens, own_q, out, s_live);
         prof_mark(prof, 5);
-        if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) zero_signals(own, psig_off);
+        if (last_block_done<false>(scratch + SC_C_DONE, &s_flag)) {
+            zero_signals(own, psig_off);
+#if SHRINK
+            zero_decisions(scratch + SC_P_DECIDE);
+#endif
+        }
     }
     prof_mark(prof, PROF_END);
 }
