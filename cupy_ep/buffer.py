@@ -56,8 +56,11 @@ class Buffer:
             NVLink/P2P, NVSHMEM puts to the others), ``"nvlink"`` or ``"rdma"``.
         chaos: tests only: compile the kernels with random pauses before signals and between
             chunks (default: the ``CUPY_EP_CHAOS`` environment variable, off).
-        enable_shrink: DeepEP's shrink mode (mask ranks that do not arrive). Only ``False``
-            here so far: ``True`` raises ``ValueError``; :class:`cupy_ep.reference.Buffer` has it.
+        enable_shrink: DeepEP's shrink mode (needs ``low_latency_mode``): a rank that does not
+            arrive in a low-latency call within ``timeout_s`` is masked on the waiting rank
+            instead of failing the call, which completes among the others; later calls neither
+            send to nor wait for it. :meth:`low_latency_query_mask_buffer` tells who is masked,
+            :meth:`low_latency_clean_mask_buffer` brings every rank back (docs/low_latency.md).
     """
 
     def __init__(self, comm, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False,
@@ -67,13 +70,14 @@ class Buffer:
         try:
             validation.check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s, ll_transport,
                                          num_sms)
-            validation.check_enable_shrink(enable_shrink, low_latency_mode, supported=False)
+            validation.check_enable_shrink(enable_shrink, low_latency_mode)
             refusal = None
         except (TypeError, ValueError) as e:
             refusal = e
         self._destroyed = True   # until construction completes
         self.comm = comm
         self.low_latency_mode = bool(low_latency_mode)
+        self.enable_shrink = refusal is None and bool(enable_shrink)
         self.timeout_s = limits.DEFAULT_TIMEOUT_S if refusal is not None else float(timeout_s)
         self.chaos = os.environ.get("CUPY_EP_CHAOS", "0") == "1" if chaos is None else bool(chaos)
         self._broken: Optional[CommTimeoutError] = None
@@ -107,7 +111,8 @@ class Buffer:
         comm = self.comm
         validation.check_same_on_every_rank(comm, low_latency_mode=self.low_latency_mode, num_nvl_bytes=num_nvl_bytes,
                                             num_rdma_bytes=num_rdma_bytes,
-                                            ll_transport=ll_transport if self.low_latency_mode else None)
+                                            ll_transport=ll_transport if self.low_latency_mode else None,
+                                            enable_shrink=self.enable_shrink)
         validation.check_buffer_topology(num_nvl_bytes, num_rdma_bytes, self.low_latency_mode, self.num_ranks,
                                          self.num_nvl_ranks)
         bootstrap.run_agreed(comm, "allocating the Buffer", lambda: self._create_local(num_nvl_bytes))
@@ -141,7 +146,7 @@ class Buffer:
 
             # Low-latency kernels use every SM unless num_sms was given.
             self._low_latency = LowLatencyEngine(self.comm, self._sym, self._status, self._timeout_ns, num_sms,
-                                                 ll_transport, self.chaos)
+                                                 ll_transport, self.chaos, self.enable_shrink)
         if self._nvl is not None and self.num_rdma_ranks == 1:
             self._normal = IntranodeEngine(self.topology.nvl_comm, self._nvl, self._status, self._timeout_ns,
                                            self.chaos)
@@ -610,7 +615,8 @@ class Buffer:
             ``handle[:5] = (src_info int32 [E_local, R*M], layout_range int64 [E_local, R], M, H, E)``.
 
         A rank that skips a call makes the others' kernels time out; the error is raised by the
-        next call or, at once, by :meth:`check`.
+        next call or, at once, by :meth:`check`. In shrink mode it is masked instead: it sends
+        no token, its experts receive none.
         """
         engine = self._require_low_latency()
         with self._calls.begin("low_latency_dispatch"):
@@ -655,7 +661,8 @@ class Buffer:
             async_finish, return_recv_hook: as in :meth:`low_latency_dispatch`.
 
         Returns:
-            ``(combined_x bf16 [N, H], event, hook)``.
+            ``(combined_x bf16 [N, H], event, hook)``. In shrink mode the sum leaves out the
+            experts of the ranks masked on this rank (before or during the call).
         """
         engine = self._require_low_latency()
         with self._calls.begin("low_latency_combine"):
@@ -695,10 +702,58 @@ class Buffer:
         return engine.next_combine_buffer(handle)
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
-        """Resets the low-latency signalling state (collective)."""
+        """Resets the low-latency signalling state (collective; in shrink mode over the unmasked
+        ranks, and a rank that does not arrive within ``timeout_s`` is masked)."""
         engine = self._require_low_latency()
         with self._calls.begin("clean_low_latency_buffer"):
             validation.check_num_max_dispatch_tokens_per_rank(num_max_dispatch_tokens_per_rank)
             validation.check_int(hidden, "hidden", 1)
             validation.check_num_experts(num_experts, self.num_ranks)
-        engine.clean(lambda: self._calls.allgather(None, "barrier"))
+        engine.clean(self._shrink_barrier if self.enable_shrink else lambda: self._calls.allgather(None, "barrier"))
+
+    # -- shrink mode ----------------------------------------------------------------------------
+    def _shrink_barrier(self) -> None:
+        """A host barrier among the ranks unmasked here; a rank that does not arrive is masked."""
+        engine = self._low_latency
+        masked = set(engine.masked_ranks())
+        engine.set_mask(self._calls.present([r for r in range(self.num_ranks) if r not in masked]), 1)
+
+    def _require_shrink(self):
+        engine = self._require_low_latency()
+        validation.check_shrink_call(self.enable_shrink)
+        return engine
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Masks (``mask=True``) or unmasks rank ``rank_to_mask`` on this rank (local, as in
+        DeepEP; ordered after this Buffer's earlier kernels): later low-latency calls of this rank
+        neither send to nor wait for a masked rank. Unmasking one rank alone does not bring it
+        back into step; use :meth:`low_latency_clean_mask_buffer` on every rank."""
+        engine = self._require_shrink()
+        r, value = validation.check_mask_update(rank_to_mask, mask, self.rank, self.num_ranks)
+        call = self._begin(None)
+        engine.set_mask([r], value)
+        self._streams.finish(call)
+
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        """Copies this rank's mask into ``mask_status`` (CuPy int32 ``[R]``: 1 = masked), on the
+        current stream after this Buffer's earlier kernels (which may mask ranks themselves)."""
+        engine = self._require_shrink()
+        self._check_arrays(mask_status=mask_status)
+        validation.check_array(mask_status, "mask_status", dtypes=np.int32, shape=(self.num_ranks,))
+        call = self._begin(None)
+        mask_status[...] = engine.mask
+        self._streams.finish(call)
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank that makes this call too (collective over all ranks, masked ones
+        included, bounded by ``timeout_s``; DeepEP's is local): the ranks synchronise their
+        devices, agree where to resume numbering their calls (a masked rank skipped some), reset
+        the low-latency signalling state (as :meth:`clean_low_latency_buffer`) and their masks;
+        a rank that does not arrive stays (or becomes) masked."""
+        import cupy
+
+        engine = self._require_shrink()
+        cupy.cuda.runtime.deviceSynchronize()
+        absent = self._calls.rejoin("low_latency_clean_mask_buffer", engine.reset)
+        engine.mask.fill(0)
+        engine.set_mask(absent, 1)

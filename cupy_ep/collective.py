@@ -334,6 +334,7 @@ class CallSteps:
     def __init__(self, channel: Channel | None, comm=None):
         self.channel, self._comm = channel, comm
         self.call, self._calls, self._steps = "", 0, 0
+        self._rejoins = 0   # rejoin() steps made (numbers them, in a series of their own)
 
     @classmethod
     def over(cls, comm, timeout_s: float, what: str) -> "CallSteps":
@@ -370,12 +371,12 @@ class CallSteps:
             self.refuse()
         return False
 
-    def _next(self, what: str) -> Step:
+    def _next(self, what: str, peers=None) -> Step:
         if self._steps == self.STEPS_PER_CALL:
             raise CupyEpError(f"{self.call}: more than {self.STEPS_PER_CALL} host steps in one call")
         seq = self._calls * self.STEPS_PER_CALL + self._steps
         self._steps += 1
-        return self.channel.step_at(self.call, seq, f"{self.call} ({what})" if what else self.call)
+        return self.channel.step_at(self.call, seq, f"{self.call} ({what})" if what else self.call, peers=peers)
 
     def agree_arguments(self, call: str, refusal: BaseException | None) -> None:
         """Counts the collective call ``call`` and makes its one step: whether some rank refused its
@@ -415,3 +416,35 @@ class CallSteps:
         privates, _ = step.agree(private=obj)
         step.finish()
         return privates
+
+    def present(self, peers, what: str = "barrier") -> set:
+        """A step among ``peers`` (ranks, this one included) in which a peer that does not arrive
+        within ``timeout_s`` is left out instead of failing it (shrink mode): returns the ranks
+        left out. Without a channel, every rank of the communicator takes part (none is left out)."""
+        if self.channel is None:
+            self._comm.allgather(None)
+            return set()
+        step = self._next(what, peers=peers)
+        step.agree()
+        step.finish()
+        return set(step.absent)
+
+    def rejoin(self, call: str, between) -> set:
+        """Brings every rank back into step for the call named ``call`` (collective over all
+        ranks, in a series of steps of its own: ranks that skipped calls have counted fewer): the first round agrees how many
+        calls each rank counted, ``between()`` runs, the second round confirms it ran everywhere,
+        and every rank resumes counting after the largest count. A rank that does not arrive is
+        left out; returns the ranks left out."""
+        self._rejoins += 1
+        if self.channel is None:
+            counts = self._comm.allgather(self._calls)
+            between()
+            self._comm.allgather(None)
+            self._calls = max(counts)
+            return set()
+        step = self.channel.step_at(call, -self._rejoins, peers=range(self.channel.size))
+        counts, _ = step.agree(private=self._calls)
+        between()
+        step.finish()
+        self._calls = max(c for c in counts if c is not None)
+        return set(step.absent)

@@ -30,6 +30,10 @@ Synchronisation
 ---------------
 Every wait is bounded (``timeout_ns``); a missing peer makes the kernel record an error in the
 Buffer's host-mapped ``StatusRecord`` (``CommTimeoutError`` on the host) instead of hanging.
+In shrink mode (``shrink=True``: the kernels built with ``SHRINK=1``) it is masked instead:
+:attr:`LowLatencyEngine.mask` (int32 ``[R]`` on the device, 1 = masked) is read and updated by
+the kernels, which neither send to nor wait for a masked rank (kernels_cu/low_latency.cu,
+"Shrink mode").
 Signals are zeroed by their reader, so no reset pass is needed and CUDA-graph replays work.
 Kernels launch at most one block per SM (grid <= SM count) because blocks of all ranks spin on
 each other's results; nothing else may hold all the SMs while they run.
@@ -108,13 +112,17 @@ class LowLatencyEngine(Engine):
             ``min(num_sms, SMs)``; the minimum over ranks is used (collective). Fewer blocks
             leave SMs to overlapping work but slow the kernels down roughly in proportion.
         transport: ``"auto"`` | ``"nvlink"`` | ``"rdma"``.
+        shrink: shrink mode (see the module docstring); its kernels are separate modules.
     """
 
-    def __init__(self, comm, sym, status, timeout_ns, num_sms=None, transport="auto", chaos=False):
+    def __init__(self, comm, sym, status, timeout_ns, num_sms=None, transport="auto", chaos=False, shrink=False):
         import cupy
 
         super().__init__(comm, status, timeout_ns, chaos)
         self.transport = transport   # checked by validation.check_buffer_args
+        self.shrink = bool(shrink)
+        #: shrink mode: this rank's mask (int32 [R] on the device, 1 = masked); None otherwise
+        self.mask = cupy.zeros(self.num_ranks, dtype=np.int32) if self.shrink else None
         self.num_bytes = int(sym.num_bytes)
         self.base = int(sym.ptr)
 
@@ -140,9 +148,11 @@ class LowLatencyEngine(Engine):
         self.geom = geometry.LLGeometry(self.num_ranks, self.num_bytes)
         self._functions: dict = {}
         # dispatch counters: [R] slots per destination, [E] per (destination, local expert), 2 done
-        # counters; sized for the largest E so that it never has to grow under a running kernel.
-        self._scratch_d = cupy.zeros(self.num_ranks + limits.LL_MAX_EXPERTS + 2, dtype=np.int32)
-        self._scratch_c = cupy.zeros(64, dtype=np.int32)
+        # counters, then (shrink mode) [R] wait decisions; sized for the largest E so that it never
+        # has to grow under a running kernel. Combine: 2 done counters, then (shrink) [2R] decisions.
+        R = self.num_ranks
+        self._scratch_d = cupy.zeros(R + limits.LL_MAX_EXPERTS + 2 + R, dtype=np.int32)
+        self._scratch_c = cupy.zeros(max(64, 2 + 2 * R), dtype=np.int32)
         self._combine_buffers: dict = {}
         self._d_half = 0
         self._c_half = 0
@@ -156,6 +166,8 @@ class LowLatencyEngine(Engine):
         if fns is None:
             consts = geometry.ll_constants(self.num_ranks, num_experts, hidden, topk, m, use_fp8, round_scale,
                                            use_ue8m0, NUM_THREADS, use_logfmt)
+            if self.shrink:   # only then: the modules without shrink mode stay those of before
+                consts["SHRINK"] = 1
             module = self._module(RDMA_KERNEL_FILE if self.rdma else KERNEL_FILE, consts, nvshmem=self.rdma)
             fns = self._functions[key] = (self._entry(module, "ll_dispatch"), self._entry(module, "ll_combine"))
         return fns
@@ -210,7 +222,7 @@ class LowLatencyEngine(Engine):
                          (x, topk_idx, np.int32(N), np.int32(phases), self.peer_table, np.int64(sig_off),
                           np.int64(data_off), self._scratch_d, data, array_arg(scales), src_info, layout_range,
                           recv_count, array_arg(stats), array_arg(wait_stats), slot_count, slot_map, dest_ranks, prof,
-                          self.status_arg, self.timeout_ns, np.int32(self.rank)),
+                          self.status_arg, self.timeout_ns, np.int32(self.rank), *self._shrink_args),
                          on_stream, ("low_latency_dispatch", "low_latency_dispatch_send",
                                      "low_latency_dispatch_recv")[phases % 3])
 
@@ -273,7 +285,7 @@ class LowLatencyEngine(Engine):
                           np.int64(wsig_off), np.int64(psig_off), np.int64(data_off), self._scratch_c,
                           priv.slot_count, priv.slot_map, priv.dest_ranks, result, array_arg(wait_stats), prof,
                           self.status_arg,
-                          self.timeout_ns, np.int32(self.rank)),
+                          self.timeout_ns, np.int32(self.rank), *self._shrink_args),
                          on_stream, ("low_latency_combine", "low_latency_combine_send",
                                      "low_latency_combine_recv")[phases % 3])
 
@@ -289,6 +301,11 @@ class LowLatencyEngine(Engine):
         launch(3, call.stream)
         return result, None
 
+    @property
+    def _shrink_args(self) -> tuple:
+        """The kernels' last argument in shrink mode (the mask), none otherwise."""
+        return (self.mask,) if self.shrink else ()
+
     # ------------------------------------------------------------------ reset
     def clean(self, barrier) -> None:
         """Zeroes every signal of both halves and the engine's counters, and resets the half
@@ -298,12 +315,34 @@ class LowLatencyEngine(Engine):
 
         cupy.cuda.runtime.deviceSynchronize()
         barrier()
+        self.reset()
+        barrier()
+
+    def reset(self) -> None:
+        """:meth:`clean`'s local part, between its barriers: every signal, counter and half
+        toggle back to its initial state (the device synchronised after)."""
+        import cupy
+
         cupy.cuda.runtime.memset(self.base, 0, self.geom.ctrl_bytes)
         self._scratch_d.fill(0)
         self._scratch_c.fill(0)
         self._d_half = self._c_half = 0
         cupy.cuda.runtime.deviceSynchronize()
-        barrier()
+
+    def masked_ranks(self) -> list:
+        """Shrink mode: the ranks this rank's mask holds now (waits for the device)."""
+        import cupy
+
+        cupy.cuda.runtime.deviceSynchronize()
+        return np.flatnonzero(cupy.asnumpy(self.mask)).tolist()
+
+    def set_mask(self, ranks, value: int) -> None:
+        """Shrink mode: ``mask[r] = value`` for each r of ``ranks`` (on the current stream)."""
+        import cupy
+
+        ranks = sorted(ranks)
+        if ranks:
+            self.mask[cupy.asarray(ranks)] = value
 
     def destroy(self) -> None:
         self._functions.clear()

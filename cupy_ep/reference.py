@@ -1123,8 +1123,7 @@ class Buffer:
     def _check_shrink(self):
         self._check_alive()
         self._check_low_latency()
-        if not self.enable_shrink:
-            raise ValueError("enable_shrink: the mask calls need a Buffer made with enable_shrink=True")
+        V.check_shrink_call(self.enable_shrink)
 
     def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
         """Masks (``mask=True``) or unmasks rank ``rank_to_mask`` on this rank (local, as in
@@ -1132,10 +1131,8 @@ class Buffer:
         Unmasking one rank alone does not resynchronise it; to bring ranks back, use
         :meth:`low_latency_clean_mask_buffer` on every rank."""
         self._check_shrink()
-        r = V.check_int(rank_to_mask, "rank_to_mask", 0, self.group_size - 1)
-        if r == self.rank and mask:
-            raise ValueError(f"rank_to_mask: a rank cannot mask itself (rank {r})")
-        self._mask[r] = int(bool(mask))
+        r, value = V.check_mask_update(rank_to_mask, mask, self.rank, self.group_size)
+        self._mask[r] = value
 
     def low_latency_query_mask_buffer(self, mask_status):
         """Writes this rank's mask into ``mask_status`` (int32 NumPy ``[R]``): 1 = masked."""

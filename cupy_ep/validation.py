@@ -41,7 +41,8 @@ __all__ = [
     "check_topk_weights", "check_x", "check_bias", "check_expert_alignment",
     "check_num_worst_tokens", "check_layout_args", "check_cumulative_stats", "check_wait_stats",
     "check_num_max_dispatch_tokens_per_rank", "check_ll_dispatch_args", "check_ll_handle",
-    "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_enable_shrink", "check_same_on_every_rank",
+    "check_ll_combine_args", "check_out", "check_buffer_args", "check_num_sms", "check_enable_shrink",
+    "check_shrink_call", "check_mask_update", "check_same_on_every_rank",
     "check_internode_args", "check_layout_call", "HandleOwner", "check_handle_owner",
     "Routing", "DispatchCall", "check_dispatch_call",
     "check_normal_dispatch", "check_cached_dispatch", "check_normal_combine", "check_normal_capacity",
@@ -537,17 +538,28 @@ def check_buffer_args(num_nvl_bytes, num_rdma_bytes, low_latency_mode, timeout_s
         check_num_sms(num_sms)
 
 
-def check_enable_shrink(enable_shrink, low_latency_mode, supported=True):
-    """Check ``enable_shrink``: a bool, True only with ``low_latency_mode`` and where the
-    backend has shrink mode (``supported``)."""
+def check_enable_shrink(enable_shrink, low_latency_mode):
+    """Check ``enable_shrink``: a bool, True only with ``low_latency_mode``."""
     if not isinstance(enable_shrink, (bool, np.bool_)):
         raise TypeError(f"enable_shrink: expected a bool, got {type(enable_shrink).__name__}")
     if enable_shrink and not low_latency_mode:
         raise ValueError("enable_shrink: shrink mode masks ranks of the low-latency calls; it needs "
                          "low_latency_mode=True")
-    if enable_shrink and not supported:
-        raise ValueError("enable_shrink: shrink mode is not in the GPU backend yet (cupy_ep.reference has it; "
-                         "docs/low_latency.md)")
+
+
+def check_shrink_call(enable_shrink):
+    """The mask calls (``low_latency_*_mask_buffer``) need a Buffer made with ``enable_shrink``."""
+    if not enable_shrink:
+        raise ValueError("enable_shrink: the mask calls need a Buffer made with enable_shrink=True")
+
+
+def check_mask_update(rank_to_mask, mask, rank, num_ranks):
+    """``low_latency_update_mask_buffer``'s arguments: a rank in ``[0, num_ranks)``, not this
+    ``rank`` when masking (a rank cannot mask itself). Returns ``(rank_to_mask, 0 or 1)``."""
+    r = check_int(rank_to_mask, "rank_to_mask", 0, num_ranks - 1)
+    if r == rank and mask:
+        raise ValueError(f"rank_to_mask: a rank cannot mask itself (rank {r})")
+    return r, int(bool(mask))
 
 
 def check_num_sms(num_sms, name="num_sms"):

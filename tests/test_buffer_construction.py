@@ -363,7 +363,7 @@ def test_buffer_arguments_must_agree(monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [(dict(ll_transport="nvl"), "ll_transport"),
                                            (dict(timeout_s="5"), "timeout_s"),
                                            (dict(timeout_s=float("inf")), "timeout_s"), (dict(num_sms=1), "num_sms"),
-                                           (dict(num_sms=2.5), "num_sms")])
+                                           (dict(num_sms=2.5), "num_sms"), (dict(enable_shrink=1), "enable_shrink")])
 def test_bad_arguments_on_one_rank_cancel_the_construction_on_every_rank(monkeypatch, kwargs, match):
     """The last rank's bad argument: it raises its own error, the other ``ValueError`` naming it,
     both before discovering the topology (the first collective after the argument agreement),
@@ -387,6 +387,30 @@ def test_bad_arguments_on_one_rank_cancel_the_construction_on_every_rank(monkeyp
     assert discovered == []
     for log in (good_log, bad_log):
         assert log == [("comm", "idup"), ("comm dup 0", "free")], log
+
+
+def test_enable_shrink_builds_a_masking_engine_and_must_agree(monkeypatch):
+    """enable_shrink=True: the low-latency engine in shrink mode, its mask all zero; every rank
+    must pass the same value (ValueError on both, everything released)."""
+    fakes = Fakes()
+    fakes.install(monkeypatch)
+    world = Group("comm")
+    got = [None] * RANKS
+
+    def rank_main(rank, shrink_on):
+        _thread.rank = rank
+        try:
+            buf = buffer.Buffer(Comm(world, rank, []), enable_shrink=shrink_on(rank), **LOW_LATENCY)
+            got[rank] = (buf.enable_shrink, buf._low_latency.shrink, buf._low_latency.mask.tolist())
+            buf.destroy()
+        except ValueError as e:
+            got[rank] = e
+
+    _run_threads(lambda rank: rank_main(rank, lambda r: True))
+    assert got == [(True, True, [0] * RANKS)] * RANKS
+    _run_threads(lambda rank: rank_main(rank, lambda r: r == 0))
+    assert all("enable_shrink: must be the same on every rank" in str(e) for e in got), got
+    assert all(count == 0 for held in fakes.held for count in held.values()), fakes.held
 
 
 class Domain:

@@ -264,3 +264,33 @@ def test_a_freed_channels_unread_refusal_does_not_reach_the_next_channel():
 
     proc = _mpirun(2, REPO / "tests" / "mpi" / "check_channel.py")
     assert proc.returncode == 0 and "OK channel ranks=2" in proc.stdout, proc.stdout[-6000:]
+
+
+def test_shrink_steps_leave_out_an_absent_rank_and_rejoin_resynchronises_the_counts():
+    """Shrink mode's host steps: present() among the given ranks lists a rank that does not come
+    instead of failing; that rank skipped calls (its count lags), and after rejoin() on every
+    rank (between() run on each) the next call agrees again among all of them."""
+    ran = []
+
+    def live(s):
+        with s.begin("low_latency_dispatch"):
+            pass
+        with s.begin("clean_low_latency_buffer"):
+            pass
+        left_out = s.present([0, 1, 2])
+        again = s.present([0, 1])   # rank 2 masked: not waited for
+        back = s.rejoin("low_latency_clean_mask_buffer", lambda: ran.append(s.Get_rank()))
+        return left_out, again, back, call(s, "low_latency_dispatch", s.Get_rank())
+
+    def dead(s):
+        time.sleep(TIMEOUT_S * 1.5)   # skips both calls, then comes back within the rejoin's bound
+        back = s.rejoin("low_latency_clean_mask_buffer", lambda: ran.append(s.Get_rank()))
+        return None, None, back, call(s, "low_latency_dispatch", s.Get_rank())
+
+    results = run_ranks(live, live, dead)
+    outs = [out for out, _ in results]
+    assert outs[0][:3] == outs[1][:3] == ({2}, set(), set()), outs
+    assert outs[2][2] == set()
+    assert [out[3] for out in outs] == [[0, 1, 2]] * 3
+    assert sorted(ran) == [0, 1, 2]
+    assert results[0][1] < TIMEOUT_S * 6

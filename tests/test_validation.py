@@ -430,3 +430,26 @@ def test_capacity_checks():
     V.check_ll_capacity(need, 4, 16, 8, 256)
     with raises(ValueError, "num_rdma_bytes"):
         V.check_ll_capacity(need - 1, 4, 16, 8, 256)
+
+
+def test_shrink_mode_checks():
+    """enable_shrink (a bool, with low_latency_mode only), the mask calls' Buffer and
+    low_latency_update_mask_buffer's arguments: the one check of both backends."""
+    V.check_enable_shrink(True, True)
+    V.check_enable_shrink(np.bool_(False), False)
+    with pytest.raises(TypeError, match="^enable_shrink"):
+        V.check_enable_shrink(1, True)
+    with pytest.raises(ValueError, match="^enable_shrink: .*low_latency_mode=True"):
+        V.check_enable_shrink(True, False)
+    V.check_shrink_call(True)
+    with pytest.raises(ValueError, match="^enable_shrink: the mask calls"):
+        V.check_shrink_call(False)
+    assert V.check_mask_update(3, True, 0, 4) == (3, 1)
+    assert V.check_mask_update(np.int64(0), False, 0, 4) == (0, 0)   # unmasking oneself is harmless
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match="^rank_to_mask"):
+            V.check_mask_update(bad, True, 0, 4)
+    with pytest.raises(TypeError, match="^rank_to_mask"):
+        V.check_mask_update(1.0, True, 0, 4)
+    with pytest.raises(ValueError, match="^rank_to_mask: a rank cannot mask itself"):
+        V.check_mask_update(2, True, 2, 4)
