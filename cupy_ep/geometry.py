@@ -111,7 +111,7 @@ def intranode_constants(num_ranks: int, num_channels: int, num_threads: int, **k
     consts = dict(INTRANODE_OFFSETS, NUM_RANKS=num_ranks, NUM_CHANNELS=num_channels, NUM_THREADS=num_threads,
                   NOTIFY_SLOT_BYTES=NOTIFY_SLOT_BYTES, NOTIFY_ROW=NOTIFY_ROW, NOTIFY_CHAN=NOTIFY_CHAN,
                   NOTIFY_EXPERT=NOTIFY_EXPERT, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0,
-                  NUM_RECEIVERS=1, E_LOCAL=1, IDX_BYTES=0, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0,
+                  NUM_RECEIVERS=1, E_LOCAL=1, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0,
                   SLOT_OFF_SCALES=0, SLOT_OFF_IDX=0, SLOT_OFF_W=0, HIDDEN_INT4=0, NUM_BIAS=0, CSLOT_OFF_W=0,
                   CHUNK=num_threads // 32)
     consts.update(kernel)
@@ -123,9 +123,9 @@ def intranode_constants(num_ranks: int, num_channels: int, num_threads: int, **k
 INTRANODE_BARRIER_SHAPE = (1, 32)
 
 
-def intranode_notify_kernel(e_local: int, num_topk: int, idx_bytes: int) -> dict:
-    """The notify kernel's constants (``idx_bytes``: topk_idx element size, 0 without it)."""
-    return dict(KERNEL_NOTIFY=1, E_LOCAL=e_local, TOPK=num_topk, IDX_BYTES=idx_bytes)
+def intranode_notify_kernel(e_local: int, num_topk: int) -> dict:
+    """The notify kernel's constants (``num_topk`` 0: no topk_idx; else it is int64)."""
+    return dict(KERNEL_NOTIFY=1, E_LOCAL=e_local, TOPK=num_topk)
 
 
 def intranode_dispatch_kernel(slots: SlotGeometry, x_row_bytes: int, num_scales: int, num_topk: int,

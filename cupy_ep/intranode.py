@@ -134,12 +134,10 @@ class IntranodeEngine(NormalEngine):
         self._phase("handle allocated", call.stream)
         seq = self._next_seq()
         e_local = num_experts // r
-        idx_bytes = 0 if topk_idx is None else topk_idx.dtype.itemsize
         try:
-            notify = self._memoised(("notify", c, config.num_threads, e_local, num_topk, idx_bytes),
+            notify = self._memoised(("notify", c, config.num_threads, e_local, num_topk),
                                     lambda: self._function("notify_dispatch", c, config.num_threads,
-                                                           **geometry.intranode_notify_kernel(e_local, num_topk,
-                                                                                              idx_bytes)))
+                                                           **geometry.intranode_notify_kernel(e_local, num_topk)))
         except PeerRefusalError:   # told by the compile agreement: the refusing rank runs its cancelled part
             self.join_cancelled_dispatch(call.stream, refused=False)
             raise

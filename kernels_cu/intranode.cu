@@ -22,7 +22,7 @@
 //
 // Compile-time constants (KERNEL_* select which kernels the module holds):
 //   NUM_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  geometry offsets (OFF_*, NOTIFY_*)
-//   notify:   IDX_BYTES (topk_idx element size; 0: no topk_idx)  TOPK
+//   notify:   TOPK (0: no topk_idx; else int64, the Buffer converts int32 ids)
 //   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W CHUNK
 //   combine:  HIDDEN_INT4 TOPK NUM_BIAS SLOT_BYTES CSLOT_OFF_W
 // Compiled by the CPU check for the shapes of tests/kernel_cases.py (constants from cupy_ep/geometry.py).
@@ -165,16 +165,10 @@ extern "C" __global__ void notify_cancelled(const u64* peers, int rank, int refu
 }
 
 #if KERNEL_NOTIFY
-#if IDX_BYTES == 8
-typedef i64 idx_t;
-#else
-typedef int idx_t;
-#endif
-
 // Checks this rank's routing arrays against each other and against topk_idx (when given), as
 // the reference backend does on the host. Reports the first problem found; true in a thread that
 // found one.
-__device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const idx_t* __restrict__ topk_idx,
+__device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i64* __restrict__ topk_idx,
                                                const u8* __restrict__ is_token_in_rank,
                                                const int* __restrict__ num_tokens_per_rank,
                                                const int* __restrict__ num_tokens_per_expert,
@@ -200,7 +194,7 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restrict__ num_tokens_per_rank,
                 const int* __restrict__ num_tokens_per_expert, const u8* __restrict__ is_token_in_rank,
-                const idx_t* __restrict__ topk_idx, int expert_alignment, int num_worst_tokens,
+                const i64* __restrict__ topk_idx, int expert_alignment, int num_worst_tokens,
                 int* __restrict__ rank_prefix, int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix,
                 int* __restrict__ call_status, volatile int* host_out, StatusRecord* err, u64 timeout_ns,
                 int ready_value) {

@@ -74,14 +74,14 @@ def _ll_constants(line: dict) -> dict:
 
 
 # ---- normal mode: shapes ------------------------------------------------------------------------
-#: (ranks, channels, receivers, threads, local experts, topk_idx bytes (0: none), hidden, FP8,
-#:  top-k, biases, chunk, tokens per rank, chaos): all three kernels in one module.
+#: (ranks, channels, receivers, threads, local experts, hidden, FP8, top-k (0: no topk_idx),
+#:  biases, chunk, tokens per rank, chaos): all three kernels in one module.
 INTRANODE_SHAPES = [
-    (4, 12, 12, 1024, 64, 8, 7168, False, 8, 2, 32, 4096, False),
-    (3, 4, 3, 256, 3, 4, 2048, True, 9, 0, 1, 77, False),
-    (8, 16, 8, 768, 32, 0, 3584, False, 0, 1, 24, 512, False),
-    (4, 12, 12, 1024, 64, 8, 7168, False, 8, 2, 32, 4096, True),
-    (1, 12, 12, 1024, 256, 8, 7168, False, 8, 0, 32, 4096, False),   # the 1-rank benchmark
+    (4, 12, 12, 1024, 64, 7168, False, 8, 2, 32, 4096, False),
+    (3, 4, 3, 256, 3, 2048, True, 9, 0, 1, 77, False),
+    (8, 16, 8, 768, 32, 3584, False, 0, 1, 24, 512, False),
+    (4, 12, 12, 1024, 64, 7168, False, 8, 2, 32, 4096, True),
+    (1, 12, 12, 1024, 256, 7168, False, 8, 0, 32, 4096, False),   # the 1-rank benchmark
 ]
 #: (ranks, ranks per domain, channels, threads, local experts, hidden, FP8, top-k, chunk, tokens
 #:  per rank, rows received, chaos).
@@ -94,12 +94,11 @@ INTERNODE_SHAPES = [
 ]
 
 
-def intranode_case(r, c, receivers, threads, e_local, idx_bytes, hidden, fp8, topk, num_bias, chunk, tokens,
-                   chaos) -> dict:
+def intranode_case(r, c, receivers, threads, e_local, hidden, fp8, topk, num_bias, chunk, tokens, chaos) -> dict:
     """The constants of an intranode module holding notify, dispatch and combine."""
     slots = geometry.slot_geometry(geometry.intranode_nvl_size_hint(tokens, hidden, r, topk), r, hidden, topk)
     kernels = {
-        **geometry.intranode_notify_kernel(e_local, topk, idx_bytes),
+        **geometry.intranode_notify_kernel(e_local, topk),
         **geometry.intranode_dispatch_kernel(slots, hidden * (1 if fp8 else 2), hidden // limits.FP8_BLOCK if fp8
                                              else 0, topk, receivers, e_local, chunk),
         **geometry.intranode_combine_kernel(slots, hidden, topk, num_bias, receivers),

@@ -53,6 +53,27 @@ def test_without_topk(comm, rng, normal_buffers):
                       num_experts=num_experts_for(comm), with_topk=False)
 
 
+def test_int32_topk_idx(comm, rng, agree, normal_buffers):
+    """int32 expert ids: get_dispatch_layout reads them as they are (layout.cu with IDX_BYTES=4)
+    and dispatch converts them to int64 (the notify kernel reads int64 only); both give what the
+    same ids as int64 give."""
+    gpu, _ = normal_buffers
+    num_experts, num_tokens = num_experts_for(comm), int(rng.integers(1, 300))
+    idx = make_routing(rng, num_tokens, num_experts, 6, "holes", comm.Get_size())
+    d_x, d_w = to_device(make_x(rng, num_tokens, 512)), to_device(make_weights(rng, num_tokens, 6))
+    results = []
+    for ids in (to_device(idx), to_device(idx.astype(np.int32))):
+        layout = gpu.get_dispatch_layout(ids, num_experts)
+        recv_x, recv_idx, recv_w, counts, _, _ = gpu.dispatch(
+            d_x, num_tokens_per_rank=layout[0], num_tokens_per_rdma_rank=layout[1], is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2], topk_idx=ids, topk_weights=d_w)
+        results.append([None if a is None else to_host(a) for a in (*layout[:4], recv_x, recv_idx, recv_w)] + [counts])
+    wide, narrow = results
+    ok = all((a is None and b is None) or np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+             for a, b in zip(wide[:-1], narrow[:-1])) and wide[-1] == narrow[-1]
+    agree(ok, "int32 topk_idx: layout or dispatch differs from int64 ids")
+
+
 @pytest.mark.parametrize("use_fp8", [False, True])
 def test_cached_dispatch(comm, rng, normal_buffers, use_fp8):
     gpu, ref = normal_buffers
