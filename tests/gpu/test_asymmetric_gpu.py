@@ -18,23 +18,27 @@ TIMEOUT_S = 20.0   # ranks sharing one GPU are slow; the prompt cases must take 
 
 def forgetting_compiled(buffers):
     """``as_new_shape`` of asymmetric_cases: runs a call, then the process forgets the modules it
-    used (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups,
-    so that the next call of that shape is a first call again (a compile agreement, no compile)."""
+    used (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups, so
+    that the next call of that shape is a first call again (a compile agreement, no compile)."""
     from cupy_ep import engine
 
-    def as_new_shape(call):
-        # with the process's modules set aside, the call loads (from the disk cache) every module
-        # it uses, even one an earlier case loaded: those are the ones to forget
-        kept = dict(engine._MODULES)
-        engine._MODULES.clear()
-        call()
-        used = set(engine._MODULES)
-        engine._MODULES.clear()
-        engine._MODULES.update({key: m for key, m in kept.items() if key not in used})
+    def forget_lookups():
         for buf in buffers:
             for eng in buf._engines:
                 eng._memo.clear()
                 getattr(eng, "_functions", {}).clear()
+
+    def as_new_shape(call):
+        # With the process's modules and the engines' lookups set aside, the call loads (from the
+        # disk cache) every module it uses, also one an earlier case loaded: those are forgotten.
+        kept = dict(engine._MODULES)
+        engine._MODULES.clear()
+        forget_lookups()
+        call()
+        used = set(engine._MODULES)
+        engine._MODULES.clear()
+        engine._MODULES.update({key: m for key, m in kept.items() if key not in used})
+        forget_lookups()
 
     return as_new_shape
 
