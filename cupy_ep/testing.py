@@ -30,7 +30,8 @@ BF16 = ml_dtypes.bfloat16
 
 __all__ = ["Mismatch", "agree", "gpu_bytes_in_use", "make_x", "make_routing", "make_weights", "poison_pool",
            "run_or_abort", "to_device", "to_host",
-           "normal_round_trip", "low_latency_round_trip", "RoundTrip"]
+           "normal_round_trip", "low_latency_round_trip", "RoundTrip", "check_combine", "check_ll_dispatch",
+           "check_ll_combine"]
 
 
 class Mismatch(AssertionError):
@@ -326,13 +327,16 @@ def normal_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidden: i
     g_comb_x, g_comb_w, _ = agreed(comm, "GPU combine", lambda: _synchronized(
         gpu_buf.combine(g_y, g_handle, topk_weights=g_w, bias=d_bias, config=config)))
     agreed(comm, f"combine ({kind}, H={hidden}, K={num_topk}, biases={bias_count})",
-           lambda: _check_combine(to_host(g_comb_x), ref_comb_x, to_host(g_comb_w), ref_comb_w, _num_domains(ref_buf)))
+           lambda: check_combine(to_host(g_comb_x), ref_comb_x, to_host(g_comb_w), ref_comb_w, _num_domains(ref_buf)))
     trip.gpu_handle = g_handle
     trip.gpu_inputs = dict(x=d_x, **g_routing, **g_topk)
     return trip
 
 
-def _check_combine(got_x, ref_x, got_w, ref_w, num_domains: int) -> None:
+def check_combine(got_x, ref_x, got_w, ref_w, num_domains: int) -> None:
+    """A normal combine's host results against the reference's (``got_w`` / ``ref_w`` None without
+    weights), as docs/api.md promises: bit for bit inside one NVLink domain, else within one bf16
+    rounding of each domain's partial sum. Raises :class:`Mismatch`."""
     if num_domains == 1:   # the same float32 order as the reference: bit for bit
         _same_bits(got_x, ref_x, "combined_x")
         if ref_w is not None:
@@ -419,6 +423,36 @@ def ll_combine_expected(ref_buf, y_ref, topk_idx, weights, handle, use_logfmt: b
     return out_ref, (mag + 2 * np.abs(out_ref.astype(np.float64))) * 2.0 ** -8 * 1.01 + 1e-6
 
 
+def check_ll_dispatch(r_x, r_count, r_handle, g_x, g_count, g_handle):
+    """A low-latency dispatch's results (GPU arrays ``g_*``) against the reference's (``r_*``):
+    the same (expert, source rank, source token) rows, in any order within an expert, their data
+    bit for bit (bf16, or the FP8 pair ``(data, scales)``). Returns ``(ref_rows, got_rows)`` of
+    :func:`_ll_rows`. Raises :class:`Mismatch`."""
+    ref_rows = _ll_rows(r_count, r_handle[1], r_handle[0])
+    got_rows = _ll_rows(to_host(g_count), to_host(g_handle[1]), to_host(g_handle[0]))
+    check(set(ref_rows) == set(got_rows), "low_latency_dispatch: the (expert, source, token) rows differ")
+    keys = sorted(ref_rows)
+    jj = np.array([k[0] for k in keys], dtype=np.int64)
+    ref_r = np.array([ref_rows[k] for k in keys], dtype=np.int64)
+    got_r = np.array([got_rows[k] for k in keys], dtype=np.int64)
+    if isinstance(r_x, tuple):
+        gd, gs = to_host(g_x[0]), to_host(g_x[1])
+        _same_bits(gd[jj, got_r], np.asarray(r_x[0])[jj, ref_r].view(np.uint8), "recv_x (FP8 data)")
+        _same_bits(gs[jj, got_r], r_x[1][jj, ref_r], "recv_x (scales)")
+    else:
+        _same_bits(to_host(g_x)[jj, got_r], r_x[jj, ref_r], "recv_x")
+    return ref_rows, got_rows
+
+
+def check_ll_combine(got, out_ref, bound, use_logfmt: bool = False) -> None:
+    """A low-latency combine's host result against :func:`ll_combine_expected`'s ``(out_ref,
+    bound)``: within the bound, or bit for bit with LogFMT. Raises :class:`Mismatch`."""
+    if use_logfmt:
+        _same_bits(got, out_ref, "combined_x")
+    else:
+        _close_bf16(got, out_ref.astype(np.float64), bound, "low_latency_combine")
+
+
 def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidden: int, num_topk: int,
                            num_experts: int, m: int, use_fp8: bool = True, round_scale: bool = False,
                            use_ue8m0: bool = False, kind: str = "random", hook: bool = False,
@@ -454,22 +488,10 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
 
     g_x, g_count, g_handle, _, _ = agreed(comm, "GPU low_latency_dispatch", gpu_dispatch)
     def compare_dispatch():
-        ref_rows = _ll_rows(r_count, r_handle[1], r_handle[0])
-        got_rows = _ll_rows(to_host(g_count), to_host(g_handle[1]), to_host(g_handle[0]))
-        check(set(ref_rows) == set(got_rows), "low_latency_dispatch: the (expert, source, token) rows differ")
-        keys = sorted(ref_rows)
-        jj = np.array([k[0] for k in keys], dtype=np.int64)
-        ref_r = np.array([ref_rows[k] for k in keys], dtype=np.int64)
-        got_r = np.array([got_rows[k] for k in keys], dtype=np.int64)
-        if use_fp8:
-            gd, gs = to_host(g_x[0]), to_host(g_x[1])
-            _same_bits(gd[jj, got_r], np.asarray(r_x[0])[jj, ref_r].view(np.uint8), "recv_x (FP8 data)")
-            _same_bits(gs[jj, got_r], r_x[1][jj, ref_r], "recv_x (scales)")
-        else:
-            _same_bits(to_host(g_x)[jj, got_r], r_x[jj, ref_r], "recv_x")
+        rows = check_ll_dispatch(r_x, r_count, r_handle, g_x, g_count, g_handle)
         if stats is not None:
             _same_bits(to_host(g_stats), r_stats, "cumulative_local_expert_recv_stats")
-        return ref_rows, got_rows
+        return rows
 
     ref_rows, got_rows = agreed(comm, "low_latency_dispatch", compare_dispatch)
 
@@ -489,11 +511,8 @@ def low_latency_round_trip(comm, ref_buf, gpu_buf, rng, *, num_tokens: int, hidd
         return _synchronized(out)
 
     out_gpu = agreed(comm, "GPU low_latency_combine", gpu_combine)[0]
-    if use_logfmt:
-        agreed(comm, "low_latency_combine (LogFMT)", lambda: _same_bits(to_host(out_gpu), out_ref, "combined_x"))
-        return
-    exp = out_ref.astype(np.float64)
-    agreed(comm, "low_latency_combine", lambda: _close_bf16(to_host(out_gpu), exp, bound, "low_latency_combine"))
+    agreed(comm, "low_latency_combine" + (" (LogFMT)" if use_logfmt else ""),
+           lambda: check_ll_combine(to_host(out_gpu), out_ref, bound, use_logfmt))
 
 
 def reference_buffer(comm, gpu_buf=None, **kw) -> reference.Buffer:
