@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from cupy_ep.testing import (_close_bf16, _ll_rows, _same_bits, agree as agree_all, ll_combine_expected,
+from cupy_ep.testing import (_ll_rows, agree as agree_all, check_ll_combine, check_ll_dispatch, ll_combine_expected,
                              ll_expert_outputs, make_routing, make_weights, make_x, poison_pool, to_device, to_host)
 
 TIMEOUT_S = 3.0   # time to mask a dead rank; far above the skew of ranks time-sliced on one GPU
@@ -97,7 +97,7 @@ class Round:
         ref_rows = _ll_rows(r_cnt, r_h[1], r_h[0])
         got = None
         if me not in gone:
-            got = self.guarded("dispatch", lambda: self.dispatch(x, idx, num_experts, r_x, r_cnt, ref_rows,
+            got = self.guarded("dispatch", lambda: self.dispatch(x, idx, num_experts, r_x, r_cnt, r_h,
                                                                  None if dead_d else quick))
             self.mask_is(gone, "after dispatch")
         gone_c = gone | set(dead_c)
@@ -128,18 +128,13 @@ class Round:
             self.problems.append(f"{what}: {type(e).__name__}: {e}")
             return None
 
-    def dispatch(self, x, idx, num_experts, r_x, r_cnt, ref_rows, limit_s):
+    def dispatch(self, x, idx, num_experts, r_x, r_cnt, r_h, limit_s):
         """The GPU dispatch against the reference's: ``(recv_x, handle, rows)``."""
         poison_pool(64 << 20)
         d_x, d_idx = to_device(x), to_device(idx)
         g_x, g_cnt, g_h, _, _ = self.timed("dispatch", lambda: self.synced(self.gpu.low_latency_dispatch(
             d_x, d_idx, M, num_experts, use_fp8=False)), limit_s)
-        got_rows = _ll_rows(to_host(g_cnt), to_host(g_h[1]), to_host(g_h[0]))
-        assert set(ref_rows) == set(got_rows), "the (expert, source, token) rows differ from the reference's"
-        keys = sorted(ref_rows)
-        jj = np.array([k[0] for k in keys], np.int64)
-        _same_bits(to_host(g_x)[jj, [got_rows[k] for k in keys]], r_x[jj, [ref_rows[k] for k in keys]], "recv_x")
-        _same_bits(to_host(g_cnt), r_cnt, "recv_count")
+        _, got_rows = check_ll_dispatch(r_x, r_cnt, r_h, g_x, g_cnt, g_h)
         return g_x, g_h, got_rows
 
     def combine(self, y_gpu, idx, w, handle, out_ref, bound, out_fmt, limit_s, logfmt_limit_s):
@@ -152,10 +147,7 @@ class Round:
             out = cupy.full((N, HIDDEN), np.nan, dtype=out_ref.dtype)
             self.timed(f"combine (use_logfmt={use_logfmt})", lambda: self.synced(self.gpu.low_latency_combine(
                 d_y, d_idx, d_w, handle, out=out, use_logfmt=use_logfmt)), limit)
-            if use_logfmt:
-                _same_bits(to_host(out), out_fmt, "LogFMT combined_x")
-            else:
-                _close_bf16(to_host(out), out_ref.astype(np.float64), bound, "combined_x")
+            check_ll_combine(to_host(out), out_fmt if use_logfmt else out_ref, bound, use_logfmt)
 
 
 def shrink_cases(num_ranks):
