@@ -4,13 +4,16 @@ threads over a fake communicator whose point-to-point messages really travel bet
 Checked: the compile agreement of a call is bounded by timeout_s (an absent rank makes the
 others raise CommTimeoutError with ``.peers``, and nothing is cached), a rank that refused its
 arguments makes the peers that compile raise ValueError naming it at once, and the calls after
-either of them agree again (the call count keeps the ranks' steps matched)."""
+either of them agree again (the call count keeps the ranks' steps matched). Shrink mode's host
+steps: a rank absent from a barrier is left out and masked, and the rejoin brings the ranks'
+call counts back together."""
 
 import pickle
 import threading
 import time
 import types
 
+import numpy as np
 import pytest
 
 from cupy_ep import engine, jit
@@ -294,3 +297,67 @@ def test_shrink_steps_leave_out_an_absent_rank_and_rejoin_resynchronises_the_cou
     assert [out[3] for out in outs] == [[0, 1, 2]] * 3
     assert sorted(ran) == [0, 1, 2]
     assert results[0][1] < TIMEOUT_S * 6
+
+
+class MaskingEngine:
+    """The low-latency engine's shrink-mode surface, on the host: a NumPy mask; clean and reset
+    recorded."""
+
+    def __init__(self, size):
+        self.mask = np.zeros(size, np.int32)
+        self.resets = 0
+
+    def masked_ranks(self):
+        return np.flatnonzero(self.mask).tolist()
+
+    def set_mask(self, ranks, value):
+        self.mask[sorted(ranks)] = value
+
+    def clean(self, barrier):
+        barrier()
+        self.reset()
+        barrier()
+
+    def reset(self):
+        self.resets += 1
+
+
+def shrink_buffer(steps):
+    """A GPU Buffer in shrink mode around ``steps`` and a MaskingEngine (no GPU)."""
+    from cupy_ep.buffer import Buffer
+
+    buf = object.__new__(Buffer)
+    buf._destroyed, buf._broken, buf.enable_shrink = False, None, True
+    buf.rank, buf.num_ranks = steps.Get_rank(), steps.Get_size()
+    buf._calls, buf._low_latency = steps, MaskingEngine(steps.Get_size())
+    return buf
+
+
+def test_shrink_buffer_masks_a_rank_absent_from_clean_and_clean_mask_brings_it_back(monkeypatch):
+    """The GPU Buffer's shrink-mode host flow: clean_low_latency_buffer's barriers run among the
+    unmasked ranks and mask the one that does not come; low_latency_clean_mask_buffer on every
+    rank resets each engine between its rounds and empties the masks; then a clean waits for
+    every rank again."""
+    cupy = pytest.importorskip("cupy")
+    monkeypatch.setattr(cupy.cuda.runtime, "deviceSynchronize", lambda: None)
+
+    def live(s):
+        buf = shrink_buffer(s)
+        buf.clean_low_latency_buffer(16, 256, 6)
+        after_clean = buf._low_latency.masked_ranks()
+        buf.low_latency_clean_mask_buffer()
+        after_rejoin = buf._low_latency.masked_ranks()
+        buf.clean_low_latency_buffer(16, 256, 6)
+        return after_clean, after_rejoin, buf._low_latency.masked_ranks(), buf._low_latency.resets
+
+    def dead(s):
+        buf = shrink_buffer(s)
+        time.sleep(TIMEOUT_S * 1.5)   # skips the first clean
+        buf.low_latency_clean_mask_buffer()
+        after_rejoin = buf._low_latency.masked_ranks()
+        buf.clean_low_latency_buffer(16, 256, 6)
+        return None, after_rejoin, buf._low_latency.masked_ranks(), buf._low_latency.resets
+
+    outs = [out for out, _ in run_ranks(live, live, dead)]
+    assert outs[:2] == [([2], [], [], 3)] * 2, outs
+    assert outs[2] == (None, [], [], 2), outs
