@@ -1,7 +1,7 @@
 """Low-latency mode benchmark (DeepEP's decode workload) through ``cupy_ep.Buffer``, with an NCCL baseline.
 
     mpiexec -n 4 python scripts/bench_low_latency.py [--experts 288,256] [--transport auto|nvlink|rdma]
-        [--profile] [--iters 50] [--json PATH]
+        [--enable-shrink] [--profile] [--iters 50] [--json PATH]
 
 Workload: 128 tokens per rank (M), hidden 7168, top-8 of 288 and of 256 experts (rounded
 down to a multiple of the ranks), FP8 dispatch, bf16 combine and LogFMT combine
@@ -22,6 +22,9 @@ down to a multiple of the ranks), FP8 dispatch, bf16 combine and LogFMT combine
 * **NCCL**: a grouped send/recv all-to-all-v (``cupy.cuda.nccl``) of the same logical bytes
   this design moves (one row per (token, destination rank), own rank included: FP8 data +
   scales for dispatch, bf16 for combine), timed per call the same way.
+
+``--enable-shrink`` measures a shrink-mode Buffer (``enable_shrink=True``: the SHRINK=1 kernels,
+every rank present): run it beside a run without to see what shrink mode costs.
 
 Every number is a per-rank median; the worst rank is shown (``--json`` has the means too).
 GB/s as DeepEP's test counts it: dispatch = selections x (H + H/128*4 + 16) bytes, combine =
@@ -70,6 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph measurement")
     p.add_argument("--no-baseline", action="store_true", help="skip the NCCL baseline")
     p.add_argument("--timeout-s", type=float, default=60.0, help="Buffer timeout_s")
+    p.add_argument("--enable-shrink", action="store_true", help="a shrink-mode Buffer (enable_shrink=True)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.iters < 1 or args.tokens < 1:
@@ -296,10 +300,11 @@ def main():
     t0 = time.time()
     nbytes = max(cupy_ep.Buffer.get_low_latency_rdma_size_hint(args.tokens, args.hidden, r, e) for e in experts)
     buf = cupy_ep.Buffer(comm, num_rdma_bytes=nbytes, low_latency_mode=True, num_sms=args.num_sms,
-                         ll_transport=args.transport, timeout_s=args.timeout_s)
+                         ll_transport=args.transport, timeout_s=args.timeout_s, enable_shrink=args.enable_shrink)
     nc = None if args.no_baseline else bc.NcclAllToAll(comm)
     if rank == 0:
-        print(f"# bench_low_latency: {r} x {bc.device_name()}, transport {args.transport}, {args.tokens} tokens/rank, "
+        print(f"# bench_low_latency: {r} x {bc.device_name()}, transport {args.transport}"
+              f"{', shrink mode' if args.enable_shrink else ''}, {args.tokens} tokens/rank, "
               f"hidden {args.hidden}, top-{args.topk} of {experts}", flush=True)
     results = []
     stream = cupy.cuda.Stream(non_blocking=True)
@@ -317,14 +322,15 @@ def main():
     buf.destroy()
     if rank != 0:
         return
-    print(f"\n# cupy_ep low latency: {r} x {bc.device_name()}, transport {args.transport}, {args.tokens} tokens/rank, "
+    print(f"\n# cupy_ep low latency: {r} x {bc.device_name()}, transport {args.transport}"
+          f"{', shrink mode' if args.enable_shrink else ''}, {args.tokens} tokens/rank, "
           f"hidden {args.hidden}, top-{args.topk}; medians over {args.iters} calls, worst rank; total "
           f"{time.time() - t0:.0f} s")
     for res in results:
         print_experts(res, r, args)
     if args.json:
         bc.write_json(args.json, dict(bench="low_latency", device=bc.device_name(), ranks=r, transport=args.transport,
-                                      tokens=args.tokens, hidden=args.hidden, topk=args.topk, iters=args.iters,
+                                      enable_shrink=args.enable_shrink, tokens=args.tokens, hidden=args.hidden, topk=args.topk, iters=args.iters,
                                       results=results, deepep_v1_h200_4ranks=bc.DEEPEP_V1_H200_4RANKS,
                                       argv=sys.argv[1:], total_s=time.time() - t0))
         print(f"\n# wrote {args.json}")
@@ -332,7 +338,8 @@ def main():
     first = results[0]
     kd, kc = kernel_time_us(first, "low_latency_dispatch"), kernel_time_us(first, "low_latency_combine")
     kern = "" if kd is None else f" (kernel {kd:.1f} / {kc or 0:.1f})"
-    print(f"SUMMARY low_latency {r} ranks, {first['num_experts']} experts, {args.transport}: per call dispatch "
+    print(f"SUMMARY low_latency {r} ranks, {first['num_experts']} experts, {args.transport}"
+          f"{' shrink' if args.enable_shrink else ''}: per call dispatch "
           f"{first['dispatch_us']:.1f} us, combine {first['combine_us']:.1f} us (LogFMT "
           f"{first['combine_logfmt_us']:.1f} us), both "
           f"{first['dispatch_combine_us']:.1f} us{kern}; NCCL "
