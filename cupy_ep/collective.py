@@ -431,10 +431,10 @@ class CallSteps:
 
     def rejoin(self, call: str, between) -> set:
         """Brings every rank back into step for the call named ``call`` (collective over all
-        ranks, in a series of steps of its own: ranks that skipped calls have counted fewer): the first round agrees how many
-        calls each rank counted, ``between()`` runs, the second round confirms it ran everywhere,
-        and every rank resumes counting after the largest count. A rank that does not arrive is
-        left out; returns the ranks left out."""
+        ranks, in a series of steps of its own: ranks that skipped calls have counted fewer):
+        the first round agrees how many calls each rank counted, ``between()`` runs, the second
+        round confirms it ran everywhere, and every rank resumes counting after the largest
+        count. A rank that does not arrive is left out; returns the ranks left out."""
         self._rejoins += 1
         if self.channel is None:
             counts = self._comm.allgather(self._calls)

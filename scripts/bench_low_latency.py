@@ -330,7 +330,8 @@ def main():
         print_experts(res, r, args)
     if args.json:
         bc.write_json(args.json, dict(bench="low_latency", device=bc.device_name(), ranks=r, transport=args.transport,
-                                      enable_shrink=args.enable_shrink, tokens=args.tokens, hidden=args.hidden, topk=args.topk, iters=args.iters,
+                                      enable_shrink=args.enable_shrink, tokens=args.tokens, hidden=args.hidden,
+                                      topk=args.topk, iters=args.iters,
                                       results=results, deepep_v1_h200_4ranks=bc.DEEPEP_V1_H200_4RANKS,
                                       argv=sys.argv[1:], total_s=time.time() - t0))
         print(f"\n# wrote {args.json}")

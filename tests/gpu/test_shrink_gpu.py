@@ -9,8 +9,10 @@ clean_low_latency_buffer) and make no other GPU call until the rejoin. On the ot
 outputs equal the reference's (a plain Buffer whose calls leave out the dead ranks' tokens and
 experts): dispatch rows bit for bit, the bf16 combine within the design's bound, the LogFMT
 combine bit for bit, all written into NaN-poisoned outputs; every live rank's mask names exactly
-the ranks dead so far; a call after the masking waits for nobody. Then every rank calls
-``low_latency_clean_mask_buffer``: the masks are empty and a full round trip matches again.
+the ranks dead so far; a call after the masking waits for nobody (the dead round of two cases
+and the round after it go through return_recv_hook's separate send and receive kernels). Then
+every rank calls ``low_latency_clean_mask_buffer``: the masks are empty and a full round trip
+matches again.
 """
 import time
 
@@ -82,8 +84,9 @@ class Round:
             self.problems.append(f"{what} waited {waited:.2f} s for masked ranks")
         return result
 
-    def run(self, dead_d=(), dead_c=(), dead_clean=(), masked_before=()):
-        """The round; returns the ranks masked after it."""
+    def run(self, dead_d=(), dead_c=(), dead_clean=(), masked_before=(), hook=False):
+        """The round (``hook``: the GPU's dispatch and combine with ``return_recv_hook``); returns
+        the ranks masked after it."""
         num_experts = E_LOCAL * self.r
         rng, me = self.rng, self.me
         x, idx, w = make_x(rng, N, HIDDEN), make_routing(rng, N, num_experts, TOPK, "random", self.r), \
@@ -98,7 +101,7 @@ class Round:
         got = None
         if me not in gone:
             got = self.guarded("dispatch", lambda: self.dispatch(x, idx, num_experts, r_x, r_cnt, r_h,
-                                                                 None if dead_d else quick))
+                                                                 None if dead_d else quick, hook))
             self.mask_is(gone, "after dispatch")
         gone_c = gone | set(dead_c)
         cidx = drop_experts_of(pidx, gone_c)
@@ -108,7 +111,7 @@ class Round:
         out_fmt = self.ref.low_latency_combine(y_ref, cidx, w[:pidx.shape[0]], r_h, use_logfmt=True)[0]
         if me not in gone_c and got is not None:
             self.guarded("combine", lambda: self.combine(y_gpu, idx, w, got[1], out_ref, bound, out_fmt,
-                                                         None if dead_c else quick, quick))
+                                                         None if dead_c else quick, quick, hook))
             self.mask_is(gone_c, "after combine")
         gone_clean = gone_c | set(dead_clean)
         if me not in gone_clean:
@@ -128,16 +131,23 @@ class Round:
             self.problems.append(f"{what}: {type(e).__name__}: {e}")
             return None
 
-    def dispatch(self, x, idx, num_experts, r_x, r_cnt, r_h, limit_s):
+    @staticmethod
+    def received(result):
+        """A call's result once its receive ran: the hook (the result's last item) called."""
+        if result[-1] is not None:
+            result[-1]()
+        return result
+
+    def dispatch(self, x, idx, num_experts, r_x, r_cnt, r_h, limit_s, hook):
         """The GPU dispatch against the reference's: ``(recv_x, handle, rows)``."""
         poison_pool(64 << 20)
         d_x, d_idx = to_device(x), to_device(idx)
-        g_x, g_cnt, g_h, _, _ = self.timed("dispatch", lambda: self.synced(self.gpu.low_latency_dispatch(
-            d_x, d_idx, M, num_experts, use_fp8=False)), limit_s)
+        g_x, g_cnt, g_h, _, _ = self.timed("dispatch", lambda: self.synced(self.received(self.gpu.low_latency_dispatch(
+            d_x, d_idx, M, num_experts, use_fp8=False, return_recv_hook=hook))), limit_s)
         _, got_rows = check_ll_dispatch(r_x, r_cnt, r_h, g_x, g_cnt, g_h)
         return g_x, g_h, got_rows
 
-    def combine(self, y_gpu, idx, w, handle, out_ref, bound, out_fmt, limit_s, logfmt_limit_s):
+    def combine(self, y_gpu, idx, w, handle, out_ref, bound, out_fmt, limit_s, logfmt_limit_s, hook):
         """The GPU's bf16 combine (within the bound of the reference's) and LogFMT combine (bit
         for bit; a later call: whoever the first masked is masked already), into NaN."""
         import cupy
@@ -145,8 +155,9 @@ class Round:
         d_y, d_idx, d_w = to_device(y_gpu), to_device(idx), to_device(w)
         for use_logfmt, limit in ((False, limit_s), (True, logfmt_limit_s)):
             out = cupy.full((N, HIDDEN), np.nan, dtype=out_ref.dtype)
-            self.timed(f"combine (use_logfmt={use_logfmt})", lambda: self.synced(self.gpu.low_latency_combine(
-                d_y, d_idx, d_w, handle, out=out, use_logfmt=use_logfmt)), limit)
+            self.timed(f"combine (use_logfmt={use_logfmt})", lambda: self.synced(self.received(
+                self.gpu.low_latency_combine(d_y, d_idx, d_w, handle, out=out, use_logfmt=use_logfmt,
+                                             return_recv_hook=hook))), limit)
             check_ll_combine(to_host(out), out_fmt if use_logfmt else out_ref, bound, use_logfmt)
 
 
@@ -167,8 +178,8 @@ def test_mask_dead_ranks(comm, rng, buffers, case):
         pytest.skip("two dead ranks need 3 ranks")
     dead_at = cases[case]
     Round(comm, gpu, ref, rng).run()                        # every rank: compiles, nobody masked
-    dead = Round(comm, gpu, ref, rng).run(**dead_at)        # masks them
-    Round(comm, gpu, ref, rng).run(masked_before=dead)      # a later round: waits for nobody
+    dead = Round(comm, gpu, ref, rng).run(**dead_at, hook=case % 2 == 1)   # masks them
+    Round(comm, gpu, ref, rng).run(masked_before=dead, hook=True)         # a later round: waits for nobody
     gpu.low_latency_clean_mask_buffer()
     back = Round(comm, gpu, ref, rng)
     back.mask_is((), "after low_latency_clean_mask_buffer")
