@@ -222,7 +222,9 @@ class Buffer:
         """Raises what a kernel reported since the last call, at once: a timeout
         (:class:`CommTimeoutError`: a peer skipped a call), rows that did not fit
         (:class:`cupy_ep.TokenOverflowError`, e.g. after a CUDA-graph replay with
-        ``num_worst_tokens``), or bad routing found on the device (``ValueError``).
+        ``num_worst_tokens``), bad routing found on the device, or a peer's refusal of a call
+        that never synchronises with the host (cached dispatch, combine, the low-latency calls:
+        ``ValueError`` naming the rank).
 
         Args:
             synchronize: first wait for the Buffer's kernels queued so far (the device), so that
@@ -614,24 +616,32 @@ class Buffer:
             the first ``recv_count[j]`` rows of expert j are valid; ``recv_count`` int32 ``[E_local]``;
             ``handle[:5] = (src_info int32 [E_local, R*M], layout_range int64 [E_local, R], M, H, E)``.
 
-        A rank that skips a call makes the others' kernels time out; the error is raised by the
-        next call or, at once, by :meth:`check`. In shrink mode it is masked instead: it sends
-        no token, its experts receive none.
+        Raises:
+            ValueError / TypeError for bad input on this rank, which still takes part in the call,
+            cancelled, so that the peers' kernels complete it: their outputs are unspecified and
+            :meth:`check` raises ``ValueError`` naming this rank there (docs/api.md, "Errors").
+            A rank that skips a call makes the others' kernels time out; the error is raised by
+            the next call or, at once, by :meth:`check`. In shrink mode it is masked instead: it
+            sends no token, its experts receive none.
         """
         engine = self._require_low_latency()
-        with self._calls.begin("low_latency_dispatch"):
-            self._check_arrays(x=x, topk_idx=topk_idx,
-                               cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
-                               dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats)
-            validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
-                                              self.num_ranks, check_values=False)
-            validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
-                                         num_max_dispatch_tokens_per_rank, x.shape[1])
-            validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
-            validation.check_wait_stats(dispatch_wait_recv_cost_stats, self.num_ranks,
-                                        "dispatch_wait_recv_cost_stats")
-            if topk_idx.dtype != np.int64:
-                topk_idx = topk_idx.astype(np.int64)
+        try:
+            with self._calls.begin("low_latency_dispatch"):
+                self._check_arrays(x=x, topk_idx=topk_idx,
+                                   cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
+                                   dispatch_wait_recv_cost_stats=dispatch_wait_recv_cost_stats)
+                validation.check_ll_dispatch_args(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                                                  self.num_ranks, check_values=False)
+                validation.check_ll_capacity(self._sym.num_bytes, self.num_ranks, num_experts,
+                                             num_max_dispatch_tokens_per_rank, x.shape[1])
+                validation.check_cumulative_stats(cumulative_local_expert_recv_stats, num_experts // self.num_ranks)
+                validation.check_wait_stats(dispatch_wait_recv_cost_stats, self.num_ranks,
+                                            "dispatch_wait_recv_cost_stats")
+                if topk_idx.dtype != np.int64:
+                    topk_idx = topk_idx.astype(np.int64)
+        except (TypeError, ValueError):
+            self._join_cancelled(lambda stream: engine.join_cancelled_dispatch(stream, refused=True))
+            raise
         call = self._begin(None, async_finish)
         recv_x, recv_count, handle, hook = engine.dispatch(
             x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, use_fp8, round_scale, use_ue8m0,
@@ -663,19 +673,29 @@ class Buffer:
         Returns:
             ``(combined_x bf16 [N, H], event, hook)``. In shrink mode the sum leaves out the
             experts of the ranks masked on this rank (before or during the call).
+
+        Raises:
+            ValueError / TypeError for bad input on this rank, which still takes part in the call,
+            cancelled, as in :meth:`low_latency_dispatch`.
         """
         engine = self._require_low_latency()
-        with self._calls.begin("low_latency_combine"):
-            validation.check_ll_handle(handle, self.num_ranks)
-            validation.check_handle_owner(handle, self._owner)
-            if zero_copy:
-                x = self.get_next_low_latency_combine_buffer(handle)
-            self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out,
-                               combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
-            validation.check_wait_stats(combine_wait_recv_cost_stats, self.num_ranks, "combine_wait_recv_cost_stats")
-            validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out, check_values=False)
-            if topk_idx.dtype != np.int64:
-                topk_idx = topk_idx.astype(np.int64)
+        try:
+            with self._calls.begin("low_latency_combine"):
+                validation.check_ll_handle(handle, self.num_ranks)
+                validation.check_handle_owner(handle, self._owner)
+                if zero_copy:
+                    x = self.get_next_low_latency_combine_buffer(handle)
+                self._check_arrays(x=x, topk_idx=topk_idx, topk_weights=topk_weights, out=out,
+                                   combine_wait_recv_cost_stats=combine_wait_recv_cost_stats)
+                validation.check_wait_stats(combine_wait_recv_cost_stats, self.num_ranks,
+                                            "combine_wait_recv_cost_stats")
+                validation.check_ll_combine_args(x, topk_idx, topk_weights, handle, self.num_ranks, out,
+                                                 check_values=False)
+                if topk_idx.dtype != np.int64:
+                    topk_idx = topk_idx.astype(np.int64)
+        except (TypeError, ValueError):
+            self._join_cancelled(lambda stream: engine.join_cancelled_combine(stream, refused=True))
+            raise
         call = self._begin(None, async_finish)
         combined, hook = engine.combine(x, topk_idx, topk_weights, handle, return_recv_hook, out, call,
                                         use_logfmt=bool(use_logfmt), wait_stats=combine_wait_recv_cost_stats)

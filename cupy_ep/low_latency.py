@@ -50,6 +50,19 @@ when, between the two, each rank waited for a signal the peer sent after finishi
 * CUDA graphs replay the captured halves: capture dispatch and combine together (a graph that
   holds a dispatch and its combine, or two dispatches, is safe to replay back to back).
 
+Refused calls
+-------------
+A rank whose call the host refused (its arguments failed validation, or the call's compile
+agreement told it of a peer's refusal) still takes part in the call's protocol, marked
+cancelled: :meth:`LowLatencyEngine.join_cancelled_dispatch` / :meth:`~LowLatencyEngine.join_cancelled_combine`
+launch ``low_latency_cancel.cu``'s kernels, which read none of the call's arguments, send the
+call's signals with zero slots or tokens (and the SIG_CANCELLED flag when this rank refused),
+wait for the peers' signals and zero them (in shrink mode: not for masked ranks, and masking
+absent ones, as the call's kernels do), and toggle the half as the call would. The peers'
+kernels complete the call, report ST_PEER_BAD_INPUT naming the rank (``Buffer.check()`` raises
+it) and leave their outputs unspecified. Valid calls read the flag in the signal values they
+read anyway. The module is shape-free and loaded with the engine (a refusal must not compile).
+
 Collectives on the host: the engine's constructor (grid size agreement) talks over ``comm``; the
 first call of each specialisation (collective compilation) and ``clean`` talk through the
 Buffer's :class:`cupy_ep.collective.CallSteps` (``compile_comm``, ``barrier``), bounded by
@@ -69,11 +82,14 @@ import numpy as np
 from . import geometry, limits
 from .bootstrap import run_agreed
 from .engine import I32, I64, Engine, array_arg, empty_together
+from .errors import PeerRefusalError
 
 __all__ = ["LowLatencyEngine", "LLHandlePrivate"]
 
 KERNEL_FILE = "low_latency.cu"
 RDMA_KERNEL_FILE = "low_latency_rdma.cu"
+CANCEL_FILE, RDMA_CANCEL_FILE = "low_latency_cancel.cu", "low_latency_cancel_rdma.cu"
+CANCEL_THREADS = 256   # the cancelled parts' one block (any size: they loop over the ranks)
 NUM_THREADS = limits.LL_THREADS
 DISPATCH_PHASES = {1: "send: tokens stored", 2: "send: signals sent", 3: "recv: signals seen",
                    4: "recv: bases", 5: "recv: rows copied", limits.PROF_END: "end"}
@@ -144,6 +160,9 @@ class LowLatencyEngine(Engine):
         self.num_blocks = min(b for b, _ in views)
         self.rdma = any(p == 0 for p in peers)
         self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
+        # the cancelled parts of a refused call (collective: every rank makes the engine)
+        cancel = self._module(RDMA_CANCEL_FILE if self.rdma else CANCEL_FILE, {}, nvshmem=self.rdma)
+        self._cancelled = {name: self._entry(cancel, f"ll_{name}_cancelled") for name in ("dispatch", "combine")}
 
         self.geom = geometry.LLGeometry(self.num_ranks, self.num_bytes)
         self._functions: dict = {}
@@ -154,8 +173,7 @@ class LowLatencyEngine(Engine):
         self._scratch_d = cupy.zeros(R + limits.LL_MAX_EXPERTS + 2 + R, dtype=np.int32)
         self._scratch_c = cupy.zeros(max(64, 2 + 2 * R), dtype=np.int32)
         self._combine_buffers: dict = {}
-        self._d_half = 0
-        self._c_half = 0
+        self._halves = [0, 0]   # the next dispatch's and combine's half (see _next_half)
 
     # ------------------------------------------------------------------ kernels
     def _get_kernels(self, num_experts, hidden, topk, m, use_fp8, round_scale, use_ue8m0, use_logfmt=False):
@@ -196,9 +214,12 @@ class LowLatencyEngine(Engine):
         use_ue8m0 = bool(use_ue8m0) and use_fp8
         round_scale = (bool(round_scale) or use_ue8m0) and use_fp8
         EL = E // R
-        kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
-        half = self._d_half
-        self._d_half ^= 1
+        try:
+            kernel = self._get_kernels(E, H, K, M, use_fp8, round_scale, use_ue8m0)[0]
+        except PeerRefusalError:   # told by the compile agreement: this rank's part, cancelled
+            self.join_cancelled_dispatch(call.stream, refused=False)
+            raise
+        half = self._next_half(0)
         sig_off = self.geom.signal_offset(half, 0)
         data_off = self.geom.quarter_offset(half)
 
@@ -241,6 +262,37 @@ class LowLatencyEngine(Engine):
         launch(3, call.stream)
         return recv_x, recv_count, handle, None
 
+    # ------------------------------------------------------------------ refused calls
+    def _next_half(self, kind: int) -> int:
+        """The half of this call of ``kind`` (0 dispatch, 1 combine): toggled by every call,
+        refused or not, so that it is the same on every rank."""
+        half = self._halves[kind]
+        self._halves[kind] ^= 1
+        return half
+
+    def _combine_signals(self, half: int):
+        """(weights, partials) signal offsets of a combine half."""
+        return self.geom.signal_offset(half, 1), self.geom.signal_offset(half, 2)
+
+    def join_cancelled_dispatch(self, stream, refused: bool) -> None:
+        """This rank's part in a dispatch the host refused (``refused``: this rank's arguments; else
+        a peer's, learned in the call's compile agreement): ``ll_dispatch_cancelled`` on ``stream``
+        (see the module docstring). Reads none of the call's arguments; nothing waits for it."""
+        self._launch(self._cancelled["dispatch"], 1, CANCEL_THREADS,
+                     (self.peer_table, np.int32(self.num_ranks), np.int64(self.geom.signal_offset(
+                         self._next_half(0), 0)), np.int32(self.num_blocks), np.int32(refused),
+                      array_arg(self.mask), self.status_arg, self.timeout_ns, np.int32(self.rank)),
+                     stream, "low_latency_dispatch_cancelled")
+
+    def join_cancelled_combine(self, stream, refused: bool) -> None:
+        """As :meth:`join_cancelled_dispatch`, for a combine: ``ll_combine_cancelled``."""
+        wsig_off, psig_off = self._combine_signals(self._next_half(1))
+        self._launch(self._cancelled["combine"], 1, CANCEL_THREADS,
+                     (self.peer_table, np.int32(self.num_ranks), np.int64(wsig_off), np.int64(psig_off),
+                      np.int32(refused), array_arg(self.mask), self.status_arg, self.timeout_ns,
+                      np.int32(self.rank)),
+                     stream, "low_latency_combine_cancelled")
+
     # ------------------------------------------------------------------ combine
     def next_combine_buffer(self, handle):
         """The bf16 ``[E_local, R*M, H]`` array that ``combine(..., zero_copy=True)`` reads (the same
@@ -270,10 +322,13 @@ class LowLatencyEngine(Engine):
 
         priv: LLHandlePrivate = handle[5]
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
-        kernel = self._get_kernels(E, H, K, M, False, False, False, use_logfmt)[1]
-        half = self._c_half
-        self._c_half ^= 1
-        wsig_off, psig_off = self.geom.signal_offset(half, 1), self.geom.signal_offset(half, 2)
+        try:
+            kernel = self._get_kernels(E, H, K, M, False, False, False, use_logfmt)[1]
+        except PeerRefusalError:   # as in dispatch
+            self.join_cancelled_combine(call.stream, refused=False)
+            raise
+        half = self._next_half(1)
+        wsig_off, psig_off = self._combine_signals(half)
         data_off = self.geom.quarter_offset(2 + half)
         with call.alloc:
             result = out if out is not None else cupy.empty((N, H), dtype=ml_dtypes.bfloat16)
@@ -326,7 +381,7 @@ class LowLatencyEngine(Engine):
         cupy.cuda.runtime.memset(self.base, 0, self.geom.ctrl_bytes)
         self._scratch_d.fill(0)
         self._scratch_c.fill(0)
-        self._d_half = self._c_half = 0
+        self._halves = [0, 0]
         cupy.cuda.runtime.deviceSynchronize()
 
     def masked_ranks(self) -> list:

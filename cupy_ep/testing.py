@@ -12,7 +12,8 @@ every element. Used by ``tests/gpu``, ``scripts/soak.py`` and the benchmarks.
   both backends and raise :class:`Mismatch` naming the first difference;
 * :func:`agree` turns a per-rank result into the same outcome on every rank;
 * :func:`run_or_abort` runs an MPI script's ``main`` and ends the whole job when a rank raises;
-* :func:`gpu_bytes_in_use` measures device memory for leak checks.
+* :func:`gpu_bytes_in_use` measures device memory for leak checks;
+* :class:`GraphInputs`: the inputs, capture and replays of low-latency calls in a CUDA graph.
 
 The GPU parts import CuPy lazily; with ``gpu=None`` the helpers drive the reference alone.
 """
@@ -31,7 +32,7 @@ BF16 = ml_dtypes.bfloat16
 __all__ = ["Mismatch", "agree", "gpu_bytes_in_use", "make_x", "make_routing", "make_weights", "poison_pool",
            "run_or_abort", "to_device", "to_host",
            "normal_round_trip", "low_latency_round_trip", "RoundTrip", "check_combine", "check_ll_dispatch",
-           "check_ll_combine"]
+           "check_ll_combine", "GraphInputs"]
 
 
 class Mismatch(AssertionError):
@@ -145,6 +146,55 @@ def make_weights(rng, num_tokens: int, num_topk: int):
 
 
 # ---- device helpers --------------------------------------------------------------------------
+class GraphInputs:
+    """Device inputs of low-latency calls captured in a CUDA graph, on ``stream``: bf16 ``x``
+    ``[n, h]``, int64 ``idx`` and float32 ``w`` ``[n, k]``, refilled before each replay."""
+
+    def __init__(self, stream, n: int, h: int, k: int):
+        import cupy
+
+        self.stream, self.n, self.h, self.k = stream, n, h, k
+        with stream:
+            self.x = cupy.zeros((n, h), dtype=BF16)
+            self.idx = cupy.zeros((n, k), dtype=cupy.int64)
+            self.w = cupy.zeros((n, k), dtype=cupy.float32)
+
+    def load(self, rng, num_experts: int, num_ranks: int):
+        """Fresh inputs ("holes" routing) copied in; returns them as NumPy arrays ``(x, idx, w)``."""
+        import cupy
+
+        x, w = make_x(rng, self.n, self.h), make_weights(rng, self.n, self.k)
+        idx = make_routing(rng, self.n, num_experts, self.k, "holes", num_ranks)
+        with self.stream:
+            self.x.view(cupy.uint16).set(x.view(np.uint16))
+            self.idx.set(idx)
+            self.w.set(w)
+        return x, idx, w
+
+    def capture(self, comm, body):
+        """Runs ``body()`` twice (its first call compiles, collectively), then captures it:
+        ``(graph, what the captured body returned)``."""
+        with self.stream:
+            for _ in range(2):
+                body()
+            self.stream.synchronize()
+            comm.Barrier()
+            self.stream.begin_capture()
+            result = body()
+            graph = self.stream.end_capture()
+        return graph, result
+
+    def replay(self, comm, graph, out) -> None:
+        """Fills the bf16 ``out`` with NaN, then replays ``graph`` on every rank together and waits."""
+        import cupy
+
+        with self.stream:
+            out.view(cupy.uint16).fill(0x7FC0)
+            comm.Barrier()
+            graph.launch(self.stream)
+            self.stream.synchronize()
+
+
 def poison_pool(num_bytes: int = 1536 << 20) -> None:
     """Fills free memory-pool blocks with 0xFF (NaN in bf16/f32, -1 in ints) so that outputs a
     kernel failed to write show up in the checks."""

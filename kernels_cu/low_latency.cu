@@ -36,7 +36,8 @@
 //     combine-partials). 0 = not arrived. The writer stores value+1 (dispatch: each sending
 //     block adds (1 << 20) | its slots) with release/sys ordering after its data; the receiver
 //     waits (bounded), reads, and ZEROES it itself once every block of its grid has passed the
-//     wait (so no reset pass, graph-safe).
+//     wait (so no reset pass, graph-safe). Values, and SIG_CANCELLED from a rank whose call was
+//     refused (low_latency_cancel.cu; reported here, nothing read from it): ll_signals.cuh.
 //   dispatch quarter (one per half), on receiver r:
 //     slots [R src][M][SLOT_BYTES]    x (bf16 2H, or fp8 H + scales f32 H/128) + meta
 //     meta  int32[1+K]: [0] source token; [1+k] (j << 16 | pos) when expert k of the token is
@@ -63,10 +64,8 @@
 // ----------------------------------------------------------------------------------------------
 #include "common.cuh"
 #include "logfmt.cuh"
+#include "ll_signals.cuh"
 
-#ifndef LL_RDMA
-#define LL_RDMA 0
-#endif
 #ifndef LL_THREADS
 #define LL_THREADS 512
 #endif
@@ -111,8 +110,6 @@ static_assert(M >= 1 && M <= LL_MAX_TOKENS && LL_MAX_TOKENS <= 65535, "MAX_TOKEN
 static_assert(EL < 32768, "too many local experts");
 static_assert(NT % 32 == 0 && NT >= 64 && NT <= 1024, "LL_THREADS must be a multiple of 32 in 64..1024");
 static_assert((long long)EL * R * M < 2147483647LL, "E_local * R * M must fit in int32");
-constexpr int SIG_BLOCK_SHIFT = 20;   // dispatch signal = (blocks << 20) | slots
-static_assert(M < (1 << SIG_BLOCK_SHIFT), "slots per source must fit below the block count");
 
 // ---- row sizes ----
 constexpr int X_BYTES = FP8 ? H : 2 * H;
@@ -228,13 +225,6 @@ static_assert(sizeof(DispatchSmem) <= LL_MAX_SMEM_BYTES,
 // ------------------------------------------------------------------------------------------
 // Addresses
 // ------------------------------------------------------------------------------------------
-__device__ __forceinline__ char* sym_at(u64 base, long long off) { return (char*)(base + (u64)off); }
-
-// Signal word of rank r in the signal array at sig_off.
-__device__ __forceinline__ u64* signal_at(u64 base, long long sig_off, int r) {
-    return (u64*)sym_at(base, sig_off + 8LL * r);
-}
-
 // Offsets inside a dispatch quarter: slot sl of source src's rows; its staging copy for dst.
 __device__ __forceinline__ long long recv_slot_off(int src, int sl) { return (long long)(src * M + sl) * SLOT_BYTES; }
 __device__ __forceinline__ long long stage_slot_off(int dst, int sl) { return D_STAGE_OFF + recv_slot_off(dst, sl); }
@@ -291,18 +281,6 @@ __device__ __forceinline__ void signal_add(u64 peer, u64 own, long long sig_off,
     }
 #endif
     red_add_release_sys((int*)signal_at(peer, sig_off, rank), v);
-}
-
-// Sets this rank's word of rank d's signal array at sig_off to v (RDMA: delivered on return).
-__device__ __forceinline__ void signal_set(u64 peer, u64 own, long long sig_off, int d, int rank, int v) {
-#if LL_RDMA
-    if (peer == 0) {
-        xport::signal_put(signal_at(own, sig_off, rank), (u64)(u32)v, d);
-        nvshmem_quiet();
-        return;
-    }
-#endif
-    st_release_sys((int*)signal_at(peer, sig_off, rank), v);
 }
 
 // After a wait saw a signal: the data it guards is visible (RDMA: also what NVSHMEM delivered).
@@ -684,12 +662,12 @@ __device__ __forceinline__ bool wait_sources(int* pfx, u64 own, long long sig_of
 #if SHRINK
         const int all_blocks = (int)gridDim.x << SIG_BLOCK_SHIFT;
         const int v = shrink_wait(sig, decide + s, mask, s, w, [all_blocks](int v) { return v >= all_blocks; });
-        pfx[s] = v == ABSENT ? 0 : v & ((1 << SIG_BLOCK_SHIFT) - 1);
+        pfx[s] = v == ABSENT ? 0 : dispatch_slots(v, w, s);
         if (v != ABSENT) add_wait_ns(wait_stats, s, t0);
 #else
         ok = wait_geq_sys(sig, (int)gridDim.x << SIG_BLOCK_SHIFT, w, s);
         if (ok) {
-            pfx[s] = ld_acquire_sys(sig) & ((1 << SIG_BLOCK_SHIFT) - 1);
+            pfx[s] = dispatch_slots(ld_acquire_sys(sig), w, s);
             add_wait_ns(wait_stats, s, t0);
         }
 #endif
@@ -1059,14 +1037,14 @@ __device__ __forceinline__ bool signal_owners(const u64* s_peer, u64 own, long l
     for (int s = threadIdx.x; s < R; s += NT) {
         int v;
 #if SHRINK
-        if (shrink_wait((const int*)signal_at(own, wsig_off, s), decide + s, mask, s, w,
-                        [](int v) { return v != 0; }) == ABSENT)
-            continue;
-        (void)v;
+        v = shrink_wait((const int*)signal_at(own, wsig_off, s), decide + s, mask, s, w,
+                        [](int v) { return v != 0; });
+        if (v == ABSENT) continue;
 #else
         ok = wait_nonzero_sys((const int*)signal_at(own, wsig_off, s), &v, w, s);
         if (!ok) break;
 #endif
+        report_if_cancelled(v, w, s);
         st_relaxed_sys_u64(signal_at(own, wsig_off, s), 0ull);
         fence_sys();
         chaos_pause();

@@ -212,6 +212,13 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         return lambda: ll.low_latency_dispatch(lx if x_arg is None else x_arg, lidx if ids is None else ids, m, le,
                                                use_fp8=False)
 
+    def ll_then_check(call):
+        """``call``, then check(): on the GPU the good ranks learn of a cancelled low-latency call there."""
+        def run():
+            call()
+            ll.check()
+        return run
+
     new_lk = 2   # a low-latency top-k no other case uses
     new_lidx = A(make_routing(rng, 5, le, new_lk, "holes", num_ranks))
     new_lw = A(make_weights(rng, 5, new_lk))
@@ -220,12 +227,18 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         recv_x, _, handle, _, _ = ll.low_latency_dispatch(lx, new_lidx, m, le, use_fp8=False)
         ll.low_latency_combine(recv_x, new_lidx, new_lw, handle)
 
-    def ll_combine(bad):
+    def ll_combine(bad, **kw):
+        """A low-latency dispatch, then its combine (``bad``: of float32 expert outputs), then check()."""
         def call():
             recv_x, _, handle, _, _ = ll.low_latency_dispatch(lx, lidx, m, le, use_fp8=False)
             y = A(np.zeros(recv_x.shape, np.float32)) if bad else recv_x
-            return ll.low_latency_combine(y, lidx, lw, handle)
+            ll.low_latency_combine(y, lidx, lw, handle, **kw)
+            ll.check()
         return call
+
+    def new_ll_logfmt_round_trip():
+        recv_x, _, handle, _, _ = ll.low_latency_dispatch(lx, lidx, m, le, use_fp8=False)
+        ll.low_latency_combine(recv_x, lidx, lw, handle, use_logfmt=True)
 
     cancelled = Expect(ValueError, (f"rank {odd}", "invalid input"))
     timed_out = Expect(CommTimeoutError, ("timed out", f"peer rank {odd}"), waits=True,
@@ -253,12 +266,13 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
              combine(), Expect(ValueError, ("bias",)), gpu=True),
         case("absent from dispatch (arrives after timeout_s)", dispatch(), dispatch(), gave_up, timed_out,
              odd_delay_s=ABSENT_DELAY * timeout_s),
-        case("low_latency_dispatch: x float32", ll_dispatch(A(lx_np.astype(np.float32))), ll_dispatch(),
-             Expect(TypeError, ("x",)), mode="low_latency"),
-        case("low_latency_dispatch: N > M", ll_dispatch(A(big_ll_np), A(np.full((m + 1, 3), -1, np.int64))),
-             ll_dispatch(), Expect(ValueError, ("x", "num_max_dispatch_tokens_per_rank")), mode="low_latency"),
-        case("low_latency_combine: y float32", ll_combine(True), ll_combine(False), Expect(TypeError, ("x",)),
-             mode="low_latency"),
+        case("low_latency_dispatch, then check(): x float32", ll_dispatch(A(lx_np.astype(np.float32))),
+             ll_then_check(ll_dispatch()), Expect(TypeError, ("x",)), mode="low_latency", gpu=True),
+        case("low_latency_dispatch, then check(): N > M",
+             ll_dispatch(A(big_ll_np), A(np.full((m + 1, 3), -1, np.int64))), ll_then_check(ll_dispatch()),
+             Expect(ValueError, ("x", "num_max_dispatch_tokens_per_rank")), mode="low_latency", gpu=True),
+        case("low_latency_combine, then check(): y float32", ll_combine(True), ll_combine(False),
+             Expect(TypeError, ("x",)), mode="low_latency", gpu=True),
         case("absent from low_latency_dispatch (arrives after timeout_s)", ll_dispatch(), ll_dispatch(), gave_up,
              timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency"),
         case("dispatch of a new shape: x float32", new_dispatch(A(x_np.astype(np.float32))), new_dispatch(),
@@ -273,6 +287,9 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
              lambda: ll.low_latency_dispatch(A(lx_np.astype(np.float32)), new_lidx, m, le, use_fp8=False),
              lambda: ll.low_latency_dispatch(lx, new_lidx, m, le, use_fp8=False), Expect(TypeError, ("x",)),
              mode="low_latency", prepare=lambda: as_new_shape(new_ll_round_trip), gpu=True),
+        case("low_latency_combine of a new shape (use_logfmt): y float32", ll_combine(True, use_logfmt=True),
+             ll_combine(False, use_logfmt=True), Expect(TypeError, ("x",)), mode="low_latency",
+             prepare=lambda: as_new_shape(new_ll_logfmt_round_trip), gpu=True),
         case("Buffer: num_sms 1", lambda: buffer_cls(comm, timeout_s=timeout_s, num_sms=1).destroy(),
              lambda: buffer_cls(comm, timeout_s=timeout_s).destroy(), Expect(ValueError, ("num_sms",)),
              mode="buffer"),

@@ -17,7 +17,7 @@ import pytest
 
 cupy = pytest.importorskip("cupy")   # cupy_ep.buffer imports it; CI installs it (NVRTC)
 
-from cupy_ep import bootstrap, buffer, low_latency, memory  # noqa: E402
+from cupy_ep import bootstrap, buffer, engine, jit, low_latency, memory  # noqa: E402
 from cupy_ep.bootstrap import Topology  # noqa: E402
 from cupy_ep.errors import CupyEpError  # noqa: E402
 
@@ -229,6 +229,12 @@ class Fakes:
             fakes.step("low-latency scratch")
             return np.zeros(*args, **kwargs)
 
+        def compile_module(filename, constants=None, comm=None, **kwargs):   # agreed as the real one
+            def build():
+                fakes.step("low-latency kernels")
+                return types.SimpleNamespace(get_function=lambda name: types.SimpleNamespace(kernel=name))
+            return jit._agree(comm, f"compiling {filename}", build)
+
         patches = [
             (bootstrap, "discover", discover), (bootstrap, "select_device", select_device),
             (bootstrap, "exchange_ipc_handles", exchange_ipc_handles), (bootstrap, "init_nvshmem", init_nvshmem),
@@ -236,7 +242,7 @@ class Fakes:
             (bootstrap, "nvshmem_peer_ptrs", nvshmem_peer_ptrs),
             (buffer, "StatusRecord", StatusRecord), (buffer, "IntranodeEngine", IntranodeEngine),
             (buffer, "LayoutEngine", lambda *args: types.SimpleNamespace()),
-            (low_latency, "_sm_count", sm_count),
+            (low_latency, "_sm_count", sm_count), (jit, "compile_module", compile_module), (engine, "_MODULES", {}),
             (cupy, "zeros", zeros), (cupy, "asarray", np.asarray),
             (cupy.cuda, "Stream", lambda **kwargs: object()),
             (cupy.cuda.runtime, "malloc", malloc), (cupy.cuda.runtime, "memset", lambda *args: None),
@@ -286,7 +292,7 @@ BOTH = dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20, low_latency_mode=True
 STEPS = [
     ("select_device", NORMAL), ("StatusRecord", NORMAL), ("cudaMalloc", NORMAL), ("IPC exchange", NORMAL),
     ("IntranodeEngine", NORMAL), ("NVSHMEM plan", BOTH), ("NVSHMEM peer pointers", BOTH), ("SM count", BOTH),
-    ("low-latency scratch", BOTH), ("cudaMalloc", BOTH), ("IntranodeEngine", BOTH),
+    ("low-latency kernels", BOTH), ("low-latency scratch", BOTH), ("cudaMalloc", BOTH), ("IntranodeEngine", BOTH),
 ]
 
 
@@ -333,7 +339,7 @@ def test_a_failure_on_one_rank_fails_both_and_releases_everything(monkeypatch, f
     assert results[0][1] == results[1][1], "the ranks ran different collectives"
     assert all(error is not None for error in errors), errors
     assert not any(isinstance(error, threading.BrokenBarrierError) for error in errors), errors
-    if fail_at in ("IPC exchange", "NVSHMEM plan"):   # failures the step itself agrees on
+    if fail_at in ("IPC exchange", "NVSHMEM plan", "low-latency kernels"):   # failures the step itself agrees on
         assert all(isinstance(error, (CupyEpError, ValueError)) for error in errors), errors
     else:
         assert isinstance(errors[fail_rank], Injected), errors

@@ -1,6 +1,7 @@
 """A refused dispatch or combine still takes part in the call, cancelled (issue 21, item 3), host
 side, without a GPU: which rank launches which cancelled part (``notify_cancelled`` flagged or
-not, ``barrier_cancelled``), and when nothing is launched. The kernels run in
+not, ``barrier_cancelled``, the low-latency ``ll_dispatch_cancelled`` / ``ll_combine_cancelled``
+on the call's half), and when nothing is launched. The kernels run in
 tests/gpu/test_asymmetric_gpu.py.
 """
 import sys
@@ -12,7 +13,9 @@ import pytest
 from cupy_ep.buffer import Buffer
 from cupy_ep.collective import CallSteps
 from cupy_ep.errors import CommTimeoutError, PeerRefusalError, cancelled_by_peers
+from cupy_ep.geometry import LLGeometry
 from cupy_ep.intranode import IntranodeEngine
+from cupy_ep.low_latency import LowLatencyEngine
 from cupy_ep.normal import NormalEngine
 from cupy_ep.validation import Routing
 
@@ -34,6 +37,19 @@ class FakeEngine:
         return True
 
 
+class FakeLowLatencyEngine:
+    """A low-latency engine that records the cancelled parts it was asked to launch."""
+
+    def __init__(self):
+        self.joined = []
+
+    def join_cancelled_dispatch(self, stream, refused):
+        self.joined.append(("low_latency_dispatch", stream, refused))
+
+    def join_cancelled_combine(self, stream, refused):
+        self.joined.append(("low_latency_combine", stream, refused))
+
+
 class FakeStreams:
     def begin(self, previous_event=None, on_comm_stream=True, allocate_on_comm_stream=False):
         assert previous_event is None and not on_comm_stream, "the cancelled part goes as a synchronous call"
@@ -48,10 +64,11 @@ class OneRank:
         return 1
 
 
-def fake_buffer(engine, broken=None):
-    """A GPU Buffer whose engine, streams and host steps are fakes (no channel: refusals untold)."""
+def fake_buffer(engine, broken=None, low_latency=None):
+    """A GPU Buffer whose engines, streams and host steps are fakes (no channel: refusals untold)."""
     buf = object.__new__(Buffer)
     buf._destroyed, buf._broken, buf._nvl, buf._normal = False, broken, object(), engine
+    buf._low_latency, buf.num_ranks = low_latency, 1
     buf._calls, buf._streams, buf.device_id, buf._profile = CallSteps(None, OneRank()), FakeStreams(), 0, None
     return buf
 
@@ -75,6 +92,17 @@ def test_a_refused_combine_takes_part_cancelled():
     with pytest.raises(TypeError, match="^x: "):
         fake_buffer(engine).combine(np.zeros((4, 8), np.float32), object())
     assert engine.joined == [("combine", "caller stream")]
+
+
+def test_refused_low_latency_calls_take_part_cancelled():
+    engine = FakeLowLatencyEngine()
+    buf = fake_buffer(None, low_latency=engine)
+    with pytest.raises(TypeError, match="^x: expected a CuPy array"):
+        buf.low_latency_dispatch(np.zeros((4, 128), np.float32), np.zeros((4, 1), np.int64), 8, 2)
+    with pytest.raises(TypeError, match="^handle: "):
+        buf.low_latency_combine(np.zeros((2, 8, 128), np.float32), None, None, handle=(1, 2))
+    assert engine.joined == [("low_latency_dispatch", "caller stream", True),
+                             ("low_latency_combine", "caller stream", True)]
 
 
 def test_a_broken_buffer_launches_nothing():
@@ -152,3 +180,69 @@ def test_other_host_step_errors_launch_nothing(fake_cupy, error):
     with pytest.raises(type(error)):
         dispatch_on(engine)
     assert engine.joined == [] and engine.launched == []
+
+
+def low_latency_engine(kernels_error=None):
+    """A LowLatencyEngine of 2 ranks (rank 0, grids of 3 blocks) whose launches are recorded and
+    whose kernel lookup raises ``kernels_error`` (a host step of its compile) when given."""
+    engine = object.__new__(LowLatencyEngine)
+    engine.rank, engine.num_ranks, engine.num_blocks, engine.profile = 0, 2, 3, None
+    engine.geom, engine._halves, engine.mask, engine.shrink = LLGeometry(2, 1 << 20), [0, 0], None, False
+    engine.peer_table, engine.status_arg, engine.timeout_ns = "peers", np.uint64(7), np.uint64(5)
+    engine._cancelled = {"dispatch": "ll_dispatch_cancelled", "combine": "ll_combine_cancelled"}
+    engine._scratch_d, engine._scratch_c = "scratch_d", "scratch_c"
+    engine.launched = []
+
+    def get_kernels(*args):
+        if kernels_error is not None:
+            raise kernels_error
+        return "ll_dispatch", "ll_combine"
+
+    engine._get_kernels = get_kernels
+    engine._launch = lambda kernel, grid, block, args, stream, name="": engine.launched.append((kernel, grid, args))
+    return engine
+
+
+def ll_dispatch_on(engine):
+    x, idx = np.zeros((4, 128), np.uint16), np.zeros((4, 2), np.int64)
+    call = SimpleNamespace(stream="call stream", alloc=NullContext())
+    return engine.dispatch(x, idx, 8, 4, False, False, False, False, None, call)
+
+
+def test_low_latency_cancelled_parts_keep_the_halves_in_step(fake_cupy):
+    """Every call toggles its kind's half, cancelled or not: a refused dispatch signals half 0 with
+    the call's grid and the cancel flag, the next (valid) dispatch uses half 1; combines alike."""
+    engine, geom = low_latency_engine(), LLGeometry(2, 1 << 20)
+    engine.join_cancelled_dispatch("s", refused=True)
+    ll_dispatch_on(engine)
+    engine.join_cancelled_combine("s", refused=False)
+    (k0, g0, a0), (k1, _, a1), (k2, g2, a2) = engine.launched
+    assert (k0, g0, k1, k2, g2) == ("ll_dispatch_cancelled", 1, "ll_dispatch", "ll_combine_cancelled", 1)
+    assert [int(v) for v in a0[1:5]] == [2, geom.signal_offset(0, 0), 3, 1]   # ranks, half 0, grid, cancel
+    assert int(a1[5]) == geom.signal_offset(1, 0)                             # the valid call: half 1
+    assert [int(v) for v in a2[1:5]] == [2, geom.signal_offset(0, 1), geom.signal_offset(0, 2), 0]
+    assert engine._halves == [0, 1]
+
+
+def test_a_low_latency_peer_told_of_a_refusal_takes_part_cancelled(fake_cupy):
+    engine = low_latency_engine(cancelled_by_peers("low_latency_dispatch (compile agreement)", [1], 0))
+    with pytest.raises(PeerRefusalError, match="rank 1 passed invalid input"):
+        ll_dispatch_on(engine)
+    assert [(k, int(a[4])) for k, _, a in engine.launched] == [("ll_dispatch_cancelled", 0)]   # not flagged
+    assert engine._halves == [1, 0]
+
+
+def test_other_low_latency_host_step_errors_launch_nothing(fake_cupy):
+    engine = low_latency_engine(CommTimeoutError("low_latency_dispatch (compile agreement)", 0, 1, host=True))
+    with pytest.raises(CommTimeoutError):
+        ll_dispatch_on(engine)
+    assert engine.launched == [] and engine._halves == [0, 0]
+
+
+def test_low_latency_cancelled_parts_get_the_shrink_mask():
+    engine = low_latency_engine()
+    engine.join_cancelled_dispatch("s", refused=True)
+    engine.mask = "mask"   # shrink mode: the device mask
+    engine.join_cancelled_dispatch("s", refused=True)
+    engine.join_cancelled_combine("s", refused=True)
+    assert [a[5] for _, _, a in engine.launched] == [0, "mask", "mask"]   # 0: a null pointer

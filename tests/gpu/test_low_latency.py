@@ -7,13 +7,12 @@ bound of the design.
 """
 import time
 
-import ml_dtypes
 import numpy as np
 import pytest
 
-from cupy_ep.testing import (_same_bits, agree as agree_all, agreed, check, check_ll_combine, check_ll_dispatch,
-                             ll_combine_expected, low_latency_round_trip, make_routing, make_weights, make_x,
-                             to_device, to_host)
+from cupy_ep.testing import (GraphInputs, _same_bits, agree as agree_all, agreed, check, check_ll_combine,
+                             check_ll_dispatch, ll_combine_expected, low_latency_round_trip, make_routing,
+                             make_weights, make_x, to_device, to_host)
 
 M = 128
 HIDDEN = 7168
@@ -152,43 +151,19 @@ def test_cuda_graph(comm, rng, buffers):
     gpu, ref = buffers
     r, rank = comm.Get_size(), comm.Get_rank()
     num_experts = experts_for(r)
-    n = M - rank
-    stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
-        x_in = cupy.zeros((n, HIDDEN), dtype=ml_dtypes.bfloat16)
-        idx_in = cupy.zeros((n, TOPK), dtype=cupy.int64)
-        w_in = cupy.zeros((n, TOPK), dtype=cupy.float32)
+    inputs = GraphInputs(cupy.cuda.Stream(non_blocking=True), M - rank, HIDDEN, TOPK)
 
     def body():
-        d8 = gpu.low_latency_dispatch(x_in, idx_in, M, num_experts, use_fp8=True)
-        db = gpu.low_latency_dispatch(x_in, idx_in, M, num_experts, use_fp8=False)
-        out = gpu.low_latency_combine(db[0], idx_in, w_in, db[2])[0]
+        d8 = gpu.low_latency_dispatch(inputs.x, inputs.idx, M, num_experts, use_fp8=True)
+        db = gpu.low_latency_dispatch(inputs.x, inputs.idx, M, num_experts, use_fp8=False)
+        out = gpu.low_latency_combine(db[0], inputs.idx, inputs.w, db[2])[0]
         return d8, db, out
 
-    def load():
-        x, idx, w = make_x(rng, n, HIDDEN), make_routing(rng, n, num_experts, TOPK, "holes", r), make_weights(rng, n, TOPK)
-        with stream:
-            x_in.view(cupy.uint16).set(x.view(np.uint16))
-            idx_in.set(idx)
-            w_in.set(w)
-        return x, idx, w
-
-    load()
-    with stream:
-        for _ in range(2):
-            body()
-        stream.synchronize()
-        comm.Barrier()
-        stream.begin_capture()
-        d8, db, out = body()
-        graph = stream.end_capture()
+    inputs.load(rng, num_experts, r)
+    graph, (d8, db, out) = inputs.capture(comm, body)
     for _ in range(3):
-        x, idx, w = load()
-        with stream:
-            out.view(cupy.uint16).fill(0x7FC0)
-            comm.Barrier()
-            graph.launch(stream)
-            stream.synchronize()
+        x, idx, w = inputs.load(rng, num_experts, r)
+        inputs.replay(comm, graph, out)
         gpu.check()
         r8 = ref.low_latency_dispatch(x, idx, M, num_experts, use_fp8=True)
         rb = ref.low_latency_dispatch(x, idx, M, num_experts, use_fp8=False)
