@@ -63,11 +63,14 @@ def device_name() -> str:
     return name.decode() if isinstance(name, bytes) else str(name)
 
 
-def write_json(path: str, obj) -> None:
+def write_json(path: str, obj: dict) -> None:
+    """Writes a bench's results to ``path``, with the UTC date of the run as ``date``
+    (YYYY-MM-DD; the plots' captions show it) unless ``obj`` has one."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(obj, f, indent=1, default=_json_default)
+        json.dump({**obj, "date": obj.get("date") or time.strftime("%Y-%m-%d", time.gmtime())}, f, indent=1,
+                  default=_json_default)
         f.write("\n")
 
 
@@ -528,6 +531,29 @@ def ll_traffic(topk_idx, num_experts: int, num_ranks: int, rank: int) -> dict:
 
 
 # ---- report formatting ---------------------------------------------------------------------------
+# Low-latency results: (JSON key, label, kernel name in the profile, DeepEP byte count), in table order.
+LL_ROWS = (("dispatch_us", "dispatch (FP8)", "low_latency_dispatch", "dispatch"),
+           ("combine_us", "combine (bf16)", "low_latency_combine", "combine"),
+           ("combine_logfmt_us", "combine (LogFMT)", "low_latency_combine_logfmt", "combine_logfmt"),
+           ("dispatch_combine_us", "dispatch + combine", None, None),
+           ("graph_dispatch_combine_us", "graph: dispatch + combine", None, None),
+           ("dispatch_send_us", "hook: dispatch send", "low_latency_dispatch_send", None),
+           ("dispatch_recv_us", "hook: dispatch recv", "low_latency_dispatch_recv", None),
+           ("combine_send_us", "hook: combine send", "low_latency_combine_send", None),
+           ("combine_recv_us", "hook: combine recv", "low_latency_combine_recv", None),
+           ("nccl_dispatch_us", "NCCL a2a, dispatch bytes", None, None),
+           ("nccl_combine_us", "NCCL a2a, combine bytes", None, None))
+
+
+def ll_kernel_time_us(r: dict, kname: str | None):
+    """The kernel's duration on the GPU in a low-latency result ``r``: its in-kernel "end" mark,
+    else the events around its launch; None without a kernel name or a profile."""
+    if kname is None:
+        return None
+    end = r.get("phase_us", {}).get(f"{kname}: end")
+    return end if end is not None else r.get("kernel_us", {}).get(kname)
+
+
 def fmt(v, spec: str = ".1f", width: int = 8) -> str:
     """A number right-aligned in ``width``, or ``-`` for None."""
     if v is None:

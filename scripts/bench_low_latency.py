@@ -46,18 +46,6 @@ import bench_common as bc  # noqa: E402
 
 from cupy_ep import logfmt  # noqa: E402  (pure: the LogFMT row size)
 
-ROWS = (("dispatch_us", "dispatch (FP8)", "low_latency_dispatch", "dispatch"),
-        ("combine_us", "combine (bf16)", "low_latency_combine", "combine"),
-        ("combine_logfmt_us", "combine (LogFMT)", "low_latency_combine_logfmt", "combine_logfmt"),
-        ("dispatch_combine_us", "dispatch + combine", None, None),
-        ("graph_dispatch_combine_us", "graph: dispatch + combine", None, None),
-        ("dispatch_send_us", "hook: dispatch send", "low_latency_dispatch_send", None),
-        ("dispatch_recv_us", "hook: dispatch recv", "low_latency_dispatch_recv", None),
-        ("combine_send_us", "hook: combine send", "low_latency_combine_send", None),
-        ("combine_recv_us", "hook: combine recv", "low_latency_combine_recv", None),
-        ("nccl_dispatch_us", "NCCL a2a, dispatch bytes", None, None),
-        ("nccl_combine_us", "NCCL a2a, combine bytes", None, None))
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
@@ -228,14 +216,6 @@ def merge(per_rank: list) -> dict:
     return out
 
 
-def kernel_time_us(r: dict, kname: str | None):
-    """The kernel's duration on the GPU: its in-kernel "end" mark, else the events around its launch."""
-    if kname is None:
-        return None
-    end = r.get("phase_us", {}).get(f"{kname}: end")
-    return end if end is not None else r.get("kernel_us", {}).get(kname)
-
-
 def print_experts(r: dict, ranks: int, args) -> None:
     e = r["num_experts"]
     kt = r.get("kernel_us", {})
@@ -245,11 +225,11 @@ def print_experts(r: dict, ranks: int, args) -> None:
           f"(DeepEP's count: {r['deepep_dispatch_bytes'] / 1e6:.2f} / {r['deepep_combine_bytes'] / 1e6:.2f} / "
           f"{r['deepep_combine_logfmt_bytes'] / 1e6:.2f} MB incl. own rank)")
     table = []
-    for key, label, kname, bytes_of in ROWS:
+    for key, label, kname, bytes_of in bc.LL_ROWS:
         if key not in r:
             continue
         call = r[key]
-        kern = kernel_time_us(r, kname)
+        kern = bc.ll_kernel_time_us(r, kname)
         events = kt.get(kname) if kname else None
         b = r.get(f"deepep_{bytes_of}_bytes") if bytes_of else None
         table.append([label, bc.fmt(call), bc.fmt(kern), bc.fmt(events), bc.fmt(bc.gbps(b, call), ".0f", 9),
@@ -265,7 +245,7 @@ def print_summary(results, ranks, transport) -> None:
     table = []
     for r in results:
         def cell(key, kname):
-            v, kv = r.get(key), kernel_time_us(r, kname)
+            v, kv = r.get(key), bc.ll_kernel_time_us(r, kname)
             return "-" if v is None else (f"{v:.1f}" + (f" ({kv:.1f})" if kv is not None else ""))
         table.append([str(r["num_experts"]), cell("dispatch_us", "low_latency_dispatch"),
                       cell("combine_us", "low_latency_combine"),
@@ -337,7 +317,7 @@ def main():
         print(f"\n# wrote {args.json}")
     print_summary(results, r, args.transport)
     first = results[0]
-    kd, kc = kernel_time_us(first, "low_latency_dispatch"), kernel_time_us(first, "low_latency_combine")
+    kd, kc = bc.ll_kernel_time_us(first, "low_latency_dispatch"), bc.ll_kernel_time_us(first, "low_latency_combine")
     kern = "" if kd is None else f" (kernel {kd:.1f} / {kc or 0:.1f})"
     print(f"SUMMARY low_latency {r} ranks, {first['num_experts']} experts, {args.transport}"
           f"{' shrink' if args.enable_shrink else ''}: per call dispatch "
