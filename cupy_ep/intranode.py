@@ -35,7 +35,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .engine import I32, array_arg, empty_together
+from .engine import I32, array_arg, words_together
 from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
@@ -44,14 +44,17 @@ _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   
 
 @dataclass
 class IntranodeHandle(NormalHandle):
-    """What combine and a cached dispatch need from an intranode dispatch."""
+    """What combine and a cached dispatch need from an intranode dispatch. The routing state only
+    the kernels read and write lies in one allocation (``memory``, :func:`cupy_ep.engine.words_together`);
+    the fields hold the device addresses of its parts (np.uint64 kernel arguments)."""
 
     rank_prefix: object        # int32 [R + 1]: first row of each source in recv_x; [R] = rows received
     recv_chan_prefix: object   # int32 [R, C + 1]: per source, first row of each channel (source's stream)
     send_chan_prefix: object   # int32 [R, C + 1]: per destination, first row of each channel
     send_pos: object           # int32 [N, R]: row of each token in each destination's stream, or -1
-    is_token_in_rank: object   # bool [N, R]
     call_status: object        # int32 [1]: 1 when notify cancelled the call
+    is_token_in_rank: object   # bool [N, R] (the caller's array)
+    memory: object             # the allocation of the five parts above it
 
 
 class IntranodeEngine(NormalEngine):
@@ -127,10 +130,10 @@ class IntranodeEngine(NormalEngine):
         c = config.num_channels
         r = self.num_ranks
         with call.alloc:
-            rank_prefix, recv_chan, send_chan, send_pos, call_status = empty_together(
+            memory, (rank_prefix, recv_chan, send_chan, send_pos, call_status) = words_together(
                 ((r + 1,), I32), ((r, c + 1), I32), ((r, c + 1), I32), ((num_tokens, r), I32), ((1,), I32))
         handle = IntranodeHandle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, rank_prefix,
-                                 recv_chan, send_chan, send_pos, in_rank, call_status)
+                                 recv_chan, send_chan, send_pos, call_status, in_rank, memory)
         self._phase("handle allocated", call.stream)
         seq = self._next_seq()
         e_local = num_experts // r

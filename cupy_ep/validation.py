@@ -281,19 +281,21 @@ def check_bias(bias, num_tokens, hidden, name="bias"):
     Returns:
         a tuple of the arrays present (0, 1 or 2 items).
     """
-    if bias is None:
-        return ()
-    if isinstance(bias, (tuple, list)):
-        if len(bias) > 2:
-            raise ValueError(f"{name}: at most two bias arrays, got {len(bias)}")
-        items = [(f"{name}[{i}]", b) for i, b in enumerate(bias) if b is not None]
-    else:
-        items = [(name, bias)]
-    out = []
+    if isinstance(bias, (tuple, list)) and len(bias) > 2:
+        raise ValueError(f"{name}: at most two bias arrays, got {len(bias)}")
+    items = _bias_items(bias, name)
     for nm, b in items:
         check_array(b, nm, dtypes=BF16_DTYPE, shape=(num_tokens, hidden))
-        out.append(b)
-    return tuple(out)
+    return tuple(b for _, b in items)
+
+
+def _bias_items(bias, name="bias"):
+    """The bias arrays present, each with its name for messages: ``[(name, array)]``."""
+    if bias is None:
+        return []
+    if isinstance(bias, (tuple, list)):
+        return [(f"{name}[{i}]", b) for i, b in enumerate(bias) if b is not None]
+    return [(name, bias)]
 
 
 def check_expert_alignment(expert_alignment):
@@ -591,14 +593,20 @@ def check_internode_args(num_rdma_ranks, num_rdma_bytes):
 
 
 def check_layout_call(topk_idx, num_experts, num_ranks):
-    """Check the arguments of ``get_dispatch_layout``; returns ``(num_tokens, num_topk)``."""
-    check_num_experts(num_experts, num_ranks)
-    if num_experts > limits.MAX_EXPERTS:
-        raise ValueError(f"num_experts: the normal mode serves at most {limits.MAX_EXPERTS} experts, got {num_experts}")
-    n, k = check_topk_idx(topk_idx)
-    if k > limits.MAX_NORMAL_TOPK:
-        raise ValueError(f"topk_idx: the normal mode serves at most {limits.MAX_NORMAL_TOPK} top-k columns, got {k}")
-    return n, k
+    """Check the arguments of ``get_dispatch_layout``; returns ``(num_tokens, num_topk)``.
+    Remembered once passed (:func:`_passed`)."""
+    def check():
+        check_num_experts(num_experts, num_ranks)
+        if num_experts > limits.MAX_EXPERTS:
+            raise ValueError(f"num_experts: the normal mode serves at most {limits.MAX_EXPERTS} experts, "
+                             f"got {num_experts}")
+        n, k = check_topk_idx(topk_idx)
+        if k > limits.MAX_NORMAL_TOPK:
+            raise ValueError(f"topk_idx: the normal mode serves at most {limits.MAX_NORMAL_TOPK} top-k columns, "
+                             f"got {k}")
+        return n, k
+
+    return _passed(_PASSED_LAYOUT, _facts_key(topk_idx, num_experts, num_ranks), check)
 
 
 def check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
@@ -647,15 +655,21 @@ def check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, nu
 def check_normal_combine(x, handle, topk_weights, bias):
     """``combine``: ``x`` bf16 ``[handle rows, H]``; optional float32 weights ``[handle rows, K]``
     with the dispatch's K (a dispatch without ``topk_idx`` takes none); biases bf16 ``[N, H]``.
-    Returns the bias arrays present (a tuple)."""
-    check_x(x, "x", allow_fp8=False, num_tokens=handle.num_rows)
-    if x.shape[1] != handle.hidden:
-        raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {x.shape[1]}")
-    if topk_weights is not None:
-        if handle.num_topk == 0:
-            raise ValueError("topk_weights: the dispatch that made handle had no topk_idx")
-        check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
-    return check_bias(bias, handle.num_tokens, handle.hidden)
+    Returns the bias arrays present (a tuple). Remembered once passed (:func:`_passed`)."""
+    def check():
+        check_x(x, "x", allow_fp8=False, num_tokens=handle.num_rows)
+        if x.shape[1] != handle.hidden:
+            raise ValueError(f"x: expected hidden size {handle.hidden} (the dispatch's), got {x.shape[1]}")
+        if topk_weights is not None:
+            if handle.num_topk == 0:
+                raise ValueError("topk_weights: the dispatch that made handle had no topk_idx")
+            check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
+        check_bias(bias, handle.num_tokens, handle.hidden)
+        return True
+
+    key = _facts_key(x, (handle.num_rows, handle.hidden, handle.num_topk, handle.num_tokens), topk_weights, bias)
+    _passed(_PASSED_COMBINE, key, check)
+    return tuple(b for _, b in _bias_items(bias))
 
 
 @dataclass(frozen=True)
@@ -688,21 +702,92 @@ def check_dispatch_call(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank
     """The arguments of a normal-mode ``dispatch``, the same on both backends (the handle's type
     and owner, and the config, are the caller's): ``x``, then a cached dispatch's
     (:func:`check_cached_dispatch`) or a new one's (:func:`check_normal_dispatch`), then whether
-    the buffers hold the tokens (:func:`check_normal_capacity`)."""
-    is_fp8, num_tokens, hidden = check_x(x)
-    routing = None
-    if handle is not None:
-        check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
-        num_topk = handle.num_topk
-    else:
-        num_experts = check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                            is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                                            expert_alignment, num_worst_tokens, num_ranks, num_ranks // num_nvl_ranks)
-        num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
-        routing = Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, num_experts, num_topk,
-                          num_tokens_per_rdma_rank)
-    check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes)
+    the buffers hold the tokens (:func:`check_normal_capacity`). Remembered once passed
+    (:func:`_passed`)."""
+    handle_facts = None if handle is None else \
+        (handle.num_tokens, handle.hidden, handle.num_rows, handle.num_topk)
+    key = _facts_key(x, handle_facts, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, num_ranks,
+                     num_nvl_ranks, num_nvl_bytes, num_rdma_bytes)
+
+    def check():
+        is_fp8, num_tokens, hidden = check_x(x)
+        num_experts = 0
+        if handle is not None:
+            check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
+            num_topk = handle.num_topk
+        else:
+            num_experts = check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                                is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                                expert_alignment, num_worst_tokens, num_ranks,
+                                                num_ranks // num_nvl_ranks)
+            num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+        check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes)
+        return is_fp8, num_tokens, hidden, num_topk, num_experts
+
+    is_fp8, num_tokens, hidden, num_topk, num_experts = _passed(_PASSED_DISPATCH, key, check)
+    routing = None if handle is not None else Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                                                      num_experts, num_topk, num_tokens_per_rdma_rank)
     return DispatchCall(is_fp8, num_tokens, hidden, num_topk, routing)
+
+
+# Results of argument checks that passed, by the facts they read (_facts_key): a call whose
+# arguments have the same facts as an earlier one that passed would pass again, so its checks are
+# not run again (they cost ~1-3 µs of host time per array). Each table is emptied when full.
+_PASSED_DISPATCH: dict = {}
+_PASSED_COMBINE: dict = {}
+_PASSED_LAYOUT: dict = {}
+_PASSED_MAX = 256
+
+
+def _passed(table: dict, key, check):
+    """``check()``'s result, remembered in ``table`` under ``key`` once it returned (raised:
+    nothing remembered, the next call checks again); ``key`` None: checked every time."""
+    if key is None:
+        return check()
+    result = table.get(key)
+    if result is None:
+        result = check()
+        if len(table) >= _PASSED_MAX:
+            table.clear()
+        table[key] = result
+    return result
+
+
+_SCALAR_TYPES = (int, bool, float, str, type(None))
+
+
+def _facts(value):
+    """What the argument checks read of one argument, hashable: an array's type, shape, dtype
+    and C-contiguity; a tuple's or list's items; a plain scalar's type and value. None for an
+    argument of another kind (its checks then run every call)."""
+    cls = type(value)
+    if cls in _ARRAY_TYPES:
+        shape = value.shape
+        if type(shape) is not tuple:
+            return None
+        contiguous = getattr(value, "_c_contiguous", None)   # CuPy's flag, without a flags object
+        if contiguous is None:
+            flags = getattr(value, "flags", None)
+            contiguous = None if flags is None else bool(flags.c_contiguous)
+        return cls, shape, value.dtype, contiguous
+    if cls in _SCALAR_TYPES or isinstance(value, np.integer):
+        return cls, value
+    if cls is tuple or cls is list:
+        items = [_facts(v) for v in value]
+        return None if None in items else (cls, *items)
+    return None
+
+
+def _facts_key(*values):
+    """The facts of every argument (:func:`_facts`) as one key, None if one has none."""
+    key = []
+    for v in values:
+        f = _facts(v)
+        if f is None:
+            return None
+        key.append(f)
+    return tuple(key)
 
 
 def check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes):

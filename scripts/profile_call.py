@@ -17,7 +17,7 @@ as a user times one call. Per op, medians over ``--calls`` calls:
   (Buffer._check_arrays/_check_config and every ``cupy_ep.validation`` function the Buffer
   calls), ``set-up`` (CallSteps.begin, Buffer._begin: pending reports, the call's streams),
   ``lookup`` (kernels and launch constants by call shape), ``alloc`` (cupy.empty/zeros and
-  cupy_ep's ``empty_together``),
+  cupy_ep's ``empty_together`` and ``words_together``),
   ``launch`` (Engine._launch: CuPy's argument conversion and the launch), ``wait`` (the host
   wait for notify's counts), ``publish`` (the output descriptor, earlier reports), ``finish``
   (StreamOrder.finish), ``other`` (the rest of the Python code: the timed call minus the
@@ -125,9 +125,10 @@ def instrument(sections: Sections) -> None:
     sections.wrap(engine.Engine, "_launch", "launch")
     sections.wrap(cupy, "empty", "alloc")
     sections.wrap(cupy, "zeros", "alloc")
-    for module in (intranode, internode, layout, low_latency, normal):   # each imported it by name
-        if "empty_together" in vars(module):
-            sections.wrap(module, "empty_together", "alloc")
+    for module in (intranode, internode, layout, low_latency, normal):   # each imported them by name
+        for name in ("empty_together", "words_together"):
+            if name in vars(module):
+                sections.wrap(module, name, "alloc")
     sections.wrap(normal.NormalEngine, "_wait_notify", "wait")
     sections.wrap(normal.NormalEngine, "_publish_outputs", "publish")
     sections.wrap(normal.NormalEngine, "_raise_earlier_report", "publish")

@@ -123,13 +123,21 @@ def test_peer_refusal_is_a_value_error_naming_the_ranks():
     assert str(e) == "ranks 1, 3 passed invalid input to dispatch; the call was cancelled on every rank (seen on rank 0)"
 
 
+class _Address(int):
+    """A fake allocation: an address with CuPy's ``ptr`` (views at an offset: ``base + offset``)."""
+
+    @property
+    def ptr(self):
+        return int(self)
+
+
 @pytest.fixture
 def fake_cupy(monkeypatch):
     """A cupy module whose arrays are placeholders (the engine allocates before its notify)."""
     module = ModuleType("cupy")
     module.int32 = np.int32
     module.empty = lambda shape, dtype=None: SimpleNamespace(shape=shape, dtype=dtype)
-    module.cuda = SimpleNamespace(alloc=lambda size: 0)   # engine.empty_together: one allocation, views in it
+    module.cuda = SimpleNamespace(alloc=lambda size: _Address(0))   # engine.empty_together / words_together
     module.ndarray = lambda shape, dtype=None, memptr=None: SimpleNamespace(shape=shape, dtype=dtype)
     monkeypatch.setitem(sys.modules, "cupy", module)
 

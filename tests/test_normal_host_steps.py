@@ -86,6 +86,23 @@ def test_empty_together_carves_aligned_disjoint_arrays(monkeypatch):
     assert starts == [0, 256, 2816, 2816] and all(s % 256 == 0 for s in starts)
 
 
+def test_words_together_gives_the_addresses_of_empty_together(monkeypatch):
+    from cupy_ep import engine
+
+    class Base:
+        ptr = 0x20000
+
+    allocs = []
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(alloc=lambda size: allocs.append(size) or Base())))
+    specs = (((5,), engine.I32), ((3, 100), engine.I64), ((0, 4), engine.F32), ((1,), engine.I32))
+    for _ in range(2):   # the second from the memoised layout
+        memory, addresses = engine.words_together(*specs)
+        assert isinstance(memory, Base) and all(type(a) is np.uint64 for a in addresses)
+        assert [int(a) - 0x20000 for a in addresses] == [0, 256, 2816, 2816]
+    assert allocs == [256 + 2560 + 0 + 256] * 2
+
+
 @pytest.mark.parametrize("fp8, num_topk", [(True, 8), (False, 8), (True, 0), (False, 0)])
 def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(monkeypatch, fp8, num_topk):
     import cupy_ep.normal as normal

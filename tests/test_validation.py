@@ -409,6 +409,47 @@ def test_check_normal_dispatch():
     assert V.check_normal_dispatch(3, lay[0] + 1, None, itr, lay[3], ti, tw, 1, 0, 2, 1) == 4
 
 
+def test_passed_checks_are_remembered_by_the_facts_they_read():
+    """check_dispatch_call, check_normal_combine and check_layout_call remember what passed by
+    the arguments' types, shapes, dtypes, contiguity and scalars: new arrays of the same facts
+    pass without the checks (and are the ones returned), others are checked, a refusal is not
+    remembered."""
+    itr = np.ones((3, 2), bool)
+
+    def dispatch(x, ti, alignment=1, handle=None):
+        lay = (None,) * 4 if handle else (itr.sum(0).astype(np.int32), None, itr, np.zeros(4, np.int32))
+        tw = None if ti is None else np.zeros(ti.shape, np.float32)
+        return V.check_dispatch_call(x, handle, *lay, ti, tw, alignment, 0, num_ranks=2, num_nvl_ranks=2,
+                                     num_nvl_bytes=1 << 30, num_rdma_bytes=0)
+
+    first, again = dispatch(bf16((3, 64)), np.zeros((3, 2), np.int64)), dispatch(bf16((3, 64)), np.zeros((3, 2),
+                                                                                                      np.int64))
+    assert (again.is_fp8, again.num_tokens, again.hidden, again.num_topk) == (False, 3, 64, 2)
+    assert again.routing.num_experts == 4 and again.routing.is_token_in_rank is itr
+    assert again.routing.num_tokens_per_rank is not first.routing.num_tokens_per_rank   # this call's arrays
+    with raises(ValueError, "topk_idx: must be C-contiguous"):
+        dispatch(bf16((3, 64)), np.zeros((2, 3), np.int64).T)
+    with raises(TypeError, "expert_alignment"):
+        dispatch(bf16((3, 64)), np.zeros((3, 2), np.int64), alignment=True)
+    assert dispatch(bf16((3, 64)), None, handle=_Handle()).routing is None
+    with raises(ValueError, "x: the cached handle was made for [3, 72]"):
+        dispatch(bf16((3, 64)), None, handle=_Handle(hidden=72))
+    for _ in range(2):   # refused twice: not remembered
+        with raises(ValueError, "expert_alignment"):
+            dispatch(bf16((3, 64)), np.zeros((3, 2), np.int64), alignment=0)
+
+    h = _Handle()
+    for _ in range(2):
+        assert V.check_normal_combine(bf16((5, 64)), h, None, (bf16((3, 64)), None))[0].shape == (3, 64)
+    h.num_rows = 4   # a handle's facts are part of the key
+    with raises(ValueError, "x: expected 4 rows"):
+        V.check_normal_combine(bf16((5, 64)), h, None, None)
+    for _ in range(2):
+        assert V.check_layout_call(np.zeros((3, 2), np.int32), 8, 4) == (3, 2)
+    with raises(ValueError, "num_experts"):
+        V.check_layout_call(np.zeros((3, 2), np.int32), 6, 4)
+
+
 def test_capacity_checks():
     """The buffer sizes the size hints give hold what they were computed for, and no more."""
     from cupy_ep import geometry as G
