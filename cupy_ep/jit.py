@@ -343,9 +343,14 @@ def _load(cubin: Path, cooperative: bool):
 def _agree(comm, what: str, fn):
     """Runs ``fn()``; with ``comm`` (a communicator or a Buffer's
     :class:`cupy_ep.collective.CallSteps`), all ranks learn whether it failed anywhere and every
-    rank raises :class:`CompileError` naming the failing ranks (with their messages) if so."""
+    rank raises :class:`CompileError` naming the failing ranks (with their messages) if so.
+
+    Every rank first meets the others (one round, nothing exchanged): over a Buffer's host steps
+    that is where a peer's refusal or absence in the call is learnt, before a compilation that may
+    take longer than ``timeout_s``, while a refusing rank's cancelled part waits on the device."""
     if comm is None:
         return fn()
+    comm.allgather(None)
     result, error, message = None, None, None
     try:
         result = fn()

@@ -3,7 +3,8 @@ threads over a fake communicator whose point-to-point messages really travel bet
 
 Checked: the compile agreement of a call is bounded by timeout_s (an absent rank makes the
 others raise CommTimeoutError with ``.peers``, and nothing is cached), a rank that refused its
-arguments makes the peers that compile raise ValueError naming it at once, and the calls after
+arguments makes the peers that compile raise ValueError naming it at once (before they
+compile), and the calls after
 either of them agree again (the call count keeps the ranks' steps matched). Shrink mode's host
 steps: a rank absent from a barrier is left out and masked, and the rejoin brings the ranks'
 call counts back together."""
@@ -161,6 +162,21 @@ def test_a_refused_rank_cancels_the_call_on_the_others_at_once():
         assert took < TIMEOUT_S, took   # promptly, not after a timeout
     (first, second), _ = results[1]
     assert str(first) == "x: bad on rank 1" and second == [0, 1, 2]
+
+
+def test_a_refusal_is_learnt_before_anything_compiles():
+    """The refusing rank's cancelled part waits on the device for its peers' kernels: a peer
+    must not compile (maybe for longer than timeout_s) before it learns of the refusal."""
+    built = []
+
+    def good(s):
+        with s.begin("low_latency_dispatch"):
+            pass
+        return outcome(s, lambda: jit._agree(s, "compiling low_latency.cu", lambda: built.append(s.Get_rank())))
+
+    results = run_ranks(good, lambda s: outcome(s, lambda: call(s, "low_latency_dispatch", 1, refuse=True)))
+    assert isinstance(results[0][0], ValueError) and "rank 1 passed invalid input" in str(results[0][0])
+    assert built == []
 
 
 def test_a_refusal_that_no_peer_reads_leaves_the_later_calls_matched():
