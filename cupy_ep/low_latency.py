@@ -159,10 +159,11 @@ class LowLatencyEngine(Engine):
                              + "); use 'auto' or 'rdma'")
         self.num_blocks = min(b for b, _ in views)
         self.rdma = any(p == 0 for p in peers)
-        self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
-        # the cancelled parts of a refused call (collective: every rank makes the engine)
+        # The cancelled parts of a refused call: compiled collectively (agreed), before any step
+        # that can fail on one rank alone.
         cancel = self._module(RDMA_CANCEL_FILE if self.rdma else CANCEL_FILE, {}, nvshmem=self.rdma)
         self._cancelled = {name: self._entry(cancel, f"ll_{name}_cancelled") for name in ("dispatch", "combine")}
+        self.peer_table = cupy.asarray(np.array(peers, dtype=np.uint64))
 
         self.geom = geometry.LLGeometry(self.num_ranks, self.num_bytes)
         self._functions: dict = {}
