@@ -15,6 +15,7 @@ import os
 from contextlib import contextmanager
 from typing import Optional
 
+import cupy
 import numpy as np
 
 from . import bootstrap, limits, validation
@@ -124,8 +125,6 @@ class Buffer:
 
     def _create_local(self, num_nvl_bytes) -> None:
         """This rank's GPU, status record, stream, layout engine and NVLink memory (no peer)."""
-        import cupy
-
         self.device_id = bootstrap.select_device(self.topology)
         self._status = StatusRecord()
         self._streams = StreamOrder(cupy.cuda.Stream(non_blocking=True))
@@ -183,8 +182,6 @@ class Buffer:
         """Frees every buffer, stream and handle (collective). Idempotent."""
         if self._destroyed:
             return
-        import cupy
-
         self._destroyed = True
         cupy.cuda.runtime.deviceSynchronize()
         self.comm.Barrier()
@@ -232,8 +229,6 @@ class Buffer:
         """
         self._require_alive()
         if synchronize:
-            import cupy
-
             cupy.cuda.runtime.deviceSynchronize()
         self._raise_reports(every_report=True)
 
@@ -332,8 +327,6 @@ class Buffer:
                 self._check_array(name, arr)
 
     def _check_array(self, name: str, a) -> None:
-        import cupy
-
         if not isinstance(a, cupy.ndarray):
             raise TypeError(f"{name}: expected a CuPy array on this rank's GPU (device "
                             f"{self.device_id}), got {type(a).__module__}.{type(a).__name__}")
@@ -387,8 +380,6 @@ class Buffer:
     @staticmethod
     def capture() -> EventOverlap:
         """An :class:`EventOverlap` recorded now on the current stream (for ``previous_event=``)."""
-        import cupy
-
         return EventOverlap(cupy.cuda.get_current_stream().record())
 
     # -- layout -------------------------------------------------------------------------------
@@ -770,8 +761,6 @@ class Buffer:
         devices, agree where to resume numbering their calls (a masked rank skipped some), reset
         the low-latency signalling state (as :meth:`clean_low_latency_buffer`) and their masks;
         a rank that does not arrive stays (or becomes) masked."""
-        import cupy
-
         engine = self._require_shrink()
         cupy.cuda.runtime.deviceSynchronize()
         absent = self._calls.rejoin("low_latency_clean_mask_buffer", engine.reset)

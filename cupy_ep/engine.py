@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from math import prod
 
+import cupy
 import numpy as np
 
 from . import jit
@@ -33,8 +34,6 @@ def empty_together(*specs) -> list:
     each) instead of one per array (a view costs about a µs). The memory returns to the pool
     when the last of them is freed, so only arrays that live about as long as each other (a
     handle's, or a call's small outputs) belong together."""
-    import cupy
-
     offsets, total = _layout(specs)
     base = cupy.cuda.alloc(total)
     return [cupy.ndarray(shape, dtype, memptr=base + offset) for (shape, dtype), offset in zip(specs, offsets)]
@@ -45,8 +44,6 @@ def words_together(*specs) -> tuple:
     routing state): ``(allocation, [address of each part as a np.uint64 kernel argument])``, no
     array object per part (≈ 1 µs of host time each). The memory lives as long as the allocation
     (a ``cupy.cuda.MemoryPointer``) is referenced."""
-    import cupy
-
     offsets, total = _layout(specs)
     base = cupy.cuda.alloc(total)
     ptr = base.ptr

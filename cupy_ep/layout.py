@@ -7,6 +7,7 @@ cancels itself on every rank because of it (see :mod:`cupy_ep.intranode`).
 """
 from __future__ import annotations
 
+import cupy
 import numpy as np
 
 from .engine import BOOL, I32, Engine, empty_together
@@ -39,8 +40,6 @@ class LayoutEngine(Engine):
         """Returns ``(per_rank int32 [R], per_rdma_rank int32 [N] or None, per_expert int32 [E],
         is_token_in_rank bool [T, R])``. ``call``: the :class:`cupy_ep.event.Call` (outputs
         allocated in ``call.alloc``, the kernel launched on ``call.stream``)."""
-        import cupy
-
         num_tokens, num_topk = topk_idx.shape
         r, n = self.num_ranks, self.num_rdma_ranks
         stream = call.stream

@@ -77,6 +77,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cupy
+import ml_dtypes
 import numpy as np
 
 from . import geometry, limits
@@ -110,8 +112,6 @@ class LLHandlePrivate:
 
 
 def _sm_count() -> int:
-    import cupy
-
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
 
@@ -132,8 +132,6 @@ class LowLatencyEngine(Engine):
     """
 
     def __init__(self, comm, sym, status, timeout_ns, num_sms=None, transport="auto", chaos=False, shrink=False):
-        import cupy
-
         super().__init__(comm, status, timeout_ns, chaos)
         self.transport = transport   # checked by validation.check_buffer_args
         self.shrink = bool(shrink)
@@ -204,9 +202,6 @@ class LowLatencyEngine(Engine):
         launched on ``call.stream``). With ``return_recv_hook`` only the send kernel is launched;
         ``hook(call)`` launches the receive kernel on that call's stream.
         """
-        import cupy
-        import ml_dtypes
-
         R = self.num_ranks
         M, E = int(M), int(num_experts)
         N, H = (int(v) for v in x.shape)
@@ -299,9 +294,6 @@ class LowLatencyEngine(Engine):
         """The bf16 ``[E_local, R*M, H]`` array that ``combine(..., zero_copy=True)`` reads (the same
         array for every handle of that shape). The expert outputs are read only locally by this
         design, so it is ordinary device memory, not part of the symmetric buffer."""
-        import cupy
-        import ml_dtypes
-
         M, H, E = (int(v) for v in handle[2:5])
         shape = (E // self.num_ranks, self.num_ranks * M, H)
         buf = self._combine_buffers.get(shape)
@@ -318,9 +310,6 @@ class LowLatencyEngine(Engine):
         Partial sums cross the link as bf16 (one extra rounding per expert rank) or, with
         ``use_logfmt``, as LogFMT-10 rows (:mod:`cupy_ep.logfmt`, bit-identical to the reference);
         every accumulation is float32."""
-        import cupy
-        import ml_dtypes
-
         priv: LLHandlePrivate = handle[5]
         M, H, E, K, N = priv.m, priv.hidden, priv.num_experts, priv.topk, priv.num_tokens
         try:
@@ -367,8 +356,6 @@ class LowLatencyEngine(Engine):
         """Zeroes every signal of both halves and the engine's counters, and resets the half
         toggles (collective: every rank must call it; synchronises the device and the ranks,
         through ``barrier()``: the Buffer's bounded host step)."""
-        import cupy
-
         cupy.cuda.runtime.deviceSynchronize()
         barrier()
         self.reset()
@@ -377,8 +364,6 @@ class LowLatencyEngine(Engine):
     def reset(self) -> None:
         """:meth:`clean`'s local part, between its barriers: every signal, counter and half
         toggle back to its initial state (the device synchronised after)."""
-        import cupy
-
         cupy.cuda.runtime.memset(self.base, 0, self.geom.ctrl_bytes)
         self._scratch_d.fill(0)
         self._scratch_c.fill(0)
@@ -387,15 +372,11 @@ class LowLatencyEngine(Engine):
 
     def masked_ranks(self) -> list:
         """Shrink mode: the ranks this rank's mask holds now (waits for the device)."""
-        import cupy
-
         cupy.cuda.runtime.deviceSynchronize()
         return np.flatnonzero(cupy.asnumpy(self.mask)).tolist()
 
     def set_mask(self, ranks, value: int) -> None:
         """Shrink mode: ``mask[r] = value`` for each r of ``ranks`` (on the current stream)."""
-        import cupy
-
         ranks = sorted(ranks)
         if ranks:
             self.mask[cupy.asarray(ranks)] = value

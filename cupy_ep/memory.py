@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 
+import cupy
 import numpy as np
 
 from . import limits
@@ -20,9 +21,8 @@ class HostMapped:
     """
 
     def __init__(self, nbytes: int):
-        from cupy.cuda import runtime
-
         self.nbytes = nbytes
+        runtime = cupy.cuda.runtime
         self.ptr = runtime.hostAlloc(nbytes, runtime.hostAllocMapped | runtime.hostAllocPortable)
         raw = (ctypes.c_uint8 * nbytes).from_address(self.ptr)
         self.host = np.frombuffer(raw, dtype=np.uint8)
@@ -34,10 +34,8 @@ class HostMapped:
 
     def free(self) -> None:
         if self.ptr:
-            from cupy.cuda import runtime
-
             self.host = None
-            runtime.freeHost(self.ptr)
+            cupy.cuda.runtime.freeHost(self.ptr)
             self.ptr = 0
 
 
@@ -51,8 +49,6 @@ class StatusRecord:
     """
 
     def __init__(self):
-        import cupy
-
         self._mirror = HostMapped(limits.STATUS_RECORD_INTS * 4)
         self.fields = self._mirror.view(np.int32, limits.STATUS_RECORD_INTS)
         try:
@@ -80,8 +76,6 @@ class StatusRecord:
     def take(self):
         """The exception for the reported status (None when nothing was reported). Waits for the
         device first, so that the report is complete; clears every report but a timeout."""
-        import cupy
-
         if self.status == limits.ST_OK:
             return None
         cupy.cuda.runtime.deviceSynchronize()
@@ -110,25 +104,21 @@ class NVLinkBuffer:
     """
 
     def __init__(self, nvl_comm, num_bytes: int):
-        from cupy.cuda import runtime
-
         self.num_bytes = num_bytes
         self.nvl_comm = nvl_comm
         self.rank = nvl_comm.Get_rank()
         self.peer_ptrs = self.peer_table = None
-        self.local_ptr = runtime.malloc(num_bytes)
+        self.local_ptr = cupy.cuda.runtime.malloc(num_bytes)
         try:
-            runtime.memset(self.local_ptr, 0, num_bytes)
-            runtime.deviceSynchronize()
+            cupy.cuda.runtime.memset(self.local_ptr, 0, num_bytes)
+            cupy.cuda.runtime.deviceSynchronize()
         except Exception:
-            runtime.free(self.local_ptr)
+            cupy.cuda.runtime.free(self.local_ptr)
             raise
 
     def open_peers(self) -> None:
         """Maps every peer's allocation (collective over the domain). When any rank fails, every
         rank raises CupyEpError, with its own allocation freed once no peer has it open."""
-        import cupy
-
         from .bootstrap import exchange_ipc_handles
 
         try:
@@ -143,27 +133,23 @@ class NVLinkBuffer:
         :meth:`open_peers` succeeded, local before (no peer has it open then)."""
         if not self.local_ptr:
             return
-        from cupy.cuda import runtime
-
         if self.peer_ptrs is None:
-            runtime.free(self.local_ptr)
+            cupy.cuda.runtime.free(self.local_ptr)
             self.local_ptr = 0
             return
         from .bootstrap import close_ipc_handles
 
         try:
-            runtime.deviceSynchronize()
+            cupy.cuda.runtime.deviceSynchronize()
             close_ipc_handles(self.peer_ptrs, self.rank)
         finally:   # the peers wait in the barrier: reach it whatever failed here
             self._free_after_barrier()
 
     def _free_after_barrier(self) -> None:
-        from cupy.cuda import runtime
-
         # Freeing an allocation that a peer still has open is undefined (cudaIpcCloseMemHandle
         # documentation); on one shared GPU it kept the memory allocated.
         self.nvl_comm.Barrier()
-        runtime.free(self.local_ptr)
+        cupy.cuda.runtime.free(self.local_ptr)
         self.local_ptr = 0
 
 
@@ -194,8 +180,6 @@ class SymmetricBuffer:
 
     def _map(self, num_ranks: int) -> None:
         """Zeroes this rank's buffer and finds the peers' (local)."""
-        import cupy
-
         from .bootstrap import nvshmem_peer_ptrs
 
         self.array.fill(0)
@@ -206,7 +190,6 @@ class SymmetricBuffer:
 
     def free(self, comm) -> None:
         if self.array is not None:
-            import cupy
             import nvshmem.core.interop.cupy as nvcupy
 
             from .bootstrap import release_nvshmem

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cupy
 import numpy as np
 
 from . import limits
@@ -87,8 +88,6 @@ class NormalEngine(Engine):
 
     def _combine_outputs(self, x, handle: NormalHandle, topk_weights, call):
         """combined_x bf16 ``[N, H]`` and combined_topk_weights float32 ``[N, K]`` (None without weights)."""
-        import cupy
-
         with call.alloc:
             combined_x = cupy.empty((handle.num_tokens, handle.hidden), dtype=x.dtype)
             combined_w = None if topk_weights is None else \
@@ -122,8 +121,6 @@ class NormalEngine(Engine):
         return None, self._described_outputs(seq)
 
     def _alloc_outputs(self, data, scales, num_topk: int, rows: int, call):
-        import cupy
-
         specs = ([((rows, scales.shape[1]), F32)] if scales is not None else []) + \
             ([((rows, num_topk), I64), ((rows, num_topk), F32)] if num_topk else [])
         with call.alloc:

@@ -26,6 +26,8 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 
+import cupy
+
 from . import limits
 
 
@@ -42,8 +44,6 @@ class Profile:
     # -- recording (engines and Buffer) -------------------------------------------------------
     @contextmanager
     def kernel(self, name: str, stream):
-        import cupy
-
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
         yield
@@ -52,8 +52,6 @@ class Profile:
 
     def phase_buffer(self, kernel: str, num_blocks: int, names: dict):
         """A zeroed device buffer for one launch's checkpoints (pass its pointer to the kernel)."""
-        import cupy
-
         buf = cupy.zeros((num_blocks, limits.PROF_SLOTS), dtype=cupy.uint64)
         self._phases.append((kernel, buf, dict(names)))
         return buf
@@ -70,8 +68,6 @@ class Profile:
         current stream when None) and the host clock."""
         if self._open is None:
             return
-        import cupy
-
         event = cupy.cuda.Event()
         event.record(stream)
         self._open.append((phase, event, time.perf_counter_ns()))
@@ -84,8 +80,6 @@ class Profile:
     # -- reading ------------------------------------------------------------------------------
     def kernel_times_us(self) -> dict:
         """``{kernel name: [µs per launch]}``."""
-        import cupy
-
         out = defaultdict(list)
         for name, start, end in self._kernels:
             end.synchronize()
@@ -95,8 +89,6 @@ class Profile:
     def phase_marks_us(self) -> dict:
         """``{"kernel: phase": [µs from the kernel's earliest block start, per launch]}``; "end"
         is the kernel's duration on the GPU."""
-        import cupy
-
         out = defaultdict(list)
         for kernel, buf, names in self._phases:
             marks = cupy.asnumpy(buf).astype("int64")
@@ -113,8 +105,6 @@ class Profile:
         """``{call name: {phase: (GPU µs, host µs)}}``, medians over the recorded calls: the time
         from the previous phase boundary to this one on the launch stream's timeline (host gaps
         included) and on the host's clock."""
-        import cupy
-
         per_call = defaultdict(lambda: defaultdict(lambda: ([], [])))
         for name, marks in self._calls:
             for (_, e0, h0), (phase, e1, h1) in zip(marks, marks[1:]):

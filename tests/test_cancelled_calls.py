@@ -133,13 +133,16 @@ class _Address(int):
 
 @pytest.fixture
 def fake_cupy(monkeypatch):
-    """A cupy module whose arrays are placeholders (the engine allocates before its notify)."""
+    """A cupy module whose arrays are placeholders (the engine allocates before its notify), in
+    every loaded cupy_ep module that imports CuPy at its top."""
     module = ModuleType("cupy")
     module.int32 = np.int32
     module.empty = lambda shape, dtype=None: SimpleNamespace(shape=shape, dtype=dtype)
     module.cuda = SimpleNamespace(alloc=lambda size: _Address(0))   # engine.empty_together / words_together
     module.ndarray = lambda shape, dtype=None, memptr=None: SimpleNamespace(shape=shape, dtype=dtype)
-    monkeypatch.setitem(sys.modules, "cupy", module)
+    for name, loaded in list(sys.modules.items()):
+        if name.startswith("cupy_ep.") and getattr(loaded, "cupy", None) is not None:
+            monkeypatch.setattr(loaded, "cupy", module)
 
 
 class NullContext:

@@ -2,7 +2,6 @@
 GPU: the outputs' addresses and row count are published in the descriptor, its sequence number
 last, before the per-expert counts are read; a cancelled call publishes "drop every row"."""
 import contextlib
-import sys
 import types
 
 import numpy as np
@@ -78,7 +77,7 @@ def test_empty_together_carves_aligned_disjoint_arrays(monkeypatch):
 
     fake = types.SimpleNamespace(cuda=types.SimpleNamespace(alloc=alloc),
                                  ndarray=lambda shape, dtype, memptr: (shape, dtype, memptr.ptr))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(engine, "cupy", fake)
     specs = [((5,), engine.I32), ((3, 100), engine.I64), ((0, 4), engine.F32), ((1,), engine.I32)]
     got = engine.empty_together(*specs)
     assert [(s, d) for s, d, _ in got] == specs and allocs == [256 + 2560 + 0 + 256]
@@ -93,7 +92,7 @@ def test_words_together_gives_the_addresses_of_empty_together(monkeypatch):
         ptr = 0x20000
 
     allocs = []
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+    monkeypatch.setattr(engine, "cupy", types.SimpleNamespace(
         cuda=types.SimpleNamespace(alloc=lambda size: allocs.append(size) or Base())))
     specs = (((5,), engine.I32), ((3, 100), engine.I64), ((0, 4), engine.F32), ((1,), engine.I32))
     for _ in range(2):   # the second from the memoised layout
@@ -109,7 +108,7 @@ def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(mon
 
     monkeypatch.setattr(normal, "empty_together", lambda *specs: [("together", s, d) for s, d in specs])
     fake = types.SimpleNamespace(empty=lambda shape, dtype: ("alone", shape, np.dtype(dtype)), float32=np.float32)
-    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(normal, "cupy", fake)
     eng, _ = _engine(_host_out(1, 0, []))
     del eng._alloc_outputs   # the real one
     data = np.zeros((4, 256), np.uint8 if fp8 else np.float32)
@@ -127,8 +126,7 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     import cupy_ep.layout as layout
 
     monkeypatch.setattr(layout, "empty_together", lambda *specs: [("view", s, d) for s, d in specs])
-    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
-        zeros=lambda n, dtype: ("zeros", n), int32=np.int32))
+    monkeypatch.setattr(layout, "cupy", types.SimpleNamespace(zeros=lambda n, dtype: ("zeros", n), int32=np.int32))
     eng = layout.LayoutEngine.__new__(layout.LayoutEngine)
     eng.num_ranks, eng.num_rdma_ranks, eng.rank, eng.profile = ranks, rdma_ranks, 0, None
     eng._scratch, eng.status_arg = {}, np.uint64(99)

@@ -58,10 +58,12 @@ def test_unknown_attribute_is_an_attribute_error():
 
 
 @pytest.mark.skipif(not HAS_CUPY, reason="needs the cuda13 extra")
-def test_gpu_buffer_loads_lazily_without_importing_cupy():
+def test_gpu_buffer_loads_on_first_use():
+    """``import cupy_ep`` imports no CuPy; the first ``cupy_ep.Buffer`` loads the GPU modules,
+    which import CuPy at their top."""
     proc = subprocess.run([sys.executable, "-c",
                            f"import sys; sys.path.insert(0, {str(REPO)!r}); import cupy_ep; "
-                           "B = cupy_ep.Buffer; from cupy_ep.buffer import Buffer; assert B is Buffer; "
-                           "assert 'cupy' not in sys.modules, 'loading cupy_ep.Buffer imported cupy'"],
+                           "assert 'cupy' not in sys.modules, 'importing cupy_ep imported cupy'; "
+                           "B = cupy_ep.Buffer; from cupy_ep.buffer import Buffer; assert B is Buffer"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
