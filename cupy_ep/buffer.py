@@ -48,8 +48,8 @@ class Buffer:
             needs a Buffer of its own.
         num_nvl_peers: size of an NVLink domain (default: the ranks sharing a host). Smaller
             domains let one host stand in for several hosts (internode mode on one machine).
-        num_sms: SMs of the normal-mode kernels (default: tuned per rank count) and of the
-            low-latency kernels (default: every SM).
+        num_sms: SMs of the normal-mode kernels (default: ``Config()``'s, one default for every
+            rank count) and of the low-latency kernels (default: every SM).
         timeout_s: bound of every wait on another rank; past it the waiting ranks raise
             :class:`cupy_ep.CommTimeoutError` (after a kernel's wait the Buffer must then be
             destroyed; after a host step's, ``.host`` is True and the Buffer stays usable).
@@ -443,7 +443,8 @@ class Buffer:
                 ``recv_x`` is unspecified; ``num_recv_tokens_per_expert_list`` is ``[]``. If some rank
                 receives more rows, the rows past the limit are dropped and :meth:`check` (or else
                 the next non-cached dispatch) raises :class:`cupy_ep.TokenOverflowError` on every rank.
-            config: :class:`Config` (default: tuned for this rank count).
+            config: :class:`Config` (default: the Buffer's, ``Config(num_sms)`` or ``Config()``, the
+                same for every rank count).
             previous_event, async_finish, allocate_on_comm_stream: see docs/api.md, "Streams and events".
 
         Returns:
@@ -694,7 +695,7 @@ class Buffer:
         return combined, event, self._wrap_hook(hook)
 
     def _wrap_hook(self, hook):
-        """A hook runs its receive kernel on the comm stream, ordered like any synchronous call."""
+        """A hook runs its receive kernel as a synchronous call: on the stream current when it is called."""
         if hook is None:
             return None
 
