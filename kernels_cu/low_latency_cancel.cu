@@ -18,6 +18,9 @@
 // compile (a compile agreement the peers would not join). One block; any block size.
 // Compiled with LL_RDMA=1 (from low_latency_cancel_rdma.cu) it signals peers without a mapping
 // (peers[r] == 0) through NVSHMEM, as the call's kernels of low_latency_rdma.cu do.
+//
+// @constants CHAOS=0
+// @constants CHAOS=1
 #include "common.cuh"
 #include "ll_signals.cuh"
 
