@@ -717,6 +717,21 @@ class Buffer:
         tensors = (x, topk_idx, topk_weights, handle[0], handle[1], combined_x, combine_wait_recv_cost_stats)
         return combined_x, self._overlap(event, async_finish, tensors), hook
 
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Shrink mode (``enable_shrink=True``, passed through to cupy_ep): masks or unmasks a rank here."""
+        with self._call():
+            self.cupy_ep_buffer.low_latency_update_mask_buffer(rank_to_mask, mask)
+
+    def low_latency_query_mask_buffer(self, mask_status) -> None:
+        """Shrink mode: this rank's mask into ``mask_status`` (int32 CUDA tensor ``[R]``, 1 = masked)."""
+        with self._call():
+            self.cupy_ep_buffer.low_latency_query_mask_buffer(to_cupy(mask_status))
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Shrink mode: unmasks the ranks that make this call too (collective, unlike DeepEP's)."""
+        with self._call():
+            self.cupy_ep_buffer.low_latency_clean_mask_buffer()
+
     def get_next_low_latency_combine_buffer(self, handle):
         """The bf16 ``[E_local, R*M, H]`` tensor to write expert outputs into for ``zero_copy=True``."""
         with self._call():

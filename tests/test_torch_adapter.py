@@ -48,6 +48,9 @@ DEEPEP_SIGNATURES = {
     "low_latency_combine": ["x", "topk_idx", "topk_weights", "handle", "use_logfmt", "zero_copy", "async_finish",
                             "return_recv_hook", "out", "combine_wait_recv_cost_stats"],
     "get_next_low_latency_combine_buffer": ["handle"],
+    "low_latency_update_mask_buffer": ["rank_to_mask", "mask"],   # shrink mode: DeepEP after v1.2.1
+    "low_latency_query_mask_buffer": ["mask_status"],
+    "low_latency_clean_mask_buffer": [],
     "clean_low_latency_buffer": ["num_max_dispatch_tokens_per_rank", "hidden", "num_experts"],
     "get_low_latency_rdma_size_hint": ["num_max_dispatch_tokens_per_rank", "hidden", "num_ranks", "num_experts"],
     "get_dispatch_config": ["num_ranks"],
@@ -412,7 +415,8 @@ class _Inner:
                "dispatch": ("recv_x", None, None, None, None, None),
                "combine": ("combined_x", None, None),
                "low_latency_dispatch": ("recv_x", "recv_count", ("src_info", "layout_range", 1, 2, 3), None, None),
-               "low_latency_combine": ("combined_x", None, None)}
+               "low_latency_combine": ("combined_x", None, None),
+               "low_latency_update_mask_buffer": None, "low_latency_query_mask_buffer": None}
 
     def __init__(self):
         self.bound = {}
@@ -482,6 +486,8 @@ def test_low_latency_calls_pass_arguments_by_name(mapped):
                        zero_copy="zero_copy", async_finish="async_finish", return_recv_hook="return_recv_hook",
                        out="out", combine_wait_recv_cost_stats="wait stats"),
                   {"handle": "cupy_ep handle"})
+    _check_mapped(mapped, "low_latency_update_mask_buffer", dict(rank_to_mask=1, mask="mask"))
+    _check_mapped(mapped, "low_latency_query_mask_buffer", dict(mask_status="mask status"))
 
 
 @pytest.mark.parametrize("num_rdma_ranks", [1, 2], ids=["one domain", "two domains"])
