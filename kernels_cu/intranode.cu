@@ -183,8 +183,8 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
 }
 
 // ---------------------------------------------------------------------------------------------
-// Notify (one block): barrier; count this rank's rows per (destination, channel); check the
-// routing; tell every peer its counts, this rank's counts for everyone and whether the input
+// Notify (one block): count this rank's rows per (destination, channel); check the routing;
+// barrier; tell every peer its counts, this rank's counts for everyone and whether the input
 // was bad; then read what peers sent and compute where each source's rows start in recv_x.
 // A call any rank had bad input for is cancelled on every rank (call_status = 1, nothing is
 // sent); with num_worst_tokens, a rank that would receive more rows than allowed is known to
@@ -208,9 +208,9 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     load_peers(peers, s_peer);
     char* me = s_peer[rank];
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_NOTIFY_DISPATCH, rank);
-    const int epoch = domain_barrier(s_peer, rank, w);
-    if (epoch == 0) return;
 
+    // The counts and checks read only this rank's arguments, so they come before the barrier:
+    // a rank that arrives early checks while it would otherwise wait.
     // Rows this rank sends to each destination, per channel: each lane counts its tokens for
     // every rank (loads independent of each other, several in flight), then the warp sums.
     for (int c = warp; c < NUM_CHANNELS; c += NUM_WARPS) {
@@ -238,6 +238,8 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     const bool bad = __syncthreads_or(routing_is_bad(rank, num_tokens, topk_idx, is_token_in_rank,
                                                      num_tokens_per_rank, num_tokens_per_expert, s_chan, err) ||
                                       bad_input_pending(err));
+    const int epoch = domain_barrier(s_peer, rank, w);   // the peers are done with this rank's slots
+    if (epoch == 0) return;
 
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS) {
         const int r = i / CP, c = i % CP;

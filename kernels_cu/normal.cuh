@@ -32,51 +32,75 @@ __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tok
     __shared__ int s_expert[E];
     for (int e = threadIdx.x; e < E; e += NUM_THREADS) s_expert[e] = 0;
     __syncthreads();
-    for (int t = threadIdx.x; t < num_tokens; t += NUM_THREADS) {
-        // Every load of the token is issued before any result is judged: its top-k row, then
-        // is_token_in_rank at each slot that opens a new rank and the token's whole
-        // is_token_in_rank row. (Loading each slot after judging the previous one cost a memory
-        // round trip per slot, about TOPK of them per token, with one block for every token.)
-        i64 ids[TOPK];
+    // A thread judges its tokens TOKEN_BATCH at a time, every load of the batch issued before any
+    // result is judged: each token's top-k row and its is_token_in_rank row. Up to 32 ranks the
+    // row is kept as a bit mask, so that the mark at each slot's rank is read from registers; with
+    // more ranks the marks at the slots that open a new rank are loaded after the ids. (One block
+    // checks every token of the rank: at 4096 tokens, 1024 threads, 4 tokens a thread, this is 2
+    // memory round trips a thread instead of 2 a token.)
+    constexpr int TOKEN_BATCH = 2;
+    for (int t0 = threadIdx.x; t0 < num_tokens; t0 += NUM_THREADS * TOKEN_BATCH) {
+        i64 ids[TOKEN_BATCH][TOPK];
+        u32 marks[TOKEN_BATCH];   // bit r: is_token_in_rank[t, r] (NUM_RANKS <= 32)
+        int num_marked[TOKEN_BATCH];
 #pragma unroll
-        for (int k = 0; k < TOPK; ++k) ids[k] = (i64)topk_idx[(i64)t * TOPK + k];
-        int rank_of[TOPK];   // the rank of slot k's expert, -1 for no or a bad expert
-        bool opens[TOPK];    // slot k is the first slot on its rank (in top-k order)
+        for (int b = 0; b < TOKEN_BATCH; ++b) {
+            const int t = t0 + b * NUM_THREADS;
+            marks[b] = 0;
+            num_marked[b] = 0;
+            if (t >= num_tokens) continue;
 #pragma unroll
-        for (int k = 0; k < TOPK; ++k) {
-            rank_of[k] = (ids[k] >= 0 && ids[k] < E) ? (int)ids[k] / E_LOCAL : -1;
-            opens[k] = rank_of[k] >= 0;
-#pragma unroll
-            for (int j = 0; j < k; ++j) opens[k] = opens[k] && rank_of[j] != rank_of[k];
-        }
-        bool marked_at[TOPK];
-#pragma unroll
-        for (int k = 0; k < TOPK; ++k) marked_at[k] = !opens[k] || in_rank[(i64)t * NUM_RANKS + rank_of[k]];
-        int num_marked = 0;
+            for (int k = 0; k < TOPK; ++k) ids[b][k] = (i64)topk_idx[(i64)t * TOPK + k];
 #pragma unroll 8
-        for (int r = 0; r < NUM_RANKS; ++r) num_marked += in_rank[(i64)t * NUM_RANKS + r] ? 1 : 0;
-
-        int num_token_ranks = 0;   // the distinct ranks of the token's experts
-#pragma unroll
-        for (int k = 0; k < TOPK; ++k) {
-            const i64 e = ids[k];
-            if (e == -1) continue;
-            if (e < -1 || e >= E) {
-                record_error(err, ST_BAD_EXPERT, kernel, rank, -1, (int)e, t);
-                bad = true;
-                continue;
+            for (int r = 0; r < NUM_RANKS; ++r) {
+                const bool m = in_rank[(i64)t * NUM_RANKS + r] != 0;
+                num_marked[b] += m ? 1 : 0;
+                if (NUM_RANKS <= 32) marks[b] |= (m ? 1u : 0u) << (r & 31);
             }
-            atomicAdd(&s_expert[e], 1);
-            if (!opens[k]) continue;
-            ++num_token_ranks;
-            if (!marked_at[k]) {
+        }
+#pragma unroll
+        for (int b = 0; b < TOKEN_BATCH; ++b) {
+            const int t = t0 + b * NUM_THREADS;
+            if (t >= num_tokens) continue;
+            int rank_of[TOPK];   // the rank of slot k's expert, -1 for no or a bad expert
+            bool opens[TOPK];    // slot k is the first slot on its rank (in top-k order)
+#pragma unroll
+            for (int k = 0; k < TOPK; ++k) {
+                rank_of[k] = (ids[b][k] >= 0 && ids[b][k] < E) ? (int)ids[b][k] / E_LOCAL : -1;
+                opens[k] = rank_of[k] >= 0;
+#pragma unroll
+                for (int j = 0; j < k; ++j) opens[k] = opens[k] && rank_of[j] != rank_of[k];
+            }
+            bool marked_at[TOPK];
+#pragma unroll
+            for (int k = 0; k < TOPK; ++k) {
+                if (NUM_RANKS <= 32)
+                    marked_at[k] = !opens[k] || ((marks[b] >> (rank_of[k] & 31)) & 1u);
+                else
+                    marked_at[k] = !opens[k] || in_rank[(i64)t * NUM_RANKS + rank_of[k]];
+            }
+            int num_token_ranks = 0;   // the distinct ranks of the token's experts
+#pragma unroll
+            for (int k = 0; k < TOPK; ++k) {
+                const i64 e = ids[b][k];
+                if (e == -1) continue;
+                if (e < -1 || e >= E) {
+                    record_error(err, ST_BAD_EXPERT, kernel, rank, -1, (int)e, t);
+                    bad = true;
+                    continue;
+                }
+                atomicAdd(&s_expert[e], 1);
+                if (!opens[k]) continue;
+                ++num_token_ranks;
+                if (!marked_at[k]) {
+                    record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
+                    bad = true;
+                }
+            }
+            if (num_marked[b] != num_token_ranks) {
                 record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
                 bad = true;
             }
-        }
-        if (num_marked != num_token_ranks) {
-            record_error(err, ST_BAD_LAYOUT, kernel, rank, -1, 1, t);
-            bad = true;
         }
     }
     __syncthreads();
