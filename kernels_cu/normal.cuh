@@ -14,8 +14,8 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
 // num_tokens_per_expert (detail 2). Without topk_idx (TOPK == 0) only that those counts are not
 // negative. Reports the first problem found; true in a thread that found one. It holds block
 // barriers: every thread must call it (first in an ||, never after a per-thread condition).
-// Idx is int64 in both callers; as a plain function of const i64* it compiles both notify
-// kernels to other machine code (scripts/sass_digest.py), as a template to the code they had.
+// Idx is int64 in both callers. It stays a template: as a plain function of const i64* both
+// notify kernels compile to other machine code (scripts/sass_digest.py), not yet run on a GPU.
 template <typename Idx>
 __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const Idx* __restrict__ topk_idx,
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_expert,
