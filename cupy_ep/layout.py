@@ -46,8 +46,9 @@ class LayoutEngine(Engine):
         with call.alloc:   # one allocation for the outputs (one NVLink domain: no per-domain counts)
             per_rank, per_expert, in_rank, *per_rdma = empty_together(
                 ((r,), I32), ((num_experts,), I32), ((num_tokens, r), BOOL), *([((n,), I32)] if n > 1 else []))
-            scratch = self._scratch.get(num_experts)
-            if scratch is None:
+        scratch = self._scratch.get(num_experts)
+        if scratch is None:   # zeroed on the kernel's stream: call.alloc may be another stream, not waited for
+            with stream:
                 scratch = self._scratch[num_experts] = cupy.zeros(r + n + num_experts + 1, dtype=cupy.int32)
         per_rdma = per_rdma[0] if per_rdma else None
         self._phase("outputs allocated", stream)

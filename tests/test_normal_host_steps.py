@@ -126,7 +126,17 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     import cupy_ep.layout as layout
 
     monkeypatch.setattr(layout, "empty_together", lambda *specs: [("view", s, d) for s, d in specs])
-    monkeypatch.setattr(layout, "cupy", types.SimpleNamespace(zeros=lambda n, dtype: ("zeros", n), int32=np.int32))
+    current = ["the caller's stream"]
+
+    class Stream(contextlib.AbstractContextManager):   # entering makes it the current stream
+        def __enter__(self):
+            current.append("the call's stream")
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    monkeypatch.setattr(layout, "cupy", types.SimpleNamespace(zeros=lambda n, dtype: ("zeros", n, current[-1]),
+                                                              int32=np.int32))
     eng = layout.LayoutEngine.__new__(layout.LayoutEngine)
     eng.num_ranks, eng.num_rdma_ranks, eng.rank, eng.profile = ranks, rdma_ranks, 0, None
     eng._scratch, eng.status_arg = {}, np.uint64(99)
@@ -135,7 +145,7 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     eng._launch = lambda kernel, grid, block, args, stream, name: launches.append((kernel, grid, block, args, stream,
                                                                                    name))
     topk_idx = np.zeros((300, 8), np.int64)
-    call = types.SimpleNamespace(alloc=contextlib.nullcontext(), stream="the call's stream")
+    call = types.SimpleNamespace(alloc=contextlib.nullcontext(), stream=Stream())
     per_rank, per_rdma, per_expert, in_rank = eng.run(topk_idx, 64, call)
     i32, b = np.dtype(np.int32), np.dtype(np.bool_)
     assert per_rank == ("view", (ranks,), i32) and per_expert == ("view", (64,), i32)
@@ -143,7 +153,9 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     assert per_rdma == (("view", (rdma_ranks,), i32) if rdma_ranks > 1 else None)
     (kernel, grid, block, args, stream, name), = launches
     assert kernel == ("kernel", 64, 8, 8) and (grid, block, name) == (2, layout.LAYOUT_THREADS, "layout")
-    assert stream == "the call's stream"
-    assert args[0] is topk_idx and args[1] == 300 and args[2] == ("zeros", ranks + rdma_ranks + 64 + 1)
+    assert stream is call.stream
+    # the scratch is zeroed on the kernel's stream (the outputs' allocation stream may be another)
+    assert args[0] is topk_idx and args[1] == 300 and args[2] == ("zeros", ranks + rdma_ranks + 64 + 1,
+                                                                  "the call's stream")
     assert args[3] is per_rank and args[5] is per_expert and args[6] is in_rank and args[7] == 99
     assert (args[4] is per_rdma) if per_rdma is not None else args[4] == 0
