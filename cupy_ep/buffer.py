@@ -458,10 +458,10 @@ class Buffer:
             ValueError / TypeError for bad input, before anything is sent. Routing values (expert ids
             out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
             call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
-            :meth:`check` or the next non-cached dispatch). A dispatch inside one NVLink domain whose
-            arguments this rank refused still takes part in the call, cancelled, so that the peers
-            raise ``ValueError`` naming this rank in the same way (a cached dispatch's peers at
-            :meth:`check`; docs/api.md, "Errors").
+            :meth:`check` or the next non-cached dispatch). A dispatch whose arguments this rank
+            refused (across NVLink domains: a non-cached one only) still takes part in the call,
+            cancelled, so that the peers raise ``ValueError`` naming this rank in the same way (a
+            cached dispatch's peers at :meth:`check`; docs/api.md, "Errors").
         """
         self._begin_phases("dispatch")
         engine = self._require_normal()

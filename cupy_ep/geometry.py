@@ -233,11 +233,27 @@ def internode_constants(num_nvl_bytes: int, num_rdma_bytes: int, num_ranks: int,
     """JIT constants of an ``internode.cu`` module (notify, dispatch, combine and barrier)."""
     r, p = num_ranks, num_nvl_ranks
     return dict(rdma_control(r, p), **nvl_rows(num_nvl_bytes, r, p, hidden, num_topk),
-                KERNEL_NOTIFY=1, KERNEL_DISPATCH=1, KERNEL_COMBINE=1, NUM_RANKS=r, NUM_NVL_RANKS=p,
+                KERNEL_NOTIFY=1, KERNEL_DISPATCH=1, KERNEL_COMBINE=1, KERNEL_CANCEL=0, NUM_RANKS=r, NUM_NVL_RANKS=p,
                 NUM_CHANNELS=num_channels, NUM_THREADS=num_threads, E_LOCAL=num_experts // r, TOPK=num_topk,
                 HIDDEN=hidden, X_BYTES=x_bytes, NUM_SCALES=num_scales, CHUNK=chunk,
                 CAP=rdma_capacity(num_rdma_bytes, hidden, r, p, num_topk),
                 REC_BYTES=rdma_record_bytes(hidden, num_topk, p))
+
+
+#: Threads of internode_notify_cancelled's one block (any size: it loops over the strides).
+INTERNODE_CANCEL_THREADS = 32
+
+
+def internode_cancel_constants(num_ranks: int, num_nvl_ranks: int) -> dict:
+    """JIT constants of the shape-free ``internode.cu`` module: only ``internode_notify_cancelled``
+    (KERNEL_CANCEL), which reads the control offsets of ``num_ranks`` / ``num_nvl_ranks`` alone
+    (the same for every buffer size). The shape constants are the smallest that the file's checks
+    accept (one channel, one warp, no top-k, 16-byte rows, no data rows): no kernel of this module
+    reads them."""
+    consts = internode_constants(0, 0, num_ranks, num_nvl_ranks, hidden=8, num_topk=0,
+                                 x_bytes=16, num_scales=0, num_experts=num_ranks, num_channels=1,
+                                 num_threads=INTERNODE_CANCEL_THREADS, chunk=1)
+    return dict(consts, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0, KERNEL_CANCEL=1)
 
 
 # ==== normal mode by topology (what both Buffers' size hints and capacity checks read) ============

@@ -15,6 +15,15 @@ allocates the outputs at their exact size and publishes them to the receivers th
 host-mapped descriptor. With ``num_worst_tokens`` nothing waits for the host. A cached dispatch
 and a combine run ``internode_barrier`` and then their kernel.
 
+A rank whose non-cached dispatch is refused on the host (its arguments failed validation, or a
+host step told it of a peer's refusal) launches ``internode_notify_cancelled`` instead: notify's
+steps with zero rows and a cancel flag in the vectors it sends (its slots name the flagged rank),
+so that the peers' notify cancels the call there and raises promptly
+(:meth:`InternodeEngine.join_cancelled_dispatch`). Its module is shape-free
+(:func:`cupy_ep.geometry.internode_cancel_constants`) and loaded when the engine is made: the
+cancelled part never compiles (a compile agreement the peers would not join). A refused cached
+dispatch or combine has no cancelled part yet: its peers wait in their kernels until timeout_s.
+
 Every buffer holds whole streams (no rings): the symmetric buffer holds ``2 * N * T`` records
 (received and staged, T tokens per rank), the NVLink buffer the rows a rank receives (and, at a
 forwarder, the rows its domain sends back). Offsets and sizes: :mod:`cupy_ep.geometry`
@@ -29,6 +38,7 @@ import numpy as np
 from . import geometry, limits
 from .config import Config
 from .engine import I32, array_arg, empty_together
+from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
 
@@ -68,6 +78,10 @@ class InternodeEngine(NormalEngine):
         super().__init__(comm, status, timeout_ns, chaos)
         self.nvl, self.sym = nvl, sym
         self.num_nvl_ranks, self.num_rdma_ranks = topology.num_nvl_ranks, topology.num_rdma_ranks
+        # collective over comm (the Buffer makes its engines on every rank, agreed)
+        cancel = self._module("internode.cu", geometry.internode_cancel_constants(self.num_ranks, self.num_nvl_ranks),
+                              nvshmem=True)
+        self._notify_cancelled = self._entry(cancel, "internode_notify_cancelled")
 
     # -- kernels ----------------------------------------------------------------------------
     def _kernels(self, hidden: int, num_topk: int, x_bytes: int, num_scales: int, num_experts: int,
@@ -93,6 +107,15 @@ class InternodeEngine(NormalEngine):
                                  np.int32(limits.KERNEL_IDS[kernel_name])), stream)
         self._phase("barrier launched", stream)
 
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``internode_notify_cancelled``
+        (its module was loaded with the engine); a cached dispatch has no cancelled part (False)."""
+        if cached:
+            return False
+        self._launch(self._notify_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS,
+                     (*self._common_args(), np.int32(refused), self.status_arg, self.timeout_ns), stream, "notify")
+        return True
+
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle, num_worst_tokens: int,
                  expert_alignment: int, config: Config, call) -> DispatchResult:
@@ -114,8 +137,12 @@ class InternodeEngine(NormalEngine):
         per_expert = routing.num_tokens_per_expert
         num_experts, num_topk, per_rdma = routing.num_experts, routing.num_topk, routing.num_tokens_per_rdma_rank
         c = config.internode_channels
-        notify, dispatch, _, _ = self._kernels(hidden, num_topk, x_bytes, num_scales, num_experts, c,
-                                               config.num_threads, config.chunk_tokens)
+        try:
+            notify, dispatch, _, _ = self._kernels(hidden, num_topk, x_bytes, num_scales, num_experts, c,
+                                                   config.num_threads, config.chunk_tokens)
+        except PeerRefusalError:   # told by the compile agreement: the refusing rank runs its cancelled part
+            self.join_cancelled_dispatch(call.stream, refused=False)
+            raise
         handle = self._new_handle(num_tokens, num_experts, hidden, num_topk, c, num_worst_tokens, in_rank, call)
         self._phase("handle allocated", call.stream)
         h = handle

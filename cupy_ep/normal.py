@@ -74,8 +74,8 @@ class NormalEngine(Engine):
         on the host (``refused``: this rank's; else a peer's, learned in a host step before any
         launch), so that the peers' kernels complete the call and cancel it; nothing is read of
         the call's arguments and nothing waits. True when launched; False where the engine's
-        protocol has no cancelled part (the internode engine: its peers wait in their kernels
-        until timeout_s)."""
+        protocol has no cancelled part (the internode engine's cached dispatch and combine: their
+        peers wait in their kernels until timeout_s)."""
         return False
 
     def join_cancelled_combine(self, stream) -> bool:

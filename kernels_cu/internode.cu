@@ -38,7 +38,8 @@
 //
 // Compile-time constants: NUM_RANKS NUM_NVL_RANKS NUM_CHANNELS NUM_THREADS E_LOCAL TOPK HIDDEN
 // X_BYTES NUM_SCALES CHUNK, the geometry above (R_OFF_*, VEC_STRIDE, CAP,
-// REC_BYTES, OFF_*, SLOT_STRIDE, NVL_ROWS), KERNEL_* (which kernels the module holds).
+// REC_BYTES, OFF_*, SLOT_STRIDE, NVL_ROWS), KERNEL_* (which kernels the module holds; KERNEL_CANCEL:
+// the shape-free module of internode_notify_cancelled, cupy_ep/geometry.py internode_cancel_constants).
 // @needs nvshmem
 // Compiled by the CPU check for the shapes of tests/kernel_cases.py (constants from cupy_ep/geometry.py).
 #include "transport.cuh"
@@ -183,6 +184,54 @@ extern "C" __global__ void internode_barrier(const u64* nvl_table, u64 sym, int 
     load_peers(nvl_table, sym, s_peers);
     full_barrier(s_peers, rank / P, rank % P, make_wait_ctx(err, timeout_ns, kernel_id, rank));
 }
+
+#if KERNEL_CANCEL
+// ---------------------------------------------------------------------------------------------
+// Cancelled notify (one block of any size; the shape-free module, loaded with the engine: its
+// shape constants are placeholders, only the control offsets of R and P are read). This rank's
+// part in a non-cached dispatch it does not make, because the host refused its arguments
+// (refused = 1) or learned that a peer refused theirs (refused = 0). It reads no argument of the
+// call and makes internode_notify's steps with zero rows, so that every wait of the peers' notify
+// is met and the epochs and signals stay in step: the barriers; to every domain's forwarder a
+// vector with V_BAD = refused; as forwarder, to every local rank a slot naming the first flagged
+// rank of the column (S_BAD, as notify computes it); as receiver, zero bases to the forwarders.
+// Vectors and slots are whole strides of zeros (every shape's fields lie within them). The peers'
+// notify cancels the call, so their dispatch sends nothing. Nothing is written for this rank's
+// host (its call raises without waiting).
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void internode_notify_cancelled(const u64* nvl_table, u64 sym, int rank, int refused,
+                                                      StatusRecord* err, u64 timeout_ns) {
+    __shared__ Peers s_peers;
+    __shared__ int s_bad_rank;
+    const int tid = threadIdx.x, warp = tid >> 5, num_warps = blockDim.x >> 5;
+    const int dom = rank / P, l = rank % P;
+    load_peers(nvl_table, sym, s_peers);
+    char* const me_sym = s_peers.sym;
+    char* const me_nvl = s_peers.nvl[l];
+    const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_NOTIFY, rank);
+    if (tid == 0) s_bad_rank = R;
+    const int epoch = full_barrier(s_peers, dom, l, w);
+    if (epoch == 0) return;
+    for (int i = tid; i < N * VEC_STRIDE; i += blockDim.x)
+        r_vec(me_sym, R_OFF_VEC_SEND, i / VEC_STRIDE)[i % VEC_STRIDE] = i % VEC_STRIDE == V_BAD ? refused : 0;
+    __syncthreads();
+    for (int d = warp; d < N; d += num_warps)
+        xport::put_signal_warp(r_vec(me_sym, R_OFF_VEC_RECV, dom), r_vec(me_sym, R_OFF_VEC_SEND, d), VEC_STRIDE * 4,
+                               r_u64(me_sym, R_OFF_VEC_SIG, dom), (u64)epoch, column_pe(d, l));
+    bool vectors_in = true;
+    for (int s = tid; s < N; s += blockDim.x) {
+        u64 seen;
+        vectors_in &= xport::wait_signal_geq(r_u64(me_sym, R_OFF_VEC_SIG, s), (u64)epoch, &seen, w, column_pe(s, l));
+        if (vectors_in && r_vec(me_sym, R_OFF_VEC_RECV, s)[V_BAD]) atomicMin(&s_bad_rank, column_pe(s, l));
+    }
+    if (__syncthreads_or(!vectors_in)) return;
+    for (int i = tid; i < P * SLOT_STRIDE; i += blockDim.x)
+        n_slot(s_peers.nvl[i / SLOT_STRIDE], l)[i % SLOT_STRIDE] = i % SLOT_STRIDE == S_BAD ? s_bad_rank : 0;
+    if (!signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_SLOT_FLAGS, l, P, epoch, w, dom * P)) return;
+    for (int i = tid; i < P * N; i += blockDim.x) n_fwd(s_peers.nvl[i / N], l)[i % N] = 0;
+    signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_FWD_FLAGS, l, P, epoch, w, dom * P);
+}
+#endif
 
 #if KERNEL_NOTIFY
 

@@ -61,6 +61,8 @@ class AsymmetricCase:
         odd_delay_s: the odd rank arrives this late (an absent rank), not counted in its time.
         mode: "normal", "low_latency" or "buffer" (the Buffer the round trip after it exercises).
         gpu: whether the GPU backend keeps this case's contract yet (docs/api.md, "Errors").
+        internode: whether it keeps it across NVLink domains too (a normal-mode Buffer of several
+            domains, tests/gpu/test_asymmetric_internode_gpu.py).
         prepare: valid calls every rank makes first (for example the dispatch whose handle the
             odd rank's call uses).
     """
@@ -75,6 +77,7 @@ class AsymmetricCase:
     odd_delay_s: float = 0.0
     mode: str = "normal"
     gpu: bool = False
+    internode: bool = False
     prepare: Optional[Callable[[], object]] = None
 
     def run(self, is_odd: bool) -> Optional[str]:
@@ -251,13 +254,13 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
 
     cases = [
         case("get_dispatch_layout with an id >= num_experts, then dispatch", layout_then_dispatch(True),
-             layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id")), gpu=True),
+             layout_then_dispatch(False), Expect(ValueError, ("topk_idx", "expert id")), gpu=True, internode=True),
         case("dispatch: x float32", dispatch(A(x_np.astype(np.float32))), dispatch(), Expect(TypeError, ("x",)),
-             gpu=True),
+             gpu=True, internode=True),
         case("dispatch: topk_weights of the wrong shape", dispatch(weights=A(w_np[:, :-1].copy())), dispatch(),
-             Expect(ValueError, ("topk_weights",)), gpu=True),
+             Expect(ValueError, ("topk_weights",)), gpu=True, internode=True),
         case("dispatch with num_worst_tokens, then check(): x float32", worst_token_dispatch(A(x_np.astype(np.float32))),
-             worst_token_dispatch(), Expect(TypeError, ("x",)), gpu=True),
+             worst_token_dispatch(), Expect(TypeError, ("x",)), gpu=True, internode=True),
         case("cached dispatch, then check(): x float32", cached_dispatch(A(x_np.astype(np.float32))),
              cached_dispatch(), Expect(TypeError, ("x",)), gpu=True),
         case("combine, then check(): one row fewer", combine(lambda rx: dict(x=rx[:-1])), combine(),
@@ -276,7 +279,7 @@ def asymmetric_cases(buffer_cls, buf, ll, array, comm, timeout_s: float, seed: i
         case("absent from low_latency_dispatch (arrives after timeout_s)", ll_dispatch(), ll_dispatch(), gave_up,
              timed_out, odd_delay_s=ABSENT_DELAY * timeout_s, mode="low_latency"),
         case("dispatch of a new shape: x float32", new_dispatch(A(x_np.astype(np.float32))), new_dispatch(),
-             Expect(TypeError, ("x",)), prepare=lambda: as_new_shape(new_round_trip), gpu=True),
+             Expect(TypeError, ("x",)), prepare=lambda: as_new_shape(new_round_trip), gpu=True, internode=True),
         case("combine of a new shape: one row fewer", lambda: buf.combine(new_shape["y"][:-1], new_shape["handle"]),
              lambda: buf.combine(new_shape["y"], new_shape["handle"]), Expect(ValueError, ("x",)),
              prepare=new_combine_prepared, gpu=True),

@@ -92,6 +92,8 @@ INTERNODE_SHAPES = [
     (128, 8, 10, 1024, 2, 7168, False, 8, 32, 4096, 16384, False),
     (4, 2, 8, 1024, 64, 7168, True, 8, 32, 4096, 16384, True),
 ]
+#: (ranks, ranks per domain, chaos) of the shape-free internode module (internode_notify_cancelled).
+INTERNODE_CANCEL_TOPOLOGIES = [(4, 2, False), (128, 8, False), (4, 2, True)]
 
 
 def intranode_case(r, c, receivers, threads, e_local, hidden, fp8, topk, num_bias, chunk, tokens, chaos) -> dict:
@@ -115,6 +117,11 @@ def internode_case(r, p, c, threads, e_local, hidden, fp8, topk, chunk, tokens, 
     return dict(consts, **({"CHAOS": 1} if chaos else {}))
 
 
+def internode_cancel_case(r, p, chaos) -> dict:
+    """The constants of the shape-free internode module."""
+    return dict(geometry.internode_cancel_constants(r, p), **({"CHAOS": 1} if chaos else {}))
+
+
 def kernel_cases() -> list[KernelCase]:
     """Every specialisation, in a stable order (file, then configuration)."""
     cases = []
@@ -124,7 +131,8 @@ def kernel_cases() -> list[KernelCase]:
             configs = [intranode_case(*shape) for shape in INTRANODE_SHAPES] + [
                 geometry.intranode_constants(limits.MAX_NVL_PEERS, *geometry.INTRANODE_BARRIER_SHAPE)]
         elif path.name == "internode.cu":
-            configs = [internode_case(*shape) for shape in INTERNODE_SHAPES]
+            configs = [internode_case(*shape) for shape in INTERNODE_SHAPES] + [
+                internode_cancel_case(*topology) for topology in INTERNODE_CANCEL_TOPOLOGIES]
         elif path.name in LL_FILES:
             configs = [_ll_constants(line) for line in configs]
         if nvshmem:   # the remote-atomic signals too (CUPY_EP_SIGNAL_AMO=1), with and without chaos

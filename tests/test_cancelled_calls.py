@@ -1,8 +1,8 @@
 """A refused dispatch or combine still takes part in the call, cancelled (issue 21, item 3), host
-side, without a GPU: which rank launches which cancelled part (``notify_cancelled`` flagged or
-not, ``barrier_cancelled``, the low-latency ``ll_dispatch_cancelled`` / ``ll_combine_cancelled``
-on the call's half), and when nothing is launched. The kernels run in
-tests/gpu/test_asymmetric_gpu.py.
+side, without a GPU: which rank launches which cancelled part (``notify_cancelled`` and across
+NVLink domains ``internode_notify_cancelled``, flagged or not, ``barrier_cancelled``, the
+low-latency ``ll_dispatch_cancelled`` / ``ll_combine_cancelled`` on the call's half), and when
+nothing is launched. The kernels run in tests/gpu/test_asymmetric_gpu.py.
 """
 import sys
 from types import ModuleType, SimpleNamespace
@@ -10,10 +10,13 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 
+from cupy_ep import geometry, normal
+from cupy_ep.bootstrap import Topology
 from cupy_ep.buffer import Buffer
 from cupy_ep.collective import CallSteps
 from cupy_ep.errors import CommTimeoutError, PeerRefusalError, cancelled_by_peers
 from cupy_ep.geometry import LLGeometry
+from cupy_ep.internode import InternodeEngine
 from cupy_ep.intranode import IntranodeEngine
 from cupy_ep.low_latency import LowLatencyEngine
 from cupy_ep.normal import NormalEngine
@@ -112,9 +115,72 @@ def test_a_broken_buffer_launches_nothing():
     assert engine.joined == []
 
 
-def test_the_internode_engine_has_no_cancelled_part():
+def test_engines_without_a_cancelled_part_launch_nothing():
     assert NormalEngine.join_cancelled_dispatch(object(), "stream", True) is False
     assert NormalEngine.join_cancelled_combine(object(), "stream") is False
+    # across NVLink domains: a cached dispatch and a combine have none yet
+    assert InternodeEngine.join_cancelled_dispatch(object(), "stream", True, cached=True) is False
+    assert InternodeEngine.join_cancelled_combine is NormalEngine.join_cancelled_combine
+
+
+class FakeHostMapped:
+    """memory.HostMapped without CUDA: zeroed host memory."""
+
+    def __init__(self, nbytes):
+        self.nbytes = nbytes
+
+    def view(self, dtype, count, offset=0):
+        return np.zeros(count, dtype)
+
+
+def internode_engine_made(monkeypatch, rank=1, num_ranks=4, num_nvl_ranks=2):
+    """An InternodeEngine made by its constructor, with fake host memory and modules: ``loaded``
+    lists the modules it compiled, ``launched`` its launches."""
+    loaded = []
+    monkeypatch.setattr(normal, "HostMapped", FakeHostMapped)
+    monkeypatch.setattr(InternodeEngine, "_module", lambda self, filename, consts, nvshmem=False:
+                        loaded.append((filename, consts, nvshmem)) or "module")
+    monkeypatch.setattr(InternodeEngine, "_entry", staticmethod(lambda module, name: (module, name)))
+    comm = SimpleNamespace(Get_rank=lambda: rank, Get_size=lambda: num_ranks)
+    topology = Topology(rank, num_ranks, rank % num_nvl_ranks, num_nvl_ranks, rank // num_nvl_ranks,
+                        num_ranks // num_nvl_ranks, rank, num_ranks, None)
+    nvl, sym = SimpleNamespace(num_bytes=1 << 26, peer_table="peers"), SimpleNamespace(num_bytes=1 << 28, ptr=4096)
+    engine = InternodeEngine(comm, topology, nvl, sym, SimpleNamespace(ptr=7), 5)
+    engine.launched = []
+    engine._launch = lambda kernel, grid, block, args, stream, name="": engine.launched.append(
+        (kernel, grid, block, args, stream))
+    return engine, loaded
+
+
+def test_the_internode_engine_loads_its_cancelled_part_when_made(monkeypatch):
+    engine, loaded = internode_engine_made(monkeypatch)
+    assert loaded == [("internode.cu", geometry.internode_cancel_constants(4, 2), True)]
+    assert engine._notify_cancelled == ("module", "internode_notify_cancelled")
+
+
+@pytest.mark.parametrize("refused", [True, False])
+def test_a_refused_internode_dispatch_launches_its_cancelled_notify(monkeypatch, refused):
+    engine, _ = internode_engine_made(monkeypatch)
+    assert engine.join_cancelled_dispatch("s", refused=refused) is True
+    [(kernel, grid, block, args, stream)] = engine.launched
+    assert (kernel, grid, block, stream) == (engine._notify_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS, "s")
+    assert args[0] == "peers" and [int(a) for a in args[1:]] == [4096, 1, int(refused), 7, 5]
+
+
+@pytest.mark.parametrize("shape", [(4, 2, 8, 1024, 64, 7168, 8), (16, 8, 2, 256, 3, 256, 0)])
+def test_the_cancelled_notify_reads_the_offsets_of_every_internode_shape(shape):
+    """The shape-free module's control offsets (all that internode_notify_cancelled reads) are
+    those of the modules of any shape, on buffers of any size."""
+    r, p, c, threads, e_local, hidden, topk = shape
+    nvl, rdma = 1 << 26, 1 << 28
+    real = geometry.internode_constants(nvl, rdma, r, p, hidden, topk, 2 * hidden, 0, e_local * r, c, threads, 1)
+    cancel = geometry.internode_cancel_constants(r, p)
+    control = [k for k in real if k.startswith(("R_OFF_", "OFF_")) and k not in ("R_OFF_DATA", "OFF_NX", "OFF_NS",
+                                                                               "OFF_NI", "OFF_NW")]
+    control += ["VEC_STRIDE", "SLOT_STRIDE", "NUM_RANKS", "NUM_NVL_RANKS"]
+    assert {k: cancel[k] for k in control} == {k: real[k] for k in control}
+    assert (cancel["KERNEL_CANCEL"], real["KERNEL_CANCEL"]) == (1, 0)
+    assert not (cancel["KERNEL_NOTIFY"] or cancel["KERNEL_DISPATCH"] or cancel["KERNEL_COMBINE"])
 
 
 def test_peer_refusal_is_a_value_error_naming_the_ranks():
@@ -169,25 +235,47 @@ def intranode_engine(notify_error):
     return engine
 
 
+def internode_engine(kernels_error):
+    """An InternodeEngine of 4 ranks in 2 domains whose kernel lookup raises ``kernels_error`` (a
+    host step of its compile) and whose launches are recorded."""
+    engine = object.__new__(InternodeEngine)
+    engine.rank, engine.num_ranks, engine.num_nvl_ranks, engine.num_rdma_ranks = 0, 4, 2, 2
+    engine.profile, engine._memo, engine._seq = None, {}, 0
+    engine.joined, engine.launched = [], []
+
+    def kernels(*args):
+        raise kernels_error
+
+    engine._kernels = kernels
+    engine.join_cancelled_dispatch = lambda stream, refused, cached=False: engine.joined.append((stream, refused))
+    engine._launch = lambda *args: engine.launched.append(args)
+    return engine
+
+
+ENGINES = {"intranode": intranode_engine, "internode": internode_engine}
+
+
 def dispatch_on(engine):
     routing = Routing(None, None, None, num_experts=4, num_topk=0)
     call = SimpleNamespace(stream="call stream", alloc=NullContext())
-    config = SimpleNamespace(num_channels=2, num_threads=128)
+    config = SimpleNamespace(num_channels=2, internode_channels=2, num_threads=128, chunk_tokens=1)
     x = np.zeros((4, 8), np.uint16)
     engine.dispatch(x, None, None, None, routing, None, 0, 1, config, call)
 
 
-def test_a_peer_told_of_a_refusal_before_its_notify_takes_part_cancelled(fake_cupy):
-    engine = intranode_engine(cancelled_by_peers("dispatch (compile agreement)", [1], 0))
+@pytest.mark.parametrize("kind", ENGINES)
+def test_a_peer_told_of_a_refusal_before_its_notify_takes_part_cancelled(fake_cupy, kind):
+    engine = ENGINES[kind](cancelled_by_peers("dispatch (compile agreement)", [1], 0))
     with pytest.raises(PeerRefusalError, match="rank 1 passed invalid input"):
         dispatch_on(engine)
     assert engine.joined == [("call stream", False)] and engine.launched == []
 
 
+@pytest.mark.parametrize("kind", ENGINES)
 @pytest.mark.parametrize("error", [CommTimeoutError("dispatch (compile agreement)", 0, 1, host=True),
                                    ValueError("a ValueError that is not a peer's refusal")])
-def test_other_host_step_errors_launch_nothing(fake_cupy, error):
-    engine = intranode_engine(error)
+def test_other_host_step_errors_launch_nothing(fake_cupy, kind, error):
+    engine = ENGINES[kind](error)
     with pytest.raises(type(error)):
         dispatch_on(engine)
     assert engine.joined == [] and engine.launched == []

@@ -15,36 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from asymmetric_cases import asymmetric_cases  # noqa: E402
 from misuse_cases import (LL_EXPERTS_PER_RANK, LL_HIDDEN, LL_M, ll_buffer_kwargs,  # noqa: E402
                           normal_buffer_kwargs, still_works)
-
-TIMEOUT_S = 20.0   # ranks sharing one GPU are slow; the prompt cases must take under half of it
-
-
-def forgetting_compiled(buffers):
-    """``as_new_shape`` of asymmetric_cases: runs a call, then the process forgets the modules it
-    used (kept in the compiler's disk cache) and the Buffers' engines their kernel lookups, so
-    that the next call of that shape is a first call again (a compile agreement, no compile)."""
-    from cupy_ep import engine
-
-    def forget_lookups():
-        for buf in buffers:
-            for eng in buf._engines:
-                eng._memo.clear()
-                getattr(eng, "_functions", {}).clear()
-
-    def as_new_shape(call):
-        # With the process's modules and the engines' lookups set aside, the call loads (from the
-        # disk cache) every module it uses, also one an earlier case loaded: those are forgotten.
-        kept = dict(engine._MODULES)
-        engine._MODULES.clear()
-        forget_lookups()
-        call()
-        used = set(engine._MODULES)
-        engine._MODULES.clear()
-        engine._MODULES.update({key: m for key, m in kept.items() if key not in used})
-        forget_lookups()
-
-    return as_new_shape
-
+from asymmetric_runner import TIMEOUT_S, forgetting_compiled, run_cases  # noqa: E402
 
 def ll_still_works(comm, rng, ref_ll, ll, num_tokens=None, **kw) -> None:
     """A low-latency round trip of the cases' shapes (bf16, top-3) on ``ll``, checked against the
@@ -93,29 +64,19 @@ def test_asymmetric_cases_gpu(comm, agree, ll_transport):
     ref = reference.Buffer(comm, **kw, timeout_s=TIMEOUT_S)
     ref_ll = reference.Buffer(comm, **ll_buffer_kwargs(reference.Buffer, R), timeout_s=TIMEOUT_S)
     rng = np.random.default_rng(comm.bcast(int(np.random.SeedSequence().entropy % 2 ** 31)) + comm.Get_rank())
-    failures, ran = [], 0
     try:
         still_works(comm, rng, ref, gpu, num_tokens=8)   # compiles the cases' shapes: not timed below
         ll_still_works(comm, rng, ref_ll, ll, num_tokens=5)
+
+        def round_trip(case):
+            if case.mode == "low_latency":
+                ll_still_works(comm, rng, ref_ll, ll)
+            else:
+                still_works(comm, rng, ref, gpu)
+
         with asymmetric_cases(cupy_ep.Buffer, gpu, ll, cupy, comm, TIMEOUT_S,
                               as_new_shape=forgetting_compiled((gpu, ll))) as cases:
-            for case in cases:
-                if not case.gpu:
-                    continue
-                ran += 1
-                outcome = case.run(comm.Get_rank() == case.odd_rank)
-                bad = comm.allgather(outcome)
-                if any(o is not None for o in bad):
-                    failures.append(f"{case.name}: " + "; ".join(f"rank {r}: {o}" for r, o in enumerate(bad) if o))
-                alive = gpu.is_available() and ll.is_available()
-                unusable = [r for r, ok in enumerate(comm.allgather(alive)) if not ok]
-                if unusable:
-                    failures.append(f"{case.name}: a Buffer became unusable on rank(s) {unusable}")
-                    break
-                if case.mode == "low_latency":
-                    ll_still_works(comm, rng, ref_ll, ll)
-                else:
-                    still_works(comm, rng, ref, gpu)
+            failures, ran = run_cases(comm, [case for case in cases if case.gpu], (gpu, ll), round_trip)
     finally:
         for b in (gpu, ll, ref, ref_ll):
             b.destroy()
