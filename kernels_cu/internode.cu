@@ -178,12 +178,14 @@ __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, 
 
 using namespace inter;
 
+#if !KERNEL_CANCEL   // the shape-free module holds the cancelled notify only
 extern "C" __global__ void internode_barrier(const u64* nvl_table, u64 sym, int rank, StatusRecord* err,
                                              u64 timeout_ns, int kernel_id) {
     __shared__ Peers s_peers;
     load_peers(nvl_table, sym, s_peers);
     full_barrier(s_peers, rank / P, rank % P, make_wait_ctx(err, timeout_ns, kernel_id, rank));
 }
+#endif
 
 #if KERNEL_CANCEL
 // ---------------------------------------------------------------------------------------------
