@@ -665,7 +665,6 @@ def check_normal_combine(x, handle, topk_weights, bias):
                 raise ValueError("topk_weights: the dispatch that made handle had no topk_idx")
             check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
         check_bias(bias, handle.num_tokens, handle.hidden)
-        return True
 
     key = _facts_key(x, (handle.num_rows, handle.hidden, handle.num_topk, handle.num_tokens), topk_weights, bias)
     _passed(_PASSED_COMBINE, key, check)
@@ -738,6 +737,7 @@ _PASSED_DISPATCH: dict = {}
 _PASSED_COMBINE: dict = {}
 _PASSED_LAYOUT: dict = {}
 _PASSED_MAX = 256
+_UNCHECKED = object()   # no result remembered under a key (results may be anything, None included)
 
 
 def _passed(table: dict, key, check):
@@ -745,8 +745,8 @@ def _passed(table: dict, key, check):
     nothing remembered, the next call checks again); ``key`` None: checked every time."""
     if key is None:
         return check()
-    result = table.get(key)
-    if result is None:
+    result = table.get(key, _UNCHECKED)
+    if result is _UNCHECKED:
         result = check()
         if len(table) >= _PASSED_MAX:
             table.clear()
