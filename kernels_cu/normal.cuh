@@ -14,10 +14,7 @@ __device__ __forceinline__ int channel_begin(int num_tokens, int c) {
 // num_tokens_per_expert (detail 2). Without topk_idx (TOPK == 0) only that those counts are not
 // negative. Reports the first problem found; true in a thread that found one. It holds block
 // barriers: every thread must call it (first in an ||, never after a per-thread condition).
-// Idx is int64 in both callers. It stays a template: as a plain function of const i64* both
-// notify kernels compile to other machine code (scripts/sass_digest.py), not yet run on a GPU.
-template <typename Idx>
-__device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const Idx* __restrict__ topk_idx,
+__device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tokens, const i64* __restrict__ topk_idx,
                                                const u8* __restrict__ in_rank, const int* __restrict__ per_expert,
                                                StatusRecord* err) {
     constexpr int E = E_LOCAL * NUM_RANKS;
@@ -50,7 +47,7 @@ __device__ __forceinline__ bool topk_disagrees(int kernel, int rank, int num_tok
             num_marked[b] = 0;
             if (t >= num_tokens) continue;
 #pragma unroll
-            for (int k = 0; k < TOPK; ++k) ids[b][k] = (i64)topk_idx[(i64)t * TOPK + k];
+            for (int k = 0; k < TOPK; ++k) ids[b][k] = topk_idx[(i64)t * TOPK + k];
 #pragma unroll 8
             for (int r = 0; r < NUM_RANKS; ++r) {
                 const bool m = in_rank[(i64)t * NUM_RANKS + r] != 0;
