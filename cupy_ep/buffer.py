@@ -459,9 +459,9 @@ class Buffer:
             out of range, layout arrays that disagree with ``topk_idx``) are checked on the GPU: the
             call is cancelled on every rank and raises there (with ``num_worst_tokens``: at
             :meth:`check` or the next non-cached dispatch). A dispatch whose arguments this rank
-            refused (across NVLink domains: a non-cached one only) still takes part in the call,
-            cancelled, so that the peers raise ``ValueError`` naming this rank in the same way (a
-            cached dispatch's peers at :meth:`check`; docs/api.md, "Errors").
+            refused still takes part in the call, cancelled, so that the peers raise ``ValueError``
+            naming this rank in the same way (a cached dispatch's peers at :meth:`check`;
+            docs/api.md, "Errors").
         """
         self._begin_phases("dispatch")
         engine = self._require_normal()
@@ -541,9 +541,9 @@ class Buffer:
             once before it crosses).
 
         Raises:
-            ValueError / TypeError for bad input, before anything is sent. Inside one NVLink domain a
-            rank that refused its arguments still takes part in the call, cancelled: the peers'
-            outputs are unspecified and :meth:`check` raises ``ValueError`` naming that rank there.
+            ValueError / TypeError for bad input, before anything is sent. A rank that refused its
+            arguments still takes part in the call, cancelled: the peers' outputs are unspecified
+            and :meth:`check` raises ``ValueError`` naming that rank there.
         """
         self._begin_phases("combine")
         engine = self._require_normal()

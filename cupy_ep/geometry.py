@@ -155,7 +155,8 @@ def rdma_control(num_ranks: int, num_nvl_ranks: int) -> dict:
     n = num_ranks // num_nvl_ranks
     vec = _vec_stride(num_ranks, num_nvl_ranks)
     tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
-    off = dict(R_OFF_BARRIER=0, R_OFF_VEC_SIG=8 * limits.MAX_RDMA_RANKS, R_OFF_DTAIL=16 * limits.MAX_RDMA_RANKS)
+    # the column barrier's words alternate by the epoch's parity (they carry a cancelled rank too)
+    off = dict(R_OFF_BARRIER=0, R_OFF_VEC_SIG=16 * limits.MAX_RDMA_RANKS, R_OFF_DTAIL=24 * limits.MAX_RDMA_RANKS)
     off["R_OFF_CTAIL"] = off["R_OFF_DTAIL"] + tails
     off["R_OFF_VEC_RECV"] = off["R_OFF_CTAIL"] + tails
     off["R_OFF_VEC_SEND"] = off["R_OFF_VEC_RECV"] + n * vec * 4
@@ -196,7 +197,8 @@ def nvl_control(num_ranks: int, num_nvl_ranks: int) -> dict:
     n = num_ranks // num_nvl_ranks
     slot = align(1 + n + n * (limits.MAX_CHANNELS + 1) + limits.MAX_EXPERTS // num_ranks + num_ranks + 2 * n, 64)
     tails = limits.MAX_CHANNELS * num_ranks * 8
-    off = dict(OFF_ARRIVALS=0, OFF_EPOCH=64, OFF_SLOT_FLAGS=128, OFF_FWD_FLAGS=192, OFF_DTAIL=256)
+    off = dict(OFF_ARRIVALS=0, OFF_EPOCH=64, OFF_CALL_BAD=96, OFF_SLOT_FLAGS=128, OFF_FWD_FLAGS=192,
+               OFF_CANCELLED=256, OFF_DTAIL=512)
     off["OFF_CTAIL"] = off["OFF_DTAIL"] + tails
     off["OFF_SLOT"] = off["OFF_CTAIL"] + tails
     off["OFF_FWD"] = off["OFF_SLOT"] + num_nvl_ranks * slot * 4
@@ -240,13 +242,14 @@ def internode_constants(num_nvl_bytes: int, num_rdma_bytes: int, num_ranks: int,
                 REC_BYTES=rdma_record_bytes(hidden, num_topk, p))
 
 
-#: Threads of internode_notify_cancelled's one block (any size: it loops over the strides).
+#: Threads of the one block of internode_notify_cancelled and internode_barrier_cancelled (any size:
+#: they loop over the strides).
 INTERNODE_CANCEL_THREADS = 32
 
 
 def internode_cancel_constants(num_ranks: int, num_nvl_ranks: int) -> dict:
     """JIT constants of the shape-free ``internode.cu`` module: only ``internode_notify_cancelled``
-    (KERNEL_CANCEL), which reads the control offsets of ``num_ranks`` / ``num_nvl_ranks`` alone
+    and ``internode_barrier_cancelled`` (KERNEL_CANCEL), which read the control offsets of ``num_ranks`` / ``num_nvl_ranks`` alone
     (the same for every buffer size). The shape constants are the smallest that the file's checks
     accept (one channel, one warp, no top-k, 16-byte rows, no data rows): no kernel of this module
     reads them."""

@@ -19,10 +19,12 @@ A rank whose non-cached dispatch is refused on the host (its arguments failed va
 host step told it of a peer's refusal) launches ``internode_notify_cancelled`` instead: notify's
 steps with zero rows and a cancel flag in the vectors it sends (its slots name the flagged rank),
 so that the peers' notify cancels the call there and raises promptly
-(:meth:`InternodeEngine.join_cancelled_dispatch`). Its module is shape-free
-(:func:`cupy_ep.geometry.internode_cancel_constants`) and loaded when the engine is made: the
-cancelled part never compiles (a compile agreement the peers would not join). A refused cached
-dispatch or combine has no cancelled part yet: its peers wait in their kernels until timeout_s.
+(:meth:`InternodeEngine.join_cancelled_dispatch`). A rank whose cached dispatch or combine is
+refused launches ``internode_barrier_cancelled``: the barrier, after marking the call cancelled in
+its domain peers' buffers; the barrier carries the mark to every domain, and the peers' kernel
+then only reports (raised by ``check()``). Their module is shape-free
+(:func:`cupy_ep.geometry.internode_cancel_constants`) and loaded when the engine is made: a
+cancelled part never compiles (a compile agreement the peers would not join).
 
 Every buffer holds whole streams (no rings): the symmetric buffer holds ``2 * N * T`` records
 (received and staged, T tokens per rank), the NVLink buffer the rows a rank receives (and, at a
@@ -82,6 +84,7 @@ class InternodeEngine(NormalEngine):
         cancel = self._module("internode.cu", geometry.internode_cancel_constants(self.num_ranks, self.num_nvl_ranks),
                               nvshmem=True)
         self._notify_cancelled = self._entry(cancel, "internode_notify_cancelled")
+        self._barrier_cancelled = self._entry(cancel, "internode_barrier_cancelled")
 
     # -- kernels ----------------------------------------------------------------------------
     def _kernels(self, hidden: int, num_topk: int, x_bytes: int, num_scales: int, num_experts: int,
@@ -107,14 +110,32 @@ class InternodeEngine(NormalEngine):
                                  np.int32(limits.KERNEL_IDS[kernel_name])), stream)
         self._phase("barrier launched", stream)
 
-    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
-        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``internode_notify_cancelled``
-        (its module was loaded with the engine); a cached dispatch has no cancelled part (False)."""
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``internode_notify_cancelled``,
+        or for a cached dispatch ``internode_barrier_cancelled`` (their module was loaded with the engine)."""
         if cached:
-            return False
+            self._join_cancelled_barrier("internode_dispatch", stream, refused)
+            return
         self._launch(self._notify_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS,
                      (*self._common_args(), np.int32(refused), self.status_arg, self.timeout_ns), stream, "notify")
-        return True
+
+    def join_cancelled_combine(self, stream, refused: bool = True) -> None:
+        """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_combine`: ``internode_barrier_cancelled``."""
+        self._join_cancelled_barrier("internode_combine", stream, refused)
+
+    def _join_cancelled_barrier(self, kernel_name: str, stream, refused: bool) -> None:
+        self._launch(self._barrier_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS,
+                     (*self._common_args(), np.int32(refused), self.status_arg, self.timeout_ns,
+                      np.int32(limits.KERNEL_IDS[kernel_name])), stream, "barrier")
+
+    def _cached_kernels(self, stream, kernel_name: str, *shape):
+        """The module of a cached dispatch or a combine (``_kernels``' arguments); when its compile
+        agreement tells of a peer's refusal, this rank's part, cancelled, before the raise."""
+        try:
+            return self._kernels(*shape)
+        except PeerRefusalError:
+            self._join_cancelled_barrier(kernel_name, stream, refused=False)
+            raise
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle, num_worst_tokens: int,
@@ -124,8 +145,9 @@ class InternodeEngine(NormalEngine):
         x_bytes = hidden * data.dtype.itemsize
         num_scales = 0 if scales is None else int(scales.shape[1])
         if handle is not None:
-            _, dispatch, _, barrier = self._kernels(hidden, handle.num_topk, x_bytes, num_scales, handle.num_experts,
-                                                    handle.num_channels, config.num_threads, config.chunk_tokens)
+            _, dispatch, _, barrier = self._cached_kernels(call.stream, "internode_dispatch", hidden, handle.num_topk,
+                                                           x_bytes, num_scales, handle.num_experts, handle.num_channels,
+                                                           config.num_threads, config.chunk_tokens)
             self._barrier(barrier, "internode_dispatch", call.stream)
             outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
             self._launch_dispatch(dispatch, data, scales, None, None, handle, config,
@@ -185,8 +207,9 @@ class InternodeEngine(NormalEngine):
     def combine(self, x, handle: InternodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
         h = handle
-        _, _, combine, barrier = self._kernels(h.hidden, h.num_topk, 2 * h.hidden, 0, h.num_experts, h.num_channels,
-                                               config.num_threads, config.chunk_tokens)
+        _, _, combine, barrier = self._cached_kernels(call.stream, "internode_combine", h.hidden, h.num_topk,
+                                                      2 * h.hidden, 0, h.num_experts, h.num_channels,
+                                                      config.num_threads, config.chunk_tokens)
         self._barrier(barrier, "internode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, h, topk_weights, call)
         self._launch(combine, 3 * h.num_channels, config.num_threads,

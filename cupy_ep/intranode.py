@@ -93,26 +93,25 @@ class IntranodeEngine(NormalEngine):
                                              self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
         self._phase("barrier launched", stream)
 
-    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
         """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``,
         or for a cached dispatch ``barrier_cancelled`` (kernels_cu/intranode.cu; their module
         was loaded with the engine)."""
         if cached:
-            return self._join_cancelled_barrier("intranode_dispatch", stream)
+            self._join_cancelled_barrier("intranode_dispatch", stream)
+            return
         self._launch(self._cancelled["notify_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(refused), self.status_arg,
                       self.timeout_ns), stream, "notify")
-        return True
 
-    def join_cancelled_combine(self, stream) -> bool:
+    def join_cancelled_combine(self, stream) -> None:
         """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_combine`: ``barrier_cancelled``."""
-        return self._join_cancelled_barrier("intranode_combine", stream)
+        self._join_cancelled_barrier("intranode_combine", stream)
 
-    def _join_cancelled_barrier(self, kernel_name: str, stream) -> bool:
+    def _join_cancelled_barrier(self, kernel_name: str, stream) -> None:
         self._launch(self._cancelled["barrier_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
                      (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
                       _KERNEL_ID[kernel_name]), stream, "barrier")
-        return True
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],

@@ -69,18 +69,16 @@ class NormalEngine(Engine):
         self._host_out_mem.free()
         self._desc_mem.free()
 
-    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> bool:
+    def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
         """This rank's part in a dispatch (``cached``: with a handle) whose arguments were refused
         on the host (``refused``: this rank's; else a peer's, learned in a host step before any
         launch), so that the peers' kernels complete the call and cancel it; nothing is read of
-        the call's arguments and nothing waits. True when launched; False where the engine's
-        protocol has no cancelled part (the internode engine's cached dispatch and combine: their
-        peers wait in their kernels until timeout_s)."""
-        return False
+        the call's arguments and nothing waits."""
+        raise NotImplementedError
 
-    def join_cancelled_combine(self, stream) -> bool:
+    def join_cancelled_combine(self, stream) -> None:
         """As :meth:`join_cancelled_dispatch`, for a combine this rank refused."""
-        return False
+        raise NotImplementedError
 
     def _next_seq(self) -> int:
         self._seq += 1

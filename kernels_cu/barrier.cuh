@@ -34,6 +34,18 @@ __device__ __forceinline__ int group_barrier(int* const* peer_arrivals, int* my_
 }
 
 // ---------------------------------------------------------------------------------------------
+// Cancel marks of a domain barrier: int[2][MAX_NVL_PEERS] at `marks` in every rank's buffer,
+// [e & 1][p] = e when peer p cancelled its part of the call of epoch e (its arguments refused on
+// the host). A rank writes its marks into its peers' buffers before it arrives at the barrier of
+// epoch e, each from the thread that arrives at that peer (group_barrier's fence orders them), and
+// the peers read theirs after the barrier. Two words by parity: a peer cannot overwrite epoch e's
+// before this rank has read it, since the peer's next-but-one barrier needs this rank's next arrival.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ volatile int* cancel_mark(char* marks, int epoch, int src) {
+    return reinterpret_cast<volatile int*>(marks) + (epoch & 1) * MAX_NVL_PEERS + src;
+}
+
+// ---------------------------------------------------------------------------------------------
 // After the block has written data into its domain peers' buffers: tells each of the
 // num_peers peers (threads 0..num_peers-1, one each) that this rank's writes of this epoch are
 // complete, by setting flag my_slot of the int[MAX_NVL_PEERS] at flags_off in that peer's buffer,

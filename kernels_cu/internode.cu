@@ -14,7 +14,8 @@
 // producer (forwarder -> sender, receiver -> forwarder), and every wait is bounded.
 //
 // Symmetric (NVSHMEM) buffer, identical offsets on every rank (cupy_ep/geometry.py):
-//   R_OFF_BARRIER   u64 [MAX_RDMA_RANKS]            column barrier: epoch seen from each domain
+//   R_OFF_BARRIER   u64 [2][MAX_RDMA_RANKS]         column barrier, [e & 1][s]: from domain s,
+//                                                   epoch e << BAD_BITS | its first cancelled rank + 1
 //   R_OFF_VEC_SIG   u64 [MAX_RDMA_RANKS]            notify vector from domain s arrived (= epoch)
 //   R_OFF_DTAIL     u64 [MAX_CHANNELS][MAX_RDMA_RANKS]  dispatch records arrived (channel, source domain)
 //   R_OFF_CTAIL     u64 [MAX_CHANNELS][MAX_RDMA_RANKS]  combine partial sums arrived (channel, domain)
@@ -25,6 +26,9 @@
 //                   A record sits at its token's position in the (rank -> domain) stream.
 // NVLink (IPC) buffer of every rank:
 //   OFF_ARRIVALS int[MAX_NVL_PEERS], OFF_EPOCH int  domain barrier (barrier.cuh)
+//   OFF_CALL_BAD int[2]                               (first cancelled rank, epoch) of a call the
+//                                                     barrier kernel found cancelled
+//   OFF_CANCELLED int[2][MAX_NVL_PEERS]               domain peers' cancel marks (barrier.cuh)
 //   OFF_SLOT_FLAGS int[P], OFF_FWD_FLAGS int[P]       notify: slot / fwd slot from local rank l written
 //   OFF_DTAIL  u64 [MAX_CHANNELS][R]                  dispatch rows arrived (channel, source rank)
 //   OFF_CTAIL  u64 [MAX_CHANNELS][N][P]               combine rows arrived at a forwarder
@@ -39,7 +43,8 @@
 // Compile-time constants: NUM_RANKS NUM_NVL_RANKS NUM_CHANNELS NUM_THREADS E_LOCAL TOPK HIDDEN
 // X_BYTES NUM_SCALES CHUNK, the geometry above (R_OFF_*, VEC_STRIDE, CAP,
 // REC_BYTES, OFF_*, SLOT_STRIDE, NVL_ROWS), KERNEL_* (which kernels the module holds; KERNEL_CANCEL:
-// the shape-free module of internode_notify_cancelled, cupy_ep/geometry.py internode_cancel_constants).
+// the shape-free module of internode_notify_cancelled and internode_barrier_cancelled,
+// cupy_ep/geometry.py internode_cancel_constants).
 // @needs nvshmem
 // Compiled by the CPU check for the shapes of tests/kernel_cases.py (constants from cupy_ep/geometry.py).
 #include "transport.cuh"
@@ -154,36 +159,92 @@ __device__ __forceinline__ int find_source(const int* s_list, int idx) {
 
 // ---------------------------------------------------------------------------------------------
 // Barriers: the domain (IPC, barrier.cuh) and the column (NVSHMEM signals). Block-wide; returns
-// the new epoch, 0 on timeout.
+// the new epoch, 0 on timeout, and in `bad_rank` the first rank of any domain that cancelled its
+// part of the call (R: none). cancel_self: this rank cancels its part (internode_barrier_cancelled):
+// it marks the call in its domain peers' buffers before it arrives. After the domain barrier every
+// rank of a domain knows its domain's first cancelled rank (the marks); its column word carries it
+// to the same local rank of every domain, so after the column barrier every rank knows the first
+// of all. The column words alternate by the epoch's parity: a column peer may signal epoch e + 1
+// before this rank has read its word of epoch e, never e + 2 (that needs this rank's e + 1).
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, const WaitCtx& w) {
+constexpr int BAD_BITS = 16;
+static_assert(R < (1 << BAD_BITS) - 1, "a rank + 1 fits below the epoch in a column word");
+
+__device__ __forceinline__ u64* column_word(char* sym, int epoch, int dom) {
+    return r_u64(sym, R_OFF_BARRIER, (epoch & 1) * MAX_RDMA_RANKS + dom);
+}
+
+__device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, const WaitCtx& w, int& bad_rank,
+                                            bool cancel_self = false) {
     __shared__ int* s_arrivals[P];
-    if (threadIdx.x < P) s_arrivals[threadIdx.x] = reinterpret_cast<int*>(peers.nvl[threadIdx.x] + OFF_ARRIVALS);
-    if (threadIdx.x == 0) xport::quiet();   // every put this rank issued is delivered before its peers go on
+    __shared__ int s_domain_bad, s_bad;
+    if (threadIdx.x < P) {
+        s_arrivals[threadIdx.x] = reinterpret_cast<int*>(peers.nvl[threadIdx.x] + OFF_ARRIVALS);
+        if (cancel_self) {
+            const int next = read_epoch(peers, l) + 1;   // the epoch group_barrier is about to start
+            *cancel_mark(peers.nvl[threadIdx.x] + OFF_CANCELLED, next, l) = next;
+        }
+    }
+    if (threadIdx.x == 0) {
+        xport::quiet();   // every put this rank issued is delivered before its peers go on
+        s_domain_bad = s_bad = R;
+    }
     __syncthreads();
     const int epoch = group_barrier(s_arrivals, reinterpret_cast<int*>(peers.nvl[l] + OFF_ARRIVALS),
                                     reinterpret_cast<int*>(peers.nvl[l] + OFF_EPOCH), l, P, w);
     if (epoch == 0) return 0;
+    if (threadIdx.x < P && *cancel_mark(peers.nvl[l] + OFF_CANCELLED, epoch, threadIdx.x) == epoch)
+        atomicMin(&s_domain_bad, column_pe(dom, threadIdx.x));
+    __syncthreads();
+    const u64 base = (u64)epoch << BAD_BITS;
+    const u64 word = base | (u64)(s_domain_bad < R ? s_domain_bad + 1 : 0);
     for (int d = threadIdx.x; d < N; d += blockDim.x)
-        xport::signal_put(r_u64(peers.sym, R_OFF_BARRIER, dom), (u64)epoch, column_pe(d, l));
+        xport::signal_put(column_word(peers.sym, epoch, dom), word, column_pe(d, l));
     bool column_in = true;
     for (int d = threadIdx.x; d < N; d += blockDim.x) {
         u64 seen;
-        column_in &= xport::wait_signal_geq(r_u64(peers.sym, R_OFF_BARRIER, d), (u64)epoch, &seen, w, column_pe(d, l));
+        column_in &= xport::wait_signal_geq(column_word(peers.sym, epoch, d), base, &seen, w, column_pe(d, l));
+        const int bad_plus_one = (int)(seen & ((1u << BAD_BITS) - 1));
+        if (column_in && bad_plus_one) atomicMin(&s_bad, bad_plus_one - 1);
     }
-    return __syncthreads_or(!column_in) ? 0 : epoch;
+    if (__syncthreads_or(!column_in)) return 0;
+    bad_rank = s_bad;   // each domain's first, its own included (its column word came back to it)
+    return epoch;
+}
+
+// The barrier kernel's part: full_barrier, and a call some rank cancelled recorded in OFF_CALL_BAD
+// for the kernel that follows on this stream (cancelled_at_barrier). Block-wide.
+__device__ __forceinline__ void call_barrier(const Peers& peers, int rank, const WaitCtx& w, bool cancel_self) {
+    int bad_rank;
+    const int epoch = full_barrier(peers, rank / P, rank % P, w, bad_rank, cancel_self);
+    if (epoch != 0 && bad_rank < R && threadIdx.x == 0) {
+        volatile int* call_bad = reinterpret_cast<volatile int*>(peers.nvl[rank % P] + OFF_CALL_BAD);
+        call_bad[0] = bad_rank;
+        call_bad[1] = epoch;
+    }
+}
+
+// In a cached dispatch or a combine, after the barrier kernel: whether it found the call of this
+// epoch cancelled; then block 0 reports ST_PEER_BAD_INPUT naming the first cancelled rank, and the
+// kernel must neither send nor receive (its outputs unspecified). The same in every thread.
+__device__ __forceinline__ bool cancelled_at_barrier(const Peers& peers, int l, int epoch, int kernel, int rank,
+                                                     StatusRecord* err) {
+    const volatile int* call_bad = reinterpret_cast<const volatile int*>(peers.nvl[l] + OFF_CALL_BAD);
+    if (call_bad[1] != epoch) return false;
+    if (blockIdx.x == 0 && threadIdx.x == 0) record_error(err, ST_PEER_BAD_INPUT, kernel, rank, call_bad[0], 0);
+    return true;
 }
 
 }  // namespace inter
 
 using namespace inter;
 
-#if !KERNEL_CANCEL   // the shape-free module holds the cancelled notify only
+#if !KERNEL_CANCEL   // the shape-free module holds the cancelled parts only
 extern "C" __global__ void internode_barrier(const u64* nvl_table, u64 sym, int rank, StatusRecord* err,
                                              u64 timeout_ns, int kernel_id) {
     __shared__ Peers s_peers;
     load_peers(nvl_table, sym, s_peers);
-    full_barrier(s_peers, rank / P, rank % P, make_wait_ctx(err, timeout_ns, kernel_id, rank));
+    call_barrier(s_peers, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank), false);
 }
 #endif
 
@@ -212,7 +273,8 @@ extern "C" __global__ void internode_notify_cancelled(const u64* nvl_table, u64 
     char* const me_nvl = s_peers.nvl[l];
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_NOTIFY, rank);
     if (tid == 0) s_bad_rank = R;
-    const int epoch = full_barrier(s_peers, dom, l, w);
+    int barrier_bad;   // R: a notify is cancelled through its vectors, not the barrier's marks
+    const int epoch = full_barrier(s_peers, dom, l, w, barrier_bad);
     if (epoch == 0) return;
     for (int i = tid; i < N * VEC_STRIDE; i += blockDim.x)
         r_vec(me_sym, R_OFF_VEC_SEND, i / VEC_STRIDE)[i % VEC_STRIDE] = i % VEC_STRIDE == V_BAD ? refused : 0;
@@ -232,6 +294,21 @@ extern "C" __global__ void internode_notify_cancelled(const u64* nvl_table, u64 
     if (!signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_SLOT_FLAGS, l, P, epoch, w, dom * P)) return;
     for (int i = tid; i < P * N; i += blockDim.x) n_fwd(s_peers.nvl[i / N], l)[i % N] = 0;
     signal_peers_and_wait(s_peers.nvl, me_nvl, OFF_FWD_FLAGS, l, P, epoch, w, dom * P);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cancelled barrier (one block of any size; the shape-free module): this rank's part in a cached
+// dispatch or a combine it does not make. refused = 1: its arguments were refused on the host,
+// and it marks the call cancelled in its domain peers' buffers before the barrier; refused = 0:
+// it learned of a peer's refusal in a host step (a compile agreement) and only keeps the barriers
+// in step. The peers' barrier finds the marks (full_barrier) and their kernel only reports
+// (cancelled_at_barrier). kernel_id: the call's kernel, for a timeout's report.
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void internode_barrier_cancelled(const u64* nvl_table, u64 sym, int rank, int refused,
+                                                       StatusRecord* err, u64 timeout_ns, int kernel_id) {
+    __shared__ Peers s_peers;
+    load_peers(nvl_table, sym, s_peers);
+    call_barrier(s_peers, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank), refused != 0);
 }
 #endif
 
@@ -325,7 +402,8 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
         s_bad_rank = R;
         s_over_rank = R;
     }
-    const int epoch = full_barrier(s_peers, dom, l, w);
+    int barrier_bad;   // R: a notify is cancelled through its vectors, not the barrier's marks
+    const int epoch = full_barrier(s_peers, dom, l, w, barrier_bad);
     if (epoch == 0) return;
 
     // 2) counts and checks
@@ -724,7 +802,7 @@ __device__ __forceinline__ bool dispatch_receiver(int c, const Peers& peers, int
 
 // ---------------------------------------------------------------------------------------------
 // Dispatch: blocks [0, C) send, [C, 2C) forward, [2C, 3C) receive. Needs notify (or, cached,
-// the barrier kernel) just before on this stream. A call notify cancelled does nothing.
+// the barrier kernel) just before on this stream. A call notify or the barrier cancelled does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 internode_dispatch(const u64* nvl_table, u64 sym, int rank, int num_tokens, const int4v* __restrict__ x,
@@ -741,6 +819,7 @@ internode_dispatch(const u64* nvl_table, u64 sym, int rank, int num_tokens, cons
     load_peers(nvl_table, sym, s_peers);
     const int l = rank % P;
     const int epoch = read_epoch(s_peers, l);
+    if (cancelled_at_barrier(s_peers, l, epoch, KID_INTERNODE_DISPATCH, rank, err)) return;
     const int role = blockIdx.x / C, c = blockIdx.x % C;
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_DISPATCH, rank, c);
     if (role == 0) {
@@ -923,7 +1002,7 @@ __device__ __forceinline__ bool combine_receiver(int c, int epoch, int num_token
 
 // ---------------------------------------------------------------------------------------------
 // Combine: blocks [0, C) send rows back, [C, 2C) forward sums, [2C, 3C) receive. Needs the
-// barrier kernel just before on this stream.
+// barrier kernel just before on this stream. A call the barrier cancelled does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 internode_combine(const u64* nvl_table, u64 sym, int rank, int num_tokens, const int4v* __restrict__ x, int num_x_rows,
@@ -938,6 +1017,7 @@ internode_combine(const u64* nvl_table, u64 sym, int rank, int num_tokens, const
     load_peers(nvl_table, sym, s_peers);
     const int l = rank % P;
     const int epoch = read_epoch(s_peers, l);
+    if (cancelled_at_barrier(s_peers, l, epoch, KID_INTERNODE_COMBINE, rank, err)) return;
     const int role = blockIdx.x / C, c = blockIdx.x % C;
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_COMBINE, rank, c);
     if (role == 0) {

@@ -100,14 +100,9 @@ extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, Stat
 // Cancelled barrier (one warp; the barrier kernel's module): this rank's part in a cached
 // dispatch or a combine it does not make, its arguments refused on the host. It marks the call's
 // epoch cancelled in every peer's buffer, then arrives at the domain barrier (each thread's mark
-// is fenced before its arrival at the same peer); the peers' kernel after their barrier finds the
-// mark (call_cancelled) and only reports. The marks alternate between two words by the epoch's
-// parity: a peer cannot overwrite epoch e's before this rank's kernel of epoch e read it, since
-// its next-but-one barrier needs this rank's next arrival, which follows that kernel.
+// is fenced before its arrival at the same peer, barrier.cuh cancel_mark); the peers' kernel after
+// their barrier finds the mark (call_cancelled) and only reports.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ volatile int* cancel_mark(char* base, int epoch, int src) {
-    return reinterpret_cast<volatile int*>(base + OFF_CANCELLED) + (epoch & 1) * MAX_NVL_PEERS + src;
-}
 
 // In a kernel run right after the barrier (or notify) kernel: the call's epoch, and whether a peer
 // marked it cancelled (barrier_cancelled); then block 0 reports ST_PEER_BAD_INPUT naming the first
@@ -115,11 +110,11 @@ __device__ __forceinline__ volatile int* cancel_mark(char* base, int epoch, int 
 // Threads 0..NUM_RANKS-1 read the marks with the epoch; one block barrier. All threads call it.
 __device__ __forceinline__ bool call_cancelled(char* me, int rank, int kernel, StatusRecord* err, int& epoch) {
     epoch = *reinterpret_cast<const volatile int*>(me + OFF_EPOCH);
-    const bool marked = threadIdx.x < NUM_RANKS && *cancel_mark(me, epoch, threadIdx.x) == epoch;
+    const bool marked = threadIdx.x < NUM_RANKS && *cancel_mark(me + OFF_CANCELLED, epoch, threadIdx.x) == epoch;
     if (!__syncthreads_or(marked)) return false;
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         int by = 0;
-        while (by < NUM_RANKS - 1 && *cancel_mark(me, epoch, by) != epoch) ++by;
+        while (by < NUM_RANKS - 1 && *cancel_mark(me + OFF_CANCELLED, epoch, by) != epoch) ++by;
         record_error(err, ST_PEER_BAD_INPUT, kernel, rank, by, 0);
     }
     return true;
@@ -131,7 +126,7 @@ extern "C" __global__ void barrier_cancelled(const u64* peers, int rank, StatusR
     load_peers(peers, s_peer);
     if (threadIdx.x < NUM_RANKS) {
         const int epoch = *reinterpret_cast<volatile int*>(s_peer[rank] + OFF_EPOCH) + 1;   // group_barrier's next
-        *cancel_mark(s_peer[threadIdx.x], epoch, rank) = epoch;
+        *cancel_mark(s_peer[threadIdx.x] + OFF_CANCELLED, epoch, rank) = epoch;
     }
     __syncthreads();   // every read of the epoch before group_barrier advances it
     domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel_id, rank));

@@ -92,7 +92,8 @@ INTERNODE_SHAPES = [
     (128, 8, 10, 1024, 2, 7168, False, 8, 32, 4096, 16384, False),
     (4, 2, 8, 1024, 64, 7168, True, 8, 32, 4096, 16384, True),
 ]
-#: (ranks, ranks per domain, chaos) of the shape-free internode module (internode_notify_cancelled).
+#: (ranks, ranks per domain, chaos) of the shape-free internode module (internode_notify_cancelled,
+#: internode_barrier_cancelled).
 INTERNODE_CANCEL_TOPOLOGIES = [(4, 2, False), (128, 8, False), (4, 2, True)]
 
 

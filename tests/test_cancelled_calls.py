@@ -10,7 +10,7 @@ from types import ModuleType, SimpleNamespace
 import numpy as np
 import pytest
 
-from cupy_ep import geometry, normal
+from cupy_ep import geometry, limits, normal
 from cupy_ep.bootstrap import Topology
 from cupy_ep.buffer import Buffer
 from cupy_ep.collective import CallSteps
@@ -19,7 +19,6 @@ from cupy_ep.geometry import LLGeometry
 from cupy_ep.internode import InternodeEngine
 from cupy_ep.intranode import IntranodeEngine
 from cupy_ep.low_latency import LowLatencyEngine
-from cupy_ep.normal import NormalEngine
 from cupy_ep.validation import Routing
 
 
@@ -115,14 +114,6 @@ def test_a_broken_buffer_launches_nothing():
     assert engine.joined == []
 
 
-def test_engines_without_a_cancelled_part_launch_nothing():
-    assert NormalEngine.join_cancelled_dispatch(object(), "stream", True) is False
-    assert NormalEngine.join_cancelled_combine(object(), "stream") is False
-    # across NVLink domains: a cached dispatch and a combine have none yet
-    assert InternodeEngine.join_cancelled_dispatch(object(), "stream", True, cached=True) is False
-    assert InternodeEngine.join_cancelled_combine is NormalEngine.join_cancelled_combine
-
-
 class FakeHostMapped:
     """memory.HostMapped without CUDA: zeroed host memory."""
 
@@ -156,15 +147,51 @@ def test_the_internode_engine_loads_its_cancelled_part_when_made(monkeypatch):
     engine, loaded = internode_engine_made(monkeypatch)
     assert loaded == [("internode.cu", geometry.internode_cancel_constants(4, 2), True)]
     assert engine._notify_cancelled == ("module", "internode_notify_cancelled")
+    assert engine._barrier_cancelled == ("module", "internode_barrier_cancelled")
 
 
 @pytest.mark.parametrize("refused", [True, False])
 def test_a_refused_internode_dispatch_launches_its_cancelled_notify(monkeypatch, refused):
     engine, _ = internode_engine_made(monkeypatch)
-    assert engine.join_cancelled_dispatch("s", refused=refused) is True
+    engine.join_cancelled_dispatch("s", refused=refused)
     [(kernel, grid, block, args, stream)] = engine.launched
     assert (kernel, grid, block, stream) == (engine._notify_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS, "s")
     assert args[0] == "peers" and [int(a) for a in args[1:]] == [4096, 1, int(refused), 7, 5]
+
+
+@pytest.mark.parametrize("call,kernel_name", [("cached dispatch", "internode_dispatch"),
+                                               ("combine", "internode_combine")])
+def test_a_refused_internode_cached_dispatch_or_combine_launches_its_cancelled_barrier(monkeypatch, call,
+                                                                                       kernel_name):
+    engine, _ = internode_engine_made(monkeypatch)
+    if call == "combine":
+        engine.join_cancelled_combine("s")
+    else:
+        engine.join_cancelled_dispatch("s", refused=True, cached=True)
+    [(kernel, grid, block, args, stream)] = engine.launched
+    assert (kernel, grid, block, stream) == (engine._barrier_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS, "s")
+    assert args[0] == "peers" and [int(a) for a in args[1:]] == [4096, 1, 1, 7, 5, limits.KERNEL_IDS[kernel_name]]
+
+
+@pytest.mark.parametrize("call", ["cached dispatch", "combine"])
+def test_an_internode_peer_refusal_in_a_compile_agreement_joins_the_barrier_unflagged(monkeypatch, call):
+    """A cached dispatch or combine whose module's compile agreement tells of a peer's refusal
+    takes part in the call's barrier, unflagged, before it raises (the epochs stay in step)."""
+    engine, _ = internode_engine_made(monkeypatch)
+
+    def refused_by_a_peer(*shape):
+        raise cancelled_by_peers("combine", [3], 1)
+    engine._kernels = refused_by_a_peer
+    handle = SimpleNamespace(hidden=256, num_topk=2, num_experts=8, num_channels=2)
+    cached_call = SimpleNamespace(stream="s")
+    with pytest.raises(PeerRefusalError):
+        if call == "combine":
+            engine.combine(None, handle, None, (), SimpleNamespace(num_threads=256, chunk_tokens=1), cached_call)
+        else:
+            engine.dispatch(SimpleNamespace(shape=(4, 256), dtype=np.dtype(np.uint16)), None, None, None, None, handle,
+                            0, 1, SimpleNamespace(num_threads=256, chunk_tokens=1), cached_call)
+    [(kernel, _, _, args, stream)] = engine.launched
+    assert (kernel, stream, int(args[3])) == (engine._barrier_cancelled, "s", 0)
 
 
 @pytest.mark.parametrize("shape", [(4, 2, 8, 1024, 64, 7168, 8), (16, 8, 2, 256, 3, 256, 0)])

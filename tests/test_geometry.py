@@ -63,7 +63,7 @@ def test_internode_geometry_is_aligned_and_disjoint(num_ranks, num_nvl_ranks):
     n = num_ranks // num_nvl_ranks
     r = rdma_control(num_ranks, num_nvl_ranks)
     tails = limits.MAX_CHANNELS * limits.MAX_RDMA_RANKS * 8
-    assert r["R_OFF_VEC_SIG"] >= r["R_OFF_BARRIER"] + 8 * limits.MAX_RDMA_RANKS
+    assert r["R_OFF_VEC_SIG"] >= r["R_OFF_BARRIER"] + 16 * limits.MAX_RDMA_RANKS
     assert r["R_OFF_DTAIL"] >= r["R_OFF_VEC_SIG"] + 8 * limits.MAX_RDMA_RANKS
     assert r["R_OFF_CTAIL"] >= r["R_OFF_DTAIL"] + tails and r["R_OFF_VEC_RECV"] >= r["R_OFF_CTAIL"] + tails
     assert r["R_OFF_DATA"] >= r["R_OFF_VEC_SEND"] + 4 * n * r["VEC_STRIDE"] and r["R_OFF_DATA"] % 4096 == 0
@@ -71,6 +71,11 @@ def test_internode_geometry_is_aligned_and_disjoint(num_ranks, num_nvl_ranks):
     c = limits.MAX_CHANNELS
     assert 2 + num_nvl_ranks * (c + 2) + c + 1 + limits.MAX_EXPERTS // n + num_ranks <= r["VEC_STRIDE"]
     v = nvl_control(num_ranks, num_nvl_ranks)
+    words = [(v["OFF_ARRIVALS"], 4 * limits.MAX_NVL_PEERS), (v["OFF_EPOCH"], 4), (v["OFF_CALL_BAD"], 8),
+             (v["OFF_SLOT_FLAGS"], 4 * num_nvl_ranks), (v["OFF_FWD_FLAGS"], 4 * num_nvl_ranks),
+             (v["OFF_CANCELLED"], 8 * limits.MAX_NVL_PEERS), (v["OFF_DTAIL"], 0)]
+    for (b0, s0), (b1, _) in zip(words, words[1:]):
+        assert b0 % 4 == 0 and b0 + s0 <= b1
     assert v["OFF_CTAIL"] >= v["OFF_DTAIL"] + limits.MAX_CHANNELS * num_ranks * 8
     assert v["OFF_SLOT"] >= v["OFF_CTAIL"] + limits.MAX_CHANNELS * n * num_nvl_ranks * 8
     assert 1 + n * (c + 4) + limits.MAX_EXPERTS // num_ranks + num_ranks <= v["SLOT_STRIDE"]

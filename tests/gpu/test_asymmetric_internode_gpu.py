@@ -1,6 +1,6 @@
 """The asymmetric cases of tests/asymmetric_cases.py that the GPU keeps across NVLink domains
-(``case.internode``: refused non-cached dispatches, whose refusing rank takes part in the call
-through ``internode_notify_cancelled``): on a normal-mode Buffer of several domains
+(``case.internode``: refused dispatches and combines, whose refusing rank takes part in the call
+through ``internode_notify_cancelled`` or, cached dispatch and combine, ``internode_barrier_cancelled``): on a normal-mode Buffer of several domains
 (``CUPY_EP_TEST_NVL_PEERS=P`` below the rank count, the gpu_suite's internode step), the last
 rank passes bad input, the others valid; every rank raises as expected, promptly, and the same
 Buffer then makes a round trip checked against the reference. Skipped inside one domain
