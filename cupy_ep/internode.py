@@ -119,9 +119,9 @@ class InternodeEngine(NormalEngine):
         self._launch(self._notify_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS,
                      (*self._common_args(), np.int32(refused), self.status_arg, self.timeout_ns), stream, "notify")
 
-    def join_cancelled_combine(self, stream, refused: bool = True) -> None:
+    def join_cancelled_combine(self, stream) -> None:
         """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_combine`: ``internode_barrier_cancelled``."""
-        self._join_cancelled_barrier("internode_combine", stream, refused)
+        self._join_cancelled_barrier("internode_combine", stream, refused=True)
 
     def _join_cancelled_barrier(self, kernel_name: str, stream, refused: bool) -> None:
         self._launch(self._barrier_cancelled, 1, geometry.INTERNODE_CANCEL_THREADS,

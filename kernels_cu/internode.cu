@@ -159,8 +159,8 @@ __device__ __forceinline__ int find_source(const int* s_list, int idx) {
 
 // ---------------------------------------------------------------------------------------------
 // Barriers: the domain (IPC, barrier.cuh) and the column (NVSHMEM signals). Block-wide; returns
-// the new epoch, 0 on timeout, and in `bad_rank` the first rank of any domain that cancelled its
-// part of the call (R: none). cancel_self: this rank cancels its part (internode_barrier_cancelled):
+// the new epoch, 0 on timeout, and in `*bad_rank` (where given) the first rank of any domain that
+// cancelled its part of the call (R: none). cancel_self: this rank cancels its part (internode_barrier_cancelled):
 // it marks the call in its domain peers' buffers before it arrives. After the domain barrier every
 // rank of a domain knows its domain's first cancelled rank (the marks); its column word carries it
 // to the same local rank of every domain, so after the column barrier every rank knows the first
@@ -174,8 +174,8 @@ __device__ __forceinline__ u64* column_word(char* sym, int epoch, int dom) {
     return r_u64(sym, R_OFF_BARRIER, (epoch & 1) * MAX_RDMA_RANKS + dom);
 }
 
-__device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, const WaitCtx& w, int& bad_rank,
-                                            bool cancel_self = false) {
+__device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, const WaitCtx& w,
+                                            bool cancel_self = false, int* bad_rank = nullptr) {
     __shared__ int* s_arrivals[P];
     __shared__ int s_domain_bad, s_bad;
     if (threadIdx.x < P) {
@@ -203,12 +203,15 @@ __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, 
     bool column_in = true;
     for (int d = threadIdx.x; d < N; d += blockDim.x) {
         u64 seen;
-        column_in &= xport::wait_signal_geq(column_word(peers.sym, epoch, d), base, &seen, w, column_pe(d, l));
+        if (!xport::wait_signal_geq(column_word(peers.sym, epoch, d), base, &seen, w, column_pe(d, l))) {
+            column_in = false;
+            continue;
+        }
         const int bad_plus_one = (int)(seen & ((1u << BAD_BITS) - 1));
-        if (column_in && bad_plus_one) atomicMin(&s_bad, bad_plus_one - 1);
+        if (bad_plus_one) atomicMin(&s_bad, bad_plus_one - 1);
     }
     if (__syncthreads_or(!column_in)) return 0;
-    bad_rank = s_bad;   // each domain's first, its own included (its column word came back to it)
+    if (bad_rank) *bad_rank = s_bad;   // each domain's first, its own included (its column word came back)
     return epoch;
 }
 
@@ -216,7 +219,7 @@ __device__ __forceinline__ int full_barrier(const Peers& peers, int dom, int l, 
 // for the kernel that follows on this stream (cancelled_at_barrier). Block-wide.
 __device__ __forceinline__ void call_barrier(const Peers& peers, int rank, const WaitCtx& w, bool cancel_self) {
     int bad_rank;
-    const int epoch = full_barrier(peers, rank / P, rank % P, w, bad_rank, cancel_self);
+    const int epoch = full_barrier(peers, rank / P, rank % P, w, cancel_self, &bad_rank);
     if (epoch != 0 && bad_rank < R && threadIdx.x == 0) {
         volatile int* call_bad = reinterpret_cast<volatile int*>(peers.nvl[rank % P] + OFF_CALL_BAD);
         call_bad[0] = bad_rank;
@@ -273,8 +276,7 @@ extern "C" __global__ void internode_notify_cancelled(const u64* nvl_table, u64 
     char* const me_nvl = s_peers.nvl[l];
     const WaitCtx w = make_wait_ctx(err, timeout_ns, KID_INTERNODE_NOTIFY, rank);
     if (tid == 0) s_bad_rank = R;
-    int barrier_bad;   // R: a notify is cancelled through its vectors, not the barrier's marks
-    const int epoch = full_barrier(s_peers, dom, l, w, barrier_bad);
+    const int epoch = full_barrier(s_peers, dom, l, w);
     if (epoch == 0) return;
     for (int i = tid; i < N * VEC_STRIDE; i += blockDim.x)
         r_vec(me_sym, R_OFF_VEC_SEND, i / VEC_STRIDE)[i % VEC_STRIDE] = i % VEC_STRIDE == V_BAD ? refused : 0;
@@ -402,8 +404,7 @@ internode_notify(const u64* nvl_table, u64 sym, int rank, int num_tokens, const 
         s_bad_rank = R;
         s_over_rank = R;
     }
-    int barrier_bad;   // R: a notify is cancelled through its vectors, not the barrier's marks
-    const int epoch = full_barrier(s_peers, dom, l, w, barrier_bad);
+    const int epoch = full_barrier(s_peers, dom, l, w);
     if (epoch == 0) return;
 
     // 2) counts and checks
