@@ -71,9 +71,11 @@ class IntranodeEngine(NormalEngine):
     def __init__(self, nvl_comm, nvl, status, timeout_ns: int, chaos: bool = False):
         super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
-        # collective over nvl_comm (the Buffer makes its engines on every rank, agreed)
-        self._cancelled = {name: self._function(name, *geometry.INTRANODE_BARRIER_SHAPE)
-                           for name in ("notify_cancelled", "barrier_cancelled")}
+        # the barrier kernel and the cancelled parts: their module is loaded once, here, so that no
+        # call's barrier waits on a compile agreement (which may tell of a peer's refusal before the
+        # barrier is launched). Collective over nvl_comm (the Buffer makes its engines on every rank).
+        self._barrier_kernels = {name: self._function(name, *geometry.INTRANODE_BARRIER_SHAPE)
+                                 for name in ("group_barrier_kernel", "notify_cancelled", "barrier_cancelled")}
 
     # -- kernels ----------------------------------------------------------------------------
     def _function(self, name: str, num_channels: int, num_threads: int, **kernel):
@@ -87,10 +89,9 @@ class IntranodeEngine(NormalEngine):
         return fn
 
     def _barrier(self, kernel_name: str, stream) -> None:
-        channels, threads = geometry.INTRANODE_BARRIER_SHAPE
-        fn = self._memoised(("barrier",), lambda: self._function("group_barrier_kernel", channels, threads))
-        self._launch(fn, channels, threads, (self.nvl.peer_table, np.int32(self.rank), self.status_arg,
-                                             self.timeout_ns, _KERNEL_ID[kernel_name]), stream)
+        self._launch(self._barrier_kernels["group_barrier_kernel"], *geometry.INTRANODE_BARRIER_SHAPE,
+                     (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
+                      _KERNEL_ID[kernel_name]), stream)
         self._phase("barrier launched", stream)
 
     def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
@@ -100,7 +101,7 @@ class IntranodeEngine(NormalEngine):
         if cached:
             self._join_cancelled_barrier("intranode_dispatch", stream)
             return
-        self._launch(self._cancelled["notify_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
+        self._launch(self._barrier_kernels["notify_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(refused), self.status_arg,
                       self.timeout_ns), stream, "notify")
 
@@ -109,7 +110,7 @@ class IntranodeEngine(NormalEngine):
         self._join_cancelled_barrier("intranode_combine", stream)
 
     def _join_cancelled_barrier(self, kernel_name: str, stream) -> None:
-        self._launch(self._cancelled["barrier_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
+        self._launch(self._barrier_kernels["barrier_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
                      (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
                       _KERNEL_ID[kernel_name]), stream, "barrier")
 

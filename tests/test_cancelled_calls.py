@@ -372,3 +372,16 @@ def test_low_latency_cancelled_parts_get_the_shrink_mask():
     engine.join_cancelled_dispatch("s", refused=True)
     engine.join_cancelled_combine("s", refused=True)
     assert [a[5] for _, _, a in engine.launched] == [0, "mask", "mask"]   # 0: a null pointer
+
+
+def test_the_intranode_barrier_launches_the_kernel_loaded_with_the_engine(fake_cupy):
+    """A cached dispatch's or a combine's barrier looks nothing up (a lookup may be a compile
+    agreement, which may tell of a peer's refusal before the barrier is launched: the epochs would
+    fall out of step)."""
+    engine = intranode_engine(cancelled_by_peers("combine (compile agreement)", [1], 0))
+    engine._barrier_kernels = {"group_barrier_kernel": "barrier kernel"}
+    engine.nvl, engine.status_arg, engine.timeout_ns = SimpleNamespace(peer_table="peers"), "status", np.uint64(5)
+    engine._barrier("intranode_combine", "s")
+    [(kernel, grid, block, args, stream)] = engine.launched
+    assert (kernel, (grid, block), stream) == ("barrier kernel", geometry.INTRANODE_BARRIER_SHAPE, "s")
+    assert int(args[4]) == limits.KERNEL_IDS["intranode_combine"]
