@@ -58,6 +58,9 @@ INTRANODE_OFFSETS = dict(
     OFF_EPOCH=64,
     OFF_NOTIFY_FLAGS=128,
     OFF_CANCELLED=192,
+    OFF_GRID_RUN=256,
+    OFF_GRID_ARRIVED=320,
+    OFF_GRID_DONE=384,
     OFF_DISPATCH_TAILS=4096,
     OFF_COMBINE_TAILS=4096 + limits.MAX_CHANNELS * limits.MAX_NVL_PEERS * 8,
     OFF_NOTIFY=16384,
@@ -113,13 +116,13 @@ def intranode_constants(num_ranks: int, num_channels: int, num_threads: int, **k
                   NOTIFY_EXPERT=NOTIFY_EXPERT, KERNEL_NOTIFY=0, KERNEL_DISPATCH=0, KERNEL_COMBINE=0,
                   NUM_RECEIVERS=1, E_LOCAL=1, X_ROW_INT4=0, NUM_SCALES=0, TOPK=0, SLOT_BYTES=0,
                   SLOT_OFF_SCALES=0, SLOT_OFF_IDX=0, SLOT_OFF_W=0, HIDDEN_INT4=0, NUM_BIAS=0, CSLOT_OFF_W=0,
-                  CHUNK=num_threads // 32)
+                  CHUNK=num_threads // 32, CACHED=0)
     consts.update(kernel)
     return consts
 
 
-#: (channels, threads) of the intranode module without a selected kernel: group_barrier_kernel and
-#: notify_cancelled (one warp each).
+#: (channels, threads) of the intranode module without a selected kernel: group_barrier_kernel,
+#: barrier_cancelled and notify_cancelled (one warp each).
 INTRANODE_BARRIER_SHAPE = (1, 32)
 
 
@@ -129,11 +132,13 @@ def intranode_notify_kernel(e_local: int, num_topk: int) -> dict:
 
 
 def intranode_dispatch_kernel(slots: SlotGeometry, x_row_bytes: int, num_scales: int, num_topk: int,
-                              num_receivers: int, e_local: int, chunk: int) -> dict:
-    """The dispatch kernel's constants (``num_topk`` 0: no top-k travels, e.g. cached)."""
+                              num_receivers: int, e_local: int, chunk: int, cached: bool = False) -> dict:
+    """The dispatch kernel's constants (``num_topk`` 0: no top-k travels; ``cached``: a cached
+    dispatch, no top-k either, which runs the domain barrier in its own grid)."""
     return dict(KERNEL_DISPATCH=1, NUM_RECEIVERS=num_receivers, E_LOCAL=e_local, X_ROW_INT4=x_row_bytes // 16,
-                NUM_SCALES=num_scales, TOPK=num_topk, SLOT_BYTES=slots.slot_bytes, SLOT_OFF_SCALES=slots.off_scales,
-                SLOT_OFF_IDX=slots.off_idx, SLOT_OFF_W=slots.off_w, CHUNK=chunk)
+                NUM_SCALES=num_scales, TOPK=0 if cached else num_topk, SLOT_BYTES=slots.slot_bytes,
+                SLOT_OFF_SCALES=slots.off_scales, SLOT_OFF_IDX=slots.off_idx, SLOT_OFF_W=slots.off_w, CHUNK=chunk,
+                CACHED=int(cached))
 
 
 def intranode_combine_kernel(slots: SlotGeometry, hidden: int, num_topk: int, num_bias: int,

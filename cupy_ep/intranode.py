@@ -15,7 +15,8 @@ streams. A non-cached dispatch runs:
    receivers wait for. With ``num_worst_tokens`` the outputs are allocated up front and there
    is no host wait at all (CUDA-graph capturable).
 
-A cached dispatch and a combine run a barrier kernel, then their kernel.
+A cached dispatch and a combine run one kernel each, whose block 0 runs the domain barrier
+while the other blocks wait for it (``grid_domain_barrier``).
 
 A rank whose non-cached dispatch is refused on the host (its arguments failed validation, or a
 host step told it of a peer's refusal) launches ``notify_cancelled`` instead: the notify
@@ -23,8 +24,9 @@ protocol with zero rows and a cancel flag, so that the peers' notify cancels the
 raises promptly (:meth:`IntranodeEngine.join_cancelled_dispatch`). A rank whose cached dispatch
 or combine is refused launches ``barrier_cancelled``: the barrier, after marking the call
 cancelled in the peers' buffers, whose kernel then does nothing but report (raised by
-``check()``). Their module, the barrier's, is loaded when the engine is made: the cancelled
-parts never compile (a compile agreement the peers would not join).
+``check()``); one told of a peer's refusal in its kernel's compile agreement launches
+``group_barrier_kernel``. Their module, the barrier's, is loaded when the engine is made: the
+cancelled parts never compile (a compile agreement the peers would not join).
 """
 from __future__ import annotations
 
@@ -88,11 +90,18 @@ class IntranodeEngine(NormalEngine):
             fn = self._functions[key] = self._entry(self._module("intranode.cu", consts), name)
         return fn
 
-    def _barrier(self, kernel_name: str, stream) -> None:
-        self._launch(self._barrier_kernels["group_barrier_kernel"], *geometry.INTRANODE_BARRIER_SHAPE,
-                     (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
-                      _KERNEL_ID[kernel_name]), stream)
-        self._phase("barrier launched", stream)
+    def _kernel_or_barrier(self, build, kernel_name: str, stream):
+        """``build()``: the (kernel, grid) of a cached dispatch or a combine, whose grid runs the
+        call's domain barrier. When its compile agreement tells of a peer's refusal, this rank
+        takes part in the barrier (``group_barrier_kernel``, unflagged: the epochs stay in step)
+        before the refusal is raised."""
+        try:
+            return build()
+        except PeerRefusalError:
+            self._launch(self._barrier_kernels["group_barrier_kernel"], *geometry.INTRANODE_BARRIER_SHAPE,
+                         (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
+                          _KERNEL_ID[kernel_name]), stream)
+            raise
 
     def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
         """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``,
@@ -162,9 +171,9 @@ class IntranodeEngine(NormalEngine):
         return self._finish_dispatch(seq, data, scales, num_topk, e_local, handle, call)
 
     def _cached_dispatch(self, data, scales, handle: IntranodeHandle, config: Config, call) -> DispatchResult:
-        self._barrier("intranode_dispatch", call.stream)
+        kernel, grid = self._kernel_or_barrier(lambda: self._dispatch_kernel(data, scales, handle, config, cached=True),
+                                               "intranode_dispatch", call.stream)
         outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
-        kernel, grid = self._dispatch_kernel(data, scales, handle, config, cached=True)
         null = np.uint64(0)
         self._launch(kernel, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, array_arg(scales),
@@ -189,18 +198,19 @@ class IntranodeEngine(NormalEngine):
         c = handle.num_channels
         receivers = min(config.num_receivers, c)
         fn = self._function("intranode_dispatch", c, config.num_threads, **geometry.intranode_dispatch_kernel(
-            slots, row_bytes, num_scales, 0 if cached else handle.num_topk, receivers,
-            handle.num_experts // self.num_ranks, config.chunk_tokens))
+            slots, row_bytes, num_scales, handle.num_topk, receivers, handle.num_experts // self.num_ranks,
+            config.chunk_tokens, cached))
         return fn, c + receivers
 
     # -- combine ----------------------------------------------------------------------------
     def combine(self, x, handle: IntranodeHandle, topk_weights, biases, config: Config, call):
         """Returns ``(combined_x bf16 [N, H], combined_topk_weights float32 [N, K] or None)``."""
         num_topk = 0 if topk_weights is None else topk_weights.shape[1]
-        self._barrier("intranode_combine", call.stream)
-        combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
         key = ("combine", handle.hidden, handle.num_topk, handle.num_channels, num_topk, len(biases), config)
-        fn, grid = self._memoised(key, lambda: self._build_combine_kernel(handle, num_topk, len(biases), config))
+        fn, grid = self._kernel_or_barrier(
+            lambda: self._memoised(key, lambda: self._build_combine_kernel(handle, num_topk, len(biases), config)),
+            "intranode_combine", call.stream)
+        combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
         self._launch(fn, grid, config.num_threads,
                      (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
                       array_arg(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,

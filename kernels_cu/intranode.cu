@@ -6,6 +6,7 @@
 //   OFF_EPOCH          int                 this rank's barrier count
 //   OFF_NOTIFY_FLAGS   int[MAX_NVL_PEERS]  notify data from peer p is ready (= epoch)
 //   OFF_CANCELLED      int[2][MAX_NVL_PEERS]  [e & 1][p]: peer p cancelled its part of epoch e (= e)
+//   OFF_GRID_RUN, OFF_GRID_ARRIVED, OFF_GRID_DONE  int each: this rank's grid barrier (grid_domain_barrier)
 //   OFF_DISPATCH_TAILS u64[MAX_CHANNELS][MAX_NVL_PEERS]  rows arrived per (channel, source)
 //   OFF_COMBINE_TAILS  u64[MAX_CHANNELS][MAX_NVL_PEERS]
 //   OFF_NOTIFY         per source: a notify slot (see "Notify slot" below)
@@ -24,6 +25,7 @@
 //   NUM_RANKS NUM_CHANNELS NUM_RECEIVERS NUM_THREADS E_LOCAL  geometry offsets (OFF_*, NOTIFY_*)
 //   notify:   TOPK (0: no topk_idx; else int64, the Buffer converts int32 ids)
 //   dispatch: X_ROW_INT4 NUM_SCALES TOPK SLOT_BYTES SLOT_OFF_SCALES SLOT_OFF_IDX SLOT_OFF_W CHUNK
+//             CACHED (1: a cached dispatch, which runs the domain barrier itself)
 //   combine:  HIDDEN_INT4 TOPK NUM_BIAS SLOT_BYTES CSLOT_OFF_W
 // Compiled by the CPU check for the shapes of tests/kernel_cases.py (constants from cupy_ep/geometry.py).
 #include "normal.cuh"
@@ -86,8 +88,60 @@ __device__ __forceinline__ int domain_barrier(char* const* s_peer, int rank, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Barrier kernel (one block): run before kernels that write into peers' buffers without a
-// notify step (cached dispatch, combine).
+// The domain barrier inside a cached dispatch's or a combine's own kernel. Block 0 runs it; the
+// other blocks must neither read the epoch (block 0 advances it) nor touch a peer's buffer before
+// it is done, and cannot tell a stale epoch from a fresh one. So each kernel run is numbered: every
+// block reads OFF_GRID_RUN, then counts itself in OFF_GRID_ARRIVED; the last to arrive zeroes the
+// count and advances the number, after every block's read (their arrivals order them). Runs on
+// one stream never overlap, so every block of a run reads the same number. Block 0 publishes
+// (number + 1) << 1 | failed in OFF_GRID_DONE once the domain barrier is done; the others wait
+// for their run's word. Nothing waits for a block that has not started (no co-residency needed,
+// as before: block 0 is scheduled first), no per-block state (any grid size), device words only
+// (CUDA-graph replays are safe). The other blocks wait twice the timeout, so that block 0's report
+// (naming the late peer) comes first. Returns the same value in every thread of a block (false: a
+// wait failed, recorded); all threads call it.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ bool grid_domain_barrier(char* const* s_peer, int rank, int kernel, StatusRecord* err,
+                                                    u64 timeout_ns) {
+    __shared__ int s_ok;
+    char* me = s_peer[rank];
+    int* run_word = reinterpret_cast<int*>(me + OFF_GRID_RUN);
+    int* arrived = reinterpret_cast<int*>(me + OFF_GRID_ARRIVED);
+    int* done = reinterpret_cast<int*>(me + OFF_GRID_DONE);
+    __shared__ u32 s_run;
+    if (threadIdx.x == 0) {
+        const u32 run = *reinterpret_cast<volatile u32*>(run_word);
+        if (atom_add_acq_rel_gpu(arrived, 1) == (int)gridDim.x - 1) {
+            *reinterpret_cast<volatile int*>(arrived) = 0;
+            *reinterpret_cast<volatile u32*>(run_word) = run + 1;
+        }
+        s_run = run;
+    }
+    __syncthreads();
+    const u32 expect = (s_run + 1) << 1;   // this run's word, not failed
+    if (blockIdx.x == 0) {
+        const bool ok = domain_barrier(s_peer, rank, make_wait_ctx(err, timeout_ns, kernel, rank)) != 0;
+        if (threadIdx.x == 0) {
+            st_release_gpu(done, (int)(expect | (ok ? 0u : 1u)));
+            s_ok = ok;
+        }
+    } else if (threadIdx.x == 0) {
+        const WaitCtx w = make_wait_ctx(err, 2 * timeout_ns, kernel, rank);
+        unsigned spins = 0;
+        u32 v;
+        bool waited = true;
+        while (waited && ((v = (u32)ld_acquire_gpu(done)) | 1u) != (expect | 1u))
+            waited = keep_waiting(w, spins, -1, (int)v);
+        s_ok = waited && v == expect;
+    }
+    __syncthreads();
+    return s_ok != 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Barrier kernel (one block): this rank's part in a cached dispatch's or a combine's domain
+// barrier when it does not launch their kernel, having learnt in a compile agreement that a peer
+// refused its arguments (the peers' kernel runs the barrier in its block 0, grid_domain_barrier).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, StatusRecord* err, u64 timeout_ns,
                                                 int kernel_id) {
@@ -104,7 +158,7 @@ extern "C" __global__ void group_barrier_kernel(const u64* peers, int rank, Stat
 // their barrier finds the mark (call_cancelled) and only reports.
 // ---------------------------------------------------------------------------------------------
 
-// In a kernel run right after the barrier (or notify) kernel: the call's epoch, and whether a peer
+// After the call's domain barrier (notify's, or the kernel's own): the call's epoch, and whether a peer
 // marked it cancelled (barrier_cancelled); then block 0 reports ST_PEER_BAD_INPUT naming the first
 // such peer and the kernel must return without sending or receiving (its outputs unspecified).
 // Threads 0..NUM_RANKS-1 read the marks with the epoch; one block barrier. All threads call it.
@@ -456,9 +510,10 @@ __device__ __forceinline__ bool dispatch_receiver(int c, int rank, int epoch, co
 }
 
 // ---------------------------------------------------------------------------------------------
-// Dispatch. Needs the notify (or, for a cached dispatch, the barrier kernel) to have run just
-// before on this stream: the epoch it set tags the tails. A call notify cancelled (bad input on
-// some rank), or a cached one a peer's barrier_cancelled marked, does nothing.
+// Dispatch. A non-cached one needs notify to have run just before on this stream: the epoch it
+// set tags the tails; a cached one runs the domain barrier first (grid_domain_barrier). A call
+// notify cancelled (bad input on some rank), or a cached one a peer's barrier_cancelled marked,
+// does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __restrict__ x,
@@ -470,8 +525,9 @@ intranode_dispatch(const u64* peers, int rank, int num_tokens, const int4v* __re
                    float* __restrict__ recv_topk_weights, int num_out_rows, int fill_padding,
                    const volatile u64* out_desc, u64 desc_seq, StatusRecord* err, u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
-    if (*call_status != 0) return;
+    if (!CACHED && *call_status != 0) return;
     load_peers(peers, s_peer);
+    if (CACHED && !grid_domain_barrier(s_peer, rank, KID_INTRANODE_DISPATCH, err, timeout_ns)) return;
     int epoch;
     if (call_cancelled(s_peer[rank], rank, KID_INTRANODE_DISPATCH, err, epoch)) return;
     if (blockIdx.x < NUM_CHANNELS) {
@@ -637,7 +693,7 @@ __device__ __forceinline__ bool combine_receiver(int c, int rank, int epoch, int
 }
 
 // ---------------------------------------------------------------------------------------------
-// Combine. Needs the barrier kernel to have run just before on this stream; a call a peer's
+// Combine. Runs the domain barrier first (grid_domain_barrier); a call a peer's
 // barrier_cancelled marked does nothing.
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
@@ -649,6 +705,7 @@ intranode_combine(const u64* peers, int rank, int num_tokens, const int4v* __res
                   u64 timeout_ns) {
     __shared__ char* s_peer[NUM_RANKS];
     load_peers(peers, s_peer);
+    if (!grid_domain_barrier(s_peer, rank, KID_INTRANODE_COMBINE, err, timeout_ns)) return;
     int epoch;
     if (call_cancelled(s_peer[rank], rank, KID_INTRANODE_COMBINE, err, epoch)) return;
     if (blockIdx.x < NUM_CHANNELS) {

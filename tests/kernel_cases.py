@@ -97,14 +97,16 @@ INTERNODE_SHAPES = [
 INTERNODE_CANCEL_TOPOLOGIES = [(4, 2, False), (128, 8, False), (4, 2, True)]
 
 
-def intranode_case(r, c, receivers, threads, e_local, hidden, fp8, topk, num_bias, chunk, tokens, chaos) -> dict:
-    """The constants of an intranode module holding notify, dispatch and combine."""
+def intranode_case(r, c, receivers, threads, e_local, hidden, fp8, topk, num_bias, chunk, tokens, chaos,
+                   cached=False) -> dict:
+    """The constants of an intranode module holding notify, dispatch (``cached``: a cached
+    dispatch's) and combine."""
     slots = geometry.slot_geometry(geometry.intranode_nvl_size_hint(tokens, hidden, r, topk), r, hidden, topk)
     kernels = {
         **geometry.intranode_notify_kernel(e_local, topk),
-        **geometry.intranode_dispatch_kernel(slots, hidden * (1 if fp8 else 2), hidden // limits.FP8_BLOCK if fp8
-                                             else 0, topk, receivers, e_local, chunk),
         **geometry.intranode_combine_kernel(slots, hidden, topk, num_bias, receivers),
+        **geometry.intranode_dispatch_kernel(slots, hidden * (1 if fp8 else 2), hidden // limits.FP8_BLOCK if fp8
+                                             else 0, topk, receivers, e_local, chunk, cached),
     }
     return dict(geometry.intranode_constants(r, c, threads, **kernels), **({"CHAOS": 1} if chaos else {}))
 
@@ -130,6 +132,7 @@ def kernel_cases() -> list[KernelCase]:
         configs, nvshmem = parse_annotations(path.read_text())
         if path.name == "intranode.cu":
             configs = [intranode_case(*shape) for shape in INTRANODE_SHAPES] + [
+                intranode_case(*INTRANODE_SHAPES[0], cached=True), intranode_case(*INTRANODE_SHAPES[-1], cached=True),
                 geometry.intranode_constants(limits.MAX_NVL_PEERS, *geometry.INTRANODE_BARRIER_SHAPE)]
         elif path.name == "internode.cu":
             configs = [internode_case(*shape) for shape in INTERNODE_SHAPES] + [

@@ -14,6 +14,7 @@ from cupy_ep import geometry, limits, normal
 from cupy_ep.bootstrap import Topology
 from cupy_ep.buffer import Buffer
 from cupy_ep.collective import CallSteps
+from cupy_ep.config import Config
 from cupy_ep.errors import CommTimeoutError, PeerRefusalError, cancelled_by_peers
 from cupy_ep.geometry import LLGeometry
 from cupy_ep.internode import InternodeEngine
@@ -374,14 +375,53 @@ def test_low_latency_cancelled_parts_get_the_shrink_mask():
     assert [a[5] for _, _, a in engine.launched] == [0, "mask", "mask"]   # 0: a null pointer
 
 
-def test_the_intranode_barrier_launches_the_kernel_loaded_with_the_engine(fake_cupy):
-    """A cached dispatch's or a combine's barrier looks nothing up (a lookup may be a compile
-    agreement, which may tell of a peer's refusal before the barrier is launched: the epochs would
-    fall out of step)."""
-    engine = intranode_engine(cancelled_by_peers("combine (compile agreement)", [1], 0))
-    engine._barrier_kernels = {"group_barrier_kernel": "barrier kernel"}
-    engine.nvl, engine.status_arg, engine.timeout_ns = SimpleNamespace(peer_table="peers"), "status", np.uint64(5)
-    engine._barrier("intranode_combine", "s")
+
+def intranode_engine_compiling(error):
+    """An IntranodeEngine of 2 ranks whose dispatch and combine kernels' lookups raise ``error`` (a
+    host step of their compile); launches are recorded."""
+    engine = object.__new__(IntranodeEngine)
+    engine.rank, engine.num_ranks, engine.profile, engine._memo, engine._seq = 0, 2, None, {}, 0
+    engine.nvl = SimpleNamespace(peer_table="peers", num_bytes=1 << 24)
+    engine.status_arg, engine.timeout_ns, engine.launched = "status", np.uint64(5), []
+    engine._barrier_kernels = {"group_barrier_kernel": "group_barrier_kernel"}
+
+    def function(name, *args, **kw):
+        raise error
+
+    engine._function = function
+    engine._launch = lambda kernel, grid, block, args, stream, name="": engine.launched.append(
+        (kernel, grid, block, args, stream))
+    return engine
+
+
+def cached_call_on(engine, call):
+    """A cached dispatch or a combine of a 2-rank handle (its kernels' lookups raise)."""
+    handle = SimpleNamespace(hidden=256, num_topk=2, num_experts=8, num_channels=2, num_tokens=4, num_rows=4)
+    config = Config(num_sms=4, num_threads=256)
+    call_ = SimpleNamespace(stream="s", alloc=NullContext())
+    if call == "combine":
+        engine.combine(np.zeros((4, 256), np.uint16), handle, None, (), config, call_)
+    else:
+        engine.dispatch(np.zeros((4, 256), np.uint16), None, None, None, None, handle, 0, 1, config, call_)
+
+
+@pytest.mark.parametrize("call,kernel_name", [("cached dispatch", "intranode_dispatch"),
+                                               ("combine", "intranode_combine")])
+def test_an_intranode_peer_refusal_in_a_compile_agreement_joins_the_barrier_unflagged(call, kernel_name):
+    """The cached dispatch's and the combine's kernel runs the call's domain barrier itself; when its
+    compile agreement tells of a peer's refusal, this rank takes part in the barrier with the
+    barrier kernel (unflagged) before it raises, and launches nothing else."""
+    engine = intranode_engine_compiling(cancelled_by_peers(call, [1], 0))
+    with pytest.raises(PeerRefusalError):
+        cached_call_on(engine, call)
     [(kernel, grid, block, args, stream)] = engine.launched
-    assert (kernel, (grid, block), stream) == ("barrier kernel", geometry.INTRANODE_BARRIER_SHAPE, "s")
-    assert int(args[4]) == limits.KERNEL_IDS["intranode_combine"]
+    assert (kernel, (grid, block), stream) == ("group_barrier_kernel", geometry.INTRANODE_BARRIER_SHAPE, "s")
+    assert args[0] == "peers" and int(args[1]) == 0 and int(args[4]) == limits.KERNEL_IDS[kernel_name]
+
+
+@pytest.mark.parametrize("call", ["cached dispatch", "combine"])
+def test_other_compile_errors_of_a_cached_dispatch_or_combine_launch_nothing(call):
+    engine = intranode_engine_compiling(CommTimeoutError("combine (compile agreement)", 0, 1, host=True))
+    with pytest.raises(CommTimeoutError):
+        cached_call_on(engine, call)
+    assert engine.launched == []
