@@ -92,6 +92,7 @@ def normal_mode(buffer, num_experts, gen, rank, num_local):
     # cached dispatch of new data, ordered after a side stream by previous_event, async
     x2 = torch.randn((N, H), generator=gen, device="cuda").bfloat16()
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())   # x2 was made on the current stream
     with torch.cuda.stream(side):
         x2_late = x2 * 1.0
         ready = deep_ep.Buffer.capture()
