@@ -73,9 +73,10 @@ class IntranodeEngine(NormalEngine):
     def __init__(self, nvl_comm, nvl, status, timeout_ns: int, chaos: bool = False):
         super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
-        # the barrier kernel and the cancelled parts: their module is loaded once, here, so that no
-        # call's barrier waits on a compile agreement (which may tell of a peer's refusal before the
-        # barrier is launched). Collective over nvl_comm (the Buffer makes its engines on every rank).
+        # what a call launches when it cannot launch its own kernels (the barrier kernel, the
+        # cancelled parts): their module is loaded once, here, so that none of them waits on a
+        # compile agreement, which may tell of a peer's refusal first. Collective over nvl_comm
+        # (the Buffer makes its engines on every rank).
         self._barrier_kernels = {name: self._function(name, *geometry.INTRANODE_BARRIER_SHAPE)
                                  for name in ("group_barrier_kernel", "notify_cancelled", "barrier_cancelled")}
 
