@@ -255,9 +255,9 @@ INTERNODE_CANCEL_THREADS = 32
 def internode_cancel_constants(num_ranks: int, num_nvl_ranks: int) -> dict:
     """JIT constants of the shape-free ``internode.cu`` module: only ``internode_notify_cancelled``
     and ``internode_barrier_cancelled`` (KERNEL_CANCEL), which read the control offsets of
-    ``num_ranks`` / ``num_nvl_ranks`` alone (the same for every buffer size). The shape constants are the smallest that the file's checks
-    accept (one channel, one warp, no top-k, 16-byte rows, no data rows): no kernel of this module
-    reads them."""
+    ``num_ranks`` / ``num_nvl_ranks`` alone (the same for every buffer size). The shape constants
+    are the smallest that the file's checks accept (one channel, one warp, no top-k, 16-byte rows,
+    no data rows): no kernel of this module reads them."""
     consts = internode_constants(0, 0, num_ranks, num_nvl_ranks, hidden=8, num_topk=0,
                                  x_bytes=16, num_scales=0, num_experts=num_ranks, num_channels=1,
                                  num_threads=INTERNODE_CANCEL_THREADS, chunk=1)

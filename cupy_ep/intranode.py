@@ -99,10 +99,15 @@ class IntranodeEngine(NormalEngine):
         try:
             return build()
         except PeerRefusalError:
-            self._launch(self._barrier_kernels["group_barrier_kernel"], *geometry.INTRANODE_BARRIER_SHAPE,
-                         (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
-                          _KERNEL_ID[kernel_name]), stream)
+            self._launch_barrier_kernel("group_barrier_kernel", kernel_name, stream)
             raise
+
+    def _launch_barrier_kernel(self, name: str, kernel_name: str, stream, profile_name: str = "") -> None:
+        """``group_barrier_kernel`` or ``barrier_cancelled``: this rank's part in the domain barrier
+        of a ``kernel_name`` call (one warp, the module loaded with the engine)."""
+        self._launch(self._barrier_kernels[name], *geometry.INTRANODE_BARRIER_SHAPE,
+                     (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
+                      _KERNEL_ID[kernel_name]), stream, profile_name)
 
     def join_cancelled_dispatch(self, stream, refused: bool, cached: bool = False) -> None:
         """As :meth:`cupy_ep.normal.NormalEngine.join_cancelled_dispatch`: ``notify_cancelled``,
@@ -120,9 +125,7 @@ class IntranodeEngine(NormalEngine):
         self._join_cancelled_barrier("intranode_combine", stream)
 
     def _join_cancelled_barrier(self, kernel_name: str, stream) -> None:
-        self._launch(self._barrier_kernels["barrier_cancelled"], 1, geometry.INTRANODE_BARRIER_SHAPE[1],
-                     (self.nvl.peer_table, np.int32(self.rank), self.status_arg, self.timeout_ns,
-                      _KERNEL_ID[kernel_name]), stream, "barrier")
+        self._launch_barrier_kernel("barrier_cancelled", kernel_name, stream, "barrier")
 
     # -- dispatch ---------------------------------------------------------------------------
     def dispatch(self, data, scales, topk_idx, topk_weights, routing, handle: Optional[IntranodeHandle],

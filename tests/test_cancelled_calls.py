@@ -375,20 +375,13 @@ def test_low_latency_cancelled_parts_get_the_shrink_mask():
     assert [a[5] for _, _, a in engine.launched] == [0, "mask", "mask"]   # 0: a null pointer
 
 
-
 def intranode_engine_compiling(error):
-    """An IntranodeEngine of 2 ranks whose dispatch and combine kernels' lookups raise ``error`` (a
-    host step of their compile); launches are recorded."""
-    engine = object.__new__(IntranodeEngine)
-    engine.rank, engine.num_ranks, engine.profile, engine._memo, engine._seq = 0, 2, None, {}, 0
+    """:func:`intranode_engine` with what a cached dispatch or a combine reads before its kernel's
+    lookup raises ``error``, and the barrier kernel loaded with the engine."""
+    engine = intranode_engine(error)
     engine.nvl = SimpleNamespace(peer_table="peers", num_bytes=1 << 24)
-    engine.status_arg, engine.timeout_ns, engine.launched = "status", np.uint64(5), []
+    engine.status_arg, engine.timeout_ns = "status", np.uint64(5)
     engine._barrier_kernels = {"group_barrier_kernel": "group_barrier_kernel"}
-
-    def function(name, *args, **kw):
-        raise error
-
-    engine._function = function
     engine._launch = lambda kernel, grid, block, args, stream, name="": engine.launched.append(
         (kernel, grid, block, args, stream))
     return engine
