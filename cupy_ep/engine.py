@@ -8,11 +8,13 @@ and the layout kernel :class:`cupy_ep.layout.LayoutEngine`.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 from math import prod
 
 import cupy
 import numpy as np
+from cupy_backends.cuda.api import driver
 
 from . import jit
 
@@ -41,13 +43,13 @@ def empty_together(*specs) -> list:
 
 def words_together(*specs) -> tuple:
     """As :func:`empty_together`, for device memory that only kernels read and write (a handle's
-    routing state): ``(allocation, [address of each part as a np.uint64 kernel argument])``, no
-    array object per part (≈ 1 µs of host time each). The memory lives as long as the allocation
-    (a ``cupy.cuda.MemoryPointer``) is referenced."""
+    routing state): ``(allocation, [address of each part, an int])``, no array object per part
+    (≈ 1 µs of host time each). The memory lives as long as the allocation (a
+    ``cupy.cuda.MemoryPointer``) is referenced."""
     offsets, total = _layout(specs)
     base = cupy.cuda.alloc(total)
-    ptr = base.ptr
-    return base, [np.uint64(ptr + offset) for offset in offsets]
+    start = base.ptr
+    return base, [start + offset for offset in offsets]
 
 
 def _layout(specs: tuple) -> tuple:
@@ -69,6 +71,46 @@ _ALIGN = 256   # bytes: every array of empty_together starts at such a boundary 
 _LAYOUTS: dict = {}
 _LAYOUTS_MAX = 256
 I32, I64, F32, BOOL = (np.dtype(t) for t in (np.int32, np.int64, np.float32, np.bool_))   # empty_together's dtypes
+
+
+def ptr(a) -> int:
+    """An array's device address as a launch value (:meth:`Engine._launch_values`), 0 for None."""
+    return 0 if a is None else a.data.ptr
+
+
+class ParamBlock:
+    """The parameters of one kernel's launches, one 8-byte slot each, kept from launch to launch.
+
+    A launch writes its values (plain ints in the kernel's parameter order: addresses and
+    numbers) into the slots in one assignment, and cuLaunchKernel reads each parameter from its
+    slot at the parameter's own size (an ``int`` from the slot's low half: little-endian). CuPy's
+    launch instead makes an object per argument (a NumPy scalar from the caller, a CuPy scalar or
+    array record from it) on every launch. The driver copies the parameters during the call, so
+    the next launch may rewrite the slots at once (and a CUDA-graph capture keeps the values of
+    its launch); one Buffer's calls are not made from two threads at once, so neither are its
+    launches."""
+
+    def __init__(self, kernel, num_params: int):
+        self.function = kernel.ptr
+        self.num_params = num_params
+        self._slots = (ctypes.c_int64 * num_params)()
+        base = ctypes.addressof(self._slots)
+        self._pointers = (ctypes.c_uint64 * num_params)(*(base + 8 * i for i in range(num_params)))
+        self.kernel_params = ctypes.addressof(self._pointers)
+
+    def launch(self, grid: int, block: int, values, stream) -> None:
+        if len(values) != self.num_params:
+            raise ValueError(f"{len(values)} launch values for a kernel of {self.num_params} parameters")
+        self._slots[:] = values
+        try:
+            driver.launchKernel(self.function, grid, 1, 1, block, 1, 1, 0, stream.ptr, self.kernel_params, 0)
+        except driver.CUDADriverError as e:
+            if "CUDA_ERROR_INVALID_CONTEXT" not in str(e):
+                raise
+            # A thread whose first CUDA call this is has no current context yet (CuPy's own launches
+            # make one first): the runtime makes it current, then the launch is made again.
+            cupy.cuda.runtime.memGetInfo()
+            driver.launchKernel(self.function, grid, 1, 1, block, 1, 1, 0, stream.ptr, self.kernel_params, 0)
 
 
 def signal_amo() -> int:
@@ -101,6 +143,7 @@ class Engine:
         # timeout_s), or None for a local call's kernels (compiled without talking).
         self.compile_comm = comm
         self._memo = {}       # per-call lookups by call shape (see _memoised)
+        self._param_blocks = {}   # kernel -> its ParamBlock (_launch_values)
 
     def _module(self, filename: str, constants: dict, nvshmem: bool = False):
         constants = dict(constants, CHAOS=int(self.chaos))
@@ -142,6 +185,19 @@ class Engine:
                 kernel((grid,), (block,), args, stream=stream)
         else:
             kernel((grid,), (block,), args, stream=stream)
+
+    def _launch_values(self, kernel, grid: int, block: int, values: tuple, stream, name: str = "") -> None:
+        """As :meth:`_launch`, with ``values`` plain ints (:func:`ptr` of each array) written into
+        the kernel's :class:`ParamBlock`: the launch of the calls made again and again (layout,
+        intranode dispatch and combine), without an argument object per parameter."""
+        block_of = self._param_blocks.get(kernel)
+        if block_of is None:
+            block_of = self._param_blocks[kernel] = ParamBlock(kernel, len(values))
+        if name and self.profile is not None:
+            with self.profile.kernel(name, stream):
+                block_of.launch(grid, block, values, stream)
+        else:
+            block_of.launch(grid, block, values, stream)
 
     def _phase(self, phase: str, stream) -> None:
         """A boundary of the profiled call in progress (:meth:`cupy_ep.profiling.Profile.phase`)."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import geometry, limits
 from .config import Config
-from .engine import I32, array_arg, words_together
+from .engine import I32, ptr, words_together
 from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
@@ -48,7 +48,7 @@ _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   
 class IntranodeHandle(NormalHandle):
     """What combine and a cached dispatch need from an intranode dispatch. The routing state only
     the kernels read and write lies in one allocation (``memory``, :func:`cupy_ep.engine.words_together`);
-    the fields hold the device addresses of its parts (np.uint64 kernel arguments)."""
+    the fields hold the device addresses of its parts (ints)."""
 
     rank_prefix: object        # int32 [R + 1]: first row of each source in recv_x; [R] = rows received
     recv_chan_prefix: object   # int32 [R, C + 1]: per source, first row of each channel (source's stream)
@@ -73,6 +73,7 @@ class IntranodeEngine(NormalEngine):
     def __init__(self, nvl_comm, nvl, status, timeout_ns: int, chaos: bool = False):
         super().__init__(nvl_comm, status, timeout_ns, chaos)
         self.nvl = nvl
+        self._peers = ptr(nvl.peer_table)   # the launches' first value (the table never moves)
         # what a call launches when it cannot launch its own kernels (the barrier kernel, the
         # cancelled parts): their module is loaded once, here, so that none of them waits on a
         # compile agreement, which may tell of a peer's refusal first. Collective over nvl_comm
@@ -157,18 +158,18 @@ class IntranodeEngine(NormalEngine):
         except PeerRefusalError:   # told by the compile agreement: the refusing rank runs its cancelled part
             self.join_cancelled_dispatch(call.stream, refused=False)
             raise
-        self._launch(notify, 1, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), per_rank, per_expert, in_rank,
-                      array_arg(topk_idx), np.int32(expert_alignment), np.int32(num_worst_tokens), rank_prefix,
-                      recv_chan, send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns,
-                      np.int32(seq)), call.stream, "notify")
+        self._launch_values(notify, 1, config.num_threads,
+                            (self._peers, self.rank, num_tokens, per_rank.data.ptr, per_expert.data.ptr,
+                             in_rank.data.ptr, ptr(topk_idx), expert_alignment, num_worst_tokens, rank_prefix, recv_chan,
+                             send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns, seq),
+                            call.stream, "notify")
         self._phase("notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
         kernel, grid = self._dispatch_kernel(data, scales, handle, config)
-        self._launch(kernel, grid, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(num_tokens), data, array_arg(scales),
-                      array_arg(topk_idx), array_arg(topk_weights), in_rank, send_chan, recv_chan, rank_prefix,
-                      send_pos, call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
+        self._launch_values(kernel, grid, config.num_threads,
+                            (self._peers, self.rank, num_tokens, data.data.ptr, ptr(scales), ptr(topk_idx),
+                             ptr(topk_weights), in_rank.data.ptr, send_chan, recv_chan, rank_prefix, send_pos,
+                             call_status, *out_args, self.status_arg, self.timeout_ns), call.stream, "dispatch")
         self._phase("dispatch launched", call.stream)
         if outputs is not None:   # num_worst_tokens: nothing waits for the host
             return DispatchResult(*outputs, [], handle)
@@ -178,13 +179,12 @@ class IntranodeEngine(NormalEngine):
         kernel, grid = self._kernel_or_barrier(lambda: self._dispatch_kernel(data, scales, handle, config, cached=True),
                                                "intranode_dispatch", call.stream)
         outputs = self._alloc_outputs(data, scales, 0, handle.num_rows, call)
-        null = np.uint64(0)
-        self._launch(kernel, grid, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), data, array_arg(scales),
-                      null, null, handle.is_token_in_rank, handle.send_chan_prefix, handle.recv_chan_prefix,
-                      handle.rank_prefix, handle.send_pos, handle.call_status,
-                      *self._given_outputs(outputs, handle.num_rows, False), self.status_arg,
-                      self.timeout_ns), call.stream, "dispatch")
+        self._launch_values(kernel, grid, config.num_threads,
+                            (self._peers, self.rank, handle.num_tokens, data.data.ptr, ptr(scales), 0, 0,
+                             handle.is_token_in_rank.data.ptr, handle.send_chan_prefix, handle.recv_chan_prefix,
+                             handle.rank_prefix, handle.send_pos, handle.call_status,
+                             *self._given_outputs(outputs, handle.num_rows, False), self.status_arg, self.timeout_ns),
+                            call.stream, "dispatch")
         self._phase("dispatch launched", call.stream)
         return DispatchResult(outputs[0], outputs[1], None, None, None, None)
 
@@ -215,11 +215,11 @@ class IntranodeEngine(NormalEngine):
             lambda: self._memoised(key, lambda: self._build_combine_kernel(handle, num_topk, len(biases), config)),
             "intranode_combine", call.stream)
         combined_x, combined_w = self._combine_outputs(x, handle, topk_weights, call)
-        self._launch(fn, grid, config.num_threads,
-                     (self.nvl.peer_table, np.int32(self.rank), np.int32(handle.num_tokens), x, np.int32(x.shape[0]),
-                      array_arg(topk_weights), handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix,
-                      handle.send_pos, *self._bias_args(biases), combined_x, array_arg(combined_w),
-                      self.status_arg, self.timeout_ns), call.stream, "combine")
+        self._launch_values(fn, grid, config.num_threads,
+                            (self._peers, self.rank, handle.num_tokens, x.data.ptr, x.shape[0], ptr(topk_weights),
+                             handle.rank_prefix, handle.recv_chan_prefix, handle.send_chan_prefix, handle.send_pos,
+                             *self._bias_args(biases), combined_x.data.ptr, ptr(combined_w), self.status_arg,
+                             self.timeout_ns), call.stream, "combine")
         self._phase("combine launched", call.stream)
         return combined_x, combined_w
 

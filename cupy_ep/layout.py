@@ -8,9 +8,8 @@ cancels itself on every rank because of it (see :mod:`cupy_ep.intranode`).
 from __future__ import annotations
 
 import cupy
-import numpy as np
 
-from .engine import BOOL, I32, Engine, empty_together
+from .engine import BOOL, I32, Engine, empty_together, ptr
 
 LAYOUT_THREADS = 256
 LAYOUT_MAX_BLOCKS = 32
@@ -54,8 +53,8 @@ class LayoutEngine(Engine):
         self._phase("outputs allocated", stream)
         blocks = max(1, min(-(-num_tokens // LAYOUT_THREADS), LAYOUT_MAX_BLOCKS))
         kernel = self._kernel(num_experts, num_topk, topk_idx.dtype.itemsize)
-        self._launch(kernel, blocks, LAYOUT_THREADS,
-                     (topk_idx, np.int32(num_tokens), scratch, per_rank, np.uint64(0) if per_rdma is None else per_rdma,
-                      per_expert, in_rank, self.status_arg, np.int32(self.rank)), stream, "layout")
+        self._launch_values(kernel, blocks, LAYOUT_THREADS,
+                            (topk_idx.data.ptr, num_tokens, scratch.data.ptr, per_rank.data.ptr, ptr(per_rdma),
+                             per_expert.data.ptr, in_rank.data.ptr, self.status_arg, self.rank), stream, "layout")
         self._phase("layout launched", stream)
         return per_rank, per_rdma, per_expert, in_rank

@@ -22,7 +22,7 @@ import cupy
 import numpy as np
 
 from . import limits
-from .engine import F32, I64, Engine, array_arg, empty_together
+from .engine import F32, I64, Engine, empty_together, ptr
 from .errors import CommTimeoutError, cancelled_by_peers
 from .geometry import DESC_WORDS, HOST_OUT_INTS
 from .memory import HostMapped
@@ -95,15 +95,16 @@ class NormalEngine(Engine):
 
     @staticmethod
     def _bias_args(biases) -> tuple:
-        """The two bias pointers of the combine kernels (null where absent)."""
-        return tuple(array_arg(biases[i] if i < len(biases) else None) for i in range(2))
+        """The two bias pointers of the combine kernels (0 where absent; addresses, as both
+        launch paths take them)."""
+        return tuple(ptr(biases[i]) if i < len(biases) else 0 for i in range(2))
 
     @staticmethod
     def _given_outputs(outputs, rows: int, fill_padding: bool) -> list:
         """Dispatch kernel arguments for outputs allocated before the launch (worst-token and
-        cached dispatch): recv_x, recv_scales, recv_topk_idx, recv_topk_weights, rows, padding
-        flag, no descriptor."""
-        return [*(array_arg(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
+        cached dispatch): recv_x, recv_scales, recv_topk_idx, recv_topk_weights (addresses), rows,
+        padding flag, no descriptor."""
+        return [*(ptr(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
 
     def _described_outputs(self, seq: int) -> list:
         """Dispatch kernel arguments for outputs the host publishes later in the descriptor."""

@@ -24,6 +24,7 @@ This module imports NumPy, ml_dtypes and cupy_ep's pure-Python modules only (nev
 an engine).
 """
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -780,13 +781,18 @@ def _facts(value):
 
 
 def _facts_key(*values):
-    """The facts of every argument (:func:`_facts`) as one key, None if one has none."""
+    """The facts of every argument (:func:`_facts`; an absent one, None, as None) as one key,
+    None if one has none."""
     key = []
+    append = key.append
     for v in values:
+        if v is None:
+            append(None)
+            continue
         f = _facts(v)
         if f is None:
             return None
-        key.append(f)
+        append(f)
     return tuple(key)
 
 
@@ -867,14 +873,19 @@ def check_buffer_topology(num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_r
         raise ValueError(f"comm: the low-latency kernels serve 1..{limits.LL_MAX_RANKS} ranks, got {num_ranks}")
 
 
+@functools.cache
+def _config_type():
+    from .config import Config   # config.py imports this module
+
+    return Config
+
+
 def check_config(config, num_nvl_ranks):
     """A normal-mode ``config``: None (the default) or a :class:`cupy_ep.Config` with at least one
     warp per rank of the NVLink domain. Returns it."""
     if config is None:
         return None
-    from .config import Config
-
-    if not isinstance(config, Config):
+    if not isinstance(config, _config_type()):
         raise TypeError(f"config: expected a cupy_ep.Config, got {type(config).__name__}")
     if config.num_threads // 32 < num_nvl_ranks:
         raise ValueError(f"config: num_threads {config.num_threads} gives fewer warps than the "

@@ -2,6 +2,7 @@
 
     mpiexec -n 1 python scripts/profile_call.py [--calls 200] [--tokens 4096] [--low-latency]
         [--cprofile 15] [--json PATH]
+    python scripts/profile_call.py --null-device [--cprofile 15]      # any machine, no GPU
 
 Workload as ``bench_intranode.py`` (4096 tokens, hidden 7168, top-8 of 256 experts, the
 Buffer's default Config) for ``get_dispatch_layout``, non-cached dispatch (FP8, bf16), cached
@@ -30,6 +31,12 @@ as a user times one call. Per op, medians over ``--calls`` calls:
 For a GPU host at 1 rank (several ranks work too: rank 0 reports, and the host wait then
 includes waiting for the peers). The GPU-side view of the same calls (kernels and the GPU
 timeline per phase) is ``bench_intranode.py``'s whole-call breakdown.
+
+``--null-device``: the normal-mode calls at 1 rank on a machine without a GPU, over
+``scripts/null_device.py`` (CuPy's memory, streams and launches replaced by host stand-ins; CuPy's
+argument conversion kept): what is left is cupy_ep's own Python and CuPy's array objects, the
+share of the host time that changes in this project's code can remove. CuPy's memory pool and the
+driver's launches, a few µs each on a GPU host, are not in it.
 """
 from __future__ import annotations
 
@@ -67,9 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--ll-experts", type=int, default=288)
     p.add_argument("--cprofile", type=int, default=0, metavar="N", help="print cProfile's top N functions per op")
     p.add_argument("--json", default=None, help="write every number to this file")
+    p.add_argument("--null-device", action="store_true",
+                   help="no GPU: 1 rank over scripts/null_device.py (normal mode and layout only)")
     args = p.parse_args(argv)
     if args.calls < 1 or args.warmup < 1:
         p.error("--calls and --warmup must be >= 1")
+    if args.null_device and args.low_latency:
+        p.error("--null-device has no low-latency mode (NVSHMEM)")
     return args
 
 
@@ -123,6 +134,7 @@ def instrument(sections: Sections) -> None:
     sections.wrap(buffer.Buffer, "_begin", "set-up")
     sections.wrap(engine.Engine, "_memoised", "lookup")
     sections.wrap(engine.Engine, "_launch", "launch")
+    sections.wrap(engine.Engine, "_launch_values", "launch")
     sections.wrap(cupy, "empty", "alloc")
     sections.wrap(cupy, "zeros", "alloc")
     for module in (intranode, internode, layout, low_latency, normal):   # each imported them by name
@@ -167,7 +179,9 @@ class Op:
         return statistics.median(times), statistics.mean(times), per_call
 
 
-def normal_ops(buf, comm, args) -> list:
+def normal_ops(buf, comm, args, null_device=None) -> list:
+    """The normal-mode ops. With a ``null_device`` (1 rank), its notify reports what the
+    routing sends to this rank, and the FP8 input is made without a kernel."""
     import cupy
 
     import cupy_ep
@@ -177,8 +191,14 @@ def normal_ops(buf, comm, args) -> list:
     e = bc.round_experts(args.experts, comm.Get_size())
     rng = np.random.default_rng([1234, comm.Get_rank(), n])
     x = testing.to_device(testing.make_x(rng, n, h))
-    x_fp8 = cupy_ep.per_token_cast_to_fp8(x)
-    idx = cupy.asarray(testing.make_routing(rng, n, e, k, "random"))
+    routing = testing.make_routing(rng, n, e, k, "random")
+    if null_device is None:
+        x_fp8 = cupy_ep.per_token_cast_to_fp8(x)
+    else:
+        x_fp8 = cupy.empty((n, h), cupy.uint8), cupy.empty((n, h // 128), cupy.float32)
+        null_device.rows_received = int((routing >= 0).any(axis=1).sum())
+        null_device.per_expert = np.bincount(routing[routing >= 0], minlength=e).astype(np.int32)
+    idx = cupy.asarray(routing)
     w = cupy.asarray(testing.make_weights(rng, n, k))
     per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, e)
     rt = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
@@ -264,8 +284,36 @@ def report(results, header: str, args) -> None:
             print("\n".join(line for line in text.splitlines()[4:] if line.strip()))
 
 
+def main_null_device(args) -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from null_device import NullDevice
+    from mpi4py import MPI
+
+    comm = MPI.COMM_SELF
+    with NullDevice(record=False) as device:
+        import cupy_ep
+
+        buf = cupy_ep.Buffer(comm, num_nvl_bytes=cupy_ep.Buffer.get_nvl_buffer_size_hint(args.tokens, args.hidden, 1,
+                                                                                          args.topk))
+        try:
+            results = profile_ops(comm, normal_ops(buf, comm, args, device), args)
+        finally:
+            buf.destroy()
+    report(results, f"# profile_call --null-device (no GPU: cupy_ep's Python and CuPy's array objects only), normal "
+                    f"mode {args.tokens} tokens, hidden {args.hidden}, top-{args.topk} of {args.experts} experts; "
+                    f"{args.calls} calls per op and pass", args)
+    if args.json:
+        bc.write_json(args.json, dict(bench="profile_call", device="null", ranks=1, argv=sys.argv[1:],
+                                      ops=[dict(op=n, host_us=h, host_us_mean=hm, sections_us=s, timed_us_mean=t)
+                                           for n, h, hm, s, t, _ in results]))
+        print(f"# wrote {args.json}")
+
+
 def main():
     args = parse_args()
+    if args.null_device:
+        main_null_device(args)
+        return
     bc.set_env_defaults()
     from mpi4py import MPI
 

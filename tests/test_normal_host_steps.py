@@ -17,6 +17,14 @@ class _Array:
         self.data = types.SimpleNamespace(ptr=ptr)
 
 
+class _Spec(_Array):
+    """A stand-in array: an address and what made it."""
+
+    def __init__(self, ptr, spec):
+        super().__init__(ptr)
+        self.spec = spec
+
+
 class _Status:
     status = limits.ST_OK
     from_layout = False
@@ -97,7 +105,7 @@ def test_words_together_gives_the_addresses_of_empty_together(monkeypatch):
     specs = (((5,), engine.I32), ((3, 100), engine.I64), ((0, 4), engine.F32), ((1,), engine.I32))
     for _ in range(2):   # the second from the memoised layout
         memory, addresses = engine.words_together(*specs)
-        assert isinstance(memory, Base) and all(type(a) is np.uint64 for a in addresses)
+        assert isinstance(memory, Base) and all(type(a) is int for a in addresses)
         assert [int(a) - 0x20000 for a in addresses] == [0, 256, 2816, 2816]
     assert allocs == [256 + 2560 + 0 + 256] * 2
 
@@ -125,7 +133,10 @@ def test_dispatch_outputs_have_the_shapes_and_dtypes_of_separate_allocations(mon
 def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
     import cupy_ep.layout as layout
 
-    monkeypatch.setattr(layout, "empty_together", lambda *specs: [("view", s, d) for s, d in specs])
+    def views(*specs):
+        return [_Spec(0x100 * (i + 1), ("view", s, d)) for i, (s, d) in enumerate(specs)]
+
+    monkeypatch.setattr(layout, "empty_together", views)
     current = ["the caller's stream"]
 
     class Stream(contextlib.AbstractContextManager):   # entering makes it the current stream
@@ -135,27 +146,28 @@ def test_layout_outputs_and_launch_arguments(monkeypatch, ranks, rdma_ranks):
         def __exit__(self, *exc):
             current.pop()
 
-    monkeypatch.setattr(layout, "cupy", types.SimpleNamespace(zeros=lambda n, dtype: ("zeros", n, current[-1]),
-                                                              int32=np.int32))
+    monkeypatch.setattr(layout, "cupy", types.SimpleNamespace(
+        zeros=lambda n, dtype: _Spec(0x9000, ("zeros", n, current[-1])), int32=np.int32))
     eng = layout.LayoutEngine.__new__(layout.LayoutEngine)
     eng.num_ranks, eng.num_rdma_ranks, eng.rank, eng.profile = ranks, rdma_ranks, 0, None
     eng._scratch, eng.status_arg = {}, np.uint64(99)
     launches = []
     eng._kernel = lambda e, k, b: ("kernel", e, k, b)
-    eng._launch = lambda kernel, grid, block, args, stream, name: launches.append((kernel, grid, block, args, stream,
-                                                                                   name))
-    topk_idx = np.zeros((300, 8), np.int64)
+    eng._launch_values = lambda kernel, grid, block, values, stream, name: launches.append(
+        (kernel, grid, block, values, stream, name))
+    topk_idx = _Spec(0x5000, np.zeros((300, 8), np.int64))
+    topk_idx.shape, topk_idx.dtype = topk_idx.spec.shape, topk_idx.spec.dtype
     call = types.SimpleNamespace(alloc=contextlib.nullcontext(), stream=Stream())
     per_rank, per_rdma, per_expert, in_rank = eng.run(topk_idx, 64, call)
     i32, b = np.dtype(np.int32), np.dtype(np.bool_)
-    assert per_rank == ("view", (ranks,), i32) and per_expert == ("view", (64,), i32)
-    assert in_rank == ("view", (300, ranks), b)
-    assert per_rdma == (("view", (rdma_ranks,), i32) if rdma_ranks > 1 else None)
-    (kernel, grid, block, args, stream, name), = launches
+    assert per_rank.spec == ("view", (ranks,), i32) and per_expert.spec == ("view", (64,), i32)
+    assert in_rank.spec == ("view", (300, ranks), b)
+    assert (per_rdma.spec == ("view", (rdma_ranks,), i32)) if rdma_ranks > 1 else per_rdma is None
+    (kernel, grid, block, values, stream, name), = launches
     assert kernel == ("kernel", 64, 8, 8) and (grid, block, name) == (2, layout.LAYOUT_THREADS, "layout")
     assert stream is call.stream
     # the scratch is zeroed on the kernel's stream (the outputs' allocation stream may be another)
-    assert args[0] is topk_idx and args[1] == 300 and args[2] == ("zeros", ranks + rdma_ranks + 64 + 1,
-                                                                  "the call's stream")
-    assert args[3] is per_rank and args[5] is per_expert and args[6] is in_rank and args[7] == 99
-    assert (args[4] is per_rdma) if per_rdma is not None else args[4] == 0
+    assert eng._scratch[64].spec == ("zeros", ranks + rdma_ranks + 64 + 1, "the call's stream")
+    assert values[:4] == (0x5000, 300, 0x9000, per_rank.data.ptr)
+    assert values[5:] == (per_expert.data.ptr, in_rank.data.ptr, 99, 0)
+    assert values[4] == (per_rdma.data.ptr if per_rdma is not None else 0)
