@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import nullcontext
 from math import prod
 
 import cupy
@@ -204,8 +205,10 @@ class Engine:
         if self.profile is not None:
             self.profile.phase(phase, stream)
 
-    def _phase_buffer(self, kernel: str, num_blocks: int, names: dict):
-        """Pointer (np.uint64) of a checkpoint buffer for this launch, 0 when not profiling."""
+    def _phase_buffer(self, kernel: str, num_blocks: int, names: dict, stream=None):
+        """Pointer (np.uint64) of a checkpoint buffer for this launch, 0 when not profiling;
+        zeroed on ``stream`` (the launch's, when it is not the current stream)."""
         if self.profile is None:
             return np.uint64(0)
-        return np.uint64(self.profile.phase_buffer(kernel, num_blocks, names).data.ptr)
+        with nullcontext() if stream is None else stream:
+            return np.uint64(self.profile.phase_buffer(kernel, num_blocks, names).data.ptr)

@@ -42,6 +42,7 @@ from .errors import PeerRefusalError
 from .normal import DispatchResult, NormalEngine, NormalHandle
 
 _KERNEL_ID = {name: np.int32(kid) for name, kid in limits.KERNEL_IDS.items()}   # launch arguments
+NOTIFY_PHASES = {1: "checked", 2: "barrier passed", 3: "counts exchanged", limits.PROF_END: "end"}   # its marks
 
 
 @dataclass
@@ -161,8 +162,9 @@ class IntranodeEngine(NormalEngine):
         self._launch_values(notify, 1, config.num_threads,
                             (self._peers, self.rank, num_tokens, per_rank.data.ptr, per_expert.data.ptr,
                              in_rank.data.ptr, ptr(topk_idx), expert_alignment, num_worst_tokens, rank_prefix, recv_chan,
-                             send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns, seq),
-                            call.stream, "notify")
+                             send_chan, call_status, self.host_out_arg, self.status_arg, self.timeout_ns, seq,
+                             self._phase_buffer("notify_dispatch", 1, NOTIFY_PHASES, call.stream)), call.stream,
+                            "notify")
         self._phase("notify launched", call.stream)
         outputs, out_args = self._dispatch_outputs(seq, data, scales, num_topk, num_worst_tokens, call)
         kernel, grid = self._dispatch_kernel(data, scales, handle, config)

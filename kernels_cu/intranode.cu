@@ -238,7 +238,8 @@ __device__ __forceinline__ bool routing_is_bad(int rank, int num_tokens, const i
 // A call any rank had bad input for is cancelled on every rank (call_status = 1, nothing is
 // sent); with num_worst_tokens, a rank that would receive more rows than allowed is known to
 // every rank, which all report it (ST_OVERFLOW).
-// rank_prefix: [R + 1], rank_prefix[R] = rows received.
+// rank_prefix: [R + 1], rank_prefix[R] = rows received. prof: null, or [1][PROF_SLOTS]
+// globaltimer checkpoints (1 checked, 2 barrier passed, 3 counts exchanged, PROF_END published).
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void __launch_bounds__(NUM_THREADS, 1)
 notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restrict__ num_tokens_per_rank,
@@ -246,7 +247,8 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
                 const i64* __restrict__ topk_idx, int expert_alignment, int num_worst_tokens,
                 int* __restrict__ rank_prefix, int* __restrict__ recv_chan_prefix, int* __restrict__ send_chan_prefix,
                 int* __restrict__ call_status, volatile int* host_out, StatusRecord* err, u64 timeout_ns,
-                int ready_value) {
+                int ready_value, u64* __restrict__ prof) {
+    prof_mark(prof, 0);
     __shared__ char* s_peer[NUM_RANKS];
     __shared__ int s_chan[NUM_RANKS][NUM_CHANNELS + 1];
     __shared__ int s_bad_rank, s_over_rank;
@@ -287,8 +289,10 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
     const bool bad = __syncthreads_or(routing_is_bad(rank, num_tokens, topk_idx, is_token_in_rank,
                                                      num_tokens_per_rank, num_tokens_per_expert, s_chan, err) ||
                                       bad_input_pending(err));
+    prof_mark(prof, 1);
     const int epoch = domain_barrier(s_peer, rank, w);   // the peers are done with this rank's slots
     if (epoch == 0) return;
+    prof_mark(prof, 2);
 
     for (int i = tid; i < NUM_RANKS * CP; i += NUM_THREADS) {
         const int r = i / CP, c = i % CP;
@@ -310,6 +314,7 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
         s_over_rank = NUM_RANKS;
     }
     if (!signal_peers_and_wait(s_peer, me, OFF_NOTIFY_FLAGS, rank, NUM_RANKS, epoch, w, 0)) return;
+    prof_mark(prof, 3);
 
     // Every rank's totals: rank d receives the sum over sources s of s's row entry d.
     if (tid < NUM_RANKS) {
@@ -345,6 +350,7 @@ notify_dispatch(const u64* peers, int rank, int num_tokens, const int* __restric
         }
         publish_notify_outcome(KID_NOTIFY_DISPATCH, rank, rank_prefix[NUM_RANKS], s_bad_rank, s_over_rank, over_total,
                                over_allowed, num_worst_tokens, call_status, host_out, err, ready_value);
+        prof_mark(prof, PROF_END);
     }
 }
 #endif

@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 
-FIELDS = ("kernel_us", "notify_us", "call_us", "host_us")   # intranode fields compared
+FIELDS = ("kernel_us", "notify_us", "notify_kernel_us", "call_us", "host_us")   # intranode fields compared
 
 
 def op_figures(path: str) -> dict:
@@ -52,13 +52,13 @@ def table(before: list, after: list) -> list:
     keys = [k for k in before[0] if all(k in r for r in before + after)]
     w = max([len(op) for op, _ in keys] + [2]) + 2
     lines = [f"runs: {len(before)} before, {len(after)} after; medians over runs (min-max)",
-             f"{'op':<{w}}{'field':<11}{'before':>22}{'after':>22}{'after/before':>14}"]
+             f"{'op':<{w}}{'field':<17}{'before':>22}{'after':>22}{'after/before':>14}"]
     for op, field in keys:
         b = [r[(op, field)] for r in before]
         a = [r[(op, field)] for r in after]
         mb, ma = statistics.median(b), statistics.median(a)
         ratio = f"{ma / mb:.3f}" if mb else "-"
-        lines.append(f"{op:<{w}}{field:<11}{mb:>9.1f} ({min(b):.1f}-{max(b):.1f})"
+        lines.append(f"{op:<{w}}{field:<17}{mb:>9.1f} ({min(b):.1f}-{max(b):.1f})"
                      f"{ma:>9.1f} ({min(a):.1f}-{max(a):.1f}){ratio:>14}")
     return lines
 

@@ -240,6 +240,9 @@ def measure_call(comm, buf, fn, kernels, iters: int, warmup: int):
     res = dict(call_us=call_us, host_us=host_us, prof_call_us=prof_call_us, prof_host_us=prof_host_us)
     for i, name in enumerate(kernels):
         res["kernel_us" if i == 0 else f"{name}_us"] = median(ktimes.get(name, []))
+    notify_end = prof.phase_marks_us().get("notify_dispatch: end")
+    if notify_end:   # the intranode notify's own duration on the GPU (its marks; the event pair holds its launch)
+        res["notify_kernel_us"] = median(notify_end)
     phases = prof.call_phases_us()
     if phases:
         res["phases"] = {ph: [g, h] for ph, (g, h) in next(iter(phases.values())).items()}

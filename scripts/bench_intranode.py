@@ -15,7 +15,9 @@ warm-up calls (the first call of a shape compiles kernels):
   right around each kernel launch: "layout", "notify", "dispatch", "combine"), median. A
   dispatch that sizes its outputs from notify's counts is queued before the host allocates
   them and waits on the GPU for their addresses, so its kernel time includes that host work;
-  the cached and worst-token dispatches never wait for the host and time the copy alone;
+  the cached and worst-token dispatches never wait for the host and time the copy alone.
+  Notify's event pair also holds its own launch (the GPU idles until it starts): its in-kernel
+  ``%globaltimer`` marks give its duration alone (``notify krn``, ``prof.phase_marks_us()``);
 * **whole-call time**: what a user measures: stream idle, MPI barrier, then CUDA events on
   the caller's stream right before and after the Python call, median over ``--iters``; the
   host time of the Python call (perf_counter) beside it. Measured in a pass without the
@@ -244,12 +246,13 @@ def print_point(pt: dict, baseline) -> None:
         o = pt["ops"][op]
         nccl = (baseline or {}).get(op)
         table.append([OP_LABELS[op], bc.fmt(o.get("kernel_us")), bc.fmt(o.get("kernel_GBps"), ".0f", 6),
-                      bc.fmt(o.get("notify_us")), bc.fmt(o.get("call_us")), bc.fmt(o.get("call_GBps"), ".0f", 6),
+                      bc.fmt(o.get("notify_us")), bc.fmt(o.get("notify_kernel_us")), bc.fmt(o.get("call_us")),
+                      bc.fmt(o.get("call_GBps"), ".0f", 6),
                       bc.fmt(o.get("host_us")),
                       bc.fmt(nccl.get("call_us") if nccl else None), bc.fmt(nccl.get("call_GBps") if nccl else None,
                                                                               ".0f", 6)])
-    bc.print_table(["op", "kernel us", "GB/s", "notify us", "call us", "GB/s", "host us", "NCCL us", "GB/s"], table,
-                   [24, 9, 6, 9, 9, 6, 8, 9, 6])
+    bc.print_table(["op", "kernel us", "GB/s", "notify us", "notify krn", "call us", "GB/s", "host us", "NCCL us",
+                    "GB/s"], table, [24, 9, 6, 9, 10, 9, 6, 8, 9, 6])
 
 
 def print_phases(pt: dict) -> None:
@@ -358,7 +361,8 @@ def main():
     print(f"\n# cupy_ep intranode, {num_ranks} x {bc.device_name()}, hidden {h}, top-{k} of {e} experts; "
           f"medians over {args.iters} calls, worst rank; total {time.time() - t0:.0f} s")
     print("# kernel us: the kernel alone (profiler events; dispatch ops: the dispatch kernel, notify beside it; "
-          "dispatch FP8/bf16 also wait inside the kernel for the host to publish the outputs); "
+          "dispatch FP8/bf16 also wait inside the kernel for the host to publish the outputs); notify krn: notify's "
+          "own duration from its in-kernel marks (its event pair also holds its launch); "
           "call us: CUDA events around the Python call after an MPI barrier; host us: the Python call on the host")
     for pt in merged:
         print_point(pt, base.get(pt["tokens"]))

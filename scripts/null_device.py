@@ -7,7 +7,7 @@ and ``get_dispatch_layout`` use are host-only stand-ins:
   objects (``cupy.empty``/``zeros``/``asarray``, ``cupy.cuda.alloc``), so that the Buffer's
   checks see the arrays they see on a GPU; no data is copied;
 * host-mapped memory: real host memory (the host reads what the "kernels" write there);
-* streams and events: objects that order nothing;
+* streams and events: objects that order nothing (a profiled call runs; its times mean nothing);
 * kernels: compiled by nobody. A launch, through CuPy (``kernel(grid, block, args)``) or
   through the driver (``launchKernel`` with a parameter block, :class:`cupy_ep.engine.ParamBlock`),
   is read as the kernel's parameter list in ``kernels_cu`` says: as many arguments as parameters,
@@ -101,6 +101,9 @@ class _Stream:
 
 
 class _Event:
+    def record(self, stream=None) -> None:
+        pass
+
     def synchronize(self) -> None:
         pass
 
@@ -274,6 +277,7 @@ class NullDevice:
         streams = itertools.count(2)
         self._patch(cupy.cuda, "Stream", lambda non_blocking=False: _Stream(device, next(streams)))
         self._patch(cupy.cuda, "get_current_stream", lambda: device.current[-1])
+        self._patch(cupy.cuda, "Event", _Event)
         self._patch(cupy.cuda, "Device", lambda device_id=0: types.SimpleNamespace(use=lambda: None, id=device_id))
         self._patch(cupy.cuda, "alloc", self.alloc)
         self._patch(cupy, "empty", self.empty)

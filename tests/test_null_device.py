@@ -150,3 +150,21 @@ def test_profile_call_times_the_host_code_on_the_null_device():
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("layout", "dispatch", "combine"))]
     assert [r[0] for r in rows] == ["layout", "dispatch", "dispatch", "dispatch", "dispatch", "combine"]
     assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_a_profiled_notify_gets_its_marks_buffer_and_an_unprofiled_one_none(null_buffer):
+    import cupy
+
+    from cupy_ep import testing
+
+    buf, device, idx, rows, _ = null_buffer
+    x = cupy.empty((N, H), dtype=testing.BF16)
+    per_rank, _, per_expert, in_rank, _ = buf.get_dispatch_layout(idx, E)
+    routing = dict(num_tokens_per_rank=per_rank, is_token_in_rank=in_rank, num_tokens_per_expert=per_expert,
+                   topk_idx=idx, topk_weights=cupy.empty((N, K), cupy.float32))
+    device.launches.clear()
+    buf.dispatch(x, **routing)
+    with buf.profile():
+        buf.dispatch(x, **routing)
+    plain, profiled = (la["prof"] for la in device.launches if la.kernel == "notify_dispatch")
+    assert plain == 0 and profiled != 0
