@@ -162,7 +162,8 @@ def worst_and_mean(values, larger_is_worse: bool = True):
 
 def aggregate_op(per_rank: list) -> dict:
     """Merges one operation's per-rank results (dicts with ``*_us`` medians, ``bytes`` and maybe
-    ``phases``) into the worst rank (largest time, smallest GB/s) and the mean over ranks."""
+    ``phases`` and ``notify_marks``) into the worst rank (largest time, smallest GB/s) and the mean
+    over ranks."""
     out = {}
     keys = sorted({k for r in per_rank for k in r if k.endswith("_us")})
     for key in keys:
@@ -183,6 +184,9 @@ def aggregate_op(per_rank: list) -> dict:
                 out[f"{prefix}{kind}_GBps"] = worst
                 out[f"{prefix}{kind}_GBps_mean"] = mean
     out["per_rank"] = {k: [r.get(k) for r in per_rank] for k in keys}
+    marked = [r for r in per_rank if r.get("notify_marks")]
+    if marked:   # the marks of the rank whose notify took longest
+        out["notify_marks"] = max(marked, key=lambda r: r["notify_kernel_us"])["notify_marks"]
     calls = [r.get("call_us") or 0.0 for r in per_rank]
     if any(r.get("phases") for r in per_rank):
         w = int(np.argmax(calls))
@@ -240,9 +244,11 @@ def measure_call(comm, buf, fn, kernels, iters: int, warmup: int):
     res = dict(call_us=call_us, host_us=host_us, prof_call_us=prof_call_us, prof_host_us=prof_host_us)
     for i, name in enumerate(kernels):
         res["kernel_us" if i == 0 else f"{name}_us"] = median(ktimes.get(name, []))
-    notify_end = prof.phase_marks_us().get("notify_dispatch: end")
-    if notify_end:   # the intranode notify's own duration on the GPU (its marks; the event pair holds its launch)
-        res["notify_kernel_us"] = median(notify_end)
+    notify_marks = {name.split(": ", 1)[1]: median(us) for name, us in prof.phase_marks_us().items()
+                    if name.startswith("notify_dispatch: ")}
+    if "end" in notify_marks:   # the intranode notify on the GPU, from its start (its event pair also holds its launch)
+        res["notify_kernel_us"] = notify_marks["end"]
+        res["notify_marks"] = notify_marks
     phases = prof.call_phases_us()
     if phases:
         res["phases"] = {ph: [g, h] for ph, (g, h) in next(iter(phases.values())).items()}

@@ -255,6 +255,14 @@ def print_point(pt: dict, baseline) -> None:
                     "GB/s"], table, [24, 9, 6, 9, 10, 9, 6, 8, 9, 6])
 
 
+def print_notify_marks(pt: dict) -> None:
+    """Where notify's own time goes: its in-kernel marks, µs from its start (the bf16 dispatch's)."""
+    marks = pt["ops"]["dispatch_bf16"].get("notify_marks")
+    if marks:
+        print(f"\nnotify's marks ({pt['tokens']} tokens, bf16 dispatch, worst rank, medians; us from its start): "
+              + ", ".join(f"{phase} {us:.1f}" for phase, us in sorted(marks.items(), key=lambda kv: kv[1])))
+
+
 def print_phases(pt: dict) -> None:
     print(f"\nwhole-call breakdown ({pt['tokens']} tokens, worst rank of each op, medians): per phase of the call, "
           f"named after what it did, the GPU timeline's us (a kernel falls in the phase its launch ends), the "
@@ -366,6 +374,7 @@ def main():
           "call us: CUDA events around the Python call after an MPI barrier; host us: the Python call on the host")
     for pt in merged:
         print_point(pt, base.get(pt["tokens"]))
+        print_notify_marks(pt)
     for pt in merged:
         if pt["main_config"] and pt["tokens"] == t_max:
             print_phases(pt)

@@ -79,3 +79,17 @@ def test_profile_call_sections_count_each_function_without_the_timed_ones_it_cal
     assert 0.02e9 <= s.ns["checks"] < 0.028e9 and 0.01e9 <= s.ns["launch"] < 0.018e9
     s.restore()
     assert Path_.__dict__["inner"] is original and Path_.outer.__name__ == "outer"
+
+
+def test_notify_marks_of_the_slowest_rank_are_kept_and_printed_in_order(capsys):
+    ranks = [{"call_us": 300.0, "notify_kernel_us": 20.0, "notify_marks": {"end": 20.0, "checked": 15.0}},
+             {"call_us": 290.0, "notify_kernel_us": 24.0,
+              "notify_marks": {"end": 24.0, "checked": 17.0, "barrier passed": 18.5}}]
+    op = bc.aggregate_op(ranks)
+    assert op["notify_kernel_us"] == 24.0 and op["notify_marks"] == ranks[1]["notify_marks"]
+    assert "notify_marks" not in bc.aggregate_op([{"call_us": 1.0}])
+
+    import bench_intranode
+
+    bench_intranode.print_notify_marks({"tokens": 4096, "ops": {"dispatch_bf16": op}})
+    assert capsys.readouterr().out.strip().endswith("checked 17.0, barrier passed 18.5, end 24.0")
