@@ -104,7 +104,8 @@ class NormalEngine(Engine):
         """Dispatch kernel arguments for outputs allocated before the launch (worst-token and
         cached dispatch): recv_x, recv_scales, recv_topk_idx, recv_topk_weights (addresses), rows,
         padding flag, no descriptor."""
-        return [*(ptr(a) for a in outputs), np.int32(rows), np.int32(fill_padding), np.uint64(0), np.uint64(0)]
+        return [ptr(outputs[0]), ptr(outputs[1]), ptr(outputs[2]), ptr(outputs[3]), np.int32(rows),
+                _FLAGS[bool(fill_padding)], *_NO_DESCRIPTOR]
 
     def _described_outputs(self, seq: int) -> list:
         """Dispatch kernel arguments for outputs the host publishes later in the descriptor."""
@@ -179,3 +180,5 @@ class NormalEngine(Engine):
 
 
 _NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows, padding flag: from the descriptor
+_NO_DESCRIPTOR = (np.uint64(0), np.uint64(0))                     # descriptor, sequence: outputs given
+_FLAGS = (np.int32(0), np.int32(1))

@@ -667,9 +667,11 @@ def check_normal_combine(x, handle, topk_weights, bias):
             check_array(topk_weights, "topk_weights", dtypes=_F32, shape=(handle.num_rows, handle.num_topk))
         check_bias(bias, handle.num_tokens, handle.hidden)
 
-    key = _facts_key(x, (handle.num_rows, handle.hidden, handle.num_topk, handle.num_tokens), topk_weights, bias)
+    key = _facts_key(x, topk_weights, bias)
+    if key is not None:   # the handle's sizes: the ints its dispatch recorded
+        key = (key, handle.num_rows, handle.hidden, handle.num_topk, handle.num_tokens)
     _passed(_PASSED_COMBINE, key, check)
-    return tuple(b for _, b in _bias_items(bias))
+    return () if bias is None else tuple(b for _, b in _bias_items(bias))
 
 
 @dataclass(frozen=True)
@@ -704,31 +706,34 @@ def check_dispatch_call(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank
     (:func:`check_cached_dispatch`) or a new one's (:func:`check_normal_dispatch`), then whether
     the buffers hold the tokens (:func:`check_normal_capacity`). Remembered once passed
     (:func:`_passed`)."""
-    handle_facts = None if handle is None else \
-        (handle.num_tokens, handle.hidden, handle.num_rows, handle.num_topk)
-    key = _facts_key(x, handle_facts, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
-                     num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, num_ranks,
-                     num_nvl_ranks, num_nvl_bytes, num_rdma_bytes)
+    key = _facts_key(x, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                     topk_idx, topk_weights, expert_alignment, num_worst_tokens, num_ranks, num_nvl_ranks,
+                     num_nvl_bytes, num_rdma_bytes)
+    if key is not None:   # a handle's sizes: the ints its dispatch recorded
+        key = (key, None if handle is None else (handle.num_tokens, handle.hidden, handle.num_rows, handle.num_topk))
 
     def check():
+        """A cached dispatch's whole result (it holds no array of the call), or a new one's sizes."""
         is_fp8, num_tokens, hidden = check_x(x)
-        num_experts = 0
         if handle is not None:
             check_cached_dispatch(handle, num_tokens, hidden, topk_idx, topk_weights, num_worst_tokens)
-            num_topk = handle.num_topk
-        else:
-            num_experts = check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank,
-                                                is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
-                                                expert_alignment, num_worst_tokens, num_ranks,
-                                                num_ranks // num_nvl_ranks)
-            num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
+            check_normal_capacity(num_tokens, hidden, handle.num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks,
+                                  num_rdma_bytes)
+            return DispatchCall(is_fp8, num_tokens, hidden, handle.num_topk, None)
+        num_experts = check_normal_dispatch(num_tokens, num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                            is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+                                            expert_alignment, num_worst_tokens, num_ranks, num_ranks // num_nvl_ranks)
+        num_topk = 0 if topk_idx is None else int(topk_idx.shape[1])
         check_normal_capacity(num_tokens, hidden, num_topk, num_nvl_bytes, num_ranks, num_nvl_ranks, num_rdma_bytes)
         return is_fp8, num_tokens, hidden, num_topk, num_experts
 
-    is_fp8, num_tokens, hidden, num_topk, num_experts = _passed(_PASSED_DISPATCH, key, check)
-    routing = None if handle is not None else Routing(num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
-                                                      num_experts, num_topk, num_tokens_per_rdma_rank)
-    return DispatchCall(is_fp8, num_tokens, hidden, num_topk, routing)
+    passed = _passed(_PASSED_DISPATCH, key, check)
+    if handle is not None:
+        return passed
+    is_fp8, num_tokens, hidden, num_topk, num_experts = passed
+    return DispatchCall(is_fp8, num_tokens, hidden, num_topk, Routing(num_tokens_per_rank, is_token_in_rank,
+                                                                      num_tokens_per_expert, num_experts, num_topk,
+                                                                      num_tokens_per_rdma_rank))
 
 
 # Results of argument checks that passed, by the facts they read (_facts_key): a call whose
