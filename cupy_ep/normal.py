@@ -14,6 +14,7 @@ which the dispatch kernel's receiving blocks wait for. The two records (int32 / 
 """
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -60,6 +61,7 @@ class NormalEngine(Engine):
         self._desc_mem = HostMapped(DESC_WORDS * 8)
         self.host_out = self._host_out_mem.view(np.int32, HOST_OUT_INTS)
         self.desc = self._desc_mem.view(np.uint64, DESC_WORDS)
+        self._desc_words = _words(self.desc)   # the same words, written without NumPy (a µs less per publication)
         self.host_out_arg = np.uint64(self.host_out.ctypes.data)   # kernel arguments (fixed addresses)
         self.desc_arg = np.uint64(self.desc.ctypes.data)
         self._seq = 0
@@ -159,7 +161,7 @@ class NormalEngine(Engine):
             raise status.take()
 
     def _publish_outputs(self, seq: int, outputs, rows: int) -> None:
-        desc = self.desc
+        desc = self._desc_words
         desc[1:6] = [0 if a is None else a.data.ptr for a in outputs] + [rows & 0xFFFFFFFFFFFFFFFF]
         desc[0] = seq   # last: the receivers wait for it
 
@@ -177,6 +179,11 @@ class NormalEngine(Engine):
         if out[2]:
             raise self.status.take() or cancelled_by_peers("dispatch", [int(out[3])], self.rank)
         return int(out[1])
+
+
+def _words(array: np.ndarray):
+    """A ctypes uint64 array over the memory of a uint64 NumPy array."""
+    return (ctypes.c_uint64 * array.size).from_address(array.ctypes.data)
 
 
 _NO_OUTPUTS = (np.uint64(0),) * 4 + (np.int32(0), np.int32(0))   # outputs, rows, padding flag: from the descriptor

@@ -9,7 +9,7 @@ import pytest
 
 from cupy_ep import limits
 from cupy_ep.geometry import DESC_WORDS, HOST_OUT_INTS
-from cupy_ep.normal import NormalEngine
+from cupy_ep.normal import NormalEngine, _words
 
 
 class _Array:
@@ -36,6 +36,7 @@ class _Status:
 def _engine(host_out):
     eng = NormalEngine.__new__(NormalEngine)   # no GPU memory: plain NumPy records
     eng.host_out, eng.desc = host_out, np.zeros(DESC_WORDS, np.uint64)
+    eng._desc_words = _words(eng.desc)
     eng.status, eng.profile, eng.rank, eng.timeout_ns = _Status(), None, 0, np.uint64(10**9)
     published = []
     eng._alloc_outputs = lambda data, scales, num_topk, rows, call: (
