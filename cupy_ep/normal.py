@@ -162,7 +162,7 @@ class NormalEngine(Engine):
 
     def _publish_outputs(self, seq: int, outputs, rows: int) -> None:
         desc = self._desc_words
-        desc[1:6] = [0 if a is None else a.data.ptr for a in outputs] + [rows & 0xFFFFFFFFFFFFFFFF]
+        desc[1:6] = [ptr(a) for a in outputs] + [rows & 0xFFFFFFFFFFFFFFFF]
         desc[0] = seq   # last: the receivers wait for it
 
     def _wait_notify(self, seq: int) -> int:

@@ -284,9 +284,18 @@ def report(results, header: str, args) -> None:
             print("\n".join(line for line in text.splitlines()[4:] if line.strip()))
 
 
+def write_results(args, results, device: str, ranks: int) -> None:
+    """Every number into ``--json`` (when given)."""
+    if not args.json:
+        return
+    bc.write_json(args.json, dict(bench="profile_call", device=device, ranks=ranks, argv=sys.argv[1:],
+                                  ops=[dict(op=n, host_us=h, host_us_mean=hm, sections_us=s, timed_us_mean=t)
+                                       for n, h, hm, s, t, _ in results]))
+    print(f"# wrote {args.json}")
+
+
 def main_null_device(args) -> None:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from null_device import NullDevice
+    from null_device import NullDevice   # beside this script (on sys.path, as bench_common)
     from mpi4py import MPI
 
     comm = MPI.COMM_SELF
@@ -302,11 +311,7 @@ def main_null_device(args) -> None:
     report(results, f"# profile_call --null-device (no GPU: cupy_ep's Python and CuPy's array objects only), normal "
                     f"mode {args.tokens} tokens, hidden {args.hidden}, top-{args.topk} of {args.experts} experts; "
                     f"{args.calls} calls per op and pass", args)
-    if args.json:
-        bc.write_json(args.json, dict(bench="profile_call", device="null", ranks=1, argv=sys.argv[1:],
-                                      ops=[dict(op=n, host_us=h, host_us_mean=hm, sections_us=s, timed_us_mean=t)
-                                           for n, h, hm, s, t, _ in results]))
-        print(f"# wrote {args.json}")
+    write_results(args, results, "null", 1)
 
 
 def main():
@@ -346,11 +351,7 @@ def main():
     report(results, f"# profile_call: {r} x {bc.device_name()}, normal mode {args.tokens} tokens, hidden {args.hidden}, "
                     f"top-{args.topk} of {bc.round_experts(args.experts, r)} experts; {args.calls} calls per op and pass",
            args)
-    if args.json:
-        bc.write_json(args.json, dict(bench="profile_call", device=bc.device_name(), ranks=r, argv=sys.argv[1:],
-                                      ops=[dict(op=n, host_us=h, host_us_mean=hm, sections_us=s, timed_us_mean=t)
-                                           for n, h, hm, s, t, _ in results]))
-        print(f"# wrote {args.json}")
+    write_results(args, results, bc.device_name(), r)
 
 
 if __name__ == "__main__":
